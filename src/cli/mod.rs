@@ -1,0 +1,48 @@
+//! The `ropo` command line: one subcommand a module, each with its `Args` and `run`.
+
+pub mod data;
+pub mod eval;
+pub mod generate;
+pub mod merge;
+pub mod plot;
+pub mod train;
+
+use clap::{Parser, Subcommand};
+
+/// RoPO: weights-rotated preference optimization for causal language models.
+#[derive(Debug, Parser)]
+#[command(name = "ropo", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train a RoPO (or DPO-variant) adapter on preference pairs.
+    Train(train::TrainArgs),
+    /// Evaluate a model (optionally with an adapter): preferences, generations, MMLU, energy.
+    Eval(eval::EvalArgs),
+    /// Bake an adapter into the weights and write a standard HF model folder.
+    Merge(merge::MergeArgs),
+    /// Generate text (optionally as chat) with or without an adapter.
+    Generate(generate::GenerateArgs),
+    /// Inspect preference data files.
+    #[command(subcommand)]
+    Data(data::DataCommand),
+    /// Plot training curves from a metrics.jsonl file into a PNG.
+    Plot(plot::PlotArgs),
+}
+
+/// Run one parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Merge(a) => merge::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Data(a) => data::run(a),
+        Command::Plot(a) => plot::run(a),
+    }
+}

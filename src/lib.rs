@@ -1,0 +1,39 @@
+//! ropo: RoPO (Weights-Rotated Preference Optimization) for causal language models, on candle.
+//!
+//! The pipeline, in the order data flows through it:
+//! data -> tokenize -> model + adapter -> loss -> optimiser -> checkpoint.
+//! The method is specified in `../shared/docs/ropo-method.md` (Yang et al., EMNLP 2025,
+//! arXiv 2508.17637).
+
+/// Typed errors (file/line/field, tensor/expected/got) and the `Result` alias.
+pub mod error;
+/// Preference data: row formats, chat templates, tokenization with completion masks, batching.
+pub mod data;
+/// The Llama-family model runtime and its loaders (HF folder, hub id, GGUF).
+pub mod model;
+/// RoPO rotation adapters (Householder x Givens x magnitude), adapter files, merge.
+pub mod adapter;
+/// Completion log-probs and the DPO-family preference losses (TRL's definitions).
+pub mod loss;
+/// AdamW with saveable moments, learning-rate schedules, global-norm clipping.
+pub mod optim;
+/// The training run's TOML configuration: defaults, strict keys, validation.
+pub mod config;
+/// Reference log-probs: adapters bypassed, or precomputed and cached on disk.
+pub mod reference;
+/// The training loop, top to bottom.
+pub mod train;
+/// Checkpoints: adapter, optimiser, scheduler, RNG and data position; atomic writes; resume.
+pub mod checkpoint;
+/// TRL metric names, `metrics.jsonl`, the progress bar.
+pub mod metrics;
+/// Evaluation: preference metrics, generation statistics, knowledge retention, energy.
+pub mod eval;
+/// Sampling with a KV cache (greedy, temperature, top-p; seeded).
+pub mod generate;
+/// Training-curve PNGs.
+pub mod plot;
+/// Small filesystem helpers: atomic writes (temporary file, then rename).
+pub mod fsutil;
+/// The command-line interface: one module per subcommand.
+pub mod cli;

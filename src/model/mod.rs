@@ -1,0 +1,5 @@
+//! The Llama-family model runtime and its loaders.
+
+pub mod config;
+pub mod linear;
+pub mod tokenizer;

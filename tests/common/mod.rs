@@ -1,0 +1,31 @@
+//! Helpers shared by the integration tests: the real model (fetched and cached by
+//! `scripts/fetch-model.sh`) and the golden files in `../shared/golden`.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// Path of SmolLM2-135M-Instruct.Q4_1.gguf, fetching it into the cache when missing.
+///
+/// Panics (the test fails, it is never skipped) when the model cannot be had.
+pub fn smollm2_gguf() -> PathBuf {
+    let out = std::process::Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/fetch-model.sh"))
+        .output()
+        .expect("running scripts/fetch-model.sh");
+    assert!(out.status.success(), "scripts/fetch-model.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+    let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    assert!(path.is_file(), "fetch-model.sh printed {path:?}, which is not a file");
+    path
+}
+
+/// A golden file from `../shared/golden`, parsed.
+pub fn golden(name: &str) -> serde_json::Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/golden").join(name);
+    let s = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&s).unwrap()
+}
+
+/// A path under `../shared`.
+pub fn shared(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared").join(rel)
+}
