@@ -19,24 +19,14 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::tokenizer::Tokenizer;
+use crate::model::ModelParts;
 
-/// What a GGUF file holds, in HF terms.
-#[derive(Debug)]
-pub struct GgufModel {
-    /// Resolved from `{arch}.*` metadata.
-    pub config: ModelConfig,
-    /// f32 tensors by HF name (`model.layers.0.self_attn.q_proj.weight`, ...), `(out, in)` layout,
-    /// on the requested device. No `lm_head.weight` when the embeddings are tied.
-    pub tensors: BTreeMap<String, Tensor>,
-    /// Built from `tokenizer.ggml.*` and `tokenizer.chat_template`.
-    pub tokenizer: Tokenizer,
-}
-
-/// Load a GGUF file: config, every tensor dequantized to f32 (on `device`), and the tokenizer.
+/// Load a GGUF file: config, every tensor dequantized to f32 (on `device`), by HF name, and the
+/// tokenizer. No `lm_head.weight` when the file has no `output.weight` (tied embeddings).
 ///
 /// Errors (each naming `path`): missing/unreadable file, truncated or corrupt GGUF, an
 /// unsupported architecture or tokenizer kind, an unknown tensor name.
-pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
+pub fn load(path: &Path, device: &Device) -> Result<ModelParts> {
     let err = |msg: String| Error::input(path, None, msg);
     let data = std::fs::read(path).map_err(|e| err(format!("cannot read GGUF file: {e}")))?;
     let content = Content::read(&mut Cursor::new(&data[..]))
@@ -71,7 +61,7 @@ pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
         };
         tensors.insert(hf, t.to_dtype(DType::F32)?.to_device(device)?);
     }
-    Ok(GgufModel { config, tensors, tokenizer })
+    Ok(ModelParts { config, tensors, tokenizer })
 }
 
 /// The HF name of a llama.cpp tensor name (`blk.3.attn_q.weight` ->
