@@ -11,6 +11,8 @@ pub mod hf_config;
 pub mod hf_folder;
 pub mod hub;
 pub mod linear;
+pub mod llama;
+pub mod ops;
 pub mod tokenizer;
 
 use std::collections::{BTreeMap, HashMap};
@@ -107,5 +109,38 @@ pub fn load_parts(source: &str, opts: &LoadOptions) -> Result<ModelParts> {
             let dir = hub::snapshot(&id, opts.revision.as_deref())?;
             hf_folder::load(&dir, &opts.device)
         }
+    }
+}
+
+/// A model ready to run: the project's Llama-family model, its tokenizer and configuration.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// The model, in `LoadOptions::dtype` on `LoadOptions::device`.
+    pub model: llama::Model,
+    /// The tokenizer bundle (chat template, BOS/EOS, generation-ending ids).
+    pub tokenizer: Tokenizer,
+    /// The resolved configuration.
+    pub config: ModelConfig,
+    /// The `source` string it was loaded from (path or hub id).
+    pub source: String,
+}
+
+/// Load the model and tokenizer from an HF model folder, a `.gguf` file or a hub repo id
+/// (see [`Source::parse`]), in `opts.dtype` on `opts.device`.
+///
+/// Errors: everything [`load_parts`] reports, plus a missing or mis-shaped tensor (named).
+pub fn load(source: &str, opts: &LoadOptions) -> Result<LoadedModel> {
+    let parts = load_parts(source, opts)?;
+    let vb = parts.var_builder(opts.dtype, &opts.device);
+    let model = llama::Model::load(vb, &parts.config).map_err(|e| Error::Msg(format!("{source}: {e}")))?;
+    Ok(LoadedModel { model, tokenizer: parts.tokenizer, config: parts.config, source: source.to_string() })
+}
+
+impl LoadedModel {
+    /// Write this model (base weights, adapters not merged) as an HF folder; see
+    /// [`export::write_hf_folder`].
+    pub fn export(&self, dir: &Path, dtype: DType) -> Result<()> {
+        let tensors: BTreeMap<String, Tensor> = self.model.tensors().into_iter().collect();
+        export::write_hf_folder(dir, &self.config, &tensors, &self.tokenizer, dtype)
     }
 }
