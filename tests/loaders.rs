@@ -278,3 +278,55 @@ fn tokenizer_larger_than_vocab_is_an_error_smaller_is_fine() {
     with_vocab(49216);
     assert_eq!(load_parts(tmp.path().to_str().unwrap(), &LoadOptions::default()).unwrap().config.vocab_size, 49216);
 }
+
+/// GGUF -> `LoadedModel::export` (f32) -> HF-folder loader: the same logits (1e-5; in fact the
+/// weights are bit-identical, so only thread scheduling could differ) and the same tokenizer ids.
+#[test]
+fn export_round_trip_gives_the_same_logits() {
+    let gguf = common::smollm2_gguf();
+    let a = ropo::model::load(gguf.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("hf");
+    a.export(&dir, DType::F32).unwrap();
+    let b = ropo::model::load(dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    assert_eq!(a.config, b.config);
+    let g = common::golden("smollm2_golden.json");
+    let text = g["chat_template"]["rendered_with_assistant"].as_str().unwrap();
+    let ids_a = ids(&a.tokenizer, text);
+    assert_eq!(ids_a, ids(&b.tokenizer, text));
+    let input = Tensor::new(ids_a.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let la = a.model.forward(&input, None, false).unwrap();
+    let lb = b.model.forward(&input, None, false).unwrap();
+    let d = (la - lb).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(d <= 1e-5, "max |logit difference| {d}");
+}
+
+/// A hub id loads all the way to a runnable model (tiny random weights, offline cache).
+#[test]
+fn hub_id_loads_a_runnable_model() {
+    let tok = smollm2().tokenizer;
+    let home = tempfile::tempdir().unwrap();
+    let rev = "fedcba9876543210fedcba9876543210fedcba98";
+    let repo = home.path().join("hub/models--ropo-test--tiny-run");
+    let (cfg, _) = write_tiny(&repo.join("snapshots").join(rev), &tok);
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), rev).unwrap();
+    // the binary, with its own environment: no process-wide set_var here
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ropo"))
+        .args(["generate", "--model", "ropo-test/tiny-run", "--prompt", "Hello", "--max-new-tokens", "3"])
+        .env("HF_HOME", home.path())
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HUGGINGFACE_HUB_CACHE")
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // the same as generating in-process from the snapshot folder itself
+    let lm = ropo::model::load(repo.join("snapshots").join(rev).to_str().unwrap(), &LoadOptions::default()).unwrap();
+    assert_eq!(lm.config, cfg);
+    let prompt = ids(&lm.tokenizer, "Hello");
+    let opts = ropo::generate::GenerateOptions { max_new_tokens: 3, ..Default::default() };
+    let g = ropo::generate::generate(&lm.model, &lm.tokenizer, &prompt, &opts, true).unwrap();
+    assert!(!g.ids.is_empty());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{}\n", g.text));
+}
