@@ -152,12 +152,12 @@ fn export_in_bf16_and_f16_stores_that_dtype() {
     assert!(e.to_string().contains("f32, bf16 or f16"), "{e}");
 }
 
-/// The acceptance test for hub ids: a temporary HF_HOME laid out like the HF cache
-/// (`hub/models--org--name/snapshots/REV/...`, `refs/main`), HF_HUB_OFFLINE=1.
-///
-/// The only test in this binary that touches the process environment.
+/// Hub ids from a pre-populated cache laid out like HF's (`models--org--name/snapshots/REV/...`,
+/// `refs/main`), offline. The environment route (HF_HOME, HF_HUB_OFFLINE) is tested through the
+/// binary in `hub_id_loads_a_runnable_model`, so no test here changes the process environment.
 #[test]
 fn hub_id_loads_from_an_offline_cache() {
+    use ropo::model::hub::{snapshot_with, HubSettings};
     let tok = smollm2().tokenizer;
     let home = tempfile::tempdir().unwrap();
     let rev = "0123456789abcdef0123456789abcdef01234567";
@@ -165,25 +165,22 @@ fn hub_id_loads_from_an_offline_cache() {
     let (cfg, tensors) = write_tiny(&repo.join("snapshots").join(rev), &tok);
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), rev).unwrap();
-    std::env::set_var("HF_HOME", home.path());
-    std::env::remove_var("HF_HUB_CACHE");
-    std::env::remove_var("HUGGINGFACE_HUB_CACHE");
-    std::env::set_var("HF_HUB_OFFLINE", "1");
+    let settings = HubSettings { cache_dir: home.path().join("hub"), offline: true };
 
-    let parts = load_parts("ropo-test/tiny-llama", &LoadOptions::default()).unwrap();
+    let dir = snapshot_with("ropo-test/tiny-llama", None, &settings).unwrap();
+    assert_eq!(dir, repo.join("snapshots").join(rev));
+    let parts = hf_folder::load(&dir, &Device::Cpu).unwrap();
     assert_eq!(parts.config, cfg);
     assert_same_tensors(&tensors, &parts.tensors);
     assert_eq!(ids(&parts.tokenizer, "In 2024 the price rose"), ids(&tok, "In 2024 the price rose"));
 
     // by explicit commit
-    let opts = LoadOptions { revision: Some(rev.to_string()), ..Default::default() };
-    assert_eq!(load_parts("ropo-test/tiny-llama", &opts).unwrap().config, cfg);
+    assert_eq!(snapshot_with("ropo-test/tiny-llama", Some(rev), &settings).unwrap(), dir);
 
     // an unknown branch and an unknown repo: clear errors, no network
-    let opts = LoadOptions { revision: Some("nope".into()), ..Default::default() };
-    let e = load_parts("ropo-test/tiny-llama", &opts).unwrap_err().to_string();
+    let e = snapshot_with("ropo-test/tiny-llama", Some("nope"), &settings).unwrap_err().to_string();
     assert!(e.contains("ropo-test/tiny-llama@nope") && e.contains("config.json not found") && e.contains("HF_HUB_OFFLINE"), "{e}");
-    let e = load_parts("ropo-test/absent", &LoadOptions::default()).unwrap_err().to_string();
+    let e = snapshot_with("ropo-test/absent", None, &settings).unwrap_err().to_string();
     assert!(e.contains("ropo-test/absent@main") && e.contains("not found"), "{e}");
 }
 
