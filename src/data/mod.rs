@@ -19,10 +19,53 @@ pub mod template;
 pub mod tokenize;
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::error::Result;
+use crate::model::tokenizer::Tokenizer;
 
 pub use formats::Format;
 pub use load::{load, parse_reader, LoadOptions, Loaded, OnIdentical};
 pub use template::{ChatTemplate, Message};
+
+/// A file loaded and tokenized: what `train` and `eval` batch from.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The file.
+    pub source: PathBuf,
+    /// Its row format.
+    pub format: Format,
+    /// The usable pairs, in file order.
+    pub pairs: Vec<tokenize::TokenizedPair>,
+    /// Rows read, skipped (loading and tokenization) and truncated.
+    pub report: DataReport,
+}
+
+impl Prepared {
+    /// Each pair's padded cost in tokens ([`tokenize::TokenizedPair::max_len`]), the input of
+    /// [`batch::epoch_batches`].
+    pub fn lengths(&self) -> Vec<usize> {
+        self.pairs.iter().map(|p| p.max_len()).collect()
+    }
+}
+
+/// Load `path` ([`load()`]) and tokenize every pair ([`tokenize::PairTokenizer::tokenize_all`]) with
+/// `tokenizer`, `template` replacing the model's chat template when given.
+///
+/// Errors: as [`load()`] and [`tokenize::PairTokenizer::tokenize_all`].
+pub fn prepare(
+    path: &Path,
+    tokenizer: &Tokenizer,
+    template: Option<&str>,
+    load_opts: &LoadOptions,
+    options: tokenize::TokenizeOptions,
+) -> Result<Prepared> {
+    let loaded = load(path, load_opts)?;
+    let mut report = loaded.report;
+    let pt = tokenize::PairTokenizer::new(tokenizer, template, options)?;
+    let pairs = pt.tokenize_all(&loaded.examples, path, &mut report)?;
+    Ok(Prepared { source: loaded.source, format: loaded.format, pairs, report })
+}
 
 /// One preference pair, normalised from any of the supported row formats.
 #[derive(Debug, Clone, PartialEq, Eq)]
