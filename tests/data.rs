@@ -66,6 +66,16 @@ fn hh_harmless_test_loads_as_hh_with_no_shared_prompt_rows_counted() {
     assert!(chosen[0].content.starts_with("No, sorry!"), "{:?}", chosen[0].content);
 }
 
+#[test]
+fn shipped_concise_prefs_load_as_conversational() {
+    for (name, n) in [("train", 205), ("eval", 60)] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("data/concise_prefs/{name}.jsonl"));
+        let got = load(&path, &LoadOptions::default()).unwrap();
+        assert_eq!(got.format, Format::Conversational);
+        assert_eq!((got.report.rows_read, got.examples.len()), (n, n), "{}", got.report);
+    }
+}
+
 // ---------------------------------------------------------------- bad input, one test each
 
 #[test]

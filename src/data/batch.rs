@@ -26,6 +26,7 @@ use crate::model::tokenizer::Tokenizer;
 
 /// Sampler settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct SamplerConfig {
     /// Pairs per batch (`B`; a batch has `2B` rows).
     pub batch_size: usize,

@@ -36,6 +36,7 @@ use crate::model::tokenizer::Tokenizer;
 
 /// Length limits, in tokens.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct TokenizeOptions {
     /// Maximum of prompt + completion; longer sequences keep their start. `None`: no limit.
     pub max_length: Option<usize>,
