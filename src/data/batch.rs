@@ -82,8 +82,11 @@ pub struct HostBatch {
     pub rows: usize,
     /// `T`, the longest sequence.
     pub seq_len: usize,
+    /// `(2B, T)` token ids, padded with the pad id.
     pub input_ids: Vec<u32>,
+    /// `(2B, T)`, 1 = real token, 0 = padding.
     pub attention_mask: Vec<u32>,
+    /// `(2B, T)`, 1.0 where `input_ids[t]` is a completion token.
     pub completion_mask: Vec<f32>,
     /// The file line of each pair (`B` entries).
     pub lines: Vec<usize>,

@@ -87,7 +87,9 @@ impl std::fmt::Display for RowError {
 /// What a row becomes: a pair, or a counted skip.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Normalized {
+    /// A usable pair.
     Pair(Pair),
+    /// A row left out, counted under this reason.
     Skip(SkipReason),
 }
 

@@ -15,9 +15,13 @@ pub const BOUNDARY: &str = "\u{27ea}|\u{27eb}";
 /// `ceil(p/100 * n)`-th smallest value).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LengthStats {
+    /// Median.
     pub p50: usize,
+    /// 90th percentile.
     pub p90: usize,
+    /// 99th percentile.
     pub p99: usize,
+    /// Largest value.
     pub max: usize,
 }
 
@@ -46,16 +50,19 @@ impl std::fmt::Display for LengthStats {
 /// What `inspect` found.
 #[derive(Debug, Clone)]
 pub struct InspectReport {
+    /// The file.
     pub source: PathBuf,
+    /// Its row format.
     pub format: Format,
     /// Rows read / skipped (load and tokenization), prefix mismatches, truncations.
     pub report: DataReport,
     /// Pairs left after every check and limit.
     pub pairs: usize,
-    /// Token counts before truncation, over every loaded row: prompt, chosen completion,
-    /// rejected completion.
+    /// Prompt tokens before truncation, over every loaded row.
     pub prompt: LengthStats,
+    /// Chosen completion tokens before truncation.
     pub chosen: LengthStats,
+    /// Rejected completion tokens before truncation.
     pub rejected: LengthStats,
     /// The limits applied.
     pub options: TokenizeOptions,

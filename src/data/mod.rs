@@ -82,10 +82,24 @@ pub struct PreferenceExample {
 pub enum Pair {
     /// Standard / implicit-prompt text rows: `prompt + chosen` and `prompt + rejected` are the
     /// two full texts.
-    Text { prompt: String, chosen: String, rejected: String },
+    Text {
+        /// The prompt text, tokenized as is.
+        prompt: String,
+        /// The chosen continuation (appended to the prompt).
+        chosen: String,
+        /// The rejected continuation.
+        rejected: String,
+    },
     /// Conversations: the prompt messages, then the chosen (rejected) answer messages, usually a
     /// single `assistant` message.
-    Chat { prompt: Vec<Message>, chosen: Vec<Message>, rejected: Vec<Message> },
+    Chat {
+        /// The conversation so far (system/user/assistant turns).
+        prompt: Vec<Message>,
+        /// The chosen answer turn(s).
+        chosen: Vec<Message>,
+        /// The rejected answer turn(s).
+        rejected: Vec<Message>,
+    },
 }
 
 impl Pair {
