@@ -223,9 +223,10 @@ impl AdamW {
     /// The state as safetensors bytes; the step is stored in the header metadata (`"step"`).
     pub fn state_bytes(&self) -> Result<Vec<u8>> {
         let tensors = self.state_tensors();
+        // One metadata entry only: safetensors takes a HashMap, whose iteration order (and so
+        // the header bytes) would differ between processes with two or more entries.
         let mut meta = HashMap::new();
         meta.insert("step".to_string(), self.step.to_string());
-        meta.insert("format".to_string(), "ropo-adamw-1".to_string());
         safetensors_bytes(&tensors, Some(meta))
     }
 
@@ -275,8 +276,8 @@ impl AdamW {
     }
 }
 
-/// Named tensors as safetensors bytes, in the given order (safetensors sorts keys itself, so the
-/// bytes depend only on the names and values).
+/// Named tensors as safetensors bytes (safetensors sorts the tensors itself, so the bytes depend
+/// only on the names and values; `metadata` must have at most one entry for the same to hold).
 pub fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
     let views: Vec<(String, Tensor)> =
         tensors.iter().map(|(n, t)| Ok((n.clone(), t.contiguous()?))).collect::<candle_core::Result<_>>()?;
