@@ -342,6 +342,8 @@ fn synthetic_gguf_loads_back_to_the_hf_tensors() {
     let mut tok_meta: Vec<(String, Value)> =
         content.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
     tok_meta.sort_by(|a, b| a.0.cmp(&b.0));
+    let reference = smollm2().tokenizer;
+    let smollm2_tokenizer_ref = || reference.clone();
 
     for arch in [Arch::Llama, Arch::Qwen2] {
         let mut cfg = tiny_config();
@@ -398,6 +400,13 @@ fn synthetic_gguf_loads_back_to_the_hf_tensors() {
             (k("attention.layer_norm_rms_epsilon"), Value::F32(1e-6)),
         ];
         meta.extend(tok_meta.iter().cloned());
+        // llama.cpp's add_bos_token: on for the qwen2 case (SmolLM2's own metadata has it off)
+        let add_bos = arch == Arch::Qwen2;
+        for (key, v) in meta.iter_mut() {
+            if key == "tokenizer.ggml.add_bos_token" {
+                *v = Value::Bool(add_bos);
+            }
+        }
         let tmp = tempfile::tempdir().unwrap();
         let p = tmp.path().join("tiny.gguf");
         let mut f = std::fs::File::create(&p).unwrap();
@@ -410,6 +419,11 @@ fn synthetic_gguf_loads_back_to_the_hf_tensors() {
         // vocab_size comes from the token list when {arch}.vocab_size is absent
         assert_eq!(parts.config, cfg, "{a}");
         assert_same_tensors(&hf, &parts.tensors);
+        let enc = |special: bool| parts.tokenizer.inner.encode("Hi there", special).unwrap().get_ids().to_vec();
+        let plain = enc(false);
+        assert_eq!(plain, ids(&smollm2_tokenizer_ref(), "Hi there"));
+        let with_bos = if add_bos { [vec![1], plain.clone()].concat() } else { plain.clone() };
+        assert_eq!(enc(true), with_bos, "{a}: add_bos_token = {add_bos}");
         // and the model built from it runs
         let m = ropo::model::llama::Model::load(parts.var_builder(DType::F32, &Device::Cpu), &parts.config).unwrap();
         let x = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap();
