@@ -1,0 +1,221 @@
+//! RoPO adapter: golden conventions, orthogonality, rotation invariance, gradients (f64 finite
+//! differences). Spec: `../shared/docs/ropo-method.md`, "Properties every implementation must show".
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use rand_distr::{Distribution, Normal};
+use ropo::adapter::{givens, hyperspherical_energy, RopoAdapter};
+use ropo::model::linear::{Adapter, Linear};
+use serde_json::Value;
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+fn vec1(v: &Value) -> Vec<f64> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+fn mat(v: &Value) -> Tensor {
+    let rows: Vec<Vec<f64>> = v.as_array().unwrap().iter().map(vec1).collect();
+    let (n, d) = (rows.len(), rows.first().map_or(0, |r| r.len()));
+    Tensor::from_vec(rows.concat(), (n, d), &Device::Cpu).unwrap()
+}
+
+fn randn(shape: &[usize], std: f64, rng: &mut ChaCha20Rng, dtype: DType) -> Tensor {
+    let n = Normal::new(0.0f64, std).unwrap();
+    let v: Vec<f64> = (0..shape.iter().product::<usize>()).map(|_| n.sample(rng)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+}
+
+/// A linear `(n, d)` with bias and an adapter with RANDOM (non-identity) parameters:
+/// u ~ N(0,1) (not paired), theta ~ U(-pi, pi), m = rho * U(0.5, 1.5).
+fn random_adapted(n: usize, d: usize, r: usize, s: usize, magnitude: bool, seed: u64, dtype: DType) -> (Linear, RopoAdapter) {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let w = randn(&[n, d], 1.0, &mut rng, dtype);
+    let b = randn(&[n], 1.0, &mut rng, dtype);
+    let base = Linear::new("model.layers.0.self_attn.q_proj", w, Some(b));
+    let u = (r > 0).then(|| randn(&[r, d], 1.0, &mut rng, dtype));
+    let a = givens::num_angles(d, s);
+    let theta = (a > 0).then(|| {
+        let v: Vec<f64> = (0..a).map(|_| rng.random_range(-std::f64::consts::PI..std::f64::consts::PI)).collect();
+        Tensor::from_vec(v, a, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+    });
+    let m = magnitude.then(|| {
+        let f: Vec<f64> = (0..n).map(|_| rng.random_range(0.5..1.5)).collect();
+        let f = Tensor::from_vec(f, n, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        (ropo::adapter::layer::row_norms(&base.weight).unwrap() * f).unwrap()
+    });
+    let ad = RopoAdapter::from_tensors(&base, r, s, u, theta, m).unwrap();
+    (base, ad)
+}
+
+// ../shared/golden/ropo_adapter_golden.json: numpy float64 written from the spec. Theta is stored
+// there per stage; our layout is the stages concatenated in stage order.
+#[test]
+fn golden_cases_match_to_1e10() {
+    let g = common::golden("ropo_adapter_golden.json");
+    let cases = g["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 4);
+    for (ci, c) in cases.iter().enumerate() {
+        let (d, n) = (c["d_in"].as_u64().unwrap() as usize, c["d_out"].as_u64().unwrap() as usize);
+        let r = c["householder_reflections"].as_u64().unwrap() as usize;
+        let s = c["givens_stages"].as_u64().unwrap() as usize;
+        let w = mat(&c["W"]);
+        let b = Tensor::new(vec1(&c["b"]), &Device::Cpu).unwrap();
+        let base = Linear::new(format!("case{ci}"), w, Some(b));
+        let u = (r > 0).then(|| mat(&c["u"]));
+        let stages: Vec<Vec<f64>> = c["theta"].as_array().unwrap().iter().map(vec1).collect();
+        assert_eq!(stages.len(), s);
+        let lens: Vec<usize> = stages.iter().map(|v| v.len()).collect();
+        assert_eq!(lens, givens::stage_ranges(d, s).iter().map(|x| x.1).collect::<Vec<_>>(), "case {ci}: stage sizes");
+        let theta = (s > 0).then(|| Tensor::new(stages.concat(), &Device::Cpu).unwrap());
+        let m = Tensor::new(vec1(&c["magnitude"]), &Device::Cpu).unwrap();
+        let ad = RopoAdapter::from_tensors(&base, r, s, u, theta, Some(m)).unwrap();
+        assert_eq!((ad.d_in, ad.d_out), (d, n));
+        let rho = Tensor::new(vec1(&c["rho"]), &Device::Cpu).unwrap();
+        assert!(max_abs(&ad.rho, &rho) < 1e-10, "case {ci}: rho");
+        let x = mat(&c["x"]);
+        let tol = 1e-10;
+        let e = max_abs(&ad.rotate_t(&x).unwrap(), &mat(&c["R_T_x"]));
+        assert!(e < tol, "case {ci}: R^T x off by {e}");
+        let e = max_abs(&ad.rotate_t_reference(&x).unwrap(), &mat(&c["R_T_x"]));
+        assert!(e < tol, "case {ci}: R^T x (rank-1 path) off by {e}");
+        let e = max_abs(&ad.forward(&base, &x).unwrap(), &mat(&c["y"]));
+        assert!(e < tol, "case {ci}: y off by {e}");
+        let e = max_abs(&ad.dense_r().unwrap(), &mat(&c["R"]));
+        assert!(e < tol, "case {ci}: R off by {e}");
+        let (wm, bm) = ad.merged(&base).unwrap();
+        let e = max_abs(&wm, &mat(&c["W_merged"]));
+        assert!(e < tol, "case {ci}: W_merged off by {e}");
+        assert!(max_abs(&bm.unwrap(), base.bias.as_ref().unwrap()) == 0.0);
+    }
+}
+
+// Property 1: R^T R = I in f32 for random (non-init) parameters.
+#[test]
+fn orthogonal_in_f32_for_random_parameters() {
+    for (i, d) in [64usize, 576, 1536].into_iter().enumerate() {
+        let (_, ad) = random_adapted(4, d, 4, 2, true, 100 + i as u64, DType::F32);
+        let r = ad.dense_r().unwrap();
+        assert_eq!(r.dtype(), DType::F32);
+        let eye = Tensor::eye(d, DType::F32, &Device::Cpu).unwrap();
+        let e = max_abs(&r.t().unwrap().matmul(&r).unwrap(), &eye);
+        assert!(e < 1e-5, "d={d}: max |R^T R - I| = {e}");
+        // and R is not the identity
+        assert!(max_abs(&r, &eye) > 0.1, "d={d}: R is (nearly) the identity");
+    }
+}
+
+// Property 3: cosines between normalized rows, and hence hyperspherical energy, are unchanged by R
+// (the magnitude rescales rows, which does not change cosines either).
+#[test]
+fn rotation_preserves_row_cosines_and_energy() {
+    let (base, ad) = random_adapted(48, 64, 4, 2, true, 7, DType::F32);
+    let (wm, _) = ad.merged(&base).unwrap();
+    assert!(max_abs(&wm, &base.weight) > 0.1, "merged weight equals the base");
+    let c0 = ropo::adapter::energy::row_cosines(&base.weight).unwrap();
+    let c1 = ropo::adapter::energy::row_cosines(&wm).unwrap();
+    let e = max_abs(&c0, &c1);
+    assert!(e < 1e-5, "cosines differ by {e}");
+    let (h0, h1) = (hyperspherical_energy(&base.weight).unwrap(), hyperspherical_energy(&wm).unwrap());
+    assert!(((h0 - h1) / h0).abs() < 1e-5, "HE {h0} -> {h1}");
+    // the energy is not trivially constant: a non-rotation (column scaling) changes it
+    let diag: Vec<f32> = (0..64).map(|i| 1.0 + i as f32 / 16.0).collect();
+    let skew = base.weight.broadcast_mul(&Tensor::new(diag, &Device::Cpu).unwrap()).unwrap();
+    assert!(((hyperspherical_energy(&skew).unwrap() - h0) / h0).abs() > 1e-3);
+}
+
+/// Central finite differences of `loss(params)` for every entry of every trainable tensor of
+/// `ad`, against `backward`; asserts a relative error below `tol` per tensor and a non-zero
+/// gradient for each. `loss` must read the current values of the adapter's `Var`s.
+fn check_gradients(ad: &RopoAdapter, loss: &dyn Fn() -> Tensor, tol: f64) {
+    let grads = loss().backward().unwrap();
+    let eps = 1e-6;
+    let named = ad.trainable();
+    assert_eq!(named.len(), 3, "expected u, theta, magnitude");
+    for (name, var) in named {
+        let g = grads.get(&var).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let shape = var.shape().clone();
+        let mut fd = vec![0.0; orig.len()];
+        for i in 0..orig.len() {
+            let mut p = orig.clone();
+            p[i] += eps;
+            var.set(&Tensor::from_vec(p.clone(), shape.clone(), &Device::Cpu).unwrap()).unwrap();
+            let lp = loss().to_scalar::<f64>().unwrap();
+            p[i] -= 2.0 * eps;
+            var.set(&Tensor::from_vec(p, shape.clone(), &Device::Cpu).unwrap()).unwrap();
+            let lm = loss().to_scalar::<f64>().unwrap();
+            fd[i] = (lp - lm) / (2.0 * eps);
+        }
+        var.set(&Tensor::from_vec(orig, shape, &Device::Cpu).unwrap()).unwrap();
+        let diff: f64 = g.iter().zip(&fd).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+        let norm = g.iter().map(|a| a * a).sum::<f64>().sqrt().max(fd.iter().map(|a| a * a).sum::<f64>().sqrt());
+        assert!(norm > 1e-8, "{name}: zero gradient");
+        assert!(diff / norm < tol, "{name}: relative error {} (|g| = {norm})", diff / norm);
+    }
+}
+
+// Property 4: gradients of u, theta and m through an adapted linear match finite differences.
+#[test]
+fn gradients_match_finite_differences_f64() {
+    let (base, ad) = random_adapted(5, 9, 4, 3, true, 11, DType::F64);
+    let mut rng = ChaCha20Rng::seed_from_u64(12);
+    let x = randn(&[2, 3, 9], 1.0, &mut rng, DType::F64);
+    let p = randn(&[2, 3, 5], 1.0, &mut rng, DType::F64);
+    // a non-linear scalar of the output, so every direction matters
+    let loss = || ad.forward(&base, &x).unwrap().tanh().unwrap().mul(&p).unwrap().sum_all().unwrap();
+    check_gradients(&ad, &loss, 1e-4);
+}
+
+// At init (paired u, theta = 0, m = rho) the adapted linear equals the base, and every tensor
+// still gets a non-zero gradient (the paired reflections cancel in value, not in derivative).
+#[test]
+fn identity_at_init_with_live_gradients() {
+    let mut rng = ChaCha20Rng::seed_from_u64(3);
+    let w = randn(&[6, 10], 1.0, &mut rng, DType::F64);
+    let base = Linear::new("model.layers.0.mlp.up_proj", w, None);
+    let ad = RopoAdapter::init(&base, 4, 2, true, 1234).unwrap();
+    let x = randn(&[4, 10], 1.0, &mut rng, DType::F64);
+    let e = max_abs(&ad.forward(&base, &x).unwrap(), &base.forward_base(&x).unwrap());
+    assert!(e < 1e-12, "init is not the identity: {e}");
+    let p = randn(&[4, 6], 1.0, &mut rng, DType::F64);
+    let loss = || ad.forward(&base, &x).unwrap().tanh().unwrap().mul(&p).unwrap().sum_all().unwrap();
+    check_gradients(&ad, &loss, 1e-4);
+    // same seed and path => same parameters; another path => other parameters
+    let again = RopoAdapter::init(&base, 4, 2, true, 1234).unwrap();
+    assert_eq!(max_abs(again.u.as_ref().unwrap(), ad.u.as_ref().unwrap()), 0.0);
+    let other = RopoAdapter::init(&Linear::new("x", base.weight.clone(), None), 4, 2, true, 1234).unwrap();
+    assert!(max_abs(other.u.as_ref().unwrap(), ad.u.as_ref().unwrap()) > 0.0);
+}
+
+// Ablation variants: trainable tensors present per configuration, and counts r*d + A + n.
+#[test]
+fn variants_have_the_right_tensors() {
+    let mut rng = ChaCha20Rng::seed_from_u64(5);
+    let base = Linear::new("l", randn(&[6, 10], 1.0, &mut rng, DType::F32), None);
+    let names = |a: &RopoAdapter| a.trainable().into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+    let full = RopoAdapter::init(&base, 4, 2, true, 0).unwrap();
+    assert_eq!(names(&full), ["l.ropo_u", "l.ropo_theta", "l.ropo_magnitude"]);
+    assert_eq!(full.num_trainable(), 4 * 10 + (5 + 4) + 6);
+    let hra = RopoAdapter::init(&base, 2, 0, true, 0).unwrap();
+    assert_eq!(names(&hra), ["l.ropo_u", "l.ropo_magnitude"]);
+    let giv = RopoAdapter::init(&base, 0, 3, false, 0).unwrap();
+    assert_eq!(names(&giv), ["l.ropo_theta"]);
+    assert_eq!(giv.num_trainable(), 5 + 4 + 5);
+    assert!(RopoAdapter::init(&base, 3, 2, true, 0).is_err());
+}
