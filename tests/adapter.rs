@@ -219,3 +219,163 @@ fn variants_have_the_right_tensors() {
     assert_eq!(giv.num_trainable(), 5 + 4 + 5);
     assert!(RopoAdapter::init(&base, 3, 2, true, 0).is_err());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Injection, files and merge on a toy stack of linears (the same code paths the Model uses
+// through `Model::linears_mut`).
+
+use ropo::adapter::config::{AdapterConfig, TargetModules};
+use ropo::adapter::{files, inject, merge};
+
+/// `x -> tanh(q(x)) -> tanh(o(.)) -> tanh(up(.)) -> down(.)`, paths in HF style.
+fn toy(d: usize, h: usize, seed: u64, dtype: DType) -> Vec<Linear> {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let mut mk = |path: &str, n: usize, k: usize, bias: bool| {
+        let w = randn(&[n, k], 1.0 / (k as f64).sqrt(), &mut rng, dtype);
+        let b = bias.then(|| randn(&[n], 0.1, &mut rng, dtype));
+        Linear::new(path, w, b)
+    };
+    vec![
+        mk("model.layers.0.self_attn.q_proj", d, d, true),
+        mk("model.layers.0.self_attn.o_proj", d, d, false),
+        mk("model.layers.0.mlp.up_proj", h, d, false),
+        mk("model.layers.0.mlp.down_proj", d, h, false),
+    ]
+}
+
+fn toy_forward(ls: &[Linear], x: &Tensor, use_adapters: bool) -> Tensor {
+    let mut x = x.clone();
+    for (i, l) in ls.iter().enumerate() {
+        x = l.forward(&x, use_adapters).unwrap();
+        if i + 1 < ls.len() {
+            x = x.tanh().unwrap();
+        }
+    }
+    x
+}
+
+fn toy_params(ls: &[Linear]) -> usize {
+    ls.iter().map(|l| l.weight.elem_count() + l.bias.as_ref().map_or(0, |b| b.elem_count())).sum()
+}
+
+/// Set every adapter tensor to random non-identity values (u ~ N(0,1), theta ~ N(0,1),
+/// m = rho * (1 + N(0, 0.1))).
+fn randomize(set: &inject::AdapterSet, seed: u64) {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    for (name, var) in set.vars() {
+        let dims = var.dims().to_vec();
+        let t = randn(&dims, 1.0, &mut rng, var.dtype());
+        let t = if name.ends_with("ropo_magnitude") {
+            let rho = var.as_tensor().clone(); // still rho from the init
+            (rho * (t * 0.1).unwrap().affine(1.0, 1.0).unwrap()).unwrap()
+        } else {
+            t
+        };
+        var.set(&t).unwrap();
+    }
+}
+
+fn all_targets() -> AdapterConfig {
+    AdapterConfig { target_modules: TargetModules::Regex(r"model\.layers\.\d+\..*_proj".into()), ..Default::default() }
+}
+
+#[test]
+fn inject_identity_counts_and_order() {
+    let mut ls = toy(12, 20, 1, DType::F64);
+    let base_params = toy_params(&ls);
+    let set = inject::inject_linears(ls.iter_mut().collect(), &all_targets(), "toy", base_params).unwrap();
+    // r*d + A + n per layer: q (12->12), o (12->12), up (12->20), down (20->12)
+    let per = |n: usize, d: usize| 4 * d + givens::num_angles(d, 2) + n;
+    let want = per(12, 12) * 2 + per(20, 12) + per(12, 20);
+    assert_eq!(set.report.trainable, want);
+    assert_eq!(set.report.total, base_params + want);
+    let names: Vec<String> = set.vars().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names.len(), 12);
+    assert_eq!(names[0], "model.layers.0.self_attn.q_proj.ropo_u");
+    assert_eq!(names[2], "model.layers.0.self_attn.q_proj.ropo_magnitude");
+    assert_eq!(names[11], "model.layers.0.mlp.down_proj.ropo_magnitude");
+    let x = randn(&[3, 5, 12], 1.0, &mut ChaCha20Rng::seed_from_u64(2), DType::F64);
+    let e = max_abs(&toy_forward(&ls, &x, true), &toy_forward(&ls, &x, false));
+    assert!(e < 1e-10, "fresh adapters change the output by {e}");
+    // default targets (q, k, v, o) match only q and o here
+    let mut ls2 = toy(12, 20, 1, DType::F64);
+    let set2 = inject::inject_linears(ls2.iter_mut().collect(), &AdapterConfig::default(), "toy", 0).unwrap();
+    assert_eq!(set2.adapters.len(), 2);
+    // injecting twice is refused
+    assert!(inject::inject_linears(ls2.iter_mut().collect(), &AdapterConfig::default(), "toy", 0).is_err());
+}
+
+#[test]
+fn no_match_names_the_patterns() {
+    let mut ls = toy(8, 8, 1, DType::F32);
+    let cfg = AdapterConfig { target_modules: TargetModules::Names(vec!["c_attn".into()]), ..Default::default() };
+    let e = inject::inject_linears(ls.iter_mut().collect(), &cfg, "toy", 0).unwrap_err().to_string();
+    assert!(e.contains("c_attn") && e.contains("matched no module") && e.contains("model.layers.0.self_attn.q_proj"), "{e}");
+    assert!(ls.iter().all(|l| l.adapter.is_none()));
+}
+
+#[test]
+fn save_load_round_trip_is_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ls = toy(10, 14, 3, DType::F32);
+    let cfg = AdapterConfig { householder_reflections: 2, givens_stages: 3, ..all_targets() };
+    let set = inject::inject_linears(ls.iter_mut().collect(), &cfg, "some/base", 0).unwrap();
+    randomize(&set, 4);
+    files::save(dir.path(), &set).unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["adapter_config.json", "adapter_model.safetensors"]); // no temp files left
+    let mut fresh = toy(10, 14, 3, DType::F32);
+    let loaded = files::load_linears(dir.path(), fresh.iter_mut().collect(), 0).unwrap();
+    assert_eq!(loaded.config, cfg);
+    assert_eq!(loaded.base_model, "some/base");
+    let (a, b) = (set.vars(), loaded.vars());
+    assert_eq!(a.len(), b.len());
+    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        let (x, y) = (va.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vb.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{na} differs after the round trip");
+    }
+    let x = randn(&[2, 10], 1.0, &mut ChaCha20Rng::seed_from_u64(5), DType::F32);
+    let (ya, yb) = (toy_forward(&ls, &x, true), toy_forward(&fresh, &x, true));
+    assert_eq!(max_abs(&ya, &yb), 0.0);
+    // saving the loaded set again gives the same bytes
+    let dir2 = tempfile::tempdir().unwrap();
+    files::save(dir2.path(), &loaded).unwrap();
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        assert_eq!(std::fs::read(dir.path().join(f)).unwrap(), std::fs::read(dir2.path().join(f)).unwrap(), "{f}");
+    }
+}
+
+#[test]
+fn loading_onto_other_dimensions_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ls = toy(10, 14, 3, DType::F32);
+    let set = inject::inject_linears(ls.iter_mut().collect(), &all_targets(), "b", 0).unwrap();
+    files::save(dir.path(), &set).unwrap();
+    let mut other = toy(12, 14, 3, DType::F32);
+    let e = files::load_linears(dir.path(), other.iter_mut().collect(), 0).unwrap_err().to_string();
+    assert_eq!(e, "shape mismatch for model.layers.0.self_attn.q_proj.ropo_u: expected [4, 12], got [4, 10]");
+    assert!(other.iter().all(|l| l.adapter.is_none()), "a failed load attached adapters");
+    // only the MLP width differs: q/o match, up_proj (h x d) keeps d = 10, so its magnitude is first
+    let mut other = toy(10, 16, 3, DType::F32);
+    let e = files::load_linears(dir.path(), other.iter_mut().collect(), 0).unwrap_err().to_string();
+    assert_eq!(e, "shape mismatch for model.layers.0.mlp.up_proj.ropo_magnitude: expected [16], got [14]");
+}
+
+// Property 5 on the toy stack: merged == adapted (f32, 1e-4) and != base.
+#[test]
+fn merge_equals_adapted_and_differs_from_base() {
+    let mut ls = toy(16, 24, 8, DType::F32);
+    let set = inject::inject_linears(ls.iter_mut().collect(), &all_targets(), "b", 0).unwrap();
+    randomize(&set, 9);
+    let x = randn(&[4, 16], 1.0, &mut ChaCha20Rng::seed_from_u64(10), DType::F32);
+    let adapted = toy_forward(&ls, &x, true);
+    let base = toy_forward(&ls, &x, false);
+    assert_eq!(merge::merge_linears(ls.iter_mut().collect()).unwrap(), 4);
+    assert!(ls.iter().all(|l| l.adapter.is_none()));
+    let merged = toy_forward(&ls, &x, true);
+    let e = max_abs(&merged, &adapted);
+    assert!(e < 1e-4, "merged differs from adapted by {e}");
+    assert!(max_abs(&merged, &base) > 1e-2, "adapters did nothing");
+}
