@@ -8,12 +8,13 @@
 //! `H_1` first, then Givens stages from 1); the dense `R` is built only by [`RopoAdapter::dense_r`]
 //! and [`Adapter::merged`].
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, Var, WithDType};
+use rayon::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use sha2::{Digest, Sha256};
 
-use super::{givens, householder};
+use super::{add_acc, cpu_slice, givens, householder};
 use crate::model::linear::{frozen_matmul, Adapter, Linear};
 
 /// Name suffix of the Householder vectors: `<module path>.ropo_u`, `(r, d)`.
@@ -129,7 +130,8 @@ impl RopoAdapter {
         })
     }
 
-    /// `R^T x = G_S^T ··· G_1^T H_r ··· H_1 x` for every row of `x (..., d)` (WY fast path).
+    /// `R^T x = G_S^T ··· G_1^T H_r ··· H_1 x` for every row of `x (..., d)` (fast paths: WY
+    /// Householder, fused Givens).
     pub fn rotate_t(&self, x: &Tensor) -> Result<Tensor> {
         let x = match &self.u {
             Some(u) => householder::reflect(x, u.as_tensor())?,
@@ -141,14 +143,15 @@ impl RopoAdapter {
         }
     }
 
-    /// The same map as [`Self::rotate_t`] through the rank-1 Householder reference path.
+    /// The same map as [`Self::rotate_t`] through the reference paths (rank-1 Householder,
+    /// composed Givens), for tests and benches.
     pub fn rotate_t_reference(&self, x: &Tensor) -> Result<Tensor> {
         let x = match &self.u {
             Some(u) => householder::reflect_rank1(x, u.as_tensor())?,
             None => x.clone(),
         };
         match &self.theta {
-            Some(t) => givens::rotate_t(&x, t.as_tensor(), self.givens_stages),
+            Some(t) => givens::rotate_t_reference(&x, t.as_tensor(), self.givens_stages),
             None => Ok(x),
         }
     }
@@ -185,13 +188,92 @@ impl RopoAdapter {
     }
 }
 
+/// `y ⊙ s` for `y (rows, n)` and `s (n,)` (each column j scaled by `s_j`): the magnitude.
+///
+/// On the CPU in f32/f64 a fused op ([`ScaleCols`]) whose backward is a single pass
+/// (`dy = g ⊙ s`, `ds_j = Σ_rows g_rj y_rj`, accumulated in f64); candle's `broadcast_mul`
+/// backward reduces over the broadcast dimension with slow strided sums. Elsewhere `broadcast_mul`.
+pub fn scale_cols(y: &Tensor, s: &Tensor) -> Result<Tensor> {
+    let n = s.dims1()?;
+    let dims = y.dims().to_vec();
+    let fused = y.device().is_cpu() && matches!(y.dtype(), DType::F32 | DType::F64) && y.dtype() == s.dtype();
+    if !fused || dims.last() != Some(&n) || y.elem_count() == 0 {
+        return y.broadcast_mul(s);
+    }
+    let rows = y.elem_count() / n;
+    y.reshape((rows, n))?.contiguous()?.apply_op2(&s.contiguous()?, ScaleCols)?.reshape(dims)
+}
+
+/// The fused column scaling of [`scale_cols`]; forward and backward side by side. The forward
+/// saves nothing (the backward reads `y` and `s`, its inputs).
+#[derive(Debug, Clone, Copy)]
+pub struct ScaleCols;
+
+fn scale_fwd<T: WithDType>(y: &[T], s: &[T]) -> Vec<T> {
+    let n = s.len();
+    let mut out = y.to_vec();
+    out.par_chunks_mut(n * 64).for_each(|rows| {
+        for row in rows.chunks_mut(n) {
+            row.iter_mut().zip(s).for_each(|(v, &sj)| *v *= sj);
+        }
+    });
+    out
+}
+
+fn scale_bwd<T: WithDType>(y: &[T], s: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
+    let n = s.len();
+    let gy = scale_fwd(g, s);
+    let gs = y
+        .par_chunks(n * 64)
+        .zip(g.par_chunks(n * 64))
+        .map(|(ys, gs)| {
+            let mut acc = vec![0f64; n];
+            for (yr, gr) in ys.chunks(n).zip(gs.chunks(n)) {
+                for j in 0..n {
+                    acc[j] += (yr[j] * gr[j]).to_f64();
+                }
+            }
+            acc
+        })
+        .reduce(|| vec![0f64; n], add_acc);
+    (gy, gs.into_iter().map(T::from_f64).collect())
+}
+
+impl CustomOp2 for ScaleCols {
+    fn name(&self) -> &'static str {
+        "ropo-scale-cols"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(scale_fwd(cpu_slice::<f32>(s1, l1)?, cpu_slice::<f32>(s2, l2)?)),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(scale_fwd(cpu_slice::<f64>(s1, l1)?, cpu_slice::<f64>(s2, l2)?)),
+            _ => candle_core::bail!("scale op: y and s must both be f32 or both f64"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, y: &Tensor, s: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        fn run<T: WithDType>(y: &Tensor, s: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+            let (rows, n) = y.dims2()?;
+            let (gy, gs) = scale_bwd(&y.flatten_all()?.to_vec1::<T>()?, &s.to_vec1::<T>()?, &g.flatten_all()?.to_vec1::<T>()?);
+            Ok((Some(Tensor::from_vec(gy, (rows, n), y.device())?), Some(Tensor::from_vec(gs, n, y.device())?)))
+        }
+        match y.dtype() {
+            DType::F32 => run::<f32>(y, s, g),
+            DType::F64 => run::<f64>(y, s, g),
+            dt => candle_core::bail!("scale op: unsupported dtype {dt:?}"),
+        }
+    }
+}
+
 impl Adapter for RopoAdapter {
     /// `y = (m / rho) ⊙ (W (R^T x)) + b` for `x (..., d)`; returns `(..., n)`.
     fn forward(&self, base: &Linear, x: &Tensor) -> Result<Tensor> {
         let xr = self.rotate_t(x)?;
         let mut y = frozen_matmul(&xr, &base.weight)?;
         if let Some(s) = self.scale()? {
-            y = y.broadcast_mul(&s)?;
+            y = scale_cols(&y, &s)?;
         }
         match &base.bias {
             Some(b) => y.broadcast_add(b),
@@ -222,5 +304,27 @@ impl Adapter for RopoAdapter {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The fused column scaling equals broadcast_mul, values and both gradients.
+    #[test]
+    fn scale_cols_matches_broadcast_mul() {
+        let dev = Device::Cpu;
+        let y = Var::from_tensor(&Tensor::arange(0.0f64, 300.0, &dev).unwrap().reshape((2, 30, 5)).unwrap().cos().unwrap()).unwrap();
+        let s = Var::from_vec(vec![0.5f64, -1.0, 2.0, 3.0, 0.25], 5, &dev).unwrap();
+        let w = Tensor::arange(0.0f64, 300.0, &dev).unwrap().reshape((2, 30, 5)).unwrap().sin().unwrap();
+        let a = scale_cols(y.as_tensor(), s.as_tensor()).unwrap();
+        let b = y.as_tensor().broadcast_mul(s.as_tensor()).unwrap();
+        let diff = |p: &Tensor, q: &Tensor| (p - q).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+        assert!(diff(&a, &b) < 1e-15);
+        let ga = (&a * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&b * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(diff(ga.get(&y).unwrap(), gb.get(&y).unwrap()) < 1e-14);
+        assert!(diff(ga.get(&s).unwrap(), gb.get(&s).unwrap()) < 1e-12);
     }
 }
