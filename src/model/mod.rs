@@ -3,3 +3,5 @@
 pub mod config;
 pub mod linear;
 pub mod tokenizer;
+pub mod llama;
+pub mod ops;
