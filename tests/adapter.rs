@@ -379,3 +379,137 @@ fn merge_equals_adapted_and_differs_from_base() {
     assert!(e < 1e-4, "merged differs from adapted by {e}");
     assert!(max_abs(&merged, &base) > 1e-2, "adapters did nothing");
 }
+
+// ---------------------------------------------------------------------------------------------
+// On the model (src/model/llama.rs): identity at init, merge equivalence, gradients, files.
+
+use candle_nn::VarBuilder;
+use ropo::model::config::{Arch, ModelConfig};
+use ropo::model::llama::{random_weights, Model};
+
+fn small_config(hidden: usize, arch: Arch) -> ModelConfig {
+    ModelConfig {
+        arch,
+        vocab_size: 40,
+        hidden_size: hidden,
+        intermediate_size: 24,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: hidden / 4,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10_000.0,
+        rope_scaling: None,
+        max_position_embeddings: 64,
+        tie_word_embeddings: false,
+        attention_bias: arch == Arch::Qwen2,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+    }
+}
+
+fn small_model(cfg: &ModelConfig, seed: u64, dtype: DType) -> Model {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let w = random_weights(cfg, 0.3, &mut rng, dtype, &Device::Cpu).unwrap();
+    Model::load(VarBuilder::from_tensors(w.into_iter().collect(), dtype, &Device::Cpu), cfg).unwrap()
+}
+
+fn batch() -> (Tensor, Tensor) {
+    let dev = Device::Cpu;
+    let ids = Tensor::new(&[[5u32, 17, 3, 29, 0, 0], [11, 2, 38, 7, 7, 20]], &dev).unwrap();
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], &dev).unwrap();
+    (ids, mask)
+}
+
+// Spec "Initialization": fresh adapters leave the logits equal to the base model's (f64, 1e-10),
+// for every variant and for every linear targeted.
+#[test]
+fn model_identity_at_init_f64() {
+    let (ids, mask) = batch();
+    for arch in [Arch::Llama, Arch::Qwen2] {
+        let mut model = small_model(&small_config(16, arch), 1, DType::F64);
+        let base = model.forward(&ids, Some(&mask), false).unwrap();
+        for cfg in [
+            AdapterConfig::default(),
+            AdapterConfig { target_modules: TargetModules::Regex(".*".into()), ..Default::default() },
+            AdapterConfig { householder_reflections: 0, ..Default::default() },
+            AdapterConfig { givens_stages: 0, magnitude: false, householder_reflections: 6, ..Default::default() },
+        ] {
+            let set = inject::inject(&mut model, &cfg, "random").unwrap();
+            assert!(set.report.trainable > 0 && set.report.total > set.report.trainable);
+            let adapted = model.forward(&ids, Some(&mask), true).unwrap();
+            let e = max_abs(&adapted, &base);
+            assert!(e < 1e-10, "{arch:?} {cfg:?}: logits moved by {e} at init");
+            inject::detach(&mut model);
+        }
+    }
+}
+
+// Property 5: with random non-identity parameters the merged model's logits equal the adapted
+// ones (f32, 1e-4) and differ from the base model's.
+#[test]
+fn model_merge_equivalence_f32() {
+    let (ids, mask) = batch();
+    for arch in [Arch::Llama, Arch::Qwen2] {
+        let mut model = small_model(&small_config(16, arch), 2, DType::F32);
+        let cfg = AdapterConfig { target_modules: TargetModules::Regex(r"model\..*".into()), ..Default::default() };
+        let set = inject::inject(&mut model, &cfg, "random").unwrap();
+        assert_eq!(set.adapters.len(), 14); // 2 layers x (q, k, v, o, gate, up, down)
+        randomize(&set, 3);
+        let base = model.forward(&ids, Some(&mask), false).unwrap();
+        let adapted = model.forward(&ids, Some(&mask), true).unwrap();
+        assert_eq!(merge::merge_into(&mut model).unwrap(), 14);
+        let merged = model.forward(&ids, Some(&mask), false).unwrap();
+        let e = max_abs(&merged, &adapted);
+        assert!(e < 1e-4, "{arch:?}: merged logits differ from adapted by {e}");
+        let moved = max_abs(&merged, &base);
+        assert!(moved > 1e-2, "{arch:?}: the adapters did not change the logits ({moved})");
+    }
+}
+
+// Property 4 through the whole model: every adapter tensor's gradient matches central finite
+// differences (f64, relative error < 1e-4), at random parameters and at init.
+#[test]
+fn model_gradients_match_finite_differences_f64() {
+    let (ids, mask) = batch();
+    let cfg = small_config(8, Arch::Llama);
+    let mut model = small_model(&cfg, 4, DType::F64);
+    let acfg = AdapterConfig { target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into(), "down_proj".into()]), ..Default::default() };
+    let set = inject::inject(&mut model, &acfg, "random").unwrap();
+    let mut rng = ChaCha20Rng::seed_from_u64(5);
+    let proj = randn(&[2, 6, cfg.vocab_size], 1.0, &mut rng, DType::F64);
+    let loss = || -> Tensor {
+        let logits = model.forward(&ids, Some(&mask), true).unwrap();
+        let lsm = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1).unwrap();
+        (lsm * &proj).unwrap().sum_all().unwrap()
+    };
+    for phase in ["init", "random"] {
+        if phase == "random" {
+            randomize(&set, 6);
+        }
+        for ad in &set.adapters {
+            check_gradients(ad, &loss, 1e-4);
+        }
+    }
+}
+
+// A saved adapter reloads onto the model bit-identically; onto a model of other dimensions it
+// fails naming the first mismatching tensor, and leaves that model untouched.
+#[test]
+fn model_files_round_trip_and_dimension_mismatch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ids, mask) = batch();
+    let mut model = small_model(&small_config(16, Arch::Llama), 7, DType::F32);
+    let set = inject::inject(&mut model, &AdapterConfig::default(), "random/16").unwrap();
+    randomize(&set, 8);
+    files::save(dir.path(), &set).unwrap();
+    let want = model.forward(&ids, Some(&mask), true).unwrap();
+    let mut fresh = small_model(&small_config(16, Arch::Llama), 7, DType::F32);
+    let loaded = files::load(dir.path(), &mut fresh).unwrap();
+    assert_eq!(loaded.report, set.report);
+    assert_eq!(max_abs(&fresh.forward(&ids, Some(&mask), true).unwrap(), &want), 0.0);
+    let mut other = small_model(&small_config(32, Arch::Llama), 7, DType::F32);
+    let e = files::load(dir.path(), &mut other).unwrap_err().to_string();
+    assert_eq!(e, "shape mismatch for model.layers.0.self_attn.q_proj.ropo_u: expected [4, 32], got [4, 16]");
+    assert!(other.linears().iter().all(|l| l.adapter.is_none()));
+}

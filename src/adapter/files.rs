@@ -14,11 +14,12 @@ use candle_core::Tensor;
 
 use super::config::AdapterFileConfig;
 use super::givens;
-use super::inject::{attach, build_adapters, AdapterSet};
+use super::inject::{attach, build_adapters, model_params, AdapterSet};
 use super::layer::{RopoAdapter, MAGNITUDE_SUFFIX, THETA_SUFFIX, U_SUFFIX};
 use crate::error::{Error, Result};
 use crate::fsutil::write_atomic;
 use crate::model::linear::Linear;
+use crate::model::llama::Model;
 
 /// File name of the weights inside an adapter folder.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -91,4 +92,15 @@ pub fn load_linears(dir: &Path, linears: Vec<&mut Linear>, base_params: usize) -
         ));
     }
     Ok(attach(linears, built, &cfg, &file_cfg.base_model, base_params))
+}
+
+/// Load the adapter in `dir` onto `model` (tensors converted to the model's dtype and device).
+///
+/// Errors: as [`load_linears`]; e.g. an adapter trained on a model of other dimensions gives
+/// `shape mismatch for model.layers.0.self_attn.q_proj.ropo_u: expected [4, 64], got [4, 576]`.
+/// On error the model is unchanged.
+pub fn load(dir: &Path, model: &mut Model) -> Result<AdapterSet> {
+    super::inject::check_tied(model, &read_config(dir)?.adapter_config())?;
+    let base_params = model_params(model);
+    load_linears(dir, model.linears_mut(), base_params)
 }

@@ -13,6 +13,7 @@ use super::config::{AdapterConfig, AdapterFileConfig};
 use super::layer::RopoAdapter;
 use crate::error::{Error, Result};
 use crate::model::linear::{Adapter, Linear};
+use crate::model::llama::Model;
 
 /// Trainable / total parameter counts (total = base model + adapters, as PEFT counts them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +154,40 @@ pub fn inject_linears(linears: Vec<&mut Linear>, cfg: &AdapterConfig, base_model
         Ok(RopoAdapter::init(lin, cfg.householder_reflections, cfg.givens_stages, cfg.magnitude, cfg.init_seed)?)
     })?;
     Ok(attach(linears, built, cfg, base_model, base_params))
+}
+
+/// The base model's parameter count: every stored tensor once (a tied `lm_head` is not counted
+/// twice), as `Model::tensors` lists them.
+pub fn model_params(model: &Model) -> usize {
+    model.tensors().iter().map(|(_, t)| t.elem_count()).sum()
+}
+
+/// Refuse a tied `lm_head` among the targets: its weight IS the embedding matrix, so a merged
+/// lm_head could not be written back as one tensor.
+pub(crate) fn check_tied(model: &Model, cfg: &AdapterConfig) -> Result<()> {
+    if model.config().tie_word_embeddings && cfg.target_modules.matcher()?.is_match(&model.lm_head.path) {
+        return Err(Error::Config(format!(
+            "adapter.target_modules ({}) matches {}, whose weight is tied to the embeddings; leave it out",
+            cfg.target_modules, model.lm_head.path
+        )));
+    }
+    Ok(())
+}
+
+/// Wrap `model`'s target linears with freshly initialized adapters (the model's logits stay
+/// those of the base model, up to rounding). `base_model` (path or hub id) is recorded in the
+/// adapter config. Errors: as [`build_adapters`], a tied lm_head among the targets; on error
+/// the model is unchanged.
+pub fn inject(model: &mut Model, cfg: &AdapterConfig, base_model: &str) -> Result<AdapterSet> {
+    cfg.validate()?;
+    check_tied(model, cfg)?;
+    let base_params = model_params(model);
+    inject_linears(model.linears_mut(), cfg, base_model, base_params)
+}
+
+/// Remove every adapter from `model` (it becomes the base model again).
+pub fn detach(model: &mut Model) {
+    detach_linears(model.linears_mut());
 }
 
 /// Remove every adapter from `linears` (the model becomes the base model again).

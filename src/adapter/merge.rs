@@ -6,6 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::linear::Linear;
+use crate::model::llama::Model;
 
 /// Replace the weight (and bias) of every linear that has an adapter by the merged ones and
 /// remove the adapter. Returns the number of merged layers.
@@ -31,4 +32,10 @@ pub fn merge_linears(linears: Vec<&mut Linear>) -> Result<usize> {
         merged += 1;
     }
     Ok(merged)
+}
+
+/// Bake every adapter of `model` into its weights (see [`merge_linears`]); afterwards
+/// `model.forward(.., true)` and `(.., false)` agree and `Model::tensors` lists the merged weights.
+pub fn merge_into(model: &mut Model) -> Result<usize> {
+    merge_linears(model.linears_mut())
 }
