@@ -388,7 +388,7 @@ mod tests {
 
     fn state(step: u64) -> TrainerState {
         let mut rec = BTreeMap::new();
-        rec.insert("loss".to_string(), serde_json::json!(0.6931471805599453));
+        rec.insert("loss".to_string(), serde_json::json!(std::f64::consts::LN_2));
         rec.insert("step".to_string(), serde_json::json!(step));
         TrainerState { global_step: step, epoch: 0.5, log_history: vec![rec], ..Default::default() }
     }

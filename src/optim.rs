@@ -281,8 +281,8 @@ impl AdamW {
 pub fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
     let views: Vec<(String, Tensor)> =
         tensors.iter().map(|(n, t)| Ok((n.clone(), t.contiguous()?))).collect::<candle_core::Result<_>>()?;
-    Ok(safetensors::tensor::serialize(views.iter().map(|(n, t)| (n.as_str(), t)), metadata)
-        .map_err(|e| Error::Msg(format!("serialising safetensors: {e}")))?)
+    safetensors::tensor::serialize(views.iter().map(|(n, t)| (n.as_str(), t)), metadata)
+        .map_err(|e| Error::Msg(format!("serialising safetensors: {e}")))
 }
 
 // ------------------------------------------------------------------------------------------
