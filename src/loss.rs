@@ -42,8 +42,9 @@ pub fn selective_log_softmax(logits: &Tensor, targets: &Tensor) -> Result<Tensor
 /// `logps[n] = Σ_t completion_mask[n,t] · log_softmax(logits[n,t-1])[input_ids[n,t]]` for
 /// `t = 1..T` (position 0 has no prediction and is ignored, as TRL's shift does).
 ///
-/// Shapes and dtypes: `logits (N,T,V)` any float dtype (computed in f32), `input_ids (N,T)` u32,
-/// `completion_mask (N,T)` f32 (1 at completion tokens) → `(N,)` f32, in nats.
+/// Shapes and dtypes: `logits (N,T,V)` any float dtype, `input_ids (N,T)` u32,
+/// `completion_mask (N,T)` (1 at completion tokens) → `(N,)`, in nats. Computed and returned in
+/// f32 (f16/bf16/f32 logits) or f64 (f64 logits, for finite-difference gradient checks).
 /// Errors: shape mismatches, and token ids outside the vocabulary (named).
 /// Source: TRL 1.16 `DPOTrainer._compute_loss` (`per_token_logps[shift_completion_mask == 0] = 0`,
 /// then `sum(dim=1)`); masked positions contribute exactly 0 even if their log-prob is not finite.
@@ -51,18 +52,19 @@ pub fn completion_logps(logits: &Tensor, input_ids: &Tensor, completion_mask: &T
     let (n, t, v) = logits.dims3()?;
     check_shape("input_ids", input_ids, &[n, t])?;
     check_shape("completion_mask", completion_mask, &[n, t])?;
+    let dtype = if logits.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
     if t < 2 {
-        return Ok(Tensor::zeros(n, DType::F32, logits.device())?);
+        return Ok(Tensor::zeros(n, dtype, logits.device())?);
     }
     let max_id = input_ids.max_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()?;
     if max_id as usize >= v {
         return Err(Error::Msg(format!("input_ids holds token id {max_id}, outside the vocabulary of {v} logits")));
     }
-    let logits = logits.to_dtype(DType::F32)?.narrow(1, 0, t - 1)?; // (N, T-1, V): predicts tokens 1..T
+    let logits = logits.to_dtype(dtype)?.narrow(1, 0, t - 1)?; // (N, T-1, V): predicts tokens 1..T
     let targets = input_ids.narrow(1, 1, t - 1)?; // (N, T-1)
-    let mask = completion_mask.to_dtype(DType::F32)?.narrow(1, 1, t - 1)?; // (N, T-1)
+    let mask = completion_mask.to_dtype(dtype)?.narrow(1, 1, t - 1)?; // (N, T-1)
     let per_token = selective_log_softmax(&logits, &targets)?; // (N, T-1)
-    let keep = mask.ne(0f32)?;
+    let keep = mask.ne(0.0)?;
     let per_token = keep.where_cond(&per_token.broadcast_mul(&mask)?, &per_token.zeros_like()?)?;
     Ok(per_token.sum(1)?)
 }
@@ -801,6 +803,53 @@ mod tests {
                 }
             }
         }
+    }
+
+    // The whole loss path in f64, logits -> completion_logps -> sigmoid DPO loss, against central
+    // finite differences of every logit: (L(x + h) - L(x - h)) / 2h with h = 1e-5 has truncation
+    // error O(h^2) ~ 1e-10 and rounding error ~ 1e-16/h ~ 1e-11; 1e-8 absolute is a safe bound.
+    #[test]
+    fn loss_path_gradient_matches_finite_differences_f64() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let (b, t, v) = (2usize, 4usize, 5usize);
+        let n = 2 * b;
+        let x: Vec<f64> = (0..n * t * v).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let ids = Tensor::from_vec((0..n * t).map(|_| rng.random_range(0..v as u32)).collect::<Vec<_>>(), (n, t), &Device::Cpu).unwrap();
+        let mask = Tensor::new(&[[0f64, 1., 1., 1.], [0., 0., 1., 0.], [0., 1., 1., 0.], [0., 0., 1., 1.]], &Device::Cpu).unwrap();
+        let ref_c = t64(&[-3.0, -2.5]);
+        let ref_r = t64(&[-2.0, -4.0]);
+        let loss_of = |logits: &Tensor| -> Tensor {
+            let lp = completion_logps(logits, &ids, &mask).unwrap();
+            let (pc, pr) = split_pairs(&lp).unwrap();
+            let (nc, nr) = split_pairs(&completion_token_counts(&mask).unwrap().to_dtype(DType::F64).unwrap()).unwrap();
+            let logps = PairLogps {
+                policy_chosen: pc,
+                policy_rejected: pr,
+                reference_chosen: ref_c.clone(),
+                reference_rejected: ref_r.clone(),
+                chosen_tokens: nc,
+                rejected_tokens: nr,
+            };
+            preference_loss(LossType::Sigmoid, &logps, &LossParams { beta: 0.5, ..Default::default() }, Some(0.3)).unwrap().loss
+        };
+        let var = Var::from_vec(x.clone(), (n, t, v), &Device::Cpu).unwrap();
+        let loss = loss_of(var.as_tensor());
+        assert_eq!(loss.dtype(), DType::F64);
+        let g = loss.backward().unwrap().get(var.as_tensor()).expect("no gradient for logits").flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let h = 1e-5;
+        let mut nonzero = 0;
+        for i in 0..x.len() {
+            let at = |d: f64| {
+                let mut y = x.clone();
+                y[i] += d;
+                loss_of(&Tensor::from_vec(y, (n, t, v), &Device::Cpu).unwrap()).to_scalar::<f64>().unwrap()
+            };
+            let fd = (at(h) - at(-h)) / (2.0 * h);
+            assert!((g[i] - fd).abs() < 1e-8, "logit {i}: autograd {} vs finite difference {fd}", g[i]);
+            nonzero += usize::from(fd.abs() > 1e-6);
+        }
+        assert!(nonzero > 20, "the check must exercise real gradients ({nonzero} non-zero)");
     }
 
     #[test]
