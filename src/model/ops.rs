@@ -145,8 +145,14 @@ pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
 
 /// Rotary position embedding, `x * cos + rotate_half(x) * sin` (HF `apply_rotary_pos_emb`).
 ///
-/// `x` `(N, H, T, hd)`, `cos`/`sin` `(T, hd)` from [`rope_tables`]; returns `(N, H, T, hd)`.
+/// `x` `(N, H, T, hd)`, `cos`/`sin` `(T, hd)` from [`rope_tables`] (constants, no gradient);
+/// returns `(N, H, T, hd)`. A custom op ([`RopeOp`]) whose backward is the inverse rotation.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, RopeOp)
+}
+
+/// The same function as [`rope`] composed from differentiable candle ops (the reference).
+pub fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
 }
 
@@ -464,6 +470,58 @@ impl CustomOp3 for RmsNormBwdOp {
     }
 }
 
+/// RoPE on rows of `hd`: row `r` of `(N, H, T)` is at position `r % T`;
+/// `y_i = x_i cos_i - x_{i+hd/2} sin_i`, `y_{i+hd/2} = x_{i+hd/2} cos_{i+hd/2} + x_i sin_{i+hd/2}`
+/// (`x cos + rotate_half(x) sin`).
+fn rope_rows<T: Real>(x: &[T], cos: &[T], sin: &[T], hd: usize) -> Vec<T> {
+    let t = cos.len() / hd;
+    let half = hd / 2;
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(hd).zip(x.par_chunks(hd)).enumerate().for_each(|(r, (o, xr))| {
+        let p = r % t;
+        let (c, s) = (&cos[p * hd..(p + 1) * hd], &sin[p * hd..(p + 1) * hd]);
+        for i in 0..half {
+            let (x1, x2) = (xr[i], xr[i + half]);
+            o[i] = x1 * c[i] - x2 * s[i];
+            o[i + half] = x2 * c[i + half] + x1 * s[i + half];
+        }
+    });
+    out
+}
+
+/// Rotary embedding `(x (N, H, T, hd), cos (T, hd), sin (T, hd)) -> x cos + rotate_half(x) sin`.
+///
+/// Backward: the rotation's transpose, the same op with `-sin` (the tables are constants).
+pub struct RopeOp;
+
+impl CustomOp3 for RopeOp {
+    fn name(&self) -> &'static str {
+        "ropo-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, _, t, hd) = l1.shape().dims4()?;
+        if l2.dims() != [t, hd] || l3.dims() != [t, hd] || hd % 2 != 0 {
+            candle_core::bail!("rope: tables {:?}/{:?} do not fit x {:?} (need (T, hd), hd even)", l2.dims(), l3.dims(), l1.dims());
+        }
+        let out = dispatch!(self.name(), [(s1, l1, x), (s2, l2, c), (s3, l3, s)], rope_rows(x, c, s, hd));
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, cos: &Tensor, sin: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let gx = grad_res.contiguous()?.apply_op3_no_bwd(cos, &sin.neg()?, &RopeOp)?;
+        Ok((Some(gx), None, None))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -530,6 +588,22 @@ mod tests {
             assert!(max_diff(a, b) < 1e-12, "bias {:?}: {}", bias.map(|b| b.dims().to_vec()), max_diff(a, b));
         }
         assert!(masked_softmax(&seeded(&[2, 3, 4, 5], 6), Some(&per_row)).is_err(), "a bias of the wrong T is rejected");
+        Ok(())
+    }
+
+    #[test]
+    fn fused_rope_matches_composed_values_and_gradients() -> Result<()> {
+        let inv = rope_inv_freq(8, 10000.0, None, false);
+        let (cos, sin) = rope_tables(&inv, 3, 4, DType::F64, &Device::Cpu)?;
+        let x = Var::from_tensor(&seeded(&[2, 3, 4, 8], 7))?;
+        let c = seeded(&[2, 3, 4, 8], 8);
+        let fused = rope(x.as_tensor(), &cos, &sin)?;
+        let composed = rope_composed(x.as_tensor(), &cos, &sin)?;
+        assert!(max_diff(&fused, &composed) < 1e-14);
+        let gf = (fused * &c)?.sum_all()?.backward()?;
+        let gc = (composed * &c)?.sum_all()?.backward()?;
+        let (a, b) = (gf.get(x.as_tensor()).expect("fused grad"), gc.get(x.as_tensor()).expect("composed grad"));
+        assert!(max_diff(a, b) < 1e-14, "{}", max_diff(a, b));
         Ok(())
     }
 
