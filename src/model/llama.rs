@@ -289,6 +289,11 @@ impl Model {
         self.embed_tokens.device()
     }
 
+    /// Number of stored parameters (the elements of [`Model::tensors`]; a tied head counted once).
+    pub fn num_parameters(&self) -> usize {
+        self.tensors().iter().map(|(_, t)| t.elem_count()).sum()
+    }
+
     /// `(N, T)` token ids -> `(N, T, D)` embeddings.
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (n, t) = input_ids.dims2()?;
@@ -546,6 +551,7 @@ mod tests {
             let logits = model.forward(&ids, None, true)?;
             assert_eq!(logits.dims(), &[2, 3, 11]);
             assert_eq!(model.linears_mut().len(), 15);
+            assert_eq!(model.num_parameters(), w.values().map(|t| t.elem_count()).sum::<usize>());
         }
         Ok(())
     }

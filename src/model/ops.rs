@@ -1,8 +1,11 @@
 //! Differentiable building blocks of the Llama-family decoder.
 //!
 //! candle's fused `softmax_last_dim`, `rms_norm` and `rotary_emb::rope*` have no backward pass
-//! (see `../shared/docs/candle-notes.md`): gradients silently stop at them. Everything here is
-//! composed from ops that candle can differentiate, so `loss.backward()` reaches every weight.
+//! (see `../shared/docs/candle-notes.md`): gradients silently stop at them. Here the hot ops
+//! ([`rms_norm`], [`rope`], [`masked_softmax`]) are custom ops whose backward sits beside the
+//! forward (CPU, F32/F64, rows in parallel with rayon, deterministic), each tested against a
+//! version composed from differentiable candle ops ([`rms_norm_composed`], [`rope_composed`],
+//! [`softmax_last_dim`]) on values and gradients.
 //!
 //! Dimension legend: N batch rows, T query positions, Tk key positions, H heads, hd head dim,
 //! D hidden width.
