@@ -6,7 +6,7 @@
 #   2. build ropo                       cargo build --release --locked
 #   3. evaluate the base model          ropo eval  (held-out preferences + a few generations)
 #   4. train RoPO                       ropo train --config configs/quickstart.toml
-#   5. evaluate base vs adapted         ropo eval --adapter ... --compare-base
+#   5. evaluate the adapted model       ropo eval --adapter ...  (same pairs and prompts as 3)
 #   6. merge the adapter                ropo merge (a plain HF model folder)
 #   7. plot the training curves         ropo plot (PNG)
 # then prints a before/after table and where every output is.
@@ -64,8 +64,8 @@ stage "train RoPO (configs/quickstart.toml)"
 "$ropo" train --config configs/quickstart.toml --set model.path_or_id="\"$model\"" --overwrite
 done_stage
 
-stage "evaluate base vs adapted"
-"$ropo" eval "${eval_args[@]}" --adapter "$out/train" --compare-base \
+stage "evaluate the adapted model"
+"$ropo" eval "${eval_args[@]}" --adapter "$out/train" \
   --out "$out/eval-adapted/report.json" --generations "$out/eval-adapted/generations.jsonl"
 done_stage
 
@@ -144,8 +144,8 @@ Outputs (under {out}/):
   train/checkpoints/step-N/         resumable checkpoints (ropo train --resume)
   eval-base/report.json             base model: preference metrics and generation statistics
   eval-base/generations.jsonl       base model generations (greedy and sampled)
-  eval-adapted/report.json          base vs adapted, side by side
-  eval-adapted/generations.jsonl    generations of both
+  eval-adapted/report.json          adapted model (base as the reference): the same metrics
+  eval-adapted/generations.jsonl    adapted model generations (same prompts and seeds)
   merged/                           an ordinary HF model folder with the adapter baked in:
                                     ropo generate --model {out}/merged --chat --prompt "What is 15% of 200?"
 """)

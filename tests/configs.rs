@@ -82,3 +82,27 @@ fn quickstart_config_is_the_quickstart_run() {
     let script = std::fs::read_to_string(root().join("scripts/quickstart.sh")).unwrap();
     assert!(script.contains("configs/quickstart.toml") && script.contains("model.path_or_id="), "quickstart.sh does not run configs/quickstart.toml with the fetched model");
 }
+
+#[test]
+fn readme_documents_every_config_key_and_the_test_command() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let ci = std::fs::read_to_string(root().join(".ci/run")).unwrap();
+    // the README's test command is the one CI runs
+    assert!(readme.contains("\n    cargo test --release --locked\n"), "README.md lost its test command");
+    assert!(ci.contains("\ncargo test --release --locked\n"), ".ci/run does not run the README's test command");
+    // every key --print-config prints has a row in the README's config table
+    let printed = RunConfig::default().to_toml_string();
+    let mut section = String::new();
+    let mut n = 0;
+    for line in printed.lines() {
+        if let Some(s) = line.strip_prefix('[') {
+            section = s.trim_end_matches(']').to_string();
+            assert!(readme.contains(&format!("**`[{section}]`**")), "README.md has no [{section}] table");
+            continue;
+        }
+        let Some((key, _)) = line.trim_start_matches("# ").split_once(" = ") else { continue };
+        n += 1;
+        assert!(readme.contains(&format!("| `{key}` |")), "README.md's config table lacks {section}.{key}; run python3 docs/config_table.py");
+    }
+    assert!(n >= 40, "only {n} keys printed");
+}
