@@ -1,1 +1,858 @@
-//! See lib.rs.
+//! Completion log-probs and the DPO-family preference losses, with TRL 1.16 `DPOTrainer`'s
+//! exact definitions (`trl/trainer/dpo_trainer.py`, `_compute_loss`, `f_divergence_type =
+//! "reverse_kl"`), and TRL's reward metrics.
+//!
+//! Legend: `N = 2B` sequences (rows `[chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]`),
+//! `B` pairs, `T` sequence length, `V` vocabulary size.
+//!
+//! Everything comes from four log-prob tensors of shape `(B,)`:
+//! `c = log π(y_w|x) - log π_ref(y_w|x)` (chosen log-ratio), `r = log π(y_l|x) - log π_ref(y_l|x)`
+//! (rejected log-ratio), `Δ = c - r`; each loss type is one small pure function of them.
+//! Losses keep the dtype of their inputs (f32 in training; the golden tests run them in f64).
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+// ------------------------------------------------------------------------------------------
+// Completion log-probs
+// ------------------------------------------------------------------------------------------
+
+/// Log-softmax of `logits` picked at `targets`: `log_softmax(logits)[.., targets]`.
+///
+/// Shapes: `logits (..., V)`, `targets (...)` u32 → `(...)` in the dtype of `logits`.
+/// Equivalent to `log_softmax(logits, -1).gather(targets)` (TRL's `selective_log_softmax`),
+/// computed as `logits[target] - logsumexp(logits)` with the row maximum subtracted first (the
+/// maximum is detached: logsumexp does not depend on the shift, so the gradient is exact).
+/// Differentiable with respect to `logits` (only composed candle ops; never the fused softmax).
+/// This is the building block a later speed-up can call on the LM-head rows of completion
+/// positions only.
+pub fn selective_log_softmax(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?.detach(); // (..., 1)
+    let shifted = logits.broadcast_sub(&max)?; // (..., V)
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?; // (..., 1)
+    let idx = targets.unsqueeze(D::Minus1)?.contiguous()?; // (..., 1)
+    let picked = shifted.gather(&idx, D::Minus1)?; // (..., 1)
+    Ok((picked - lse)?.squeeze(D::Minus1)?)
+}
+
+/// Summed completion log-probs of each sequence.
+///
+/// `logps[n] = Σ_t completion_mask[n,t] · log_softmax(logits[n,t-1])[input_ids[n,t]]` for
+/// `t = 1..T` (position 0 has no prediction and is ignored, as TRL's shift does).
+///
+/// Shapes and dtypes: `logits (N,T,V)` any float dtype (computed in f32), `input_ids (N,T)` u32,
+/// `completion_mask (N,T)` f32 (1 at completion tokens) → `(N,)` f32, in nats.
+/// Errors: shape mismatches, and token ids outside the vocabulary (named).
+/// Source: TRL 1.16 `DPOTrainer._compute_loss` (`per_token_logps[shift_completion_mask == 0] = 0`,
+/// then `sum(dim=1)`); masked positions contribute exactly 0 even if their log-prob is not finite.
+pub fn completion_logps(logits: &Tensor, input_ids: &Tensor, completion_mask: &Tensor) -> Result<Tensor> {
+    let (n, t, v) = logits.dims3()?;
+    check_shape("input_ids", input_ids, &[n, t])?;
+    check_shape("completion_mask", completion_mask, &[n, t])?;
+    if t < 2 {
+        return Ok(Tensor::zeros(n, DType::F32, logits.device())?);
+    }
+    let max_id = input_ids.max_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()?;
+    if max_id as usize >= v {
+        return Err(Error::Msg(format!("input_ids holds token id {max_id}, outside the vocabulary of {v} logits")));
+    }
+    let logits = logits.to_dtype(DType::F32)?.narrow(1, 0, t - 1)?; // (N, T-1, V): predicts tokens 1..T
+    let targets = input_ids.narrow(1, 1, t - 1)?; // (N, T-1)
+    let mask = completion_mask.to_dtype(DType::F32)?.narrow(1, 1, t - 1)?; // (N, T-1)
+    let per_token = selective_log_softmax(&logits, &targets)?; // (N, T-1)
+    let keep = mask.ne(0f32)?;
+    let per_token = keep.where_cond(&per_token.broadcast_mul(&mask)?, &per_token.zeros_like()?)?;
+    Ok(per_token.sum(1)?)
+}
+
+/// Number of completion tokens of each sequence: `Σ_t completion_mask[n,t]`, `(N,T)` → `(N,)` f32.
+///
+/// Counts every masked position, including `t = 0` (TRL's `completion_mask.sum(dim=1)`, used by
+/// the length-normalised losses).
+pub fn completion_token_counts(completion_mask: &Tensor) -> Result<Tensor> {
+    Ok(completion_mask.to_dtype(DType::F32)?.sum(1)?)
+}
+
+fn check_shape(name: &str, t: &Tensor, expected: &[usize]) -> Result<()> {
+    if t.dims() != expected {
+        return Err(Error::Shape { name: name.into(), expected: expected.to_vec(), got: t.dims().to_vec() });
+    }
+    Ok(())
+}
+
+/// Split a `(2B,)` tensor in the concatenated layout into its chosen and rejected halves `(B,)`.
+pub fn split_pairs(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let n = x.dim(0)?;
+    if n % 2 != 0 {
+        return Err(Error::Msg(format!("expected [chosen; rejected] rows, got an odd count {n}")));
+    }
+    Ok((x.narrow(0, 0, n / 2)?, x.narrow(0, n / 2, n / 2)?))
+}
+
+// ------------------------------------------------------------------------------------------
+// Stable log-sigmoid
+// ------------------------------------------------------------------------------------------
+
+/// `log σ(x)`, elementwise, stable for any finite `x`: `min(x, 0) - log1p(exp(-|x|))`.
+///
+/// Shapes: any; dtypes f32, f64. The backward is written out, `d/dx log σ(x) = σ(-x)`, so the
+/// gradient is exact everywhere (including at `x = 0`, where a composed `min`/`abs` version
+/// depends on how ties and `abs'(0)` are differentiated: that is step 0 of every run).
+pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        Ok(x.apply_op1(LogSigmoid)?)
+    } else {
+        // Composed fallback for accelerators: min(x,0) - log(1 + exp(-|x|)).
+        let neg_abs = x.abs()?.neg()?;
+        Ok((x.minimum(0.0)? - (neg_abs.exp()? + 1.0)?.log()?)?)
+    }
+}
+
+/// `σ(x) = exp(log σ(x))`, stable and differentiable (through [`log_sigmoid`]).
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    Ok(log_sigmoid(x)?.exp()?)
+}
+
+struct LogSigmoid;
+
+impl CustomOp1 for LogSigmoid {
+    fn name(&self) -> &'static str {
+        "ropo-log-sigmoid"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::cpu_backend::unary_map;
+        let out = match storage {
+            CpuStorage::F32(s) => CpuStorage::F32(unary_map(s, layout, |x: f32| x.min(0.0) - (-x.abs()).exp().ln_1p())),
+            CpuStorage::F64(s) => CpuStorage::F64(unary_map(s, layout, |x: f64| x.min(0.0) - (-x.abs()).exp().ln_1p())),
+            _ => candle_core::bail!("log_sigmoid: unsupported dtype (use f32 or f64)"),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    // Saves nothing: the backward recomputes σ(-x) = exp(log σ(-x)) from the input.
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let sig_neg = arg.neg()?.apply_op1(LogSigmoid)?.exp()?;
+        Ok(Some(grad_res.mul(&sig_neg)?))
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Loss types
+// ------------------------------------------------------------------------------------------
+
+/// The preference loss, named as TRL's `DPOConfig.loss_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LossType {
+    /// DPO (Rafailov et al. 2023, Eq. 7): `-log σ(βΔ)`.
+    #[default]
+    Sigmoid,
+    /// SLiC-style hinge (Zhao et al. 2023): `relu(1 - βΔ)`.
+    Hinge,
+    /// IPO (Azar et al. 2023, Eq. 17), length-normalised as TRL does: `(c/n_w - r/n_l - 1/(2β))²`.
+    Ipo,
+    /// EXO-pref (Ji et al. 2024, Eq. 16) with `ε = label_smoothing`.
+    ExoPair,
+    /// NCA (Chen et al. 2024), pairwise.
+    NcaPair,
+    /// Robust DPO (Chowdhury et al. 2024) with `ε = label_smoothing`.
+    Robust,
+    /// BCO (Jung et al. 2024), pairwise, without the running reward shift.
+    BcoPair,
+    /// SPPO (Wu et al. 2024), hard-probability version.
+    SppoHard,
+    /// APO-zero (D'Oosterlinck et al. 2024, Eq. 7).
+    ApoZero,
+    /// APO-down (D'Oosterlinck et al. 2024, Eq. 8).
+    ApoDown,
+    /// DiscoPOP (Chris Lu et al. 2024, Eq. 5) with temperature `discopop_tau`.
+    Discopop,
+    /// DPO on length-normalised log-ratios (TRL's `sigmoid_norm`, SimPO-style with a reference).
+    SigmoidNorm,
+}
+
+impl LossType {
+    /// Every loss type, in the order TRL lists them.
+    pub const ALL: [LossType; 12] = [
+        LossType::Sigmoid,
+        LossType::Hinge,
+        LossType::Ipo,
+        LossType::ExoPair,
+        LossType::NcaPair,
+        LossType::Robust,
+        LossType::BcoPair,
+        LossType::SppoHard,
+        LossType::ApoZero,
+        LossType::ApoDown,
+        LossType::Discopop,
+        LossType::SigmoidNorm,
+    ];
+
+    /// The config name (`"sigmoid"`, `"exo_pair"`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            LossType::Sigmoid => "sigmoid",
+            LossType::Hinge => "hinge",
+            LossType::Ipo => "ipo",
+            LossType::ExoPair => "exo_pair",
+            LossType::NcaPair => "nca_pair",
+            LossType::Robust => "robust",
+            LossType::BcoPair => "bco_pair",
+            LossType::SppoHard => "sppo_hard",
+            LossType::ApoZero => "apo_zero",
+            LossType::ApoDown => "apo_down",
+            LossType::Discopop => "discopop",
+            LossType::SigmoidNorm => "sigmoid_norm",
+        }
+    }
+
+    /// Parse a config name; the error lists the valid names.
+    pub fn from_name(s: &str) -> Result<Self> {
+        Self::ALL.into_iter().find(|l| l.name() == s).ok_or_else(|| {
+            let names: Vec<_> = Self::ALL.iter().map(|l| l.name()).collect();
+            Error::Config(format!("unknown loss type {s:?}; should be one of {names:?}"))
+        })
+    }
+
+    /// The valid `label_smoothing` values for this loss, or the reason a value is refused.
+    ///
+    /// TRL 1.16 reads `label_smoothing` only in `robust` (`0 <= ε < 0.5`, the `1 - 2ε`
+    /// denominator) and `exo_pair` (`0 < ε < 1`: `log ε` and `log(1 - ε)` appear); every other
+    /// loss ignores it, so a non-zero value there is refused rather than silently ignored.
+    pub fn check_label_smoothing(self, eps: f64) -> std::result::Result<(), String> {
+        let ok = match self {
+            LossType::Robust => (0.0..0.5).contains(&eps),
+            LossType::ExoPair => eps > 0.0 && eps < 1.0,
+            _ => eps == 0.0,
+        };
+        if ok {
+            return Ok(());
+        }
+        Err(match self {
+            LossType::Robust => "must be in [0, 0.5) for loss_type \"robust\"".to_string(),
+            LossType::ExoPair => "must be in (0, 1) for loss_type \"exo_pair\" (the EXO paper suggests 1e-3)".to_string(),
+            other => format!(
+                "must be 0 for loss_type {:?}: TRL 1.16 uses label_smoothing only in \"robust\" and \"exo_pair\"",
+                other.name()
+            ),
+        })
+    }
+
+    /// The per-pair loss when policy = reference (`c = r = 0`), as at step 0 of training, in closed
+    /// form: a check for the trainer's first step.
+    ///
+    /// sigmoid, robust, sigmoid_norm: `ln 2`; hinge: `1`; ipo: `(1/(2β))²`; exo_pair:
+    /// `½(ln ½ - ln(1-ε)) + ½(ln ½ - ln ε)`; nca_pair, bco_pair: `2 ln 2`; sppo_hard: `2 (1/(2β))²`;
+    /// apo_zero, apo_down: `1`; discopop: `(ln 2 + 1)/2`.
+    pub fn value_at_reference(self, p: &LossParams) -> f64 {
+        let ln2 = std::f64::consts::LN_2;
+        let half_over_beta = 0.5 / p.beta;
+        match self {
+            LossType::Sigmoid | LossType::Robust | LossType::SigmoidNorm => ln2,
+            LossType::Hinge | LossType::ApoZero | LossType::ApoDown => 1.0,
+            LossType::Ipo => half_over_beta * half_over_beta,
+            LossType::ExoPair => {
+                let e = p.label_smoothing;
+                0.5 * (-ln2 - (-e).ln_1p()) + 0.5 * (-ln2 - e.ln())
+            }
+            LossType::NcaPair | LossType::BcoPair => 2.0 * ln2,
+            LossType::SppoHard => 2.0 * half_over_beta * half_over_beta,
+            LossType::Discopop => 0.5 * (ln2 + 1.0),
+        }
+    }
+}
+
+impl std::fmt::Display for LossType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The hyperparameters the losses read (TRL `DPOConfig` names).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossParams {
+    /// β, the strength of the implicit KL constraint (> 0).
+    pub beta: f64,
+    /// ε of `robust` and `exo_pair` (see [`LossType::check_label_smoothing`]).
+    pub label_smoothing: f64,
+    /// τ of `discopop` (TRL default 0.05).
+    pub discopop_tau: f64,
+}
+
+impl Default for LossParams {
+    fn default() -> Self {
+        Self { beta: 0.1, label_smoothing: 0.0, discopop_tau: 0.05 }
+    }
+}
+
+/// The sequence log-probs of a batch of `B` pairs; every field is `(B,)`, all of one float dtype.
+#[derive(Debug, Clone)]
+pub struct PairLogps {
+    /// `log π(y_w|x)`, summed over completion tokens (differentiable).
+    pub policy_chosen: Tensor,
+    /// `log π(y_l|x)` (differentiable).
+    pub policy_rejected: Tensor,
+    /// `log π_ref(y_w|x)` (constant).
+    pub reference_chosen: Tensor,
+    /// `log π_ref(y_l|x)` (constant).
+    pub reference_rejected: Tensor,
+    /// Completion token count of each chosen sequence.
+    pub chosen_tokens: Tensor,
+    /// Completion token count of each rejected sequence.
+    pub rejected_tokens: Tensor,
+}
+
+/// The log-ratios every loss is a function of; `(B,)` each.
+struct Scores<'a> {
+    /// `c = log π(y_w|x) - log π_ref(y_w|x)`.
+    c: Tensor,
+    /// `r = log π(y_l|x) - log π_ref(y_l|x)`.
+    r: Tensor,
+    /// `Δ = c - r`.
+    delta: Tensor,
+    n_w: &'a Tensor,
+    n_l: &'a Tensor,
+}
+
+/// The per-pair loss `(B,)` of `loss_type` (TRL 1.16 `_compute_loss`, reverse-KL scores).
+pub fn per_pair_loss(loss_type: LossType, logps: &PairLogps, p: &LossParams) -> Result<Tensor> {
+    let c = (&logps.policy_chosen - logps.reference_chosen.detach())?;
+    let r = (&logps.policy_rejected - logps.reference_rejected.detach())?;
+    let delta = (&c - &r)?;
+    let s = Scores { c, r, delta, n_w: &logps.chosen_tokens, n_l: &logps.rejected_tokens };
+    match loss_type {
+        LossType::Sigmoid => sigmoid_loss(&s, p),
+        LossType::Hinge => hinge_loss(&s, p),
+        LossType::Ipo => ipo_loss(&s, p),
+        LossType::ExoPair => exo_pair_loss(&s, p),
+        LossType::NcaPair => nca_pair_loss(&s, p),
+        LossType::Robust => robust_loss(&s, p),
+        LossType::BcoPair => bco_pair_loss(&s, p),
+        LossType::SppoHard => sppo_hard_loss(&s, p),
+        LossType::ApoZero => apo_zero_loss(&s, p),
+        LossType::ApoDown => apo_down_loss(&s, p),
+        LossType::Discopop => discopop_loss(&s, p),
+        LossType::SigmoidNorm => sigmoid_norm_loss(&s, p),
+    }
+}
+
+/// DPO, Rafailov et al. 2023 (arXiv 2305.18290), Eq. 7: `L = -log σ(βΔ)`.
+fn sigmoid_loss(s: &Scores, p: &LossParams) -> Result<Tensor> {
+    Ok(log_sigmoid(&s.delta.affine(p.beta, 0.0)?)?.neg()?)
+}
+
+/// Hinge (SLiC, Zhao et al. 2023, arXiv 2305.10425, Eq. 3 with margin 1/β): `L = relu(1 - βΔ)`.
+fn hinge_loss(s: &Scores, p: &LossParams) -> Result<Tensor> {
+    Ok(s.delta.affine(-p.beta, 1.0)?.relu()?)
+}
+
+/// IPO, Azar et al. 2023 (arXiv 2310.12036), Eq. 17 with τ = β, on per-token log-ratios as
+/// TRL does (confirmed with the IPO authors, per TRL's comment):
+/// `L = (c/n_w - r/n_l - 1/(2β))²`, `n = max(completion tokens, 1)`.
+fn ipo_loss(s: &Scores, p: &LossParams) -> Result<Tensor> {
+    let ca = (&s.c / s.n_w.clamp(1.0, f64::INFINITY)?)?;
+    let ra = (&s.r / s.n_l.clamp(1.0, f64::INFINITY)?)?;
+    Ok((ca - ra)?.affine(1.0, -0.5 / p.beta)?.sqr()?)
+}
+
+/// EXO-pref, Ji et al. 2024 (arXiv 2402.00856), Eq. 16: `KL(q ‖ p_ε)` for K = 2 with
+/// `q = (σ(βΔ), σ(-βΔ))` and `p_ε = (1-ε, ε)`:
+/// `L = σ(βΔ)(log σ(βΔ) - log(1-ε)) + σ(-βΔ)(log σ(-βΔ) - log ε)`.
+fn exo_pair_loss(s: &Scores, p: &LossParams) -> Result<Tensor> {
+    let e = p.label_smoothing;
+    let z = s.delta.affine(p.beta, 0.0)?;
+    let log_qw = log_sigmoid(&z)?;
+    let log_ql = log_sigmoid(&z.neg()?)?;
+    let w = (log_qw.exp()? * (log_qw.affine(1.0, -(-e).ln_1p())?))?;
+    let l = (log_ql.exp()? * (log_ql.affine(1.0, -e.ln())?))?;
+    Ok((w + l)?)
+}
+
+/// NCA, Chen et al. 2024 (arXiv 2402.05369), pairwise form as in TRL:
+/// `L = -log σ(βc) - ½ log σ(-βc) - ½ log σ(-βr)`.
+fn nca_pair_loss(s: &Scores, p: &LossParams) -> Result<Tensor> {
+    let bc = s.c.affine(p.beta, 0.0)?;
+    let br = s.r.affine(p.beta, 0.0)?;
+    let a = log_sigmoid(&bc)?.neg()?;
+    let b = log_sigmoid(&bc.neg()?)?.affine(-0.5, 0.0)?;
+    let d = log_sigmoid(&br.neg()?)?.affine(-0.5, 0.0)?;
+    Ok(((a + b)? + d)?)
+}
+
+/// Robust DPO, Chowdhury et al. 2024 (arXiv 2403.00409), Eq. 7 (unbiased under label flips
+/// with rate ε): `L = (-(1-ε) log σ(βΔ) + ε log σ(-βΔ)) / (1 - 2ε)`.
+fn robust_loss(s: &Scores, p: &LossParams) -> Result<Tensor> {
+    let e = p.label_smoothing;
+    let z = s.delta.affine(p.beta, 0.0)?;
+    let clean = log_sigmoid(&z)?.affine(-(1.0 - e), 0.0)?;
+    let flipped = log_sigmoid(&z.neg()?)?.affine(e, 0.0)?;
+    Ok((clean + flipped)?.affine(1.0 / (1.0 - 2.0 * e), 0.0)?)
+}
+
+/// BCO, Jung et al. 2024 (arXiv 2404.04656), pairwise without the reward shift δ, as TRL:
+/// `L = -log σ(βc) - log σ(-βr)`.
+fn bco_pair_loss(s: &Scores, p: &LossParams) -> Result<Tensor> {
+    let a = log_sigmoid(&s.c.affine(p.beta, 0.0)?)?;
+    let b = log_sigmoid(&s.r.affine(-p.beta, 0.0)?)?;
+    Ok((a + b)?.neg()?)
+}
+
+/// SPPO, Wu et al. 2024 (arXiv 2405.00675), Eq. 4.7 of Algorithm 1 with the hard probability
+/// (P = 1 for the winner, 0 for the loser): `L = (c - 1/(2β))² + (r + 1/(2β))²`.
+fn sppo_hard_loss(s: &Scores, p: &LossParams) -> Result<Tensor> {
+    let h = 0.5 / p.beta;
+    Ok((s.c.affine(1.0, -h)?.sqr()? + s.r.affine(1.0, h)?.sqr()?)?)
+}
+
+/// APO-zero, D'Oosterlinck et al. 2024 (arXiv 2408.06266), Eq. 7 (the chosen outputs are better
+/// than the model's): `L = (1 - σ(βc)) + σ(βr)`.
+fn apo_zero_loss(s: &Scores, p: &LossParams) -> Result<Tensor> {
+    let a = sigmoid(&s.c.affine(p.beta, 0.0)?)?.affine(-1.0, 1.0)?;
+    let b = sigmoid(&s.r.affine(p.beta, 0.0)?)?;
+    Ok((a + b)?)
+}
+
+/// APO-down, D'Oosterlinck et al. 2024 (arXiv 2408.06266), Eq. 8 (the chosen outputs are worse
+/// than the model's): `L = σ(βc) + (1 - σ(βΔ))`.
+fn apo_down_loss(s: &Scores, p: &LossParams) -> Result<Tensor> {
+    let a = sigmoid(&s.c.affine(p.beta, 0.0)?)?;
+    let b = sigmoid(&s.delta.affine(p.beta, 0.0)?)?.affine(-1.0, 1.0)?;
+    Ok((a + b)?)
+}
+
+/// DiscoPOP, Chris Lu et al. 2024 (arXiv 2406.08414), Eq. 5 (log-ratio modulated loss):
+/// `z = βΔ`, `w = σ(z/τ)`, `L = -log σ(z)·(1 - w) + exp(-z)·w`.
+fn discopop_loss(s: &Scores, p: &LossParams) -> Result<Tensor> {
+    let z = s.delta.affine(p.beta, 0.0)?;
+    let w = sigmoid(&z.affine(1.0 / p.discopop_tau, 0.0)?)?;
+    let logistic = log_sigmoid(&z)?.neg()?;
+    let exponential = z.neg()?.exp()?;
+    Ok(((logistic * w.affine(-1.0, 1.0)?)? + (exponential * w)?)?)
+}
+
+/// TRL's `sigmoid_norm` (SimPO-style length normalisation, Meng et al. 2024, arXiv 2405.14734,
+/// Eq. 4, but on log-ratios against the reference): `L = -log σ(β(c/n_w - r/n_l))`.
+fn sigmoid_norm_loss(s: &Scores, p: &LossParams) -> Result<Tensor> {
+    let ca = (&s.c / s.n_w.clamp(1.0, f64::INFINITY)?)?;
+    let ra = (&s.r / s.n_l.clamp(1.0, f64::INFINITY)?)?;
+    Ok(log_sigmoid(&(ca - ra)?.affine(p.beta, 0.0)?)?.neg()?)
+}
+
+/// The SFT (NLL) term on the chosen completions, token-averaged over the batch:
+/// `-Σ_b log π(y_w,b|x_b) / Σ_b n_w,b` (scalar).
+///
+/// This is TRL's `rpo_alpha` term (RPO, Pang et al. 2024, arXiv 2404.19733 v3; in TRL 1.16 the
+/// `"sft"` loss type): `F.cross_entropy` over every chosen completion token of the batch.
+pub fn sft_loss(policy_chosen: &Tensor, chosen_tokens: &Tensor) -> Result<Tensor> {
+    let total = chosen_tokens.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    Ok(policy_chosen.sum_all()?.affine(-1.0 / total.max(1.0), 0.0)?)
+}
+
+// ------------------------------------------------------------------------------------------
+// The batch loss and its metrics
+// ------------------------------------------------------------------------------------------
+
+/// TRL's reward metrics of a batch (batch means, f64).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct RewardMetrics {
+    /// `rewards/chosen = mean(β c)`.
+    pub rewards_chosen: f64,
+    /// `rewards/rejected = mean(β r)`.
+    pub rewards_rejected: f64,
+    /// `rewards/accuracies = mean(β c > β r)` (strict, as TRL).
+    pub rewards_accuracies: f64,
+    /// `rewards/margins = mean(β (c - r))`.
+    pub rewards_margins: f64,
+    /// `logps/chosen = mean(log π(y_w|x))`.
+    pub logps_chosen: f64,
+    /// `logps/rejected = mean(log π(y_l|x))`.
+    pub logps_rejected: f64,
+}
+
+impl RewardMetrics {
+    /// The metrics of one batch (values only; nothing here is differentiated).
+    pub fn compute(logps: &PairLogps, beta: f64) -> Result<Self> {
+        let v = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?) };
+        let (pc, pr, rc, rr) =
+            (v(&logps.policy_chosen)?, v(&logps.policy_rejected)?, v(&logps.reference_chosen)?, v(&logps.reference_rejected)?);
+        let b = pc.len().max(1) as f64;
+        let mut m = RewardMetrics::default();
+        for i in 0..pc.len() {
+            let (wc, wr) = (beta * (pc[i] - rc[i]), beta * (pr[i] - rr[i]));
+            m.rewards_chosen += wc / b;
+            m.rewards_rejected += wr / b;
+            m.rewards_accuracies += if wc > wr { 1.0 } else { 0.0 } / b;
+            m.rewards_margins += (wc - wr) / b;
+            m.logps_chosen += pc[i] / b;
+            m.logps_rejected += pr[i] / b;
+        }
+        Ok(m)
+    }
+
+    /// `(TRL name, value)` pairs, in TRL's order.
+    pub fn named(&self) -> [(&'static str, f64); 6] {
+        [
+            ("rewards/chosen", self.rewards_chosen),
+            ("rewards/rejected", self.rewards_rejected),
+            ("rewards/accuracies", self.rewards_accuracies),
+            ("rewards/margins", self.rewards_margins),
+            ("logps/chosen", self.logps_chosen),
+            ("logps/rejected", self.logps_rejected),
+        ]
+    }
+}
+
+/// The batch loss and what is logged about it.
+#[derive(Debug, Clone)]
+pub struct LossOutput {
+    /// The scalar to differentiate: `mean_b L_b (+ rpo_alpha · sft)`.
+    pub loss: Tensor,
+    /// `L_b`, `(B,)`.
+    pub per_pair: Tensor,
+    /// TRL's reward metrics.
+    pub metrics: RewardMetrics,
+}
+
+/// The preference loss of a batch: `mean_b L_b`, plus `rpo_alpha ·` [`sft_loss`] when
+/// `rpo_alpha` is set; with TRL's reward metrics.
+pub fn preference_loss(loss_type: LossType, logps: &PairLogps, p: &LossParams, rpo_alpha: Option<f64>) -> Result<LossOutput> {
+    let per_pair = per_pair_loss(loss_type, logps, p)?;
+    let mut loss = per_pair.mean_all()?;
+    if let Some(alpha) = rpo_alpha {
+        loss = (loss + sft_loss(&logps.policy_chosen, &logps.chosen_tokens)?.affine(alpha, 0.0)?)?;
+    }
+    let metrics = RewardMetrics::compute(logps, p.beta)?;
+    Ok(LossOutput { loss, per_pair, metrics })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use serde_json::Value;
+
+    fn golden() -> Value {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/golden/dpo_losses_golden.json");
+        serde_json::from_str(&std::fs::read_to_string(path).expect("reading dpo_losses_golden.json")).unwrap()
+    }
+
+    fn vecf(v: &Value) -> Vec<f64> {
+        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    }
+
+    fn t64(v: &[f64]) -> Tensor {
+        Tensor::new(v, &Device::Cpu).unwrap()
+    }
+
+    fn golden_inputs(g: &Value) -> (Var, Var, PairLogps, LossParams) {
+        let pc = Var::from_tensor(&t64(&vecf(&g["policy_chosen_logps"]))).unwrap();
+        let pr = Var::from_tensor(&t64(&vecf(&g["policy_rejected_logps"]))).unwrap();
+        let logps = PairLogps {
+            policy_chosen: pc.as_tensor().clone(),
+            policy_rejected: pr.as_tensor().clone(),
+            reference_chosen: t64(&vecf(&g["reference_chosen_logps"])),
+            reference_rejected: t64(&vecf(&g["reference_rejected_logps"])),
+            chosen_tokens: t64(&vecf(&g["chosen_completion_tokens"])),
+            rejected_tokens: t64(&vecf(&g["rejected_completion_tokens"])),
+        };
+        let p = LossParams {
+            beta: g["beta"].as_f64().unwrap(),
+            label_smoothing: g["label_smoothing"].as_f64().unwrap(),
+            discopop_tau: g["discopop_tau"].as_f64().unwrap(),
+        };
+        (pc, pr, logps, p)
+    }
+
+    fn assert_close(what: &str, got: &[f64], want: &[f64], tol: f64) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            let err = (g - w).abs() / w.abs().max(1.0);
+            assert!(err <= tol, "{what}[{i}]: got {g}, want {w} (rel err {err:e} > {tol:e})");
+        }
+    }
+
+    // Every loss of ../shared/golden/dpo_losses_golden.json (TRL 1.16 formulas in torch float64,
+    // gradients by autograd): per-pair loss, mean loss and both gradients. We run in f64 too,
+    // so the only differences are the order of float operations and libm (exp/log1p differ
+    // between libms by an ulp or two): 1e-12 relative (it also passes at 1e-14 here; the margin
+    // is for other libms). A wrong formula is off by far more than 1e-6.
+    #[test]
+    fn every_golden_loss_matches_trl() {
+        let g = golden();
+        let rows = g["losses"].as_array().unwrap();
+        assert_eq!(rows.len(), 12, "golden file has 12 loss types");
+        let mut seen = Vec::new();
+        for row in rows {
+            let name = row["loss_type"].as_str().unwrap();
+            let lt = LossType::from_name(name).unwrap_or_else(|e| panic!("{e}"));
+            seen.push(lt);
+            let (pc, pr, logps, p) = golden_inputs(&g);
+            let out = preference_loss(lt, &logps, &p, None).unwrap();
+            assert_close(&format!("{name} per_pair"), &out.per_pair.to_vec1::<f64>().unwrap(), &vecf(&row["per_pair_loss"]), 1e-12);
+            assert_close(&format!("{name} mean"), &[out.loss.to_scalar::<f64>().unwrap()], &[row["mean_loss"].as_f64().unwrap()], 1e-12);
+            let grads = out.loss.backward().unwrap();
+            let gc = grads.get(pc.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient for policy chosen logps"));
+            let gr = grads.get(pr.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient for policy rejected logps"));
+            // Gradients are O(1e-2); compare them absolutely at 1e-12 (the relative helper
+            // uses max(|w|, 1) as the scale).
+            assert_close(&format!("{name} d/d chosen"), &gc.to_vec1::<f64>().unwrap(), &vecf(&row["grad_policy_chosen_logps"]), 1e-12);
+            assert_close(&format!("{name} d/d rejected"), &gr.to_vec1::<f64>().unwrap(), &vecf(&row["grad_policy_rejected_logps"]), 1e-12);
+        }
+        seen.sort();
+        let mut all = LossType::ALL.to_vec();
+        all.sort();
+        assert_eq!(seen, all, "every LossType is covered by the golden file");
+    }
+
+    // The same in f32 (the training dtype): the inputs are O(100) log-probs whose differences
+    // are O(1), so f32 rounding of the inputs (~1e-5 absolute) bounds the agreement: 1e-4
+    // relative on losses and gradients.
+    #[test]
+    fn golden_losses_in_f32() {
+        let g = golden();
+        for row in g["losses"].as_array().unwrap() {
+            let lt = LossType::from_name(row["loss_type"].as_str().unwrap()).unwrap();
+            let (_, _, l64, p) = golden_inputs(&g);
+            let f = |t: &Tensor| Var::from_tensor(&t.to_dtype(DType::F32).unwrap()).unwrap();
+            let (pc, pr) = (f(&l64.policy_chosen), f(&l64.policy_rejected));
+            let c32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let logps = PairLogps {
+                policy_chosen: pc.as_tensor().clone(),
+                policy_rejected: pr.as_tensor().clone(),
+                reference_chosen: c32(&l64.reference_chosen),
+                reference_rejected: c32(&l64.reference_rejected),
+                chosen_tokens: c32(&l64.chosen_tokens),
+                rejected_tokens: c32(&l64.rejected_tokens),
+            };
+            let out = preference_loss(lt, &logps, &p, None).unwrap();
+            let got = out.loss.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+            assert_close(&format!("{lt} f32 mean"), &[got], &[row["mean_loss"].as_f64().unwrap()], 1e-4);
+            let grads = out.loss.backward().unwrap();
+            let gc = grads.get(pc.as_tensor()).unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+            assert_close(&format!("{lt} f32 d/d chosen"), &gc, &vecf(&row["grad_policy_chosen_logps"]), 1e-4);
+        }
+    }
+
+    // rewards/* from the golden file; logps/* are the plain means of the policy log-probs.
+    #[test]
+    fn reward_metrics_match_golden() {
+        let g = golden();
+        let (_, _, logps, p) = golden_inputs(&g);
+        let m = RewardMetrics::compute(&logps, p.beta).unwrap();
+        let want = &g["metrics"];
+        for (name, got) in m.named() {
+            let w = match name {
+                "logps/chosen" => vecf(&g["policy_chosen_logps"]).iter().sum::<f64>() / 4.0,
+                "logps/rejected" => vecf(&g["policy_rejected_logps"]).iter().sum::<f64>() / 4.0,
+                _ => want[name].as_f64().unwrap_or_else(|| panic!("golden has no {name}")),
+            };
+            assert!((got - w).abs() < 1e-12, "{name}: got {got}, want {w}");
+        }
+    }
+
+    // Step 0: policy = reference, so c = r = 0. Each loss takes the closed form of
+    // value_at_reference; checked against hand-computed numbers for beta = 0.1, eps = 0.1, tau = 0.05.
+    #[test]
+    fn value_at_equal_policy_and_reference() {
+        let ln2 = std::f64::consts::LN_2;
+        let hand = |lt: LossType| -> f64 {
+            match lt {
+                LossType::Sigmoid | LossType::Robust | LossType::SigmoidNorm => ln2,
+                LossType::Hinge | LossType::ApoZero | LossType::ApoDown => 1.0,
+                LossType::Ipo => 25.0,       // (1/(2*0.1))^2
+                LossType::SppoHard => 50.0,  // 2 * 25
+                LossType::NcaPair | LossType::BcoPair => 2.0 * ln2,
+                LossType::Discopop => 0.5 * (ln2 + 1.0),
+                // 0.5*(ln .5 - ln .9) + 0.5*(ln .5 - ln .1) = ln .5 - 0.5*ln .09
+                LossType::ExoPair => 0.5f64.ln() - 0.5 * 0.09f64.ln(),
+            }
+        };
+        let same = t64(&[-50.0, -7.5, -120.25]);
+        for lt in LossType::ALL {
+            let p = LossParams {
+                beta: 0.1,
+                label_smoothing: if matches!(lt, LossType::Robust | LossType::ExoPair) { 0.1 } else { 0.0 },
+                discopop_tau: 0.05,
+            };
+            let logps = PairLogps {
+                policy_chosen: same.clone(),
+                policy_rejected: (&same - 3.0).unwrap(),
+                reference_chosen: same.clone(),
+                reference_rejected: (&same - 3.0).unwrap(),
+                chosen_tokens: t64(&[10.0, 3.0, 40.0]),
+                rejected_tokens: t64(&[12.0, 5.0, 33.0]),
+            };
+            let out = preference_loss(lt, &logps, &p, None).unwrap();
+            let got = out.loss.to_scalar::<f64>().unwrap();
+            assert!((got - hand(lt)).abs() < 1e-12, "{lt}: loss {got}, hand value {}", hand(lt));
+            assert!((lt.value_at_reference(&p) - hand(lt)).abs() < 1e-12, "{lt}: value_at_reference");
+            assert_eq!(out.metrics.rewards_chosen, 0.0);
+            assert_eq!(out.metrics.rewards_margins, 0.0);
+            assert_eq!(out.metrics.rewards_accuracies, 0.0, "ties are not accurate (strict >)");
+        }
+        // sigmoid's gradient at step 0 is -β/2 per pair, over B pairs: d/dc = -0.1 * 0.5 / 3.
+        let pc = Var::from_tensor(&same).unwrap();
+        let logps = PairLogps {
+            policy_chosen: pc.as_tensor().clone(),
+            policy_rejected: same.clone(),
+            reference_chosen: same.clone(),
+            reference_rejected: same.clone(),
+            chosen_tokens: t64(&[1.0; 3]),
+            rejected_tokens: t64(&[1.0; 3]),
+        };
+        let out = preference_loss(LossType::Sigmoid, &logps, &LossParams::default(), None).unwrap();
+        let g = out.loss.backward().unwrap().get(pc.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
+        for x in g {
+            assert!((x - (-0.1 * 0.5 / 3.0)).abs() < 1e-15, "step-0 gradient {x}");
+        }
+    }
+
+    // log σ is stable far into both tails, and its gradient σ(-x) is exact; compared with
+    // the f64 closed forms (ln σ(x) = -ln(1 + e^-x)).
+    #[test]
+    fn log_sigmoid_is_stable_and_exact() {
+        let xs = [-1000.0, -40.0, -1.0, 0.0, 1e-8, 2.5, 40.0, 1000.0];
+        let v = Var::from_tensor(&t64(&xs)).unwrap();
+        let y = log_sigmoid(v.as_tensor()).unwrap();
+        let got = y.to_vec1::<f64>().unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let dg = grads.get(v.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
+        for (i, &x) in xs.iter().enumerate() {
+            let want = if x < 0.0 { x - x.exp().ln_1p() } else { -(-x).exp().ln_1p() };
+            assert!((got[i] - want).abs() <= 1e-15 * want.abs().max(1.0), "log_sigmoid({x}) = {}, want {want}", got[i]);
+            let dwant = 1.0 / (1.0 + x.exp()); // σ(-x)
+            assert!((dg[i] - dwant).abs() < 1e-15, "d log_sigmoid({x}) = {}, want {dwant}", dg[i]);
+            assert!(got[i].is_finite());
+        }
+        // f32: no overflow at ±1000 either.
+        let y32 = log_sigmoid(&Tensor::new(&[-1000f32, 1000.0], &Device::Cpu).unwrap()).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(y32, vec![-1000.0, 0.0]);
+    }
+
+    // completion_logps against a direct f64 computation on random logits, with a prompt part,
+    // a completion and right padding (token ids at padded positions are arbitrary).
+    #[test]
+    fn completion_logps_matches_direct_sum() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let (n, t, v) = (4usize, 6usize, 11usize);
+        let logits: Vec<f32> = (0..n * t * v).map(|_| rng.random_range(-4.0f32..4.0)).collect();
+        let ids: Vec<u32> = (0..n * t).map(|_| rng.random_range(0..v as u32)).collect();
+        // row n: prompt of 2 tokens, then completion of length 1 + n, then padding
+        let mut mask = vec![0f32; n * t];
+        for row in 0..n {
+            for pos in 2..(3 + row).min(t) {
+                mask[row * t + pos] = 1.0;
+            }
+        }
+        let lt = Tensor::from_vec(logits.clone(), (n, t, v), &Device::Cpu).unwrap();
+        let it = Tensor::from_vec(ids.clone(), (n, t), &Device::Cpu).unwrap();
+        let mt = Tensor::from_vec(mask.clone(), (n, t), &Device::Cpu).unwrap();
+        let got = completion_logps(&lt, &it, &mt).unwrap().to_vec1::<f32>().unwrap();
+        for row in 0..n {
+            let mut want = 0f64;
+            for pos in 1..t {
+                if mask[row * t + pos] == 0.0 {
+                    continue;
+                }
+                let l = &logits[(row * t + pos - 1) * v..(row * t + pos) * v];
+                let lse = l.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
+                want += l[ids[row * t + pos] as usize] as f64 - lse;
+            }
+            // f32 log-softmax of O(1) logits: ~1e-6 per token, a handful of tokens.
+            assert!((got[row] as f64 - want).abs() < 1e-5, "row {row}: {} vs {want}", got[row]);
+        }
+        let counts = completion_token_counts(&mt).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(counts, vec![1.0, 2.0, 3.0, 4.0]);
+    }
+
+    // The gradient of completion_logps with respect to the logits is onehot(target) - softmax
+    // at completion positions (shifted by one) and exactly 0 elsewhere; the analytic form is
+    // evaluated in f64; 1e-6 is f32 rounding of softmax values below 1.
+    #[test]
+    fn completion_logps_gradient_is_onehot_minus_softmax() {
+        let (n, t, v) = (2usize, 4usize, 5usize);
+        let vals: Vec<f32> = (0..n * t * v).map(|i| ((i * 37 % 17) as f32 - 8.0) / 3.0).collect();
+        let var = Var::from_vec(vals.clone(), (n, t, v), &Device::Cpu).unwrap();
+        let ids = Tensor::new(&[[0u32, 3, 1, 4], [2, 2, 0, 1]], &Device::Cpu).unwrap();
+        let mask = Tensor::new(&[[0f32, 0., 1., 1.], [0., 1., 1., 0.]], &Device::Cpu).unwrap();
+        let lp = completion_logps(var.as_tensor(), &ids, &mask).unwrap();
+        let grads = lp.sum_all().unwrap().backward().unwrap();
+        let g = grads.get(var.as_tensor()).expect("no gradient for logits").flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let ids_v = [[0u32, 3, 1, 4], [2, 2, 0, 1]];
+        let mask_v = [[0f32, 0., 1., 1.], [0., 1., 1., 0.]];
+        for row in 0..n {
+            for pos in 0..t {
+                let l = &vals[(row * t + pos) * v..(row * t + pos + 1) * v];
+                let z: f64 = l.iter().map(|&x| (x as f64).exp()).sum();
+                let m = if pos + 1 < t { mask_v[row][pos + 1] } else { 0.0 };
+                for k in 0..v {
+                    let want = if m == 0.0 {
+                        0.0
+                    } else {
+                        let onehot = if ids_v[row][pos + 1] as usize == k { 1.0 } else { 0.0 };
+                        onehot - (l[k] as f64).exp() / z
+                    };
+                    let got = g[(row * t + pos) * v + k] as f64;
+                    assert!((got - want).abs() < 1e-6, "grad[{row},{pos},{k}] = {got}, want {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn completion_logps_rejects_bad_input() {
+        let logits = Tensor::zeros((2, 3, 4), DType::F32, &Device::Cpu).unwrap();
+        let ids = Tensor::new(&[[0u32, 1, 2], [3, 0, 1]], &Device::Cpu).unwrap();
+        let mask = Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap();
+        let bad_mask = Tensor::ones((2, 2), DType::F32, &Device::Cpu).unwrap();
+        let e = completion_logps(&logits, &ids, &bad_mask).unwrap_err().to_string();
+        assert!(e.contains("completion_mask"), "{e}");
+        let big = Tensor::new(&[[0u32, 1, 9], [3, 0, 1]], &Device::Cpu).unwrap();
+        let e = completion_logps(&logits, &big, &mask).unwrap_err().to_string();
+        assert!(e.contains("token id 9"), "{e}");
+        // uniform logits: every completion token has log-prob -ln 4
+        let lp = completion_logps(&logits, &ids, &mask).unwrap().to_vec1::<f32>().unwrap();
+        for x in lp {
+            assert!((x + 2.0 * 4f32.ln()).abs() < 1e-6);
+        }
+    }
+
+    // rpo_alpha adds alpha * (-sum chosen logps / sum chosen tokens): here -(-30 - 10)/(10 + 30).
+    #[test]
+    fn sft_term_is_token_averaged_nll() {
+        let logps = PairLogps {
+            policy_chosen: t64(&[-30.0, -10.0]),
+            policy_rejected: t64(&[-30.0, -10.0]),
+            reference_chosen: t64(&[-30.0, -10.0]),
+            reference_rejected: t64(&[-30.0, -10.0]),
+            chosen_tokens: t64(&[10.0, 30.0]),
+            rejected_tokens: t64(&[10.0, 30.0]),
+        };
+        let base = preference_loss(LossType::Sigmoid, &logps, &LossParams::default(), None).unwrap();
+        let with = preference_loss(LossType::Sigmoid, &logps, &LossParams::default(), Some(0.5)).unwrap();
+        let diff = with.loss.to_scalar::<f64>().unwrap() - base.loss.to_scalar::<f64>().unwrap();
+        assert!((diff - 0.5 * 1.0).abs() < 1e-15, "{diff}");
+    }
+
+    #[test]
+    fn loss_type_names_and_label_smoothing_ranges() {
+        for lt in LossType::ALL {
+            let json = serde_json::to_string(&lt).unwrap();
+            assert_eq!(json, format!("\"{}\"", lt.name()));
+            assert_eq!(LossType::from_name(lt.name()).unwrap(), lt);
+        }
+        let e = LossType::from_name("dpo").unwrap_err().to_string();
+        assert!(e.contains("\"sigmoid\"") && e.contains("\"sigmoid_norm\""), "{e}");
+        assert!(LossType::Robust.check_label_smoothing(0.0).is_ok());
+        assert!(LossType::Robust.check_label_smoothing(0.49).is_ok());
+        assert!(LossType::Robust.check_label_smoothing(0.5).is_err());
+        assert!(LossType::ExoPair.check_label_smoothing(0.0).is_err());
+        assert!(LossType::ExoPair.check_label_smoothing(1e-3).is_ok());
+        assert!(LossType::Sigmoid.check_label_smoothing(0.0).is_ok());
+        assert!(LossType::Sigmoid.check_label_smoothing(0.1).unwrap_err().contains("robust"));
+    }
+}

@@ -1,10 +1,86 @@
-//! `ropo generate`.
+//! `ropo generate`: load a model (HF folder, `.gguf` file or hub id), optionally render the chat
+//! template, and print the completion.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::data::template::{ChatTemplate, Message};
+use crate::generate::{generate, GenerateOptions};
+use crate::model::{load, LoadOptions};
 
 /// Arguments of `ropo generate`.
 #[derive(Debug, clap::Args)]
-pub struct GenerateArgs {}
+pub struct GenerateArgs {
+    /// The model: an HF model folder, a .gguf file or a hub repo id (org/name).
+    #[arg(long, value_name = "PATH_OR_ID")]
+    pub model: String,
+    /// Hub revision (branch, tag or commit) when --model is a repo id.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// A trained adapter folder to apply.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+    /// Render the prompt with the model's chat template (a user turn, add_generation_prompt).
+    #[arg(long)]
+    pub chat: bool,
+    /// A system message (with --chat).
+    #[arg(long, value_name = "TEXT", requires = "chat")]
+    pub system: Option<String>,
+    /// The prompt; read from standard input when absent.
+    #[arg(long, value_name = "TEXT")]
+    pub prompt: Option<String>,
+    /// At most this many new tokens.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 = greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling mass in (0, 1]; 1 = off.
+    ///
+    /// Only used when --temperature > 0.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Seed of the sampler's RNG (same seed, same output).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
 
-/// Run `ropo generate`.
-pub fn run(_args: GenerateArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`ropo generate` is not implemented yet")
+/// Run `ropo generate`: prints the completion (special tokens skipped) on standard output.
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    if let Some(dir) = &args.adapter {
+        anyhow::bail!("--adapter {}: adapters not supported yet", dir.display());
+    }
+    let opts = GenerateOptions { max_new_tokens: args.max_new_tokens, temperature: args.temperature, top_p: args.top_p, seed: args.seed };
+    // check the sampling options before the (slow) load
+    crate::generate::Sampler::new(&opts)?;
+    let prompt = match &args.prompt {
+        Some(p) => p.clone(),
+        None => {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s).context("reading the prompt from standard input")?;
+            s
+        }
+    };
+    let load_opts = LoadOptions { revision: args.revision.clone(), ..Default::default() };
+    let lm = load(&args.model, &load_opts).with_context(|| format!("loading model {}", args.model))?;
+    let tok = &lm.tokenizer;
+    let (text, add_special) = if args.chat {
+        let src = tok.chat_template.as_deref().with_context(|| format!("--chat: model {} has no chat template", args.model))?;
+        let tmpl = ChatTemplate::new(src, tok.bos_token.as_deref(), tok.eos_token.as_deref()).context("compiling the chat template")?;
+        let mut messages = Vec::new();
+        if let Some(s) = &args.system {
+            messages.push(Message::new("system", s.clone()));
+        }
+        messages.push(Message::new("user", prompt));
+        // the template writes the special tokens itself
+        (tmpl.render(&messages, true).context("rendering the chat template")?, false)
+    } else {
+        (prompt, true)
+    };
+    let ids = tok.inner.encode(text, add_special).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?.get_ids().to_vec();
+    let out = generate(&lm.model, tok, &ids, &opts, true)?;
+    println!("{}", out.text);
+    Ok(())
 }

@@ -1,5 +1,146 @@
 //! The Llama-family model runtime and its loaders.
+//!
+//! [`load`] takes an HF model folder, a `.gguf` file or a hub repo id and returns the project's
+//! model with its tokenizer; [`load_parts`] stops before building the model (config, tensors by
+//! HF name, tokenizer).
 
 pub mod config;
+pub mod export;
+pub mod gguf;
+pub mod hf_config;
+pub mod hf_folder;
+pub mod hub;
 pub mod linear;
+pub mod llama;
+pub mod ops;
 pub mod tokenizer;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::error::{Error, Result};
+use config::ModelConfig;
+use tokenizer::Tokenizer;
+
+/// What every loader produces before the model is built.
+#[derive(Debug)]
+pub struct ModelParts {
+    /// The resolved configuration.
+    pub config: ModelConfig,
+    /// Weights by HF name (`model.layers.0.self_attn.q_proj.weight`, `(out, in)` layout), in
+    /// their stored dtype (f32 for GGUF). No `lm_head.weight` when embeddings are tied.
+    pub tensors: BTreeMap<String, Tensor>,
+    /// The tokenizer bundle (chat template, BOS/EOS).
+    pub tokenizer: Tokenizer,
+}
+
+impl ModelParts {
+    /// A `VarBuilder` over the tensors, converting to `dtype` on `device` as they are fetched.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        let map: HashMap<String, Tensor> = self.tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        VarBuilder::from_tensors(map, dtype, device)
+    }
+}
+
+/// How to load: hub revision, compute dtype, device.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Hub revision (branch, tag or commit); `None` = `main`. Ignored for local paths.
+    pub revision: Option<String>,
+    /// The dtype of the model's weights (F32 for training and parity).
+    pub dtype: DType,
+    /// Where the weights live.
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { revision: None, dtype: DType::F32, device: Device::Cpu }
+    }
+}
+
+/// Where a model comes from, decided from the `source` string by [`Source::parse`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// An existing directory: an HF model folder.
+    HfFolder(PathBuf),
+    /// An existing `.gguf` file.
+    Gguf(PathBuf),
+    /// A hub repo id (`org/name`).
+    Hub(String),
+}
+
+impl Source {
+    /// An existing directory -> HF folder; an existing `*.gguf` file -> GGUF; a string shaped
+    /// like `org/name` that is not a path on disk -> hub id.
+    ///
+    /// Errors: a path that does not exist (anything not shaped like a repo id, e.g. `./m`,
+    /// `/x/y`, `m.gguf`), an existing file that is not `.gguf`.
+    pub fn parse(source: &str) -> Result<Source> {
+        let p = Path::new(source);
+        if p.is_dir() {
+            return Ok(Source::HfFolder(p.to_path_buf()));
+        }
+        if p.is_file() {
+            if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+                return Ok(Source::Gguf(p.to_path_buf()));
+            }
+            return Err(Error::input(p, None, "is a file but not a .gguf file (expected an HF model folder, a .gguf file or a hub repo id)"));
+        }
+        if hub::looks_like_repo_id(source) {
+            return Ok(Source::Hub(source.to_string()));
+        }
+        Err(Error::input(p, None, "no such file or directory (expected an HF model folder, a .gguf file or a hub repo id)"))
+    }
+}
+
+/// Load config, tensors and tokenizer from `source` (see [`Source::parse`]); tensors are put on
+/// `opts.device` (dtype conversion happens when the model is built).
+///
+/// Errors: see [`Source::parse`], [`gguf::load`], [`hf_folder::load`], [`hub::snapshot`].
+pub fn load_parts(source: &str, opts: &LoadOptions) -> Result<ModelParts> {
+    match Source::parse(source)? {
+        Source::HfFolder(dir) => hf_folder::load(&dir, &opts.device),
+        Source::Gguf(path) => gguf::load(&path, &opts.device),
+        Source::Hub(id) => {
+            let dir = hub::snapshot(&id, opts.revision.as_deref())?;
+            hf_folder::load(&dir, &opts.device)
+        }
+    }
+}
+
+/// A model ready to run: the project's Llama-family model, its tokenizer and configuration.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// The model, in `LoadOptions::dtype` on `LoadOptions::device`.
+    pub model: llama::Model,
+    /// The tokenizer bundle (chat template, BOS/EOS, generation-ending ids).
+    pub tokenizer: Tokenizer,
+    /// The resolved configuration.
+    pub config: ModelConfig,
+    /// The `source` string it was loaded from (path or hub id).
+    pub source: String,
+}
+
+/// Load the model and tokenizer from an HF model folder, a `.gguf` file or a hub repo id
+/// (see [`Source::parse`]), in `opts.dtype` on `opts.device`.
+///
+/// Errors: everything [`load_parts`] reports, plus a missing or mis-shaped tensor (named).
+pub fn load(source: &str, opts: &LoadOptions) -> Result<LoadedModel> {
+    let parts = load_parts(source, opts)?;
+    let vb = parts.var_builder(opts.dtype, &opts.device);
+    let model = llama::Model::load(vb, &parts.config).map_err(|e| Error::Msg(format!("{source}: {e}")))?;
+    Ok(LoadedModel { model, tokenizer: parts.tokenizer, config: parts.config, source: source.to_string() })
+}
+
+impl LoadedModel {
+    /// Write this model (base weights, adapters not merged) as an HF folder; see
+    /// [`export::write_hf_folder`].
+    pub fn export(&self, dir: &Path, dtype: DType) -> Result<()> {
+        let tensors: BTreeMap<String, Tensor> = self.model.tensors().into_iter().collect();
+        export::write_hf_folder(dir, &self.config, &tensors, &self.tokenizer, dtype)
+    }
+}

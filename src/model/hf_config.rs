@@ -1,0 +1,267 @@
+//! A lenient serde mirror of an HF `config.json` (Llama / Mistral / Qwen2), resolved once into
+//! [`ModelConfig`] by [`HfConfig::into_config`] (candle's two-stage config habit).
+//!
+//! Unknown keys are ignored (HF configs carry dozens we do not use); never `deny_unknown_fields`.
+//! Defaults follow transformers' `LlamaConfig` / `MistralConfig` / `Qwen2Config`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::config::{Arch, Llama3RopeScaling, ModelConfig};
+
+/// `eos_token_id` in HF configs: one id or a list of ids.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl OneOrMany {
+    /// The ids as a list.
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            OneOrMany::One(i) => vec![*i],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// The fields of `config.json` that the Llama family uses; everything optional that HF defaults.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfConfig {
+    pub model_type: Option<String>,
+    pub architectures: Option<Vec<String>>,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub rms_norm_eps: Option<f64>,
+    pub rope_theta: Option<f64>,
+    pub rope_scaling: Option<serde_json::Value>,
+    pub max_position_embeddings: Option<usize>,
+    pub tie_word_embeddings: Option<bool>,
+    pub attention_bias: Option<bool>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<OneOrMany>,
+}
+
+/// The supported `model_type`s and the `architectures` class names that imply them.
+const SUPPORTED: &[(&str, &str, Arch)] = &[
+    ("llama", "LlamaForCausalLM", Arch::Llama),
+    ("mistral", "MistralForCausalLM", Arch::Mistral),
+    ("qwen2", "Qwen2ForCausalLM", Arch::Qwen2),
+];
+
+/// The HF `model_type` string of `arch` (written back by export).
+pub fn model_type(arch: Arch) -> &'static str {
+    SUPPORTED.iter().find(|s| s.2 == arch).map(|s| s.0).unwrap_or("llama")
+}
+
+/// The HF `architectures` class name of `arch` (written back by export).
+pub fn architecture(arch: Arch) -> &'static str {
+    SUPPORTED.iter().find(|s| s.2 == arch).map(|s| s.1).unwrap_or("LlamaForCausalLM")
+}
+
+impl HfConfig {
+    /// Parse `config.json` text; `path` only names the file in errors (`path:line: message`).
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        serde_json::from_str(text).map_err(|e| Error::input(path, Some(e.line()), format!("invalid config.json: {e}")))
+    }
+
+    /// Read and parse the file at `path`.
+    ///
+    /// Errors: the file is missing or unreadable, or not a valid config (named with its path).
+    pub fn from_path(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::input(path, None, format!("cannot read config.json: {e}")))?;
+        Self::parse(&text, path)
+    }
+
+    /// Resolve into a [`ModelConfig`] (no `Option`s left). `path` names the file in errors.
+    ///
+    /// Errors: an unsupported `model_type` (e.g. `gpt_neox`), a rope scaling other than
+    /// `llama3`, heads that do not divide the width.
+    pub fn into_config(self, path: &Path) -> Result<ModelConfig> {
+        let err = |msg: String| Error::input(path, None, msg);
+        let names: Vec<&str> = SUPPORTED.iter().map(|s| s.0).collect();
+        let arch = match (&self.model_type, &self.architectures) {
+            (Some(mt), _) => SUPPORTED.iter().find(|s| s.0 == mt).map(|s| s.2).ok_or_else(|| {
+                err(format!("unsupported model_type \"{mt}\" (supported: {})", names.join(", ")))
+            })?,
+            (None, Some(archs)) => archs
+                .iter()
+                .find_map(|a| SUPPORTED.iter().find(|s| s.1 == a).map(|s| s.2))
+                .ok_or_else(|| err(format!("unsupported architectures {archs:?} (supported model_type: {})", names.join(", "))))?,
+            (None, None) => return Err(err("neither model_type nor architectures is set".into())),
+        };
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 && self.head_dim.is_none() {
+            return Err(err(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            )));
+        }
+        let num_key_value_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
+        if num_key_value_heads == 0 || self.num_attention_heads % num_key_value_heads != 0 {
+            return Err(err(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {num_key_value_heads}",
+                self.num_attention_heads
+            )));
+        }
+        let rope_scaling = match &self.rope_scaling {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(parse_rope_scaling(v).map_err(|m| err(format!("rope_scaling: {m}")))?),
+        };
+        let (default_theta, default_eps, default_max_pos) = match arch {
+            Arch::Llama => (10000.0, 1e-6, 2048),
+            Arch::Mistral => (10000.0, 1e-6, 32768),
+            Arch::Qwen2 => (10000.0, 1e-6, 32768),
+        };
+        Ok(ModelConfig {
+            arch,
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads,
+            head_dim: self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads),
+            rms_norm_eps: self.rms_norm_eps.unwrap_or(default_eps),
+            rope_theta: self.rope_theta.unwrap_or(default_theta),
+            rope_scaling,
+            max_position_embeddings: self.max_position_embeddings.unwrap_or(default_max_pos),
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            // Qwen2 always has q/k/v biases (its config has no attention_bias key).
+            attention_bias: arch == Arch::Qwen2 || self.attention_bias.unwrap_or(false),
+            bos_token_id: self.bos_token_id,
+            eos_token_ids: self.eos_token_id.map(|e| e.to_vec()).unwrap_or_default(),
+        })
+    }
+}
+
+/// `rope_scaling` of type `llama3` (keys `rope_type` or the older `type`); other types are errors.
+fn parse_rope_scaling(v: &serde_json::Value) -> std::result::Result<Llama3RopeScaling, String> {
+    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|k| k.as_str()).unwrap_or("");
+    if kind == "default" {
+        return Err("rope_type \"default\" with parameters is not supported".into());
+    }
+    if kind != "llama3" {
+        return Err(format!("unsupported rope_type \"{kind}\" (supported: llama3)"));
+    }
+    let num = |k: &str| v.get(k).and_then(|x| x.as_f64()).ok_or_else(|| format!("missing or non-numeric \"{k}\""));
+    Ok(Llama3RopeScaling {
+        factor: num("factor")?,
+        low_freq_factor: num("low_freq_factor")?,
+        high_freq_factor: num("high_freq_factor")?,
+        original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+    })
+}
+
+/// The `config.json` object HF's `LlamaForCausalLM` (or Mistral/Qwen2) reads back for `cfg`.
+pub fn to_json(cfg: &ModelConfig) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "architectures": [architecture(cfg.arch)],
+        "model_type": model_type(cfg.arch),
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "torch_dtype": "float32",
+    });
+    let m = v.as_object_mut().expect("object literal");
+    if cfg.arch != Arch::Qwen2 {
+        m.insert("attention_bias".into(), cfg.attention_bias.into());
+    }
+    m.insert(
+        "rope_scaling".into(),
+        match &cfg.rope_scaling {
+            None => serde_json::Value::Null,
+            Some(s) => serde_json::json!({
+                "rope_type": "llama3",
+                "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor,
+                "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings,
+            }),
+        },
+    );
+    if let Some(b) = cfg.bos_token_id {
+        m.insert("bos_token_id".into(), b.into());
+    }
+    match cfg.eos_token_ids.as_slice() {
+        [] => {}
+        [one] => {
+            m.insert("eos_token_id".into(), (*one).into());
+        }
+        many => {
+            m.insert("eos_token_id".into(), many.to_vec().into());
+        }
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // SmolLM2-135M-Instruct's config.json (abridged, as published on the hub).
+    const SMOLLM2: &str = r#"{
+      "architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+      "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 576,
+      "initializer_range": 0.041666666666666664, "intermediate_size": 1536,
+      "is_llama_config": true, "max_position_embeddings": 8192, "model_type": "llama",
+      "num_attention_heads": 9, "num_hidden_layers": 30, "num_key_value_heads": 3,
+      "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_interleaved": false,
+      "rope_scaling": null, "rope_theta": 100000, "tie_word_embeddings": true,
+      "torch_dtype": "bfloat16", "transformers_version": "4.42.3", "use_cache": true,
+      "vocab_size": 49152 }"#;
+
+    #[test]
+    fn smollm2_resolves() {
+        let c = HfConfig::parse(SMOLLM2, Path::new("config.json")).unwrap().into_config(Path::new("config.json")).unwrap();
+        assert_eq!(c.arch, Arch::Llama);
+        assert_eq!((c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim), (576, 9, 3, 64));
+        assert_eq!((c.rope_theta, c.rms_norm_eps), (100000.0, 1e-5));
+        assert!(c.tie_word_embeddings && !c.attention_bias);
+        assert_eq!((c.bos_token_id, c.eos_token_ids.clone()), (Some(1), vec![2]));
+    }
+
+    #[test]
+    fn gpt_neox_is_rejected_with_the_file_and_type() {
+        let text = SMOLLM2.replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt_neox\"");
+        let e = HfConfig::parse(&text, Path::new("m/config.json")).unwrap().into_config(Path::new("m/config.json")).unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("m/config.json") && s.contains("gpt_neox"), "{s}");
+    }
+
+    #[test]
+    fn llama3_rope_scaling_and_eos_list() {
+        let text = SMOLLM2
+            .replace("\"rope_scaling\": null", r#""rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"}"#)
+            .replace("\"eos_token_id\": 2", "\"eos_token_id\": [2, 0]");
+        let c = HfConfig::parse(&text, Path::new("c")).unwrap().into_config(Path::new("c")).unwrap();
+        assert_eq!(c.rope_scaling.as_ref().unwrap().factor, 8.0);
+        assert_eq!(c.eos_token_ids, vec![2, 0]);
+        // round trip through the exported JSON
+        let back = HfConfig::parse(&to_json(&c).to_string(), Path::new("c")).unwrap().into_config(Path::new("c")).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn bad_json_names_file_and_line() {
+        let e = HfConfig::parse("{\n \"vocab_size\": \"x\"\n}", Path::new("d/config.json")).unwrap_err();
+        assert!(e.to_string().starts_with("d/config.json:2:"), "{e}");
+    }
+}

@@ -1,0 +1,571 @@
+//! The trainable Llama-family decoder (Llama 2/3, SmolLM/SmolLM2, TinyLlama, Mistral, Qwen2).
+//!
+//! See ["LLaMA: Open and Efficient Foundation Language Models"](https://arxiv.org/abs/2302.13971)
+//! and the reference code, HF transformers `models/llama/modeling_llama.py` (Qwen2:
+//! `models/qwen2/modeling_qwen2.py`, the same network with biases on q, k, v).
+//!
+//! Built bottom-up: [`Attention`], [`Mlp`], [`Block`], [`Model`]. Every projection is a
+//! [`Linear`] named by its full HF path (`model.layers.{i}.self_attn.q_proj`, ...,
+//! `lm_head`), so adapters attach to it and `use_adapters = false` gives the reference model.
+//! Unlike candle-transformers' inference models, every op here has a backward pass (see
+//! [`crate::model::ops`]) and the logits of every position are returned.
+//!
+//! Dimension legend:
+//! - N batch rows, T positions (queries), Tk key positions (`past + T` with a KV cache),
+//! - D hidden width (`hidden_size`), I MLP width (`intermediate_size`),
+//! - H attention heads, Hkv key/value heads (grouped-query attention, `H % Hkv == 0`),
+//!   R = H / Hkv query heads per kv head, hd head dim, V vocabulary size.
+//!
+//! One block (pre-norm residual):
+//! `h = x + Attn(RMSNorm(x))`, `out = h + Mlp(RMSNorm(h))`,
+//! `Attn(x) = softmax(q k^T / sqrt(hd) + bias) v W_o^T` with RoPE on q and k,
+//! `Mlp(x) = (silu(x W_gate^T) * (x W_up^T)) W_down^T` (SwiGLU, Shazeer 2020).
+//!
+//! Works in the dtype of the loaded weights (F32 or F64); positions are 0-based per row, so
+//! with right padding a row's real tokens get the same positions as when run alone.
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::model::config::{Arch, ModelConfig};
+use crate::model::linear::Linear;
+use crate::model::ops::{attention_bias, rms_norm, rope, rope_inv_freq, rope_tables, softmax_last_dim};
+
+/// Loads `{path}.weight` `(out, inp)` (and `{path}.bias` `(out,)` when `bias`) into a [`Linear`].
+fn load_linear(vb: &VarBuilder, path: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+    let weight = vb.get((out, inp), &format!("{path}.weight"))?;
+    let bias = if bias { Some(vb.get(out, &format!("{path}.bias"))?) } else { None };
+    Ok(Linear::new(path, weight, bias))
+}
+
+/// Multi-head causal self-attention with grouped-query heads and RoPE
+/// (HF `LlamaAttention` / `Qwen2Attention`).
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// `(H*hd, D)`, bias `(H*hd,)` when `attention_bias`.
+    pub q_proj: Linear,
+    /// `(Hkv*hd, D)`, bias when `attention_bias`.
+    pub k_proj: Linear,
+    /// `(Hkv*hd, D)`, bias when `attention_bias`.
+    pub v_proj: Linear,
+    /// `(D, H*hd)`; bias only for a Llama/Mistral with `attention_bias` (HF Llama puts
+    /// `bias=config.attention_bias` on all four, Qwen2 only on q, k, v).
+    pub o_proj: Linear,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// Loads `{prefix}.{q,k,v,o}_proj` from HF names (`prefix` = `model.layers.{i}.self_attn`).
+    pub fn load(vb: &VarBuilder, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
+        let (d, h, hkv, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let qkv_bias = cfg.attention_bias;
+        let o_bias = cfg.attention_bias && cfg.arch != Arch::Qwen2;
+        Ok(Self {
+            q_proj: load_linear(vb, &format!("{prefix}.q_proj"), h * hd, d, qkv_bias)?,
+            k_proj: load_linear(vb, &format!("{prefix}.k_proj"), hkv * hd, d, qkv_bias)?,
+            v_proj: load_linear(vb, &format!("{prefix}.v_proj"), hkv * hd, d, qkv_bias)?,
+            o_proj: load_linear(vb, &format!("{prefix}.o_proj"), d, h * hd, o_bias)?,
+            n_heads: h,
+            n_kv_heads: hkv,
+            head_dim: hd,
+        })
+    }
+
+    /// `x` `(N, T, D)` -> `(N, T, D)`.
+    ///
+    /// `cos`/`sin` `(T, hd)` for the positions of the T queries; `bias` the additive mask
+    /// `(N or 1, 1, T, Tk)` ([`attention_bias`]), `None` when nothing is masked (one query with
+    /// a cache). `kv`: this layer's cache slot; the new keys/values `(N, Hkv, T, hd)` are appended
+    /// to it along the position axis and attention runs over all `Tk` cached positions.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: Option<&Tensor>,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        use_adapters: bool,
+    ) -> Result<Tensor> {
+        let (n, t, _) = x.dims3()?;
+        let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let r = h / hkv;
+        // (N, T, H*hd) -> (N, T, H, hd) -> (N, H, T, hd)
+        let q = self.q_proj.forward(x, use_adapters)?.reshape((n, t, h, hd))?.transpose(1, 2)?.contiguous()?;
+        // (N, Hkv, T, hd)
+        let k = self.k_proj.forward(x, use_adapters)?.reshape((n, t, hkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let v = self.v_proj.forward(x, use_adapters)?.reshape((n, t, hkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = rope(&q, cos, sin)?;
+        let k = rope(&k, cos, sin)?;
+        let (k, v) = match kv {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    // (N, Hkv, past + T, hd)
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let tk = k.dim(2)?;
+        // Grouped-query attention without materialising repeat_kv: query head h uses kv head
+        // h / R (HF `repeat_kv` = repeat_interleave), so the R query heads of a group are
+        // stacked along the row axis. Scaling q by 1/sqrt(hd) first is cheaper than the scores.
+        // (N, H, T, hd) -> (N, Hkv, R*T, hd)
+        let q = q.affine(1.0 / (hd as f64).sqrt(), 0.0)?.reshape((n, hkv, r * t, hd))?;
+        // (N, Hkv, R*T, Tk) -> (N, H, T, Tk)
+        let scores = q.matmul(&k.t()?)?.reshape((n, h, t, tk))?;
+        let scores = match bias {
+            Some(b) => scores.broadcast_add(b)?,
+            None => scores,
+        };
+        // (N, H, T, Tk) -> (N, Hkv, R*T, Tk)
+        let probs = softmax_last_dim(&scores)?.reshape((n, hkv, r * t, tk))?;
+        // (N, Hkv, R*T, hd) -> (N, H, T, hd) -> (N, T, H, hd) -> (N, T, H*hd)
+        let y = probs.matmul(&v)?.reshape((n, h, t, hd))?.transpose(1, 2)?.reshape((n, t, h * hd))?;
+        self.o_proj.forward(&y, use_adapters)
+    }
+}
+
+/// The SwiGLU feed-forward network, `down(silu(gate(x)) * up(x))` (HF `LlamaMLP`).
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    /// `(I, D)`.
+    pub gate_proj: Linear,
+    /// `(I, D)`.
+    pub up_proj: Linear,
+    /// `(D, I)`.
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    /// Loads `{prefix}.{gate,up,down}_proj` (`prefix` = `model.layers.{i}.mlp`).
+    pub fn load(vb: &VarBuilder, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
+        let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: load_linear(vb, &format!("{prefix}.gate_proj"), i, d, false)?,
+            up_proj: load_linear(vb, &format!("{prefix}.up_proj"), i, d, false)?,
+            down_proj: load_linear(vb, &format!("{prefix}.down_proj"), d, i, false)?,
+        })
+    }
+
+    /// `x` `(N, T, D)` -> `(N, T, D)`; `silu(z) = z * sigmoid(z)`.
+    pub fn forward(&self, x: &Tensor, use_adapters: bool) -> Result<Tensor> {
+        // (N, T, I)
+        let g = self.gate_proj.forward(x, use_adapters)?.silu()?;
+        let u = self.up_proj.forward(x, use_adapters)?;
+        self.down_proj.forward(&(g * u)?, use_adapters)
+    }
+}
+
+/// One pre-norm decoder layer (HF `LlamaDecoderLayer`).
+#[derive(Debug, Clone)]
+pub struct Block {
+    /// `model.layers.{i}.input_layernorm.weight`, `(D,)`.
+    pub input_layernorm: Tensor,
+    pub self_attn: Attention,
+    /// `model.layers.{i}.post_attention_layernorm.weight`, `(D,)`.
+    pub post_attention_layernorm: Tensor,
+    pub mlp: Mlp,
+    /// This layer's index `i`.
+    pub index: usize,
+    eps: f64,
+}
+
+impl Block {
+    /// Loads `model.layers.{index}.*`.
+    pub fn load(vb: &VarBuilder, index: usize, cfg: &ModelConfig) -> Result<Self> {
+        let p = format!("model.layers.{index}");
+        Ok(Self {
+            input_layernorm: vb.get(cfg.hidden_size, &format!("{p}.input_layernorm.weight"))?,
+            self_attn: Attention::load(vb, &format!("{p}.self_attn"), cfg)?,
+            post_attention_layernorm: vb.get(cfg.hidden_size, &format!("{p}.post_attention_layernorm.weight"))?,
+            mlp: Mlp::load(vb, &format!("{p}.mlp"), cfg)?,
+            index,
+            eps: cfg.rms_norm_eps,
+        })
+    }
+
+    /// `x` `(N, T, D)` -> `(N, T, D)`: `h = x + Attn(RMSNorm(x))`, `h + Mlp(RMSNorm(h))`.
+    /// Arguments as in [`Attention::forward`].
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: Option<&Tensor>,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        use_adapters: bool,
+    ) -> Result<Tensor> {
+        let a = rms_norm(x, &self.input_layernorm, self.eps)?;
+        let h = (x + self.self_attn.forward(&a, cos, sin, bias, kv, use_adapters)?)?;
+        let m = rms_norm(&h, &self.post_attention_layernorm, self.eps)?;
+        &h + self.mlp.forward(&m, use_adapters)?
+    }
+}
+
+/// The keys and values of every layer for the positions generated so far.
+///
+/// Layer `i` holds `(k, v)`, each `(N, Hkv, past, hd)`, keys already rotated.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// An empty cache for a model of `cfg.num_hidden_layers` layers.
+    pub fn new(cfg: &ModelConfig) -> Self {
+        Self { layers: vec![None; cfg.num_hidden_layers] }
+    }
+
+    /// Number of cached positions (`past`); the next token gets this position.
+    pub fn len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dims()[2],
+            _ => 0,
+        }
+    }
+
+    /// True when no position is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets every cached position.
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+    }
+}
+
+/// The decoder-only language model (HF `LlamaForCausalLM` / `Qwen2ForCausalLM`).
+#[derive(Debug, Clone)]
+pub struct Model {
+    cfg: ModelConfig,
+    /// `model.embed_tokens.weight`, `(V, D)`.
+    pub embed_tokens: Tensor,
+    pub layers: Vec<Block>,
+    /// `model.norm.weight`, `(D,)`.
+    pub norm: Tensor,
+    /// `(V, D)`; with `tie_word_embeddings` its weight is the embedding tensor itself.
+    pub lm_head: Linear,
+    /// RoPE inverse frequencies, `(hd/2,)`.
+    inv_freq: Vec<f64>,
+}
+
+impl Model {
+    /// Builds the model from HF tensor names (`model.embed_tokens.weight`,
+    /// `model.layers.{i}.self_attn.q_proj.weight`, ..., `model.norm.weight`, `lm_head.weight`
+    /// unless tied) in the VarBuilder's dtype and device.
+    ///
+    /// Errors: a missing tensor or a tensor of the wrong shape (named by the VarBuilder), or an
+    /// inconsistent config (heads not divisible by kv heads, odd head dim, zero sizes).
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        check_config(cfg)?;
+        let (v, d) = (cfg.vocab_size, cfg.hidden_size);
+        let embed_tokens = vb.get((v, d), "model.embed_tokens.weight")?;
+        let layers = (0..cfg.num_hidden_layers).map(|i| Block::load(&vb, i, cfg)).collect::<Result<Vec<_>>>()?;
+        let norm = vb.get(d, "model.norm.weight")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new("lm_head", embed_tokens.clone(), None)
+        } else {
+            load_linear(&vb, "lm_head", v, d, false)?
+        };
+        let hf_f32 = embed_tokens.dtype() != DType::F64;
+        let inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling.as_ref(), hf_f32);
+        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, inv_freq })
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The weights' dtype (F32 or F64).
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    /// The weights' device.
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// `(N, T)` token ids -> `(N, T, D)` embeddings.
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (n, t) = input_ids.dims2()?;
+        let ids = input_ids.flatten_all()?;
+        self.embed_tokens.index_select(&ids, 0)?.reshape((n, t, self.cfg.hidden_size))
+    }
+
+    /// The final hidden states `(N, T, D)` (after `model.norm`) of `input_ids` `(N, T)` u32.
+    ///
+    /// `attention_mask` `(N, T)` u32, 1 = real token: keys at 0 positions are never attended.
+    /// Positions are `0..T` in every row, so right padding leaves the real positions' outputs
+    /// equal to those of the row run alone; padded positions give finite, meaningless values.
+    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, use_adapters: bool) -> Result<Tensor> {
+        let (n, t) = input_ids.dims2()?;
+        if let Some(m) = attention_mask {
+            if m.dims() != [n, t] {
+                candle_core::bail!("attention_mask shape {:?} differs from input_ids shape ({n}, {t})", m.dims());
+            }
+        }
+        let (dtype, dev) = (self.dtype(), self.device());
+        let (cos, sin) = rope_tables(&self.inv_freq, 0, t, dtype, dev)?;
+        let bias = attention_bias(attention_mask, t, 0, dtype, dev)?;
+        let mut x = self.embed(input_ids)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &cos, &sin, Some(&bias), None, use_adapters)?;
+        }
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    /// Logits `(..., V)` of hidden states `(..., D)`: `hidden lm_head^T`.
+    pub fn lm_head(&self, hidden: &Tensor, use_adapters: bool) -> Result<Tensor> {
+        self.lm_head.forward(hidden, use_adapters)
+    }
+
+    /// Logits `(N, T, V)` of every position; arguments as in [`Model::forward_hidden`].
+    /// Logit `[n, t]` scores the token at position `t + 1`.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, use_adapters: bool) -> Result<Tensor> {
+        let hidden = self.forward_hidden(input_ids, attention_mask, use_adapters)?;
+        self.lm_head(&hidden, use_adapters)
+    }
+
+    /// Incremental forward for generation: `input_ids` `(N, T_new)` (no padding; usually
+    /// `N = 1`) at positions `past..past+T_new` with `past = cache.len()`; appends their keys and
+    /// values to `cache` and returns the logits `(N, T_new, V)`.
+    ///
+    /// Errors: a cache made for a different number of layers, or a batch size that differs from
+    /// the cached one.
+    pub fn forward_with_cache(&self, input_ids: &Tensor, cache: &mut KvCache, use_adapters: bool) -> Result<Tensor> {
+        let (_, t) = input_ids.dims2()?;
+        if cache.layers.len() != self.layers.len() {
+            candle_core::bail!("KvCache has {} layers, the model {}", cache.layers.len(), self.layers.len());
+        }
+        let past = cache.len();
+        let (dtype, dev) = (self.dtype(), self.device());
+        let (cos, sin) = rope_tables(&self.inv_freq, past, t, dtype, dev)?;
+        // one new query sees every cached key: no mask needed
+        let bias = if t > 1 { Some(attention_bias(None, t, past, dtype, dev)?) } else { None };
+        let mut x = self.embed(input_ids)?;
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(&x, &cos, &sin, bias.as_ref(), Some(slot), use_adapters)?;
+        }
+        let hidden = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
+        self.lm_head(&hidden, use_adapters)
+    }
+
+    /// Every [`Linear`] in a fixed order: layer by layer q, k, v, o, gate, up, down; `lm_head` last.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut out = Vec::with_capacity(7 * self.layers.len() + 1);
+        for l in &self.layers {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            out.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]);
+        }
+        out.push(&self.lm_head);
+        out
+    }
+
+    /// Mutable access to every [`Linear`], in the order of [`Model::linears`].
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = Vec::with_capacity(7 * self.layers.len() + 1);
+        for l in &mut self.layers {
+            let (a, m) = (&mut l.self_attn, &mut l.mlp);
+            out.extend([
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut m.gate_proj,
+                &mut m.up_proj,
+                &mut m.down_proj,
+            ]);
+        }
+        out.push(&mut self.lm_head);
+        out
+    }
+
+    /// Every weight under its HF name, in a fixed order: `model.embed_tokens.weight`; per layer
+    /// `input_layernorm`, q, k, v, o (weight, then bias if any), `post_attention_layernorm`,
+    /// gate, up, down; `model.norm.weight`; `lm_head.weight` only when untied. These are the
+    /// base (frozen) weights; adapters are not merged in.
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        fn push_linear(out: &mut Vec<(String, Tensor)>, l: &Linear) {
+            out.push((format!("{}.weight", l.path), l.weight.clone()));
+            if let Some(b) = &l.bias {
+                out.push((format!("{}.bias", l.path), b.clone()));
+            }
+        }
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
+        for l in &self.layers {
+            let p = format!("model.layers.{}", l.index);
+            out.push((format!("{p}.input_layernorm.weight"), l.input_layernorm.clone()));
+            let a = &l.self_attn;
+            for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj] {
+                push_linear(&mut out, lin);
+            }
+            out.push((format!("{p}.post_attention_layernorm.weight"), l.post_attention_layernorm.clone()));
+            for lin in [&l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj] {
+                push_linear(&mut out, lin);
+            }
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if !self.cfg.tie_word_embeddings {
+            push_linear(&mut out, &self.lm_head);
+        }
+        out
+    }
+}
+
+/// The HF name and shape of every weight a model of `cfg` stores, in the order of
+/// [`Model::tensors`] (biases of q/k/v when `attention_bias`; `lm_head.weight` only when untied).
+pub fn weight_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (q, kv) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
+    let o_bias = cfg.attention_bias && cfg.arch != Arch::Qwen2;
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, d])];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![d]));
+        for (n, o, inp, bias) in [("q", q, d, cfg.attention_bias), ("k", kv, d, cfg.attention_bias), ("v", kv, d, cfg.attention_bias), ("o", d, q, o_bias)] {
+            out.push((format!("{p}.self_attn.{n}_proj.weight"), vec![o, inp]));
+            if bias {
+                out.push((format!("{p}.self_attn.{n}_proj.bias"), vec![o]));
+            }
+        }
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
+        for (n, o, inp) in [("gate", i, d), ("up", i, d), ("down", d, i)] {
+            out.push((format!("{p}.mlp.{n}_proj.weight"), vec![o, inp]));
+        }
+    }
+    out.push(("model.norm.weight".to_string(), vec![d]));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![v, d]));
+    }
+    out
+}
+
+/// Random weights for every tensor of [`weight_shapes`], for tests and benches: matrices and
+/// biases `~ N(0, std^2)`, RMSNorm weights `~ 1 + N(0, std^2)`, drawn in the order of
+/// [`weight_shapes`] from `rng` (so a seeded RNG gives the same weights), then cast to `dtype`.
+pub fn random_weights(
+    cfg: &ModelConfig,
+    std: f64,
+    rng: &mut impl rand::Rng,
+    dtype: DType,
+    device: &Device,
+) -> Result<std::collections::BTreeMap<String, Tensor>> {
+    let normal = rand_distr::Normal::new(0.0f64, std).map_err(|e| candle_core::Error::Msg(format!("random_weights: std {std}: {e}")))?;
+    let mut out = std::collections::BTreeMap::new();
+    for (name, shape) in weight_shapes(cfg) {
+        let shift = if name.ends_with("layernorm.weight") || name == "model.norm.weight" { 1.0 } else { 0.0 };
+        let n: usize = shape.iter().product();
+        let values: Vec<f64> = (0..n).map(|_| shift + rng.sample(normal)).collect();
+        let t = Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?;
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+/// Rejects configurations the forward pass cannot run.
+fn check_config(cfg: &ModelConfig) -> Result<()> {
+    let (h, hkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    if cfg.vocab_size == 0 || cfg.hidden_size == 0 || cfg.intermediate_size == 0 || h == 0 || hkv == 0 || hd == 0 {
+        candle_core::bail!("model config: vocab_size, hidden_size, intermediate_size, num_attention_heads, num_key_value_heads and head_dim must be positive: {cfg:?}");
+    }
+    if h % hkv != 0 {
+        candle_core::bail!("model config: num_attention_heads ({h}) is not a multiple of num_key_value_heads ({hkv})");
+    }
+    if hd % 2 != 0 {
+        candle_core::bail!("model config: head_dim ({hd}) must be even for RoPE");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use std::collections::HashMap;
+
+    fn tiny(tied: bool, arch: Arch) -> ModelConfig {
+        ModelConfig {
+            arch,
+            vocab_size: 11,
+            hidden_size: 8,
+            intermediate_size: 12,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 2,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            max_position_embeddings: 64,
+            tie_word_embeddings: tied,
+            attention_bias: arch == Arch::Qwen2,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+        }
+    }
+
+    fn weights(cfg: &ModelConfig, with_head: bool) -> HashMap<String, Tensor> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut m: HashMap<String, Tensor> = random_weights(cfg, 0.3, &mut rng, DType::F32, &Device::Cpu).unwrap().into_iter().collect();
+        if with_head && cfg.tie_word_embeddings {
+            m.insert("lm_head.weight".into(), Tensor::zeros((cfg.vocab_size, cfg.hidden_size), DType::F32, &Device::Cpu).unwrap());
+        }
+        if !with_head {
+            m.remove("lm_head.weight");
+        }
+        m
+    }
+
+    #[test]
+    fn names_orders_and_shapes() -> Result<()> {
+        for (tied, arch) in [(true, Arch::Llama), (false, Arch::Qwen2)] {
+            let cfg = tiny(tied, arch);
+            let w = weights(&cfg, !tied);
+            let shapes = weight_shapes(&cfg);
+            let mut model = Model::load(VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu), &cfg)?;
+            let paths: Vec<&str> = model.linears().iter().map(|l| l.path.as_str()).collect();
+            assert_eq!(paths.len(), 15);
+            assert_eq!(&paths[..4], ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.o_proj"]);
+            assert_eq!(paths[6], "model.layers.0.mlp.down_proj");
+            assert_eq!(paths[14], "lm_head");
+            // tensors(): exactly the stored names, each with its stored value
+            let t = model.tensors();
+            assert_eq!(t.len(), w.len(), "arch {arch:?} tied {tied}");
+            let names: Vec<&String> = t.iter().map(|(n, _)| n).collect();
+            assert_eq!(names, shapes.iter().map(|(n, _)| n).collect::<Vec<_>>(), "tensors() follows weight_shapes()");
+            for (name, value) in &t {
+                let want = w.get(name).unwrap_or_else(|| panic!("unexpected tensor {name}"));
+                assert_eq!(value.dims(), want.dims(), "{name}");
+                assert_eq!(value.flatten_all()?.to_vec1::<f32>()?, want.flatten_all()?.to_vec1::<f32>()?, "{name}");
+            }
+            let ids = Tensor::new(&[[1u32, 2, 3], [4, 5, 6]], &Device::Cpu)?;
+            let logits = model.forward(&ids, None, true)?;
+            assert_eq!(logits.dims(), &[2, 3, 11]);
+            assert_eq!(model.linears_mut().len(), 15);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn load_errors_name_the_tensor() {
+        let cfg = tiny(false, Arch::Llama);
+        let mut w = weights(&cfg, false); // lm_head.weight missing
+        let err = Model::load(VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu), &cfg).unwrap_err();
+        assert!(err.to_string().contains("lm_head.weight"), "{err}");
+        w.insert("lm_head.weight".into(), Tensor::zeros((3, 8), DType::F32, &Device::Cpu).unwrap());
+        let err = Model::load(VarBuilder::from_tensors(w, DType::F32, &Device::Cpu), &cfg).unwrap_err();
+        assert!(err.to_string().contains("lm_head.weight"), "{err}");
+        let mut bad = tiny(true, Arch::Llama);
+        bad.num_key_value_heads = 3;
+        let err = Model::load(VarBuilder::from_tensors(weights(&bad, false), DType::F32, &Device::Cpu), &bad).unwrap_err();
+        assert!(err.to_string().contains("num_key_value_heads"), "{err}");
+    }
+}

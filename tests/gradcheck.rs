@@ -1,0 +1,166 @@
+//! Gradients of the decoder against central finite differences, in f64.
+//!
+//! Every weight tensor is a `Var`; the loss is a masked next-token log-likelihood plus a fixed
+//! random projection of the logits, over a right-padded batch. For each tensor, the entry with
+//! the largest analytic gradient and a few seeded random entries are compared with
+//! `(L(w + e) - L(w - e)) / 2e`. A tensor with no gradient (or an all-zero one) fails the test
+//! by name: candle's fused softmax / rms_norm / rope would silently cut it off.
+
+use std::collections::BTreeMap;
+
+use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var, D};
+use candle_nn::VarBuilder;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use ropo::model::config::{Arch, ModelConfig};
+use ropo::model::llama::{random_weights, Model};
+
+const EPS: f64 = 1e-5;
+const TOL: f64 = 1e-4;
+
+fn config(arch: Arch, tied: bool) -> ModelConfig {
+    ModelConfig {
+        arch,
+        vocab_size: 40,
+        hidden_size: 16,
+        intermediate_size: 24,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 4,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10_000.0,
+        rope_scaling: None,
+        max_position_embeddings: 64,
+        tie_word_embeddings: tied,
+        attention_bias: arch == Arch::Qwen2,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+    }
+}
+
+/// The model built from `Var`s (one per HF tensor name), sharing their storage.
+struct Fixture {
+    model: Model,
+    vars: BTreeMap<String, Var>,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    /// `(N, T, V)` fixed random weights of the logit projection term.
+    proj: Tensor,
+}
+
+fn fixture(cfg: &ModelConfig, seed: u64) -> Result<Fixture> {
+    let dev = Device::Cpu;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let w = random_weights(cfg, 0.3, &mut rng, DType::F64, &dev)?;
+    let vars: BTreeMap<String, Var> = w.iter().map(|(k, t)| Ok((k.clone(), Var::from_tensor(t)?))).collect::<Result<_>>()?;
+    let map = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    let model = Model::load(VarBuilder::from_tensors(map, DType::F64, &dev), cfg)?;
+    // two rows, right padding in the first: lengths 4 and 6
+    let input_ids = Tensor::new(&[[5u32, 17, 3, 29, 0, 0], [11, 2, 38, 7, 7, 20]], &dev)?;
+    let attention_mask = Tensor::new(&[[1u32, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], &dev)?;
+    let n_logits = 2 * 6 * cfg.vocab_size;
+    let proj: Vec<f64> = (0..n_logits).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let proj = Tensor::from_vec(proj, (2, 6, cfg.vocab_size), &dev)?;
+    Ok(Fixture { model, vars, input_ids, attention_mask, proj })
+}
+
+/// `L = sum_{n,t>=1} m[n,t] log_softmax(z[n,t-1])[ids[n,t]] + 0.1 sum_{n,t} m[n,t] P[n,t,:] . z[n,t,:]`.
+fn loss(f: &Fixture) -> Result<Tensor> {
+    let logits = f.model.forward(&f.input_ids, Some(&f.attention_mask), true)?; // (N, T, V)
+    let (_, t, _) = logits.dims3()?;
+    let mask = f.attention_mask.to_dtype(DType::F64)?; // (N, T)
+    let logp = candle_nn::ops::log_softmax(&logits.narrow(1, 0, t - 1)?, D::Minus1)?; // (N, T-1, V)
+    let next = f.input_ids.narrow(1, 1, t - 1)?.unsqueeze(2)?; // (N, T-1, 1)
+    let tok = logp.gather(&next.contiguous()?, D::Minus1)?.squeeze(2)?; // (N, T-1)
+    let ll = (tok * mask.narrow(1, 1, t - 1)?)?.sum_all()?;
+    let proj = (logits * &f.proj)?.sum(D::Minus1)?; // (N, T)
+    ll + ((proj * mask)?.sum_all()? * 0.1)?
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    t.to_scalar::<f64>()
+}
+
+/// Compares `grads[name]` with central differences at `entries` (flat indices).
+fn check_entries(f: &Fixture, grads: &GradStore, name: &str, entries: &[usize]) -> Result<Vec<String>> {
+    let var = &f.vars[name];
+    let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+    let gv = g.flatten_all()?.to_vec1::<f64>()?;
+    let orig = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
+    let shape = var.as_tensor().shape().clone();
+    let mut failures = vec![];
+    for &i in entries {
+        let mut w = orig.clone();
+        w[i] = orig[i] + EPS;
+        var.set(&Tensor::from_vec(w.clone(), shape.clone(), &Device::Cpu)?)?;
+        let lp = scalar(&loss(f)?)?;
+        w[i] = orig[i] - EPS;
+        var.set(&Tensor::from_vec(w, shape.clone(), &Device::Cpu)?)?;
+        let lm = scalar(&loss(f)?)?;
+        var.set(&Tensor::from_vec(orig.clone(), shape.clone(), &Device::Cpu)?)?;
+        let fd = (lp - lm) / (2.0 * EPS);
+        let rel = (gv[i] - fd).abs() / gv[i].abs().max(fd.abs()).max(1e-3);
+        eprintln!("{name}[{i}]: analytic {:+.6e} fd {fd:+.6e} rel {rel:.1e}", gv[i]);
+        if rel >= TOL {
+            failures.push(format!("{name}[{i}]: analytic {} vs finite difference {fd} (rel {rel:.2e})", gv[i]));
+        }
+    }
+    Ok(failures)
+}
+
+fn gradcheck_all(cfg: &ModelConfig, seed: u64) -> Result<()> {
+    let f = fixture(cfg, seed)?;
+    let grads = loss(&f)?.backward()?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed + 100);
+    let mut failures = vec![];
+    let mut checked = 0;
+    assert!(f.vars.len() >= 2 * 9 + 2, "expected every weight to be a Var, got {}", f.vars.len());
+    for (name, var) in &f.vars {
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient (the graph was cut)"));
+        let gv = g.flatten_all()?.to_vec1::<f64>()?;
+        let (argmax, gmax) = gv.iter().enumerate().fold((0, 0.0f64), |acc, (i, v)| if v.abs() > acc.1 { (i, v.abs()) } else { acc });
+        assert!(gmax > 1e-8, "{name}: gradient is identically zero");
+        let mut entries = vec![argmax];
+        entries.extend((0..3).map(|_| rng.random_range(0..gv.len())));
+        checked += entries.len();
+        failures.extend(check_entries(&f, &grads, name, &entries)?);
+    }
+    assert!(failures.is_empty(), "{} of {checked} entries fail:\n{}", failures.len(), failures.join("\n"));
+    Ok(())
+}
+
+#[test]
+fn every_weight_matches_finite_differences_llama_untied() -> Result<()> {
+    gradcheck_all(&config(Arch::Llama, false), 1)
+}
+
+#[test]
+fn every_weight_matches_finite_differences_qwen2_tied_biases() -> Result<()> {
+    gradcheck_all(&config(Arch::Qwen2, true), 2)
+}
+
+/// q_proj and k_proj reach the loss only through RoPE and the attention softmax, the norm
+/// weights only through rms_norm: check every entry of layer 0's, not a sample.
+#[test]
+fn attention_path_gradient_through_softmax_rope_and_rms_norm() -> Result<()> {
+    let cfg = config(Arch::Llama, true);
+    let f = fixture(&cfg, 3)?;
+    let grads = loss(&f)?.backward()?;
+    let mut failures = vec![];
+    for name in [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.1.post_attention_layernorm.weight",
+        "model.norm.weight",
+    ] {
+        let n = f.vars[name].as_tensor().elem_count();
+        let g = grads.get(f.vars[name].as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+        let nonzero = g.flatten_all()?.to_vec1::<f64>()?.iter().filter(|v| v.abs() > 1e-10).count();
+        assert!(nonzero > n / 2, "{name}: only {nonzero} of {n} entries have a gradient");
+        failures.extend(check_entries(&f, &grads, name, &(0..n).collect::<Vec<_>>())?);
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}

@@ -1,0 +1,332 @@
+//! Loaders: GGUF -> HF folder export round trip, hub ids from a pre-populated offline cache,
+//! and bad inputs (each error names the file and the problem; nothing panics).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use ropo::model::config::{Arch, ModelConfig};
+use ropo::model::{export, gguf, hf_folder, load_parts, LoadOptions, ModelParts};
+
+/// A tiny Llama config over the SmolLM2 vocabulary (49152 ids) so the real tokenizer fits.
+fn tiny_config() -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Llama,
+        vocab_size: 49152,
+        hidden_size: 8,
+        intermediate_size: 12,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        head_dim: 4,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        max_position_embeddings: 64,
+        tie_word_embeddings: false,
+        attention_bias: false,
+        bos_token_id: Some(1),
+        eos_token_ids: vec![2],
+    }
+}
+
+/// Seeded random tensors with HF names for `cfg` (ChaCha8, uniform in [-0.5, 0.5)).
+fn random_tensors(cfg: &ModelConfig, seed: u64) -> BTreeMap<String, Tensor> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut t = |shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random::<f32>() - 0.5).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
+    let (d, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (q, kv) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
+    let mut m = BTreeMap::new();
+    m.insert("model.embed_tokens.weight".to_string(), t(&[v, d]));
+    m.insert("model.norm.weight".to_string(), t(&[d]));
+    if !cfg.tie_word_embeddings {
+        m.insert("lm_head.weight".to_string(), t(&[v, d]));
+    }
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        for (name, shape) in [
+            ("input_layernorm.weight", vec![d]),
+            ("post_attention_layernorm.weight", vec![d]),
+            ("self_attn.q_proj.weight", vec![q, d]),
+            ("self_attn.k_proj.weight", vec![kv, d]),
+            ("self_attn.v_proj.weight", vec![kv, d]),
+            ("self_attn.o_proj.weight", vec![d, q]),
+            ("mlp.gate_proj.weight", vec![f, d]),
+            ("mlp.up_proj.weight", vec![f, d]),
+            ("mlp.down_proj.weight", vec![d, f]),
+        ] {
+            m.insert(format!("{p}.{name}"), t(&shape));
+        }
+    }
+    m
+}
+
+fn smollm2() -> ModelParts {
+    gguf::load(&common::smollm2_gguf(), &Device::Cpu).unwrap()
+}
+
+/// Write a tiny random model with the SmolLM2 tokenizer as an HF folder at `dir`.
+fn write_tiny(dir: &Path, tokenizer: &ropo::model::tokenizer::Tokenizer) -> (ModelConfig, BTreeMap<String, Tensor>) {
+    let cfg = tiny_config();
+    let tensors = random_tensors(&cfg, 7);
+    export::write_hf_folder(dir, &cfg, &tensors, tokenizer, DType::F32).unwrap();
+    (cfg, tensors)
+}
+
+fn assert_same_tensors(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, x) in a {
+        let y = &b[k];
+        assert_eq!(x.dims(), y.dims(), "{k}");
+        let d = (x - y).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0, "{k} differs by {d}");
+    }
+}
+
+fn golden_texts() -> Vec<String> {
+    let g = common::golden("smollm2_golden.json");
+    let mut v: Vec<String> = g["tokenization"].as_object().unwrap().values().map(|c| c["text"].as_str().unwrap().to_string()).collect();
+    v.push(g["chat_template"]["rendered_with_assistant"].as_str().unwrap().to_string());
+    v
+}
+
+fn ids(t: &ropo::model::tokenizer::Tokenizer, text: &str) -> Vec<u32> {
+    t.inner.encode(text, false).unwrap().get_ids().to_vec()
+}
+
+#[test]
+fn gguf_exports_to_an_hf_folder_that_loads_back_identically() {
+    let src = smollm2();
+    assert_eq!(src.tensors.len(), 2 + 30 * 9, "embed + norm + 30 layers x 9 (tied: no lm_head)");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("smollm2-hf");
+    export::write_hf_folder(&out, &src.config, &src.tensors, &src.tokenizer, DType::F32).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        assert!(out.join(f).is_file(), "{f} written");
+    }
+    // nothing else left next to the folder (the staging folder is gone)
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+    let back = hf_folder::load(&out, &Device::Cpu).unwrap();
+    assert_eq!(back.config, src.config);
+    assert_same_tensors(&src.tensors, &back.tensors);
+    assert_eq!(back.tokenizer.chat_template, src.tokenizer.chat_template);
+    assert_eq!(back.tokenizer.bos_token.as_deref(), Some("<|im_start|>"));
+    assert_eq!(back.tokenizer.eos_token.as_deref(), Some("<|im_end|>"));
+    assert_eq!(back.tokenizer.eos_token_ids, vec![2]);
+    for text in golden_texts() {
+        assert_eq!(ids(&back.tokenizer, &text), ids(&src.tokenizer, &text), "{text}");
+    }
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "LlamaForCausalLM");
+    assert_eq!(cfg["model_type"], "llama");
+    assert_eq!(cfg["rms_norm_eps"], 1e-5);
+    assert_eq!(cfg["rope_theta"], 100000.0);
+    assert_eq!(cfg["tie_word_embeddings"], true);
+}
+
+#[test]
+fn export_in_bf16_and_f16_stores_that_dtype() {
+    let tok = smollm2().tokenizer;
+    let cfg = tiny_config();
+    let tensors = random_tensors(&cfg, 3);
+    for (dtype, name) in [(DType::BF16, "bfloat16"), (DType::F16, "float16")] {
+        let tmp = tempfile::tempdir().unwrap();
+        export::write_hf_folder(tmp.path(), &cfg, &tensors, &tok, dtype).unwrap();
+        let back = hf_folder::load(tmp.path(), &Device::Cpu).unwrap();
+        let w = &back.tensors["model.layers.1.mlp.up_proj.weight"];
+        assert_eq!(w.dtype(), dtype);
+        let diff = (w.to_dtype(DType::F32).unwrap() - &tensors["model.layers.1.mlp.up_proj.weight"]).unwrap().abs().unwrap();
+        let max = diff.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(max > 0.0 && max < 4e-3, "{name}: rounding error {max}");
+        let cj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("config.json")).unwrap()).unwrap();
+        assert_eq!(cj["torch_dtype"], name);
+    }
+    let e = export::write_hf_folder(&PathBuf::from("/tmp/never"), &cfg, &tensors, &tok, DType::U32).unwrap_err();
+    assert!(e.to_string().contains("f32, bf16 or f16"), "{e}");
+}
+
+/// The acceptance test for hub ids: a temporary HF_HOME laid out like the HF cache
+/// (`hub/models--org--name/snapshots/REV/...`, `refs/main`), HF_HUB_OFFLINE=1.
+///
+/// The only test in this binary that touches the process environment.
+#[test]
+fn hub_id_loads_from_an_offline_cache() {
+    let tok = smollm2().tokenizer;
+    let home = tempfile::tempdir().unwrap();
+    let rev = "0123456789abcdef0123456789abcdef01234567";
+    let repo = home.path().join("hub/models--ropo-test--tiny-llama");
+    let (cfg, tensors) = write_tiny(&repo.join("snapshots").join(rev), &tok);
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), rev).unwrap();
+    std::env::set_var("HF_HOME", home.path());
+    std::env::remove_var("HF_HUB_CACHE");
+    std::env::remove_var("HUGGINGFACE_HUB_CACHE");
+    std::env::set_var("HF_HUB_OFFLINE", "1");
+
+    let parts = load_parts("ropo-test/tiny-llama", &LoadOptions::default()).unwrap();
+    assert_eq!(parts.config, cfg);
+    assert_same_tensors(&tensors, &parts.tensors);
+    assert_eq!(ids(&parts.tokenizer, "In 2024 the price rose"), ids(&tok, "In 2024 the price rose"));
+
+    // by explicit commit
+    let opts = LoadOptions { revision: Some(rev.to_string()), ..Default::default() };
+    assert_eq!(load_parts("ropo-test/tiny-llama", &opts).unwrap().config, cfg);
+
+    // an unknown branch and an unknown repo: clear errors, no network
+    let opts = LoadOptions { revision: Some("nope".into()), ..Default::default() };
+    let e = load_parts("ropo-test/tiny-llama", &opts).unwrap_err().to_string();
+    assert!(e.contains("ropo-test/tiny-llama@nope") && e.contains("config.json not found") && e.contains("HF_HUB_OFFLINE"), "{e}");
+    let e = load_parts("ropo-test/absent", &LoadOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("ropo-test/absent@main") && e.contains("not found"), "{e}");
+}
+
+#[test]
+fn missing_paths_are_named() {
+    for src in ["/nonexistent/dir/model.gguf", "./no-such-folder", "/no/such/model"] {
+        let e = load_parts(src, &LoadOptions::default()).unwrap_err().to_string();
+        assert!(e.contains(src) && e.contains("no such file or directory"), "{e}");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let e = load_parts(tmp.path().to_str().unwrap(), &LoadOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("config.json") && e.contains("cannot read"), "{e}");
+    let f = tmp.path().join("weights.bin");
+    std::fs::write(&f, b"x").unwrap();
+    let e = load_parts(f.to_str().unwrap(), &LoadOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("weights.bin") && e.contains("not a .gguf"), "{e}");
+}
+
+#[test]
+fn missing_weights_and_tokenizer_are_named() {
+    let tok = smollm2().tokenizer;
+    let tmp = tempfile::tempdir().unwrap();
+    write_tiny(tmp.path(), &tok);
+    std::fs::remove_file(tmp.path().join("model.safetensors")).unwrap();
+    let e = hf_folder::load(tmp.path(), &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("model.safetensors") && e.contains("missing"), "{e}");
+    std::fs::remove_file(tmp.path().join("tokenizer.json")).unwrap();
+    let e = hf_folder::load(tmp.path(), &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("tokenizer.json: missing"), "{e}");
+}
+
+#[test]
+fn truncated_safetensors_is_named() {
+    let tok = smollm2().tokenizer;
+    let tmp = tempfile::tempdir().unwrap();
+    write_tiny(tmp.path(), &tok);
+    let st = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    for keep in [bytes.len() / 2, 20, 4] {
+        std::fs::write(&st, &bytes[..keep]).unwrap();
+        let e = hf_folder::load(tmp.path(), &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains(st.to_str().unwrap()) && e.contains("truncated or corrupt safetensors"), "{e}");
+    }
+}
+
+#[test]
+fn truncated_gguf_is_named() {
+    let bytes = std::fs::read(common::smollm2_gguf()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("cut.gguf");
+    // inside the tensor data, inside the metadata, inside the magic
+    for keep in [bytes.len() - 1000, 300_000, 1000, 3] {
+        std::fs::write(&p, &bytes[..keep]).unwrap();
+        let e = load_parts(p.to_str().unwrap(), &LoadOptions::default()).unwrap_err().to_string();
+        assert!(e.contains(p.to_str().unwrap()) && e.contains("truncated or corrupt"), "{keep}: {e}");
+    }
+}
+
+#[test]
+fn gpt_neox_config_is_rejected() {
+    let tok = smollm2().tokenizer;
+    let tmp = tempfile::tempdir().unwrap();
+    write_tiny(tmp.path(), &tok);
+    let p = tmp.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg["model_type"] = "gpt_neox".into();
+    cfg["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]);
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    let e = load_parts(tmp.path().to_str().unwrap(), &LoadOptions::default()).unwrap_err().to_string();
+    assert!(e.contains(p.to_str().unwrap()) && e.contains("unsupported model_type \"gpt_neox\""), "{e}");
+}
+
+#[test]
+fn tokenizer_larger_than_vocab_is_an_error_smaller_is_fine() {
+    let tok = smollm2().tokenizer;
+    let tmp = tempfile::tempdir().unwrap();
+    write_tiny(tmp.path(), &tok);
+    let p = tmp.path().join("config.json");
+    let orig = std::fs::read_to_string(&p).unwrap();
+    let with_vocab = |n: usize| {
+        let mut cfg: serde_json::Value = serde_json::from_str(&orig).unwrap();
+        cfg["vocab_size"] = n.into();
+        std::fs::write(&p, cfg.to_string()).unwrap();
+    };
+    with_vocab(32000);
+    let e = load_parts(tmp.path().to_str().unwrap(), &LoadOptions::default()).unwrap_err().to_string();
+    assert!(
+        e.contains("tokenizer.json") && e.contains("token ids up to 49151") && e.contains("vocab_size is 32000"),
+        "{e}"
+    );
+    // a padded embedding (vocab_size > tokenizer) is what HF does; it loads
+    with_vocab(49216);
+    assert_eq!(load_parts(tmp.path().to_str().unwrap(), &LoadOptions::default()).unwrap().config.vocab_size, 49216);
+}
+
+/// GGUF -> `LoadedModel::export` (f32) -> HF-folder loader: the same logits (1e-5; in fact the
+/// weights are bit-identical, so only thread scheduling could differ) and the same tokenizer ids.
+#[test]
+fn export_round_trip_gives_the_same_logits() {
+    let gguf = common::smollm2_gguf();
+    let a = ropo::model::load(gguf.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("hf");
+    a.export(&dir, DType::F32).unwrap();
+    let b = ropo::model::load(dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    assert_eq!(a.config, b.config);
+    let g = common::golden("smollm2_golden.json");
+    let text = g["chat_template"]["rendered_with_assistant"].as_str().unwrap();
+    let ids_a = ids(&a.tokenizer, text);
+    assert_eq!(ids_a, ids(&b.tokenizer, text));
+    let input = Tensor::new(ids_a.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let la = a.model.forward(&input, None, false).unwrap();
+    let lb = b.model.forward(&input, None, false).unwrap();
+    let d = (la - lb).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(d <= 1e-5, "max |logit difference| {d}");
+}
+
+/// A hub id loads all the way to a runnable model (tiny random weights, offline cache).
+#[test]
+fn hub_id_loads_a_runnable_model() {
+    let tok = smollm2().tokenizer;
+    let home = tempfile::tempdir().unwrap();
+    let rev = "fedcba9876543210fedcba9876543210fedcba98";
+    let repo = home.path().join("hub/models--ropo-test--tiny-run");
+    let (cfg, _) = write_tiny(&repo.join("snapshots").join(rev), &tok);
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), rev).unwrap();
+    // the binary, with its own environment: no process-wide set_var here
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ropo"))
+        .args(["generate", "--model", "ropo-test/tiny-run", "--prompt", "Hello", "--max-new-tokens", "3"])
+        .env("HF_HOME", home.path())
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HUGGINGFACE_HUB_CACHE")
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // the same as generating in-process from the snapshot folder itself
+    let lm = ropo::model::load(repo.join("snapshots").join(rev).to_str().unwrap(), &LoadOptions::default()).unwrap();
+    assert_eq!(lm.config, cfg);
+    let prompt = ids(&lm.tokenizer, "Hello");
+    let opts = ropo::generate::GenerateOptions { max_new_tokens: 3, ..Default::default() };
+    let g = ropo::generate::generate(&lm.model, &lm.tokenizer, &prompt, &opts, true).unwrap();
+    assert!(!g.ids.is_empty());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{}\n", g.text));
+}
