@@ -127,3 +127,109 @@ fn plot_cli_default_output_and_bad_input() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("none.jsonl: cannot open"));
 }
+
+/// The real model (SmolLM2-135M-Instruct GGUF, f32 on the CPU), without adapters.
+fn smollm2() -> ropo::model::LoadedModel {
+    ropo::model::load(common::smollm2_gguf().to_str().unwrap(), &Default::default()).unwrap()
+}
+
+#[test]
+fn preference_logps_match_golden_and_base_is_its_own_reference() {
+    use ropo::data::tokenize::TokenizeOptions;
+    let lm = smollm2();
+    let path = common::shared("data/orca_dpo_pairs/validation.jsonl");
+    let opts = TokenizeOptions { max_length: Some(256), max_prompt_length: None };
+    let prepared = ropo::data::prepare(&path, &lm.tokenizer, None, &Default::default(), opts).unwrap();
+    // ../shared/golden/smollm2_golden.json: rows 0, 1, 3 of the file (lines 1, 2, 4), TRL's
+    // tokenization at max_length 256, summed completion log-probs in f32 (PyTorch)
+    let golden = common::golden("smollm2_golden.json");
+    let gp = golden["orca_pairs"].as_array().unwrap();
+    let pairs: Vec<_> = prepared.pairs.iter().filter(|p| [1, 2, 4].contains(&p.line)).cloned().collect();
+    assert_eq!(pairs.len(), 3);
+    let pad = ropo::data::batch::pad_id(&lm.tokenizer).unwrap();
+    let mut seen = 0;
+    // batch of 2 then 1: right padding in the first batch must not change the sums
+    let lp = ropo::eval::preference::score_pairs(&lm.model, &pairs, pad, 2, |k| seen += k).unwrap();
+    assert_eq!(seen, 3);
+    for (i, g) in gp.iter().enumerate() {
+        let gc = g["chosen"]["sum_completion_logprob"].as_f64().unwrap();
+        let gr = g["rejected"]["sum_completion_logprob"].as_f64().unwrap();
+        // 1e-2: the tolerance of the train issue for the same figures (f32 forward, ~200 terms)
+        assert!((lp.policy_chosen[i] - gc).abs() < 1e-2, "pair {i} chosen {} vs {gc}", lp.policy_chosen[i]);
+        assert!((lp.policy_rejected[i] - gr).abs() < 1e-2, "pair {i} rejected {} vs {gr}", lp.policy_rejected[i]);
+    }
+    // without an adapter the policy is the reference: rewards exactly 0, loss ln 2, no win
+    let m = ropo::eval::preference_metrics(&lp, 0.1, ropo::eval::preference::DEFAULT_TOLERANCE).unwrap();
+    assert_eq!((m.rewards_chosen, m.rewards_rejected, m.rewards_margins, m.rewards_accuracies), (0.0, 0.0, 0.0, 0.0));
+    assert!((m.loss - std::f64::consts::LN_2).abs() < 1e-12);
+}
+
+#[test]
+fn mmlu_model_scorer_matches_full_logits() {
+    use ropo::eval::mmlu::{LetterScorer, ModelScorer};
+    let lm = smollm2();
+    let mut sc = ModelScorer::new(&lm.model, &lm.tokenizer, false, None).unwrap();
+    // " A".." D" are single tokens of the GPT-2-style BPE ("ĠA" ...), all different
+    let ids = sc.letter_ids;
+    assert!(ids.iter().enumerate().all(|(i, a)| ids[i + 1..].iter().all(|b| a != b)), "{ids:?}");
+    let sd = mmlu::load_subject(&mmlu_root(), "high_school_geography", Split::Test, Some(2)).unwrap();
+    let prompt = mmlu::build_prompt(&sd.subject, &sd.dev, 1, &sd.questions[0]);
+    assert!(sc.fits(&prompt).unwrap());
+    let lp = sc.letter_logprobs(&prompt).unwrap();
+    // oracle: the full (1, T, V) logits of Model::forward, log-softmax of the last row (candle)
+    let enc = lm.tokenizer.inner.encode(prompt.as_str(), true).unwrap();
+    let input = candle_core::Tensor::new(enc.get_ids(), &candle_core::Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let logits = lm.model.forward(&input, None, false).unwrap();
+    let t = enc.get_ids().len();
+    let last = logits.get(0).unwrap().get(t - 1).unwrap();
+    let ls = candle_nn::ops::log_softmax(&last, 0).unwrap().to_vec1::<f32>().unwrap();
+    for (i, id) in ids.iter().enumerate() {
+        // 1e-4: f32 logits, log-softmax in f32 (oracle) vs f64 (scorer)
+        assert!((lp[i] - ls[*id as usize] as f64).abs() < 1e-4, "{i}: {} vs {}", lp[i], ls[*id as usize]);
+        assert!(lp[i] < 0.0);
+    }
+    // the four letters are a real part of the distribution after "Answer:"
+    assert!(lp.iter().map(|l| l.exp()).sum::<f64>() > 0.05, "{lp:?}");
+    // a context of 10 tokens fits nothing: scoring fails with a clear message
+    let mut tiny = ModelScorer::new(&lm.model, &lm.tokenizer, false, Some(10)).unwrap();
+    let e = mmlu::score(std::slice::from_ref(&sd), 5, &mut tiny, || {}).unwrap_err().to_string();
+    assert!(e.contains("longer than the model's context"), "{e}");
+}
+
+#[test]
+fn greedy_generation_stats_are_deterministic() {
+    use ropo::eval::generation::{counted_ids, generate_all, generation_stats};
+    use ropo::generate::GenerateOptions;
+    let lm = smollm2();
+    let dir = tempfile::tempdir().unwrap();
+    let pf = dir.path().join("prompts.jsonl");
+    std::fs::write(
+        &pf,
+        "{\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of France?\"}]}\n\n{\"prompt\":\"Once upon a time\"}\n",
+    )
+    .unwrap();
+    let prompts = ropo::eval::generation::load_prompts(&pf, &lm.tokenizer, None).unwrap();
+    assert_eq!(prompts.iter().map(|p| p.line).collect::<Vec<_>>(), [1, 3]);
+    assert!(prompts[0].text.ends_with("<|im_start|>assistant\n"), "{}", prompts[0].text);
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+    let opts = GenerateOptions { max_new_tokens: 12, ..Default::default() };
+    let a = generate_all(&lm.model, &lm.tokenizer, &ids, &opts, false, || {}).unwrap();
+    let b = generate_all(&lm.model, &lm.tokenizer, &ids, &opts, true, || {}).unwrap();
+    // no adapter attached: use_adapters changes nothing, greedy is deterministic
+    assert_eq!(a, b);
+    assert!(a[0].text.contains("Paris"), "{}", a[0].text);
+    let counted: Vec<Vec<u32>> = a.iter().map(|g| counted_ids(g).to_vec()).collect();
+    let s = generation_stats(&counted, 12);
+    assert_eq!(s.count, 2);
+    assert!(s.mean_length > 0.0 && s.mean_length <= 12.0);
+    // the story prompt runs to the budget (12 tokens, no stop token)
+    assert_eq!(a[1].ids.len(), 12);
+    assert!(s.hit_max_new_tokens >= 0.5);
+
+    // bad prompts files: missing, a line without a prompt
+    let e = ropo::eval::generation::load_prompts(&dir.path().join("none.jsonl"), &lm.tokenizer, None).unwrap_err();
+    assert!(e.to_string().contains("none.jsonl: cannot open prompts file"), "{e}");
+    std::fs::write(&pf, "{\"prompt\":\"ok\"}\n{\"text\":\"x\"}\n").unwrap();
+    let e = ropo::eval::generation::load_prompts(&pf, &lm.tokenizer, None).unwrap_err();
+    assert!(e.to_string().ends_with("prompts.jsonl:2: expected a \"prompt\" or \"messages\" field"), "{e}");
+}

@@ -20,10 +20,24 @@
 //!   4-grams that already occurred earlier in the same generation (overlapping occurrences
 //!   count). The reported rate is the mean of `rep(g)` over the generations that have at least
 //!   one 4-gram (`|g| >= 4`); 0 when none has.
+//!
+//! Generating (the model-dependent part): [`generate_all`] runs [`crate::generate::generate`]
+//! once per prompt; prompt `i` is sampled with seed `opts.seed + i`, so a prompt's generation
+//! does not depend on the others, and base and adapted model draw with the same seeds. Greedy
+//! is `temperature = 0`. Prompts come from a preference file (its tokenized prompts) or from a
+//! prompts file ([`load_prompts`]).
 
 use std::collections::BTreeSet;
+use std::io::BufRead;
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+
+use crate::data::{ChatTemplate, Message};
+use crate::error::{Error, Result};
+use crate::generate::{generate, GenerateOptions, Generation, StopReason};
+use crate::model::llama::Model;
+use crate::model::tokenizer::Tokenizer;
 
 /// Statistics of a set of generations; see the module doc for each definition.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,6 +137,98 @@ pub fn mean_repeated_ngram_rate(generations: &[Vec<u32>], n: usize) -> f64 {
     } else {
         rates.iter().sum::<f64>() / rates.len() as f64
     }
+}
+
+/// The generated tokens that the statistics count: `g.ids` without the final stop token.
+pub fn counted_ids(g: &Generation) -> &[u32] {
+    match g.stop {
+        StopReason::Eos => &g.ids[..g.ids.len().saturating_sub(1)],
+        _ => &g.ids,
+    }
+}
+
+/// Generate once from every prompt (token ids) with `model` (adapters on when `use_adapters`);
+/// prompt `i` uses seed `opts.seed + i`. `on_each` is called after each generation.
+///
+/// Errors: an empty prompt, invalid options, a model error (naming the prompt's index).
+pub fn generate_all(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    use_adapters: bool,
+    mut on_each: impl FnMut(),
+) -> Result<Vec<Generation>> {
+    let mut out = Vec::with_capacity(prompts.len());
+    for (i, p) in prompts.iter().enumerate() {
+        let o = GenerateOptions { seed: opts.seed.wrapping_add(i as u64), ..opts.clone() };
+        let g = generate(model, tokenizer, p, &o, use_adapters).map_err(|e| Error::Msg(format!("prompt {}: {e}", i + 1)))?;
+        out.push(g);
+        on_each();
+    }
+    Ok(out)
+}
+
+/// A prompt to generate from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prompt {
+    /// 1-based line in its file.
+    pub line: usize,
+    /// The prompt text as the model sees it (chat template applied for conversations).
+    pub text: String,
+    /// Its token ids.
+    pub ids: Vec<u32>,
+}
+
+/// Read a prompts file: one JSON object a line (blank lines ignored), either
+/// `{"prompt": "text"}` (plain text, tokenized as is, as the preference data's text rows) or
+/// `{"prompt": [messages]}` / `{"messages": [messages]}` with `{"role", "content"}` messages,
+/// rendered by the chat template (`template` replacing the tokenizer's) with the generation
+/// prompt added.
+///
+/// Errors (`path:line: ...`): a missing file, invalid JSON, neither field, a conversation and
+/// no chat template, a template or tokenizer error, an empty prompt; a file with no prompt.
+pub fn load_prompts(path: &Path, tokenizer: &Tokenizer, template: Option<&str>) -> Result<Vec<Prompt>> {
+    let f = std::fs::File::open(path).map_err(|e| Error::input(path, None, format!("cannot open prompts file: {e}")))?;
+    let tpl = template
+        .or(tokenizer.chat_template.as_deref())
+        .map(|s| ChatTemplate::new(s, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref()))
+        .transpose()
+        .map_err(|e| Error::Config(format!("chat template does not compile: {e:#}")))?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let ln = i + 1;
+        let err = |m: String| Error::input(path, Some(ln), m);
+        let line = line.map_err(|e| err(e.to_string()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| err(format!("invalid JSON: {e}")))?;
+        let field = v.get("prompt").or_else(|| v.get("messages")).ok_or_else(|| err("expected a \"prompt\" or \"messages\" field".into()))?;
+        let (text, special) = match field {
+            // special tokens (a BOS) added unless the text starts with the BOS already, as the
+            // preference data's text rows (`data::tokenize`)
+            serde_json::Value::String(s) => {
+                (s.clone(), !tokenizer.bos_token.as_deref().is_some_and(|b| !b.is_empty() && s.starts_with(b)))
+            }
+            serde_json::Value::Array(_) => {
+                let msgs: Vec<Message> = serde_json::from_value(field.clone())
+                    .map_err(|e| err(format!("messages: expected [{{\"role\", \"content\"}}, ...]: {e}")))?;
+                let t = tpl.as_ref().ok_or_else(|| err("a conversation needs a chat template, but the model has none".into()))?;
+                (t.render(&msgs, true).map_err(|e| err(format!("chat template: {e:#}")))?, false)
+            }
+            _ => return Err(err("field prompt: expected a string or a list of messages".into())),
+        };
+        let ids = tokenizer.inner.encode(text.as_str(), special).map_err(|e| err(format!("tokenizer: {e}")))?.get_ids().to_vec();
+        if ids.is_empty() {
+            return Err(err("empty prompt".into()));
+        }
+        out.push(Prompt { line: ln, text, ids });
+    }
+    if out.is_empty() {
+        return Err(Error::input(path, None, "no prompts in the file"));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

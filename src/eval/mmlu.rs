@@ -31,9 +31,12 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::model::llama::Model;
+use crate::model::tokenizer::Tokenizer;
 
 /// The answer letters, in field order.
 pub const LETTERS: [&str; 4] = ["A", "B", "C", "D"];
@@ -238,7 +241,7 @@ pub fn build_prompt(subject: &str, dev: &[Question], k: usize, q: &Question) -> 
 
 /// What scoring needs from a model: the next-token log-probs of the four answer letters.
 ///
-/// Implemented by the real model in `eval::mmlu_model` and by closures
+/// Implemented by the real model ([`ModelScorer`]) and by closures
 /// `FnMut(&str) -> Result<[f64; 4]>` (which accept every prompt) in tests.
 pub trait LetterScorer {
     /// `[log p(" A"|prompt), .., log p(" D"|prompt)]`: full-vocabulary log-softmax of the
@@ -253,6 +256,78 @@ pub trait LetterScorer {
 impl<F: FnMut(&str) -> Result<[f64; 4]>> LetterScorer for F {
     fn letter_logprobs(&mut self, prompt: &str) -> Result<[f64; 4]> {
         self(prompt)
+    }
+}
+
+/// The real model as a [`LetterScorer`]: the prompt is tokenized with the tokenizer's special
+/// tokens (a BOS where the model's post-processor adds one), run through the model (adapters
+/// on when `use_adapters`), and only the last position goes through the LM head.
+pub struct ModelScorer<'a> {
+    model: &'a Model,
+    tokenizer: &'a Tokenizer,
+    use_adapters: bool,
+    /// Token ids of `" A"`, `" B"`, `" C"`, `" D"`.
+    pub letter_ids: [u32; 4],
+    /// Longest prompt in tokens.
+    pub max_tokens: usize,
+    /// The last prompt tokenized, to avoid encoding it twice (`fits` then `letter_logprobs`).
+    last: Option<(String, Vec<u32>)>,
+}
+
+impl<'a> ModelScorer<'a> {
+    /// A scorer for `model` and `tokenizer`; prompts longer than `max_tokens` (capped at the
+    /// model's `max_position_embeddings`; `None` = that) drop dev examples.
+    ///
+    /// Errors: a letter `" L"` that is not exactly one token for this tokenizer.
+    pub fn new(model: &'a Model, tokenizer: &'a Tokenizer, use_adapters: bool, max_tokens: Option<usize>) -> Result<Self> {
+        let mut letter_ids = [0u32; 4];
+        for (i, l) in LETTERS.iter().enumerate() {
+            let text = format!(" {l}");
+            let enc = tokenizer.inner.encode(text.as_str(), false).map_err(|e| Error::Msg(format!("tokenizer: {e}")))?;
+            match enc.get_ids() {
+                [id] => letter_ids[i] = *id,
+                ids => {
+                    return Err(Error::Msg(format!(
+                        "MMLU scoring needs {text:?} to be one token, but this tokenizer gives {} ({ids:?})",
+                        ids.len()
+                    )))
+                }
+            }
+        }
+        let ctx = model.config().max_position_embeddings;
+        Ok(Self { model, tokenizer, use_adapters, letter_ids, max_tokens: max_tokens.unwrap_or(ctx).min(ctx), last: None })
+    }
+
+    fn ids(&mut self, prompt: &str) -> Result<Vec<u32>> {
+        if let Some((p, ids)) = &self.last {
+            if p == prompt {
+                return Ok(ids.clone());
+            }
+        }
+        let enc = self.tokenizer.inner.encode(prompt, true).map_err(|e| Error::Msg(format!("tokenizer: {e}")))?;
+        let ids = enc.get_ids().to_vec();
+        self.last = Some((prompt.to_string(), ids.clone()));
+        Ok(ids)
+    }
+}
+
+impl LetterScorer for ModelScorer<'_> {
+    fn letter_logprobs(&mut self, prompt: &str) -> Result<[f64; 4]> {
+        let ids = self.ids(prompt)?;
+        let t = ids.len();
+        let input = Tensor::new(ids.as_slice(), self.model.device())?.unsqueeze(0)?; // (1, T)
+        let hidden = self.model.forward_hidden(&input, None, self.use_adapters)?; // (1, T, D)
+        let last = hidden.narrow(1, t - 1, 1)?; // (1, 1, D)
+        let logits = self.model.lm_head(&last, self.use_adapters)?.flatten_all()?; // (V,)
+        let logits = logits.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        // log-softmax in f64: l - max - ln Σ exp(l - max)
+        let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
+        Ok(self.letter_ids.map(|id| logits[id as usize] - lse))
+    }
+
+    fn fits(&mut self, prompt: &str) -> Result<bool> {
+        Ok(self.ids(prompt)?.len() <= self.max_tokens)
     }
 }
 

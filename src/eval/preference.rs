@@ -10,14 +10,25 @@
 //! - `rewards/accuracies = [chosen > rejected]`, strict as TRL's, but on the rewards rounded to
 //!   multiples of `tolerance` (`round(β c / tol) > round(β r / tol)`), so float noise around a
 //!   tie (an identity adapter gives rewards ~1e-7 instead of 0) counts as a tie, not a win;
-//! - `loss = -log σ(β (c - r))` (DPO, sigmoid), computed stably as `softplus(-x)`;
+//! - `loss = -log σ(β (c - r))` (DPO, sigmoid; computed by [`crate::loss::per_pair_loss`] in
+//!   f64, the training loss's own code);
 //! - `logps/chosen = π_c`, `logps/rejected = π_r` (summed over completion tokens, nats).
 //!
 //! Every metric is the mean over pairs, in f64.
+//!
+//! [`score_pairs`] computes the four log-probs with the real model: each batch of pairs in
+//! TRL's `[chosen..; rejected..]` layout (right padding) goes through the model twice, adapters
+//! on (policy) and bypassed (reference), and [`crate::loss::completion_logps`] sums the
+//! completion tokens' log-probs. A model without adapters is its own reference (one pass).
 
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::data::batch::collate;
+use crate::data::tokenize::TokenizedPair;
 use crate::error::{Error, Result};
+use crate::loss::{completion_logps, per_pair_loss, split_pairs, LossParams, LossType};
+use crate::model::llama::Model;
 
 /// Default rounding tolerance of the rewards for `rewards/accuracies`: 1e-5 (the identity
 /// adapter's float noise in f32 on a 135M model is ~1e-6; a trained adapter's rewards are
@@ -55,14 +66,9 @@ pub struct PreferenceMetrics {
     pub logps_rejected: f64,
 }
 
-/// `-log σ(x) = softplus(-x) = max(-x, 0) + ln(1 + e^{-|x|})`, stable for any x.
-pub fn neg_log_sigmoid(x: f64) -> f64 {
-    (-x).max(0.0) + (-x.abs()).exp().ln_1p()
-}
-
 /// The summed completion log-probs of a set of pairs, one entry per pair in each vector.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct PairLogps {
+pub struct PairLogprobs {
     /// Policy log p(chosen | prompt).
     pub policy_chosen: Vec<f64>,
     /// Policy log p(rejected | prompt).
@@ -76,7 +82,7 @@ pub struct PairLogps {
 /// The metrics of the module doc from per-pair log-probs.
 ///
 /// Errors: vectors of different lengths, no pair, a non-finite log-prob, or `tolerance <= 0`.
-pub fn preference_metrics(lp: &PairLogps, beta: f64, tolerance: f64) -> Result<PreferenceMetrics> {
+pub fn preference_metrics(lp: &PairLogprobs, beta: f64, tolerance: f64) -> Result<PreferenceMetrics> {
     let n = lp.policy_chosen.len();
     if [lp.policy_rejected.len(), lp.reference_chosen.len(), lp.reference_rejected.len()].iter().any(|&m| m != n) {
         return Err(Error::Msg("preference metrics: log-prob vectors of different lengths".into()));
@@ -106,7 +112,6 @@ pub fn preference_metrics(lp: &PairLogps, beta: f64, tolerance: f64) -> Result<P
         }
         let chosen = beta * (pc - rc);
         let rejected = beta * (pr - rr);
-        m.loss += neg_log_sigmoid(chosen - rejected);
         m.rewards_chosen += chosen;
         m.rewards_rejected += rejected;
         m.rewards_margins += chosen - rejected;
@@ -116,6 +121,19 @@ pub fn preference_metrics(lp: &PairLogps, beta: f64, tolerance: f64) -> Result<P
         m.logps_chosen += pc;
         m.logps_rejected += pr;
     }
+    // the DPO loss with the training code's definition, in f64
+    let t = |v: &[f64]| Tensor::from_slice(v, n, &Device::Cpu);
+    let ones = Tensor::ones(n, DType::F64, &Device::Cpu)?;
+    let logps = crate::loss::PairLogps {
+        policy_chosen: t(&lp.policy_chosen)?,
+        policy_rejected: t(&lp.policy_rejected)?,
+        reference_chosen: t(&lp.reference_chosen)?,
+        reference_rejected: t(&lp.reference_rejected)?,
+        chosen_tokens: ones.clone(),
+        rejected_tokens: ones,
+    };
+    let params = LossParams { beta, ..Default::default() };
+    m.loss = per_pair_loss(LossType::Sigmoid, &logps, &params)?.sum_all()?.to_scalar::<f64>()?;
     let nf = n as f64;
     for v in [
         &mut m.loss,
@@ -129,6 +147,44 @@ pub fn preference_metrics(lp: &PairLogps, beta: f64, tolerance: f64) -> Result<P
         *v /= nf;
     }
     Ok(m)
+}
+
+/// The four summed completion log-probs of every pair, in order, with `model`: policy =
+/// adapters on, reference = adapters bypassed. `batch_size` pairs go through the model at once;
+/// `on_pairs(k)` is called after each batch of k pairs (for a progress bar).
+///
+/// Errors: `batch_size == 0`, a model error.
+pub fn score_pairs(
+    model: &Model,
+    pairs: &[TokenizedPair],
+    pad_id: u32,
+    batch_size: usize,
+    mut on_pairs: impl FnMut(usize),
+) -> Result<PairLogprobs> {
+    if batch_size == 0 {
+        return Err(Error::Config("batch size must be >= 1".into()));
+    }
+    let adapted = model.linears().iter().any(|l| l.adapter.is_some());
+    let mut out = PairLogprobs::default();
+    let v = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?) };
+    for chunk in pairs.chunks(batch_size) {
+        let refs: Vec<&TokenizedPair> = chunk.iter().collect();
+        let b = collate(&refs, pad_id, model.device())?;
+        let logps = |use_adapters: bool| -> Result<Tensor> {
+            let logits = model.forward(&b.input_ids, Some(&b.attention_mask), use_adapters)?; // (2B, T, V)
+            completion_logps(&logits, &b.input_ids, &b.completion_mask) // (2B,)
+        };
+        let reference = logps(false)?;
+        let policy = if adapted { logps(true)? } else { reference.clone() };
+        let (rc, rr) = split_pairs(&reference)?;
+        let (pc, pr) = split_pairs(&policy)?;
+        out.reference_chosen.extend(v(&rc)?);
+        out.reference_rejected.extend(v(&rr)?);
+        out.policy_chosen.extend(v(&pc)?);
+        out.policy_rejected.extend(v(&pr)?);
+        on_pairs(chunk.len());
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -148,7 +204,7 @@ mod tests {
     fn matches_trl_golden() {
         // ../shared/golden/dpo_losses_golden.json: TRL 1.16 formulas in torch float64
         let g = golden();
-        let lp = PairLogps {
+        let lp = PairLogprobs {
             policy_chosen: vecf(&g["policy_chosen_logps"]),
             policy_rejected: vecf(&g["policy_rejected_logps"]),
             reference_chosen: vecf(&g["reference_chosen_logps"]),
@@ -175,7 +231,7 @@ mod tests {
     #[test]
     fn identity_policy_is_a_tie() {
         // policy = reference up to f32 noise: rewards ~1e-7 round to 0 -> no win; loss = ln 2
-        let lp = PairLogps {
+        let lp = PairLogprobs {
             policy_chosen: vec![-10.0 + 1e-6, -20.0],
             policy_rejected: vec![-11.0, -21.0 + 2e-6],
             reference_chosen: vec![-10.0, -20.0 - 1e-6],
@@ -192,12 +248,9 @@ mod tests {
     }
 
     #[test]
-    fn stable_log_sigmoid_and_errors() {
-        assert!((neg_log_sigmoid(0.0) - std::f64::consts::LN_2).abs() < 1e-15);
-        assert!((neg_log_sigmoid(-800.0) - 800.0).abs() < 1e-12); // e^800 overflows naively
-        assert!(neg_log_sigmoid(800.0) >= 0.0 && neg_log_sigmoid(800.0) < 1e-300);
-        let bad = PairLogps { policy_chosen: vec![0.0], ..Default::default() };
+    fn errors() {
+        let bad = PairLogprobs { policy_chosen: vec![0.0], ..Default::default() };
         assert!(preference_metrics(&bad, 0.1, 1e-5).is_err());
-        assert!(preference_metrics(&PairLogps::default(), 0.1, 1e-5).is_err());
+        assert!(preference_metrics(&PairLogprobs::default(), 0.1, 1e-5).is_err());
     }
 }
