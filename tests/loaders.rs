@@ -152,12 +152,12 @@ fn export_in_bf16_and_f16_stores_that_dtype() {
     assert!(e.to_string().contains("f32, bf16 or f16"), "{e}");
 }
 
-/// The acceptance test for hub ids: a temporary HF_HOME laid out like the HF cache
-/// (`hub/models--org--name/snapshots/REV/...`, `refs/main`), HF_HUB_OFFLINE=1.
-///
-/// The only test in this binary that touches the process environment.
+/// Hub ids from a pre-populated cache laid out like HF's (`models--org--name/snapshots/REV/...`,
+/// `refs/main`), offline. The environment route (HF_HOME, HF_HUB_OFFLINE) is tested through the
+/// binary in `hub_id_loads_a_runnable_model`, so no test here changes the process environment.
 #[test]
 fn hub_id_loads_from_an_offline_cache() {
+    use ropo::model::hub::{snapshot_with, HubSettings};
     let tok = smollm2().tokenizer;
     let home = tempfile::tempdir().unwrap();
     let rev = "0123456789abcdef0123456789abcdef01234567";
@@ -165,25 +165,22 @@ fn hub_id_loads_from_an_offline_cache() {
     let (cfg, tensors) = write_tiny(&repo.join("snapshots").join(rev), &tok);
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), rev).unwrap();
-    std::env::set_var("HF_HOME", home.path());
-    std::env::remove_var("HF_HUB_CACHE");
-    std::env::remove_var("HUGGINGFACE_HUB_CACHE");
-    std::env::set_var("HF_HUB_OFFLINE", "1");
+    let settings = HubSettings { cache_dir: home.path().join("hub"), offline: true };
 
-    let parts = load_parts("ropo-test/tiny-llama", &LoadOptions::default()).unwrap();
+    let dir = snapshot_with("ropo-test/tiny-llama", None, &settings).unwrap();
+    assert_eq!(dir, repo.join("snapshots").join(rev));
+    let parts = hf_folder::load(&dir, &Device::Cpu).unwrap();
     assert_eq!(parts.config, cfg);
     assert_same_tensors(&tensors, &parts.tensors);
     assert_eq!(ids(&parts.tokenizer, "In 2024 the price rose"), ids(&tok, "In 2024 the price rose"));
 
     // by explicit commit
-    let opts = LoadOptions { revision: Some(rev.to_string()), ..Default::default() };
-    assert_eq!(load_parts("ropo-test/tiny-llama", &opts).unwrap().config, cfg);
+    assert_eq!(snapshot_with("ropo-test/tiny-llama", Some(rev), &settings).unwrap(), dir);
 
     // an unknown branch and an unknown repo: clear errors, no network
-    let opts = LoadOptions { revision: Some("nope".into()), ..Default::default() };
-    let e = load_parts("ropo-test/tiny-llama", &opts).unwrap_err().to_string();
+    let e = snapshot_with("ropo-test/tiny-llama", Some("nope"), &settings).unwrap_err().to_string();
     assert!(e.contains("ropo-test/tiny-llama@nope") && e.contains("config.json not found") && e.contains("HF_HUB_OFFLINE"), "{e}");
-    let e = load_parts("ropo-test/absent", &LoadOptions::default()).unwrap_err().to_string();
+    let e = snapshot_with("ropo-test/absent", None, &settings).unwrap_err().to_string();
     assert!(e.contains("ropo-test/absent@main") && e.contains("not found"), "{e}");
 }
 
@@ -329,4 +326,107 @@ fn hub_id_loads_a_runnable_model() {
     let g = ropo::generate::generate(&lm.model, &lm.tokenizer, &prompt, &opts, true).unwrap();
     assert!(!g.ids.is_empty());
     assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{}\n", g.text));
+}
+
+/// A GGUF written the way llama.cpp's converter writes one (llama.cpp names, q/k rows permuted
+/// for `llama`, not for `qwen2`; f32 tensors; the SmolLM2 tokenizer metadata) loads back to the
+/// original HF tensors: checks the name map, the un-permutation, untied `output.weight` and
+/// Qwen2's q/k/v biases end to end.
+#[test]
+fn synthetic_gguf_loads_back_to_the_hf_tensors() {
+    use candle_core::quantized::gguf_file::{self, Value};
+    use candle_core::quantized::{GgmlDType, QTensor};
+
+    let real = std::fs::read(common::smollm2_gguf()).unwrap();
+    let content = gguf_file::Content::read(&mut std::io::Cursor::new(&real[..])).unwrap();
+    let mut tok_meta: Vec<(String, Value)> =
+        content.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    tok_meta.sort_by(|a, b| a.0.cmp(&b.0));
+    let reference = smollm2().tokenizer;
+    let smollm2_tokenizer_ref = || reference.clone();
+
+    for arch in [Arch::Llama, Arch::Qwen2] {
+        let mut cfg = tiny_config();
+        cfg.arch = arch;
+        cfg.attention_bias = arch == Arch::Qwen2;
+        cfg.rms_norm_eps = 1e-6;
+        cfg.rope_theta = 500000.0;
+        cfg.max_position_embeddings = 128;
+        let mut hf = random_tensors(&cfg, 11);
+        if cfg.attention_bias {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+            for i in 0..cfg.num_hidden_layers {
+                for (p, n) in [("q", 8), ("k", 4), ("v", 4)] {
+                    let v: Vec<f32> = (0..n).map(|_| rng.random::<f32>()).collect();
+                    hf.insert(format!("model.layers.{i}.self_attn.{p}_proj.bias"), Tensor::new(v, &Device::Cpu).unwrap());
+                }
+            }
+        }
+        // HF -> llama.cpp names, permuting q/k rows as convert_hf_to_gguf.py does for llama
+        let mut qts: Vec<(String, QTensor)> = Vec::new();
+        for (name, t) in &hf {
+            let g = name
+                .replace("model.embed_tokens.weight", "token_embd.weight")
+                .replace("model.norm.weight", "output_norm.weight")
+                .replace("lm_head.weight", "output.weight")
+                .replace("model.layers.", "blk.")
+                .replace("self_attn.q_proj", "attn_q")
+                .replace("self_attn.k_proj", "attn_k")
+                .replace("self_attn.v_proj", "attn_v")
+                .replace("self_attn.o_proj", "attn_output")
+                .replace("mlp.gate_proj", "ffn_gate")
+                .replace("mlp.up_proj", "ffn_up")
+                .replace("mlp.down_proj", "ffn_down")
+                .replace("post_attention_layernorm", "ffn_norm")
+                .replace("input_layernorm", "attn_norm");
+            let t = match (arch, name.contains("q_proj.weight"), name.contains("k_proj.weight")) {
+                (Arch::Llama, true, _) => gguf::permute(t, cfg.num_attention_heads).unwrap(),
+                (Arch::Llama, _, true) => gguf::permute(t, cfg.num_key_value_heads).unwrap(),
+                _ => t.clone(),
+            };
+            qts.push((g, QTensor::quantize(&t, GgmlDType::F32).unwrap()));
+        }
+        let a = if arch == Arch::Llama { "llama" } else { "qwen2" };
+        let k = |s: &str| format!("{a}.{s}");
+        let mut meta: Vec<(String, Value)> = vec![
+            ("general.architecture".into(), Value::String(a.into())),
+            (k("block_count"), Value::U32(2)),
+            (k("context_length"), Value::U32(128)),
+            (k("embedding_length"), Value::U32(8)),
+            (k("feed_forward_length"), Value::U32(12)),
+            (k("attention.head_count"), Value::U32(2)),
+            (k("attention.head_count_kv"), Value::U32(1)),
+            (k("rope.freq_base"), Value::F32(500000.0)),
+            (k("attention.layer_norm_rms_epsilon"), Value::F32(1e-6)),
+        ];
+        meta.extend(tok_meta.iter().cloned());
+        // llama.cpp's add_bos_token: on for the qwen2 case (SmolLM2's own metadata has it off)
+        let add_bos = arch == Arch::Qwen2;
+        for (key, v) in meta.iter_mut() {
+            if key == "tokenizer.ggml.add_bos_token" {
+                *v = Value::Bool(add_bos);
+            }
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("tiny.gguf");
+        let mut f = std::fs::File::create(&p).unwrap();
+        let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let qt_refs: Vec<(&str, &QTensor)> = qts.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        gguf_file::write(&mut f, &meta_refs, &qt_refs).unwrap();
+        drop(f);
+
+        let parts = gguf::load(&p, &Device::Cpu).unwrap();
+        // vocab_size comes from the token list when {arch}.vocab_size is absent
+        assert_eq!(parts.config, cfg, "{a}");
+        assert_same_tensors(&hf, &parts.tensors);
+        let enc = |special: bool| parts.tokenizer.inner.encode("Hi there", special).unwrap().get_ids().to_vec();
+        let plain = enc(false);
+        assert_eq!(plain, ids(&smollm2_tokenizer_ref(), "Hi there"));
+        let with_bos = if add_bos { [vec![1], plain.clone()].concat() } else { plain.clone() };
+        assert_eq!(enc(true), with_bos, "{a}: add_bos_token = {add_bos}");
+        // and the model built from it runs
+        let m = ropo::model::llama::Model::load(parts.var_builder(DType::F32, &Device::Cpu), &parts.config).unwrap();
+        let x = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap();
+        assert_eq!(m.forward(&x, None, false).unwrap().dims(), [1, 3, 49152]);
+    }
 }

@@ -286,7 +286,7 @@ fn pre_tokenizer_json(md: &Metadata, pre: &str) -> Result<serde_json::Value> {
 /// The tokenizer from `tokenizer.ggml.*` metadata: a byte-level BPE (`tokenizer.ggml.model` =
 /// `gpt2`) with vocab = `tokens` (id = index), `merges`, control tokens (`token_type` 3) as
 /// special added tokens, user-defined ones (4) as added tokens, the `pre` kind's pre-tokenizer,
-/// a byte-level decoder and no post-processor (llama.cpp adds BOS itself when `add_bos_token`).
+/// a byte-level decoder, and a BOS-prepending post-processor only when `add_bos_token` is true.
 pub fn tokenizer_json(md_map: &HashMap<String, Value>, path: &Path) -> Result<serde_json::Value> {
     tokenizer_json_inner(&Metadata { md: md_map, path })
 }
@@ -319,13 +319,32 @@ fn tokenizer_json_inner(md: &Metadata) -> Result<serde_json::Value> {
         "added_tokens": added,
         "normalizer": null,
         "pre_tokenizer": pre_tokenizer_json(md, pre)?,
-        "post_processor": null,
+        "post_processor": post_processor_json(md, &tokens)?,
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {
             "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
             "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
             "vocab": vocab, "merges": merges,
         },
+    }))
+}
+
+/// With `tokenizer.ggml.add_bos_token` true, a `TemplateProcessing` that prepends BOS when
+/// special tokens are requested (what llama.cpp does, and HF's Llama `tokenizer.json`s);
+/// otherwise none.
+fn post_processor_json(md: &Metadata, tokens: &[&str]) -> Result<serde_json::Value> {
+    let add_bos = matches!(md.get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
+    let bos = md.int("tokenizer.ggml.bos_token_id")?;
+    let (true, Some(bos)) = (add_bos, bos) else { return Ok(serde_json::Value::Null) };
+    let text = tokens.get(bos as usize).ok_or_else(|| md.err(format!("tokenizer.ggml.bos_token_id = {bos} is not a token id")))?;
+    let b = serde_json::json!({"SpecialToken": {"id": text, "type_id": 0}});
+    let mut special = serde_json::Map::new();
+    special.insert(text.to_string(), serde_json::json!({"id": text, "ids": [bos], "tokens": [text]}));
+    Ok(serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [b, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [b, {"Sequence": {"id": "A", "type_id": 0}}, b, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": special,
     }))
 }
 

@@ -15,7 +15,9 @@ use crate::model::config::{Arch, Llama3RopeScaling, ModelConfig};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum OneOrMany {
+    /// `"eos_token_id": 2`
     One(u32),
+    /// `"eos_token_id": [2, 0]`
     Many(Vec<u32>),
 }
 
@@ -32,22 +34,39 @@ impl OneOrMany {
 /// The fields of `config.json` that the Llama family uses; everything optional that HF defaults.
 #[derive(Debug, Clone, Deserialize)]
 pub struct HfConfig {
+    /// `llama`, `mistral` or `qwen2`; anything else is rejected.
     pub model_type: Option<String>,
+    /// Class names (`LlamaForCausalLM`); used when `model_type` is absent.
     pub architectures: Option<Vec<String>>,
+    /// V, rows of the embedding (and lm_head) matrix.
     pub vocab_size: usize,
+    /// D, the residual width.
     pub hidden_size: usize,
+    /// The MLP width.
     pub intermediate_size: usize,
+    /// Number of decoder blocks.
     pub num_hidden_layers: usize,
+    /// Query heads.
     pub num_attention_heads: usize,
+    /// Key/value heads (GQA); default = `num_attention_heads`.
     pub num_key_value_heads: Option<usize>,
+    /// Per-head width; default `hidden_size / num_attention_heads`.
     pub head_dim: Option<usize>,
+    /// RMSNorm epsilon; default 1e-6 (transformers' default).
     pub rms_norm_eps: Option<f64>,
+    /// RoPE base; default 10000.
     pub rope_theta: Option<f64>,
+    /// `null` or a `llama3` scaling object; other kinds are rejected.
     pub rope_scaling: Option<serde_json::Value>,
+    /// Context length.
     pub max_position_embeddings: Option<usize>,
+    /// lm_head shares the embedding; default false (LlamaConfig's default).
     pub tie_word_embeddings: Option<bool>,
+    /// Biases on q/k/v/o (Llama); Qwen2 always has q/k/v biases.
     pub attention_bias: Option<bool>,
+    /// Beginning-of-sequence id.
     pub bos_token_id: Option<u32>,
+    /// End-of-sequence id(s).
     pub eos_token_id: Option<OneOrMany>,
 }
 
@@ -99,7 +118,7 @@ impl HfConfig {
                 .ok_or_else(|| err(format!("unsupported architectures {archs:?} (supported model_type: {})", names.join(", "))))?,
             (None, None) => return Err(err("neither model_type nor architectures is set".into())),
         };
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 && self.head_dim.is_none() {
+        if self.num_attention_heads == 0 || (self.hidden_size % self.num_attention_heads != 0 && self.head_dim.is_none()) {
             return Err(err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads

@@ -26,6 +26,29 @@ pub fn looks_like_repo_id(s: &str) -> bool {
     matches!(parts.len(), 1 | 2) && parts.iter().all(|p| part_ok(p)) && !s.ends_with(".gguf")
 }
 
+/// Where the hub cache is and whether to stay offline; [`HubSettings::from_env`] reads them the
+/// way `huggingface_hub` does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubSettings {
+    /// The hub cache folder (`models--org--name/...` lives directly under it).
+    pub cache_dir: PathBuf,
+    /// Cache only: never touch the network.
+    pub offline: bool,
+}
+
+impl HubSettings {
+    /// `HF_HUB_CACHE`, else `HUGGINGFACE_HUB_CACHE`, else `$HF_HOME/hub` (default
+    /// `~/.cache/huggingface/hub`); offline per [`offline`] (`HF_HUB_OFFLINE`).
+    pub fn from_env() -> Self {
+        Self { cache_dir: hf_hub::resolve_cache_dir(), offline: offline() }
+    }
+}
+
+/// [`snapshot_with`] with [`HubSettings::from_env`].
+pub fn snapshot(repo_id: &str, revision: Option<&str>) -> Result<PathBuf> {
+    snapshot_with(repo_id, revision, &HubSettings::from_env())
+}
+
 /// Fetch (or find in the cache) the files of an HF model folder for `repo_id` at `revision`
 /// (default `main`) and return the snapshot folder holding them.
 ///
@@ -34,12 +57,16 @@ pub fn looks_like_repo_id(s: &str) -> bool {
 /// `generation_config.json` and `chat_template.jinja` when the repo has them.
 ///
 /// Errors: the repo/revision/file is not found (offline: not in the cache), network errors.
-pub fn snapshot(repo_id: &str, revision: Option<&str>) -> Result<PathBuf> {
-    let client = HFClientSync::new().map_err(|e| Error::Msg(format!("hub client for {repo_id}: {e}")))?;
+pub fn snapshot_with(repo_id: &str, revision: Option<&str>, settings: &HubSettings) -> Result<PathBuf> {
+    let client = hf_hub::HFClient::builder()
+        .cache_dir(settings.cache_dir.clone())
+        .build()
+        .and_then(HFClientSync::from_inner)
+        .map_err(|e| Error::Msg(format!("hub client for {repo_id}: {e}")))?;
     let (owner, name) = hf_hub::split_id(repo_id);
     let repo = client.model(owner, name);
-    let offline = offline();
-    let cache_dir = hf_hub::resolve_cache_dir();
+    let offline = settings.offline;
+    let cache_dir = &settings.cache_dir;
     let rev = revision.unwrap_or("main").to_string();
     let where_ = || {
         let mode = if offline { " (HF_HUB_OFFLINE is set: cache only)" } else { "" };
