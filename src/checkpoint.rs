@@ -287,6 +287,68 @@ pub fn prune(output_dir: &Path, save_total_limit: usize) -> Result<Vec<PathBuf>>
     Ok(removed)
 }
 
+/// Files and folders a ropo run writes at the top of its output folder; an existing folder
+/// holding any of them is "another run".
+pub const RUN_ARTIFACTS: [&str; 7] = [
+    "checkpoints",
+    "metrics.jsonl",
+    TRAINER_STATE_FILE,
+    CONFIG_FILE,
+    ADAPTER_FILE,
+    "adapter_config.json",
+    "reference_logps",
+];
+
+/// Make `output_dir` ready for a fresh run (not a resume).
+///
+/// - missing or empty: created;
+/// - holding a ropo run (any of [`RUN_ARTIFACTS`]): refused unless `overwrite`, in which case
+///   those artefacts (and only they) are removed;
+/// - holding other files only: refused, even with `overwrite` (ropo deletes nothing it did not
+///   write).
+///
+/// Errors name the folder and what was found.
+pub fn prepare_output_dir(output_dir: &Path, overwrite: bool) -> Result<()> {
+    let io = |e: std::io::Error, what: &str| Error::Io(std::io::Error::new(e.kind(), format!("{what} {}: {e}", output_dir.display())));
+    if output_dir.exists() && !output_dir.is_dir() {
+        return Err(Error::input(output_dir, None, "output_dir exists and is not a folder"));
+    }
+    if !output_dir.exists() {
+        return std::fs::create_dir_all(output_dir).map_err(|e| io(e, "creating"));
+    }
+    let mut entries: Vec<String> = std::fs::read_dir(output_dir)
+        .map_err(|e| io(e, "reading"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    entries.sort();
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let ours: Vec<&String> = entries.iter().filter(|n| RUN_ARTIFACTS.contains(&n.as_str())).collect();
+    if ours.is_empty() {
+        return Err(Error::input(
+            output_dir,
+            None,
+            format!("output folder is not empty and holds no ropo run ({}); choose another training.output_dir", entries.join(", ")),
+        ));
+    }
+    if !overwrite {
+        let found: Vec<&str> = ours.iter().map(|s| s.as_str()).collect();
+        return Err(Error::input(
+            output_dir,
+            None,
+            format!("output folder holds another run ({}); pass --overwrite to replace it or --resume to continue it", found.join(", ")),
+        ));
+    }
+    for name in ours {
+        let p = output_dir.join(name);
+        let res = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        res.map_err(|e| Error::Io(std::io::Error::new(e.kind(), format!("removing {}: {e}", p.display()))))?;
+    }
+    Ok(())
+}
+
 /// A checkpoint read back from disk.
 #[derive(Debug)]
 pub struct LoadedCheckpoint {
@@ -388,7 +450,7 @@ mod tests {
 
     fn state(step: u64) -> TrainerState {
         let mut rec = BTreeMap::new();
-        rec.insert("loss".to_string(), serde_json::json!(0.6931471805599453));
+        rec.insert("loss".to_string(), serde_json::json!(std::f64::consts::LN_2));
         rec.insert("step".to_string(), serde_json::json!(step));
         TrainerState { global_step: step, epoch: 0.5, log_history: vec![rec], ..Default::default() }
     }
@@ -527,6 +589,28 @@ mod tests {
             assert!(left.is_empty(), "left behind: {left:?}");
         }
         assert_eq!(latest_complete(out).ok().flatten(), None);
+    }
+
+    #[test]
+    fn output_dir_refuses_another_run_without_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
+        prepare_output_dir(&out, false).unwrap();
+        assert!(out.is_dir());
+        prepare_output_dir(&out, false).unwrap(); // empty: fine
+        std::fs::write(out.join("metrics.jsonl"), b"{}\n").unwrap();
+        std::fs::create_dir_all(out.join("checkpoints/step-2")).unwrap();
+        std::fs::write(out.join("notes.txt"), b"mine").unwrap();
+        let e = prepare_output_dir(&out, false).unwrap_err().to_string();
+        assert!(e.contains("holds another run (checkpoints, metrics.jsonl)") && e.contains("--overwrite"), "{e}");
+        prepare_output_dir(&out, true).unwrap();
+        let left: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert_eq!(left, vec!["notes.txt".to_string()], "only ropo's artefacts are removed");
+        let e = prepare_output_dir(&out, true).unwrap_err().to_string();
+        assert!(e.contains("holds no ropo run (notes.txt)"), "{e}");
+        let file = dir.path().join("afile");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(prepare_output_dir(&file, true).unwrap_err().to_string().contains("not a folder"));
     }
 
     // Saving a step that already exists replaces it (resume re-saving the same step).

@@ -107,6 +107,28 @@ impl Default for DataSection {
     }
 }
 
+/// Where a chat template override comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplateSource {
+    /// A file holding the template.
+    File(std::path::PathBuf),
+    /// The template text itself.
+    Inline(String),
+}
+
+impl DataSection {
+    /// The chat template override: inline when the value holds `{%` or `{{`, else a file path.
+    pub fn chat_template_source(&self) -> Option<TemplateSource> {
+        self.chat_template.as_ref().map(|c| {
+            if c.contains("{%") || c.contains("{{") {
+                TemplateSource::Inline(c.clone())
+            } else {
+                TemplateSource::File(c.into())
+            }
+        })
+    }
+}
+
 /// What to do with a pair whose chosen and rejected completions are identical.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -916,6 +938,16 @@ beta = 0.1
         // the defaults alone print too (model.path_or_id = "")
         let d = RunConfig::default().to_toml_string();
         assert_eq!(RunConfig::from_toml_str(&d, Path::new("d.toml")).unwrap(), RunConfig::default());
+    }
+
+    #[test]
+    fn chat_template_source_inline_or_file() {
+        let mut d = DataSection::default();
+        assert_eq!(d.chat_template_source(), None);
+        d.chat_template = Some("templates/chatml.jinja".into());
+        assert_eq!(d.chat_template_source(), Some(TemplateSource::File("templates/chatml.jinja".into())));
+        d.chat_template = Some("{% for m in messages %}{{ m.content }}{% endfor %}".into());
+        assert!(matches!(d.chat_template_source(), Some(TemplateSource::Inline(_))));
     }
 
     #[test]

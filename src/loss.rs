@@ -42,8 +42,9 @@ pub fn selective_log_softmax(logits: &Tensor, targets: &Tensor) -> Result<Tensor
 /// `logps[n] = Σ_t completion_mask[n,t] · log_softmax(logits[n,t-1])[input_ids[n,t]]` for
 /// `t = 1..T` (position 0 has no prediction and is ignored, as TRL's shift does).
 ///
-/// Shapes and dtypes: `logits (N,T,V)` any float dtype (computed in f32), `input_ids (N,T)` u32,
-/// `completion_mask (N,T)` f32 (1 at completion tokens) → `(N,)` f32, in nats.
+/// Shapes and dtypes: `logits (N,T,V)` any float dtype, `input_ids (N,T)` u32,
+/// `completion_mask (N,T)` (1 at completion tokens) → `(N,)`, in nats. Computed and returned in
+/// f32 (f16/bf16/f32 logits) or f64 (f64 logits, for finite-difference gradient checks).
 /// Errors: shape mismatches, and token ids outside the vocabulary (named).
 /// Source: TRL 1.16 `DPOTrainer._compute_loss` (`per_token_logps[shift_completion_mask == 0] = 0`,
 /// then `sum(dim=1)`); masked positions contribute exactly 0 even if their log-prob is not finite.
@@ -51,18 +52,19 @@ pub fn completion_logps(logits: &Tensor, input_ids: &Tensor, completion_mask: &T
     let (n, t, v) = logits.dims3()?;
     check_shape("input_ids", input_ids, &[n, t])?;
     check_shape("completion_mask", completion_mask, &[n, t])?;
+    let dtype = if logits.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
     if t < 2 {
-        return Ok(Tensor::zeros(n, DType::F32, logits.device())?);
+        return Ok(Tensor::zeros(n, dtype, logits.device())?);
     }
     let max_id = input_ids.max_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()?;
     if max_id as usize >= v {
         return Err(Error::Msg(format!("input_ids holds token id {max_id}, outside the vocabulary of {v} logits")));
     }
-    let logits = logits.to_dtype(DType::F32)?.narrow(1, 0, t - 1)?; // (N, T-1, V): predicts tokens 1..T
+    let logits = logits.to_dtype(dtype)?.narrow(1, 0, t - 1)?; // (N, T-1, V): predicts tokens 1..T
     let targets = input_ids.narrow(1, 1, t - 1)?; // (N, T-1)
-    let mask = completion_mask.to_dtype(DType::F32)?.narrow(1, 1, t - 1)?; // (N, T-1)
+    let mask = completion_mask.to_dtype(dtype)?.narrow(1, 1, t - 1)?; // (N, T-1)
     let per_token = selective_log_softmax(&logits, &targets)?; // (N, T-1)
-    let keep = mask.ne(0f32)?;
+    let keep = mask.ne(0.0)?;
     let per_token = keep.where_cond(&per_token.broadcast_mul(&mask)?, &per_token.zeros_like()?)?;
     Ok(per_token.sum(1)?)
 }
@@ -172,11 +174,15 @@ pub enum LossType {
     Discopop,
     /// DPO on length-normalised log-ratios (TRL's `sigmoid_norm`, SimPO-style with a reference).
     SigmoidNorm,
+    /// AOT (Melnyk et al. 2024), paired: sorted policy vs sorted reference log-ratio gaps.
+    Aot,
+    /// AOT, unpaired: sorted chosen vs sorted rejected log-ratios.
+    AotUnpaired,
 }
 
 impl LossType {
-    /// Every loss type, in the order TRL lists them.
-    pub const ALL: [LossType; 12] = [
+    /// Every loss type (TRL 1.16's, except `sft`, which is `rpo_alpha` here).
+    pub const ALL: [LossType; 14] = [
         LossType::Sigmoid,
         LossType::Hinge,
         LossType::Ipo,
@@ -189,6 +195,8 @@ impl LossType {
         LossType::ApoDown,
         LossType::Discopop,
         LossType::SigmoidNorm,
+        LossType::Aot,
+        LossType::AotUnpaired,
     ];
 
     /// The config name (`"sigmoid"`, `"exo_pair"`, ...).
@@ -206,6 +214,8 @@ impl LossType {
             LossType::ApoDown => "apo_down",
             LossType::Discopop => "discopop",
             LossType::SigmoidNorm => "sigmoid_norm",
+            LossType::Aot => "aot",
+            LossType::AotUnpaired => "aot_unpaired",
         }
     }
 
@@ -220,11 +230,12 @@ impl LossType {
     /// The valid `label_smoothing` values for this loss, or the reason a value is refused.
     ///
     /// TRL 1.16 reads `label_smoothing` only in `robust` (`0 <= ε < 0.5`, the `1 - 2ε`
-    /// denominator) and `exo_pair` (`0 < ε < 1`: `log ε` and `log(1 - ε)` appear); every other
-    /// loss ignores it, so a non-zero value there is refused rather than silently ignored.
+    /// denominator), `aot` and `aot_unpaired` (cDPO-style smoothing; `0 <= ε < 0.5`, the range
+    /// TRL documents for it) and `exo_pair` (`0 < ε < 1`: `log ε` and `log(1 - ε)` appear);
+    /// every other loss ignores it, so a non-zero value there is refused rather than ignored.
     pub fn check_label_smoothing(self, eps: f64) -> std::result::Result<(), String> {
         let ok = match self {
-            LossType::Robust => (0.0..0.5).contains(&eps),
+            LossType::Robust | LossType::Aot | LossType::AotUnpaired => (0.0..0.5).contains(&eps),
             LossType::ExoPair => eps > 0.0 && eps < 1.0,
             _ => eps == 0.0,
         };
@@ -232,10 +243,10 @@ impl LossType {
             return Ok(());
         }
         Err(match self {
-            LossType::Robust => "must be in [0, 0.5) for loss_type \"robust\"".to_string(),
+            LossType::Robust | LossType::Aot | LossType::AotUnpaired => format!("must be in [0, 0.5) for loss_type {:?}", self.name()),
             LossType::ExoPair => "must be in (0, 1) for loss_type \"exo_pair\" (the EXO paper suggests 1e-3)".to_string(),
             other => format!(
-                "must be 0 for loss_type {:?}: TRL 1.16 uses label_smoothing only in \"robust\" and \"exo_pair\"",
+                "must be 0 for loss_type {:?}: TRL 1.16 uses label_smoothing only in \"robust\", \"exo_pair\", \"aot\" and \"aot_unpaired\"",
                 other.name()
             ),
         })
@@ -244,14 +255,14 @@ impl LossType {
     /// The per-pair loss when policy = reference (`c = r = 0`), as at step 0 of training, in closed
     /// form: a check for the trainer's first step.
     ///
-    /// sigmoid, robust, sigmoid_norm: `ln 2`; hinge: `1`; ipo: `(1/(2β))²`; exo_pair:
+    /// sigmoid, robust, sigmoid_norm, aot, aot_unpaired: `ln 2`; hinge: `1`; ipo: `(1/(2β))²`; exo_pair:
     /// `½(ln ½ - ln(1-ε)) + ½(ln ½ - ln ε)`; nca_pair, bco_pair: `2 ln 2`; sppo_hard: `2 (1/(2β))²`;
     /// apo_zero, apo_down: `1`; discopop: `(ln 2 + 1)/2`.
     pub fn value_at_reference(self, p: &LossParams) -> f64 {
         let ln2 = std::f64::consts::LN_2;
         let half_over_beta = 0.5 / p.beta;
         match self {
-            LossType::Sigmoid | LossType::Robust | LossType::SigmoidNorm => ln2,
+            LossType::Sigmoid | LossType::Robust | LossType::SigmoidNorm | LossType::Aot | LossType::AotUnpaired => ln2,
             LossType::Hinge | LossType::ApoZero | LossType::ApoDown => 1.0,
             LossType::Ipo => half_over_beta * half_over_beta,
             LossType::ExoPair => {
@@ -315,6 +326,8 @@ struct Scores<'a> {
     delta: Tensor,
     n_w: &'a Tensor,
     n_l: &'a Tensor,
+    /// The four log-probs (AOT sorts their differences across the batch).
+    logps: &'a PairLogps,
 }
 
 /// The per-pair loss `(B,)` of `loss_type` (TRL 1.16 `_compute_loss`, reverse-KL scores).
@@ -322,7 +335,7 @@ pub fn per_pair_loss(loss_type: LossType, logps: &PairLogps, p: &LossParams) -> 
     let c = (&logps.policy_chosen - logps.reference_chosen.detach())?;
     let r = (&logps.policy_rejected - logps.reference_rejected.detach())?;
     let delta = (&c - &r)?;
-    let s = Scores { c, r, delta, n_w: &logps.chosen_tokens, n_l: &logps.rejected_tokens };
+    let s = Scores { c, r, delta, n_w: &logps.chosen_tokens, n_l: &logps.rejected_tokens, logps };
     match loss_type {
         LossType::Sigmoid => sigmoid_loss(&s, p),
         LossType::Hinge => hinge_loss(&s, p),
@@ -336,6 +349,8 @@ pub fn per_pair_loss(loss_type: LossType, logps: &PairLogps, p: &LossParams) -> 
         LossType::ApoDown => apo_down_loss(&s, p),
         LossType::Discopop => discopop_loss(&s, p),
         LossType::SigmoidNorm => sigmoid_norm_loss(&s, p),
+        LossType::Aot => aot_loss(&s, p),
+        LossType::AotUnpaired => aot_unpaired_loss(&s, p),
     }
 }
 
@@ -439,6 +454,37 @@ fn sigmoid_norm_loss(s: &Scores, p: &LossParams) -> Result<Tensor> {
     let ca = (&s.c / s.n_w.clamp(1.0, f64::INFINITY)?)?;
     let ra = (&s.r / s.n_l.clamp(1.0, f64::INFINITY)?)?;
     Ok(log_sigmoid(&(ca - ra)?.affine(p.beta, 0.0)?)?.neg()?)
+}
+
+/// `x (B,)` sorted ascending across the batch; differentiable (a gather of `x`).
+fn sort_batch(x: &Tensor) -> Result<Tensor> {
+    let idx = x.detach().arg_sort_last_dim(true)?;
+    Ok(x.index_select(&idx, 0)?)
+}
+
+/// cDPO-style smoothed logistic loss of `z = βδ`: `-(1-ε) log σ(z) - ε log σ(-z)`.
+fn smoothed_logistic(delta: &Tensor, p: &LossParams) -> Result<Tensor> {
+    let e = p.label_smoothing;
+    let z = delta.affine(p.beta, 0.0)?;
+    let a = log_sigmoid(&z)?.affine(-(1.0 - e), 0.0)?;
+    let b = log_sigmoid(&z.neg()?)?.affine(-e, 0.0)?;
+    Ok((a + b)?)
+}
+
+/// AOT, paired (Melnyk et al. 2024, arXiv 2406.05882, alignment via optimal transport): the
+/// policy gaps `log π(y_w|x) - log π(y_l|x)` and the reference gaps are each sorted across the
+/// batch, `δ = sort(π gaps) - sort(ref gaps)`, `L = -(1-ε) log σ(βδ) - ε log σ(-βδ)` (TRL's `aot`).
+/// Per-pair values are in sorted order, not the batch's (only the mean is meaningful).
+fn aot_loss(s: &Scores, p: &LossParams) -> Result<Tensor> {
+    let pi = (&s.logps.policy_chosen - &s.logps.policy_rejected)?;
+    let reference = (&s.logps.reference_chosen - &s.logps.reference_rejected)?.detach();
+    smoothed_logistic(&(sort_batch(&pi)? - sort_batch(&reference)?)?, p)
+}
+
+/// AOT, unpaired (Melnyk et al. 2024, arXiv 2406.05882): `δ = sort(c) - sort(r)` across the
+/// batch, `L = -(1-ε) log σ(βδ) - ε log σ(-βδ)` (TRL's `aot_unpaired`).
+fn aot_unpaired_loss(s: &Scores, p: &LossParams) -> Result<Tensor> {
+    smoothed_logistic(&(sort_batch(&s.c)? - sort_batch(&s.r)?)?, p)
 }
 
 /// The SFT (NLL) term on the chosen completions, token-averaged over the batch:
@@ -602,9 +648,10 @@ mod tests {
             assert_close(&format!("{name} d/d rejected"), &gr.to_vec1::<f64>().unwrap(), &vecf(&row["grad_policy_rejected_logps"]), 1e-12);
         }
         seen.sort();
-        let mut all = LossType::ALL.to_vec();
-        all.sort();
-        assert_eq!(seen, all, "every LossType is covered by the golden file");
+        let mut rest: Vec<LossType> = LossType::ALL.into_iter().filter(|l| !seen.contains(l)).collect();
+        rest.sort();
+        // The two AOT losses are not in the golden file; aot_matches_hand_computation checks them.
+        assert_eq!(rest, vec![LossType::Aot, LossType::AotUnpaired], "every other LossType is covered by the golden file");
     }
 
     // The same in f32 (the training dtype): the inputs are O(100) log-probs whose differences
@@ -660,7 +707,7 @@ mod tests {
         let ln2 = std::f64::consts::LN_2;
         let hand = |lt: LossType| -> f64 {
             match lt {
-                LossType::Sigmoid | LossType::Robust | LossType::SigmoidNorm => ln2,
+                LossType::Sigmoid | LossType::Robust | LossType::SigmoidNorm | LossType::Aot | LossType::AotUnpaired => ln2,
                 LossType::Hinge | LossType::ApoZero | LossType::ApoDown => 1.0,
                 LossType::Ipo => 25.0,       // (1/(2*0.1))^2
                 LossType::SppoHard => 50.0,  // 2 * 25
@@ -674,7 +721,7 @@ mod tests {
         for lt in LossType::ALL {
             let p = LossParams {
                 beta: 0.1,
-                label_smoothing: if matches!(lt, LossType::Robust | LossType::ExoPair) { 0.1 } else { 0.0 },
+                label_smoothing: if matches!(lt, LossType::Robust | LossType::ExoPair | LossType::Aot | LossType::AotUnpaired) { 0.1 } else { 0.0 },
                 discopop_tau: 0.05,
             };
             let logps = PairLogps {
@@ -707,6 +754,59 @@ mod tests {
         let g = out.loss.backward().unwrap().get(pc.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
         for x in g {
             assert!((x - (-0.1 * 0.5 / 3.0)).abs() < 1e-15, "step-0 gradient {x}");
+        }
+    }
+
+    // AOT on the golden inputs (not in the golden file): the formula written out in f64 with
+    // Rust's sort, and the gradient against central finite differences (h = 1e-6; the loss is
+    // smooth away from ties, and the inputs have none).
+    #[test]
+    fn aot_matches_hand_computation() {
+        let g = golden();
+        let v = |k: &str| vecf(&g[k]);
+        let (pc, pr, rc, rr) = (v("policy_chosen_logps"), v("policy_rejected_logps"), v("reference_chosen_logps"), v("reference_rejected_logps"));
+        let (beta, eps) = (0.1, 0.1);
+        let lsig = |x: f64| if x < 0.0 { x - x.exp().ln_1p() } else { -(-x).exp().ln_1p() };
+        let smooth = |d: f64| -(1.0 - eps) * lsig(beta * d) - eps * lsig(-beta * d);
+        let sorted = |mut x: Vec<f64>| {
+            x.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            x
+        };
+        let mean_loss = |lt: LossType, pc: &[f64], pr: &[f64]| -> f64 {
+            let (a, b): (Vec<f64>, Vec<f64>) = match lt {
+                LossType::Aot => (
+                    sorted(pc.iter().zip(pr).map(|(c, r)| c - r).collect()),
+                    sorted(rc.iter().zip(&rr).map(|(c, r)| c - r).collect()),
+                ),
+                _ => (
+                    sorted(pc.iter().zip(&rc).map(|(p, r)| p - r).collect()),
+                    sorted(pr.iter().zip(&rr).map(|(p, r)| p - r).collect()),
+                ),
+            };
+            a.iter().zip(&b).map(|(x, y)| smooth(x - y)).sum::<f64>() / a.len() as f64
+        };
+        for lt in [LossType::Aot, LossType::AotUnpaired] {
+            let (vc, vr, logps, _) = golden_inputs(&g);
+            let p = LossParams { beta, label_smoothing: eps, discopop_tau: 0.05 };
+            let out = preference_loss(lt, &logps, &p, None).unwrap();
+            let got = out.loss.to_scalar::<f64>().unwrap();
+            let want = mean_loss(lt, &pc, &pr);
+            assert!((got - want).abs() < 1e-14, "{lt}: {got} vs {want}");
+            let grads = out.loss.backward().unwrap();
+            let gc = grads.get(vc.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
+            let gr = grads.get(vr.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
+            let h = 1e-6;
+            for i in 0..4 {
+                let bump = |x: &[f64], d: f64| {
+                    let mut y = x.to_vec();
+                    y[i] += d;
+                    y
+                };
+                let fd_c = (mean_loss(lt, &bump(&pc, h), &pr) - mean_loss(lt, &bump(&pc, -h), &pr)) / (2.0 * h);
+                let fd_r = (mean_loss(lt, &pc, &bump(&pr, h)) - mean_loss(lt, &pc, &bump(&pr, -h))) / (2.0 * h);
+                assert!((gc[i] - fd_c).abs() < 1e-8 && fd_c.abs() > 1e-4, "{lt} d/dc[{i}]: {} vs {fd_c}", gc[i]);
+                assert!((gr[i] - fd_r).abs() < 1e-8 && fd_r.abs() > 1e-4, "{lt} d/dr[{i}]: {} vs {fd_r}", gr[i]);
+            }
         }
     }
 
@@ -801,6 +901,53 @@ mod tests {
                 }
             }
         }
+    }
+
+    // The whole loss path in f64, logits -> completion_logps -> sigmoid DPO loss, against central
+    // finite differences of every logit: (L(x + h) - L(x - h)) / 2h with h = 1e-5 has truncation
+    // error O(h^2) ~ 1e-10 and rounding error ~ 1e-16/h ~ 1e-11; 1e-8 absolute is a safe bound.
+    #[test]
+    fn loss_path_gradient_matches_finite_differences_f64() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let (b, t, v) = (2usize, 4usize, 5usize);
+        let n = 2 * b;
+        let x: Vec<f64> = (0..n * t * v).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let ids = Tensor::from_vec((0..n * t).map(|_| rng.random_range(0..v as u32)).collect::<Vec<_>>(), (n, t), &Device::Cpu).unwrap();
+        let mask = Tensor::new(&[[0f64, 1., 1., 1.], [0., 0., 1., 0.], [0., 1., 1., 0.], [0., 0., 1., 1.]], &Device::Cpu).unwrap();
+        let ref_c = t64(&[-3.0, -2.5]);
+        let ref_r = t64(&[-2.0, -4.0]);
+        let loss_of = |logits: &Tensor| -> Tensor {
+            let lp = completion_logps(logits, &ids, &mask).unwrap();
+            let (pc, pr) = split_pairs(&lp).unwrap();
+            let (nc, nr) = split_pairs(&completion_token_counts(&mask).unwrap().to_dtype(DType::F64).unwrap()).unwrap();
+            let logps = PairLogps {
+                policy_chosen: pc,
+                policy_rejected: pr,
+                reference_chosen: ref_c.clone(),
+                reference_rejected: ref_r.clone(),
+                chosen_tokens: nc,
+                rejected_tokens: nr,
+            };
+            preference_loss(LossType::Sigmoid, &logps, &LossParams { beta: 0.5, ..Default::default() }, Some(0.3)).unwrap().loss
+        };
+        let var = Var::from_vec(x.clone(), (n, t, v), &Device::Cpu).unwrap();
+        let loss = loss_of(var.as_tensor());
+        assert_eq!(loss.dtype(), DType::F64);
+        let g = loss.backward().unwrap().get(var.as_tensor()).expect("no gradient for logits").flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let h = 1e-5;
+        let mut nonzero = 0;
+        for i in 0..x.len() {
+            let at = |d: f64| {
+                let mut y = x.clone();
+                y[i] += d;
+                loss_of(&Tensor::from_vec(y, (n, t, v), &Device::Cpu).unwrap()).to_scalar::<f64>().unwrap()
+            };
+            let fd = (at(h) - at(-h)) / (2.0 * h);
+            assert!((g[i] - fd).abs() < 1e-8, "logit {i}: autograd {} vs finite difference {fd}", g[i]);
+            nonzero += usize::from(fd.abs() > 1e-6);
+        }
+        assert!(nonzero > 20, "the check must exercise real gradients ({nonzero} non-zero)");
     }
 
     #[test]

@@ -319,7 +319,7 @@ mod tests {
 
     #[test]
     fn progress_message_and_hidden_bar() {
-        assert_eq!(Progress::message(0.693147, 0.625, 0.0412, 310.4), "loss 0.6931 acc 0.62 margin 0.041 | 310 tok/s");
+        assert_eq!(Progress::message(0.6812, 0.625, 0.0412, 310.4), "loss 0.6812 acc 0.62 margin 0.041 | 310 tok/s");
         let p = Progress::hidden(10, 2);
         assert!(p.is_hidden());
         p.update(3, 0.69, 0.5, 0.0, 100.0);

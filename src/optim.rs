@@ -79,11 +79,11 @@ impl Grads {
 
     /// Clip by global norm, as PyTorch's `clip_grad_norm_`: with `n` the global norm,
     /// `g ← g · min(1, max_norm / (n + 1e-6))`. Returns `n`, the norm before clipping (what
-    /// TRL logs as `grad_norm`). A non-finite norm is returned unchanged and nothing is scaled:
-    /// the caller stops training.
+    /// TRL logs as `grad_norm`). `max_norm <= 0` disables clipping (the norm is still returned).
+    /// A non-finite norm is returned and nothing is scaled: the caller stops training.
     pub fn clip_global_norm(&mut self, max_norm: f64) -> Result<f64> {
         let norm = self.global_norm()?;
-        if !norm.is_finite() {
+        if !norm.is_finite() || max_norm <= 0.0 {
             return Ok(norm);
         }
         let coef = max_norm / (norm + 1e-6);
@@ -281,8 +281,8 @@ impl AdamW {
 pub fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
     let views: Vec<(String, Tensor)> =
         tensors.iter().map(|(n, t)| Ok((n.clone(), t.contiguous()?))).collect::<candle_core::Result<_>>()?;
-    Ok(safetensors::tensor::serialize(views.iter().map(|(n, t)| (n.as_str(), t)), metadata)
-        .map_err(|e| Error::Msg(format!("serialising safetensors: {e}")))?)
+    safetensors::tensor::serialize(views.iter().map(|(n, t)| (n.as_str(), t)), metadata)
+        .map_err(|e| Error::Msg(format!("serialising safetensors: {e}")))
 }
 
 // ------------------------------------------------------------------------------------------
@@ -474,6 +474,9 @@ mod tests {
         let got = g.0[0].to_vec1::<f32>().unwrap();
         assert!((got[0] as f64 - 3.0 * coef).abs() < 1e-6 && (got[1] as f64 - 4.0 * coef).abs() < 1e-6);
         assert!((g.global_norm().unwrap() - 6.5).abs() < 1e-5);
+        let mut off = mk();
+        assert_eq!(off.clip_global_norm(0.0).unwrap(), 13.0);
+        assert_eq!(off.0[1].to_vec1::<f32>().unwrap(), vec![12.0], "max_norm 0 disables clipping");
         let mut bad = Grads(vec![Tensor::new(&[f32::NAN], &Device::Cpu).unwrap()]);
         assert!(bad.clip_global_norm(1.0).unwrap().is_nan());
     }

@@ -66,6 +66,19 @@ fn hh_harmless_test_loads_as_hh_with_no_shared_prompt_rows_counted() {
     assert!(chosen[0].content.starts_with("No, sorry!"), "{:?}", chosen[0].content);
 }
 
+/// data/concise_prefs/README.md: with SmolLM2's template every row is under 150 tokens.
+#[test]
+fn shipped_concise_prefs_fit_in_150_tokens() {
+    let tok = smollm2_tokenizer();
+    for name in ["train", "eval"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("data/concise_prefs/{name}.jsonl"));
+        let p = ropo::data::prepare(&path, &tok, None, &LoadOptions::default(), TokenizeOptions::default()).unwrap();
+        assert_eq!(p.report.prompt_mismatch.count, 0);
+        let longest = p.lengths().into_iter().max().unwrap();
+        assert!(longest < 150, "{name}: {longest} tokens");
+    }
+}
+
 #[test]
 fn shipped_concise_prefs_load_as_conversational() {
     for (name, n) in [("train", 205), ("eval", 60)] {
@@ -487,4 +500,140 @@ proptest! {
             prop_assert!(full.starts_with(&t.prompt_ids) && full_r.starts_with(&t.prompt_ids));
         }
     }
+}
+
+// ---------------------------------------------------------------- the real SmolLM2 tokenizer
+
+fn smollm2_tokenizer() -> Tokenizer {
+    let gguf = common::smollm2_gguf();
+    ropo::model::load_parts(gguf.to_str().unwrap(), &Default::default()).unwrap().tokenizer
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// ../shared/golden/smollm2_golden.json `orca_pairs`: TRL 1.16's tokenization of the first
+/// three orca validation rows whose prompt is shorter than 256 tokens (rows 0, 1, 3), with
+/// max_length 256 keep-start truncation (`orca_pairs_procedure`). Ours must be identical.
+#[test]
+fn golden_orca_pairs_tokenize_exactly_as_trl() {
+    let golden = common::golden("smollm2_golden.json");
+    let tok = smollm2_tokenizer();
+    assert_eq!(tok.chat_template.as_deref(), golden["chat_template"]["template"].as_str());
+    let path = common::shared("data/orca_dpo_pairs/validation.jsonl");
+    let data = load(&path, &LoadOptions::default()).unwrap();
+    let pt = PairTokenizer::new(&tok, None, TokenizeOptions { max_length: Some(256), max_prompt_length: None }).unwrap();
+    let mut report = ropo::data::DataReport::default();
+    let pairs = pt.tokenize_all(&data.examples[..4], &path, &mut report).unwrap();
+    // row 2 (line 3) has a prompt of >= 256 tokens: dropped and counted, as TRL drops it
+    assert_eq!(report.skipped[&SkipReason::PromptTooLong].first_lines, vec![3]);
+    assert_eq!(report.prompt_mismatch.count, 0);
+    let gold = golden["orca_pairs"].as_array().unwrap();
+    assert_eq!(pairs.len(), gold.len());
+    for (t, g) in pairs.iter().zip(gold) {
+        let row = g["row"].as_u64().unwrap() as usize;
+        assert_eq!(t.line, row + 1);
+        assert_eq!(t.prompt_ids, ids(&g["prompt_ids"]), "row {row} prompt_ids");
+        assert_eq!(t.prompt_ids.len(), g["n_prompt"].as_u64().unwrap() as usize);
+        for (side, completion, full) in [("chosen", &t.chosen_ids, t.chosen_input_ids()), ("rejected", &t.rejected_ids, t.rejected_input_ids())] {
+            let gs = &g[side];
+            assert_eq!(full, ids(&gs["input_ids_truncated"]), "row {row} {side} input_ids_truncated");
+            assert_eq!(full.len(), gs["n_total_truncated"].as_u64().unwrap() as usize);
+            assert_eq!(completion.len(), gs["n_completion_tokens_scored"].as_u64().unwrap() as usize, "row {row} {side}");
+        }
+        // untruncated completion lengths, and the <|im_end|>\n tail
+        let e = pt.encode(&data.examples[row], &path).unwrap();
+        assert_eq!(e.chosen_ids.len(), g["chosen"]["completion_ids_untruncated_n"].as_u64().unwrap() as usize);
+        assert_eq!(e.rejected_ids.len(), g["rejected"]["completion_ids_untruncated_n"].as_u64().unwrap() as usize);
+        assert_eq!(&e.chosen_ids[e.chosen_ids.len() - 2..], &[2, 198]);
+        assert_eq!(t.chosen_ids.ends_with(&[2, 198]), g["chosen"]["im_end_included_after_truncation"].as_bool().unwrap());
+    }
+}
+
+/// The proptest property on real data: with SmolLM2's tokenizer, the prompt ids of every orca
+/// and HH pair are a prefix of prompt + answer ids, and no sequence exceeds max_length.
+#[test]
+fn real_files_tokenize_with_prompt_prefixes_and_limits() {
+    let tok = smollm2_tokenizer();
+    for (file, max_length) in [("data/orca_dpo_pairs/validation.jsonl", 512), ("data/hh_rlhf_harmless/harmless-base-test.jsonl.gz", 256)] {
+        let path = common::shared(file);
+        let opts = TokenizeOptions { max_length: Some(max_length), max_prompt_length: None };
+        let p = ropo::data::prepare(&path, &tok, None, &LoadOptions::default(), opts).unwrap();
+        assert_eq!(p.report.prompt_mismatch.count, 0, "{file}: {}", p.report);
+        assert!(p.pairs.iter().all(|t| t.max_len() <= max_length));
+        assert!(!p.pairs.is_empty());
+        eprintln!("{file}:\n{}", p.report);
+        let kept = p.pairs.len() + p.report.total_skipped();
+        assert_eq!(kept, p.report.rows_read, "{file}: every row is kept or counted");
+    }
+}
+
+/// Summed completion log-probs of the golden orca pairs through our batch layout
+/// (`[chosen..., rejected...]`, right padding, completion_mask) and the model: within 1e-2 of
+/// ../shared/golden/smollm2_golden.json `sum_completion_logprob` (transformers f32 forward;
+/// 1e-2 allows f32 accumulation-order differences over ~150 tokens of 30 layers).
+#[test]
+fn golden_orca_completion_logprobs_through_the_batch_layout() {
+    use candle_core::{DType, Device, D};
+    let golden = common::golden("smollm2_golden.json");
+    let gguf = common::smollm2_gguf();
+    let m = ropo::model::load(gguf.to_str().unwrap(), &Default::default()).unwrap();
+    let path = common::shared("data/orca_dpo_pairs/validation.jsonl");
+    let data = load(&path, &LoadOptions::default()).unwrap();
+    let pt = PairTokenizer::new(&m.tokenizer, None, TokenizeOptions { max_length: Some(256), max_prompt_length: None }).unwrap();
+    let pairs = pt.tokenize_all(&data.examples[..4], &path, &mut Default::default()).unwrap();
+    let refs: Vec<_> = pairs.iter().collect();
+    let pad = ropo::data::batch::pad_id(&m.tokenizer).unwrap();
+    let b = ropo::data::batch::collate(&refs, pad, &Device::Cpu).unwrap();
+    let logits = m.model.forward(&b.input_ids, Some(&b.attention_mask), false).unwrap(); // (2B, T, V)
+    let (n, t, _) = logits.dims3().unwrap();
+    // logp(seq) = sum_t completion_mask[t] * log_softmax(logits[t-1])[input_ids[t]]
+    let logp = candle_nn::ops::log_softmax(&logits.narrow(1, 0, t - 1).unwrap().contiguous().unwrap(), D::Minus1).unwrap();
+    let next = b.input_ids.narrow(1, 1, t - 1).unwrap().contiguous().unwrap().unsqueeze(2).unwrap();
+    let tok_logp = logp.gather(&next, 2).unwrap().squeeze(2).unwrap(); // (2B, T-1)
+    let mask = b.completion_mask.narrow(1, 1, t - 1).unwrap().contiguous().unwrap();
+    let sums = (tok_logp * mask).unwrap().to_dtype(DType::F64).unwrap().sum(1).unwrap().to_vec1::<f64>().unwrap();
+    let gold = golden["orca_pairs"].as_array().unwrap();
+    let want: Vec<f64> = gold.iter().map(|g| g["chosen"]["sum_completion_logprob"].as_f64().unwrap())
+        .chain(gold.iter().map(|g| g["rejected"]["sum_completion_logprob"].as_f64().unwrap())).collect();
+    assert_eq!(n, want.len());
+    for (i, (got, want)) in sums.iter().zip(&want).enumerate() {
+        eprintln!("sequence {i}: ours {got:.5}, golden {want:.5}, diff {:.2e}", (got - want).abs());
+        assert!((got - want).abs() < 1e-2, "sequence {i}: ours {got}, golden {want}");
+    }
+}
+
+// ---------------------------------------------------------------- `ropo data inspect`
+
+fn ropo(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ropo")).args(args).output().expect("running ropo")
+}
+
+#[test]
+fn cli_inspect_reports_format_drops_percentiles_and_an_example() {
+    let gguf = common::smollm2_gguf();
+    let orca = common::shared("data/orca_dpo_pairs/validation.jsonl");
+    let out = ropo(&["data", "inspect", orca.to_str().unwrap(), "--model", gguf.to_str().unwrap(), "--max-length", "256"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for want in ["format: openai", "rows read: 284", "prompt alone reaches max_length:", "token lengths before truncation:", "  prompt    p50", "\u{27ea}|\u{27eb}Step 1: Identify"] {
+        assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}");
+    }
+}
+
+#[test]
+fn cli_inspect_bad_file_exits_2_naming_file_line_and_field() {
+    let gguf = common::smollm2_gguf();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.jsonl");
+    std::fs::write(&path, format!("{GOOD}\n{{\"prompt\": \"p\", \"chosen\": \"a\"}}\n")).unwrap();
+    let out = ropo(&["data", "inspect", path.to_str().unwrap(), "--model", gguf.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty(), "no partial output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim_end(), format!("ropo: {}:2: missing field \"rejected\"", path.display()));
+    let out = ropo(&["data", "inspect", path.to_str().unwrap(), "--model", gguf.to_str().unwrap(), "--format", "orca"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("should be one of standard, implicit_prompt"), "{}", String::from_utf8_lossy(&out.stderr));
 }

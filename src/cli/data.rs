@@ -1,5 +1,13 @@
 //! `ropo data ...`.
 
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::data::inspect::inspect;
+use crate::data::tokenize::TokenizeOptions;
+use crate::data::{Format, LoadOptions, OnIdentical};
+
 /// Data subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum DataCommand {
@@ -8,12 +16,62 @@ pub enum DataCommand {
 }
 
 /// Arguments of `ropo data inspect`.
+///
+/// Loads FILE as training would (format detection, row checks, the model's chat template and
+/// tokenizer, truncation), then prints the format, the rows read and dropped (with the reason
+/// and the first line numbers), token-length percentiles of prompt, chosen and rejected, and
+/// one example with the prompt/completion boundary marked.
 #[derive(Debug, clap::Args)]
-pub struct InspectArgs {}
+pub struct InspectArgs {
+    /// The preference file: .jsonl or .json (an array), optionally gzip'd (.gz).
+    pub file: PathBuf,
+    /// The model whose tokenizer and chat template are used: an HF folder, a .gguf file or a hub id.
+    #[arg(long, value_name = "M")]
+    pub model: String,
+    /// Maximum tokens of prompt + completion.
+    ///
+    /// Longer sequences keep their start (the completion is cut); a row whose prompt alone has
+    /// this many tokens is dropped and counted. Default: no limit.
+    #[arg(long, value_name = "N")]
+    pub max_length: Option<usize>,
+    /// Drop (and count) rows whose prompt has more tokens than this. Default: no limit.
+    #[arg(long, value_name = "N")]
+    pub max_prompt_length: Option<usize>,
+    /// Read the rows as this format instead of detecting it.
+    ///
+    /// One of standard, implicit_prompt, conversational, openai, hh, sharegpt.
+    #[arg(long, value_name = "F")]
+    pub format: Option<Format>,
+    /// A Jinja chat template file to use instead of the model's.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
+    /// Fail on a row whose chosen equals its rejected, instead of skipping and counting it.
+    #[arg(long)]
+    pub fail_on_identical: bool,
+}
 
 /// Run a data subcommand.
 pub fn run(cmd: DataCommand) -> anyhow::Result<()> {
     match cmd {
-        DataCommand::Inspect(_) => anyhow::bail!("`ropo data inspect` is not implemented yet"),
+        DataCommand::Inspect(args) => run_inspect(args),
     }
+}
+
+fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
+    let template = args
+        .chat_template
+        .as_ref()
+        .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading the chat template {}", p.display())))
+        .transpose()?;
+    let tokenizer = crate::model::load_parts(&args.model, &Default::default())
+        .with_context(|| format!("loading the tokenizer of {}", args.model))?
+        .tokenizer;
+    let load_opts = LoadOptions {
+        format: args.format,
+        on_identical: if args.fail_on_identical { OnIdentical::Error } else { OnIdentical::Skip },
+    };
+    let options = TokenizeOptions { max_length: args.max_length, max_prompt_length: args.max_prompt_length };
+    let report = inspect(&args.file, &tokenizer, template.as_deref(), &load_opts, options)?;
+    print!("{report}");
+    Ok(())
 }

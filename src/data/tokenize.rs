@@ -211,10 +211,18 @@ impl<'a> PairTokenizer<'a> {
     /// Errors: as [`Self::encode`]; conversations without a chat template fail before any work,
     /// naming the first conversational row.
     pub fn tokenize_all(&self, examples: &[PreferenceExample], source: &Path, report: &mut DataReport) -> Result<Vec<TokenizedPair>> {
+        use rayon::prelude::*;
         self.check_template(examples, source)?;
+        // encode in parallel (pure per row), then count and truncate in file order, so the
+        // result and the report do not depend on the thread count
+        let encoded: Vec<Result<Encoded>> = examples.par_iter().map(|ex| self.encode(ex, source)).collect();
         let mut out = Vec::with_capacity(examples.len());
-        for ex in examples {
-            if let Some(t) = self.tokenize(ex, source, report)? {
+        for (ex, e) in examples.iter().zip(encoded) {
+            let e = e?;
+            if !e.prompt_is_prefix {
+                report.prompt_mismatch.add(ex.line);
+            }
+            if let Some(t) = self.truncate(ex.line, e, report) {
                 out.push(t);
             }
         }

@@ -29,7 +29,7 @@ use candle_nn::VarBuilder;
 
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::linear::Linear;
-use crate::model::ops::{attention_bias, rms_norm, rope, rope_inv_freq, rope_tables, softmax_last_dim};
+use crate::model::ops::{attention_bias, masked_softmax, rms_norm, rope, rope_inv_freq, rope_tables};
 
 /// Loads `{path}.weight` `(out, inp)` (and `{path}.bias` `(out,)` when `bias`) into a [`Linear`].
 fn load_linear(vb: &VarBuilder, path: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
@@ -118,12 +118,8 @@ impl Attention {
         let q = q.affine(1.0 / (hd as f64).sqrt(), 0.0)?.reshape((n, hkv, r * t, hd))?;
         // (N, Hkv, R*T, Tk) -> (N, H, T, Tk)
         let scores = q.matmul(&k.t()?)?.reshape((n, h, t, tk))?;
-        let scores = match bias {
-            Some(b) => scores.broadcast_add(b)?,
-            None => scores,
-        };
-        // (N, H, T, Tk) -> (N, Hkv, R*T, Tk)
-        let probs = softmax_last_dim(&scores)?.reshape((n, hkv, r * t, tk))?;
+        // softmax(scores + bias), fused: (N, H, T, Tk) -> (N, Hkv, R*T, Tk)
+        let probs = masked_softmax(&scores, bias)?.reshape((n, hkv, r * t, tk))?;
         // (N, Hkv, R*T, hd) -> (N, H, T, hd) -> (N, T, H, hd) -> (N, T, H*hd)
         let y = probs.matmul(&v)?.reshape((n, h, t, hd))?.transpose(1, 2)?.reshape((n, t, h * hd))?;
         self.o_proj.forward(&y, use_adapters)
@@ -291,6 +287,11 @@ impl Model {
     /// The weights' device.
     pub fn device(&self) -> &Device {
         self.embed_tokens.device()
+    }
+
+    /// Number of stored parameters (the elements of [`Model::tensors`]; a tied head counted once).
+    pub fn num_parameters(&self) -> usize {
+        self.tensors().iter().map(|(_, t)| t.elem_count()).sum()
     }
 
     /// `(N, T)` token ids -> `(N, T, D)` embeddings.
@@ -550,6 +551,7 @@ mod tests {
             let logits = model.forward(&ids, None, true)?;
             assert_eq!(logits.dims(), &[2, 3, 11]);
             assert_eq!(model.linears_mut().len(), 15);
+            assert_eq!(model.num_parameters(), w.values().map(|t| t.elem_count()).sum::<usize>());
         }
         Ok(())
     }

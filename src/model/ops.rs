@@ -1,13 +1,17 @@
 //! Differentiable building blocks of the Llama-family decoder.
 //!
 //! candle's fused `softmax_last_dim`, `rms_norm` and `rotary_emb::rope*` have no backward pass
-//! (see `../shared/docs/candle-notes.md`): gradients silently stop at them. Everything here is
-//! composed from ops that candle can differentiate, so `loss.backward()` reaches every weight.
+//! (see `../shared/docs/candle-notes.md`): gradients silently stop at them. Here the hot ops
+//! ([`rms_norm`], [`rope`], [`masked_softmax`]) are custom ops whose backward sits beside the
+//! forward (CPU, F32/F64, rows in parallel with rayon, deterministic), each tested against a
+//! version composed from differentiable candle ops ([`rms_norm_composed`], [`rope_composed`],
+//! [`softmax_last_dim`]) on values and gradients.
 //!
 //! Dimension legend: N batch rows, T query positions, Tk key positions, H heads, hd head dim,
 //! D hidden width.
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
 
 use crate::model::config::Llama3RopeScaling;
 
@@ -19,17 +23,25 @@ pub const MASK_VALUE: f64 = -1e9;
 
 /// Root-mean-square layer norm, `y = x / sqrt(mean(x^2) + eps) * w`, over the last dim.
 ///
-/// `x` `(..., D)`, `weight` `(D,)`; returns `(..., D)` in the dtype of `x`.
+/// `x` `(..., D)`, `weight` `(D,)`, both F32 or both F64; returns `(..., D)`.
 /// Source: Zhang & Sennrich 2019, "Root Mean Square Layer Normalization"; HF
-/// `LlamaRMSNorm.forward` (`modeling_llama.py`). Composed from differentiable ops (candle's
-/// `ops::rms_norm` has no backward).
+/// `LlamaRMSNorm.forward` (`modeling_llama.py`). A custom op with its backward beside it
+/// ([`RmsNormOp`]): candle's `ops::rms_norm` has no backward, and the composed version
+/// ([`rms_norm_composed`]) costs about ten single-threaded broadcast passes in backward.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&weight.contiguous()?, RmsNormOp { eps })
+}
+
+/// The same function as [`rms_norm`] composed from differentiable candle ops (the reference the
+/// custom op is tested against).
+pub fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     // (..., 1): 1 / sqrt(mean_d x_d^2 + eps)
     let inv_rms = x.sqr()?.mean_keepdim(D::Minus1)?.affine(1.0, eps)?.sqrt()?.recip()?;
     x.broadcast_mul(&inv_rms)?.broadcast_mul(weight)
 }
 
-/// Softmax over the last dimension, `y_i = exp(x_i - m) / sum_j exp(x_j - m)`, differentiable.
+/// Softmax over the last dimension, `y_i = exp(x_i - m) / sum_j exp(x_j - m)`, composed from
+/// differentiable candle ops (the reference [`masked_softmax`] is tested against).
 ///
 /// `m = max_j x_j` is detached: softmax is invariant to a constant shift, so the gradient is
 /// exact and candle skips the backward of the `max` reduction. `x` `(..., K)` -> `(..., K)`.
@@ -38,6 +50,26 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let e = x.broadcast_sub(&max)?.exp()?;
     let s = e.sum_keepdim(D::Minus1)?;
     e.broadcast_div(&s)
+}
+
+/// `softmax(scores + bias)` over the last dim, fused, with its backward
+/// `dL/ds = y * (g - sum_j g_j y_j)` beside it ([`MaskedSoftmaxOp`]).
+///
+/// `scores` `(N, H, T, Tk)`; `bias` `(N or 1, 1, T, Tk)` from [`attention_bias`] or `None`;
+/// one dtype (F32/F64). The bias is a constant (no gradient). Rows run in parallel.
+pub fn masked_softmax(scores: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let scores = scores.contiguous()?;
+    match bias {
+        None => scores.apply_op1(SoftmaxOp),
+        Some(b) => {
+            let (n, h, t, tk) = scores.dims4()?;
+            let (nb, one, tb, tkb) = b.dims4()?;
+            if one != 1 || tb != t || tkb != tk || (nb != 1 && nb != n) {
+                candle_core::bail!("masked_softmax: bias {:?} does not fit scores ({n}, {h}, {t}, {tk})", b.dims());
+            }
+            scores.apply_op2(&b.contiguous()?, MaskedSoftmaxOp)
+        }
+    }
 }
 
 /// The RoPE inverse frequencies `inv_freq_i = theta^(-2i/hd)`, `i = 0..hd/2`, with the Llama-3
@@ -116,8 +148,14 @@ pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
 
 /// Rotary position embedding, `x * cos + rotate_half(x) * sin` (HF `apply_rotary_pos_emb`).
 ///
-/// `x` `(N, H, T, hd)`, `cos`/`sin` `(T, hd)` from [`rope_tables`]; returns `(N, H, T, hd)`.
+/// `x` `(N, H, T, hd)`, `cos`/`sin` `(T, hd)` from [`rope_tables`] (constants, no gradient);
+/// returns `(N, H, T, hd)`. A custom op ([`RopeOp`]) whose backward is the inverse rotation.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, RopeOp)
+}
+
+/// The same function as [`rope`] composed from differentiable candle ops (the reference).
+pub fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
 }
 
@@ -158,6 +196,335 @@ pub fn attention_bias(
     Tensor::from_vec(bias, (n, 1, t, tk), device)?.to_dtype(dtype)
 }
 
+// ---------------------------------------------------------------------------------------------
+// Custom ops: forward and backward side by side (CPU, F32/F64, contiguous inputs).
+
+/// The float types the kernels run on.
+trait Real:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+{
+    fn zero() -> Self;
+    fn from_f64(v: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn exp(self) -> Self;
+}
+
+impl Real for f32 {
+    fn zero() -> Self {
+        0.0
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+}
+
+impl Real for f64 {
+    fn zero() -> Self {
+        0.0
+    }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+}
+
+/// The contiguous data of a layout.
+fn data<'a, T>(v: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// Runs `$body` on the slices of two (or three) same-dtype F32/F64 storages.
+macro_rules! dispatch {
+    ($op:expr, [$(($s:expr, $l:expr, $a:ident)),+], $body:expr) => {
+        match ($($s),+) {
+            #[allow(unused_parens)]
+            ($(CpuStorage::F32($a)),+) => {
+                $(let $a = data($a, $l, $op)?;)+
+                CpuStorage::F32($body)
+            }
+            #[allow(unused_parens)]
+            ($(CpuStorage::F64($a)),+) => {
+                $(let $a = data($a, $l, $op)?;)+
+                CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!("{}: F32 or F64 inputs of one dtype expected", $op),
+        }
+    };
+}
+
+/// Row softmax of `x + bias`; `bias_row(r)` is the bias row of row `r` (`None`: no bias).
+/// One pass for the max, one for `exp` and the sum, one to normalise.
+fn softmax_rows<T: Real>(x: &[T], k: usize, bias: Option<(&[T], &(dyn Fn(usize) -> usize + Sync))>) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(k).zip(x.par_chunks(k)).enumerate().for_each(|(r, (o, xr))| {
+        match bias {
+            Some((b, row)) => {
+                let br = &b[row(r) * k..(row(r) + 1) * k];
+                for ((o, &x), &b) in o.iter_mut().zip(xr).zip(br) {
+                    *o = x + b;
+                }
+            }
+            None => o.copy_from_slice(xr),
+        }
+        let mut m = o[0];
+        for &v in o.iter() {
+            if v > m {
+                m = v;
+            }
+        }
+        let mut sum = T::zero();
+        for v in o.iter_mut() {
+            *v = (*v - m).exp();
+            sum = sum + *v;
+        }
+        for v in o.iter_mut() {
+            *v = *v / sum;
+        }
+    });
+    out
+}
+
+/// Softmax backward on rows: `dx_j = y_j (g_j - sum_i g_i y_i)`.
+fn softmax_bwd_rows<T: Real>(y: &[T], g: &[T], k: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); y.len()];
+    out.par_chunks_mut(k).zip(y.par_chunks(k).zip(g.par_chunks(k))).for_each(|(o, (yr, gr))| {
+        let mut dot = T::zero();
+        for (&y, &g) in yr.iter().zip(gr) {
+            dot = dot + y * g;
+        }
+        for ((o, &y), &g) in o.iter_mut().zip(yr).zip(gr) {
+            *o = y * (g - dot);
+        }
+    });
+    out
+}
+
+/// Fused row softmax without bias (the forward of [`masked_softmax`] with `bias = None`).
+pub struct SoftmaxOp;
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "ropo-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let k = l.dims().last().copied().unwrap_or(1).max(1);
+        let out = dispatch!(self.name(), [(s, l, x)], softmax_rows(x, k, None));
+        Ok((out, l.shape().clone()))
+    }
+
+    /// `dL/dx = y * (g - rowsum(g * y))`.
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(res.apply_op2_no_bwd(&grad_res.contiguous()?, &SoftmaxBwdOp)?))
+    }
+}
+
+/// Fused `softmax(scores + bias)`; scores `(N, H, T, Tk)`, bias `(N or 1, 1, T, Tk)`.
+pub struct MaskedSoftmaxOp;
+
+impl CustomOp2 for MaskedSoftmaxOp {
+    fn name(&self) -> &'static str {
+        "ropo-masked-softmax"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, h, t, tk) = l1.shape().dims4()?;
+        let nb = l2.dims()[0];
+        // row r of (N, H, T) -> bias row (n or 0, i)
+        let row = move |r: usize| if nb == 1 { r % t } else { (r / (h * t)) * t + r % t };
+        let out = dispatch!(self.name(), [(s1, l1, x), (s2, l2, b)], softmax_rows(x, tk, Some((b, &row))));
+        Ok((out, l1.shape().clone()))
+    }
+
+    /// `dL/dscores = y * (g - rowsum(g * y))`; the bias is a constant.
+    fn bwd(&self, _scores: &Tensor, _bias: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(res.apply_op2_no_bwd(&grad_res.contiguous()?, &SoftmaxBwdOp)?), None))
+    }
+}
+
+/// `(y, g) -> y * (g - rowsum(g * y))`, the softmax backward (no backward of its own).
+struct SoftmaxBwdOp;
+
+impl CustomOp2 for SoftmaxBwdOp {
+    fn name(&self) -> &'static str {
+        "ropo-softmax-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let k = l1.dims().last().copied().unwrap_or(1).max(1);
+        let out = dispatch!(self.name(), [(s1, l1, y), (s2, l2, g)], softmax_bwd_rows(y, g, k));
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// `r = (mean_d x_d^2 + eps)^(-1/2)` of one row, accumulated in f64.
+fn inv_rms<T: Real>(x: &[T], eps: f64) -> f64 {
+    let ss: f64 = x.iter().map(|v| v.to_f64() * v.to_f64()).sum();
+    1.0 / (ss / x.len() as f64 + eps).sqrt()
+}
+
+/// RMSNorm forward on rows: `y = x * r * w`.
+fn rms_norm_rows<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
+    let d = w.len();
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, xr)| {
+        let r = T::from_f64(inv_rms(xr, eps));
+        for ((o, &x), &w) in o.iter_mut().zip(xr).zip(w) {
+            *o = x * r * w;
+        }
+    });
+    out
+}
+
+/// RMSNorm input gradient on rows: `dL/dx_k = r g_k w_k - x_k r^3 / D * sum_d g_d w_d x_d`
+/// (from `dr/dx_k = -r^3 x_k / D`).
+fn rms_norm_bwd_rows<T: Real>(x: &[T], g: &[T], w: &[T], eps: f64) -> Vec<T> {
+    let d = w.len();
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(d).zip(x.par_chunks(d).zip(g.par_chunks(d))).for_each(|(o, (xr, gr))| {
+        let r = inv_rms(xr, eps);
+        let dot: f64 = xr.iter().zip(gr).zip(w).map(|((x, g), w)| x.to_f64() * g.to_f64() * w.to_f64()).sum();
+        let c = T::from_f64(r * r * r * dot / d as f64);
+        let r = T::from_f64(r);
+        for (((o, &x), &g), &w) in o.iter_mut().zip(xr).zip(gr).zip(w) {
+            *o = r * g * w - x * c;
+        }
+    });
+    out
+}
+
+/// RMSNorm `(x (..., D), w (D,)) -> x * r * w`, `r = (mean_d x_d^2 + eps)^(-1/2)` per row,
+/// the sum of squares accumulated in f64.
+pub struct RmsNormOp {
+    /// Added to the mean square (`rms_norm_eps`).
+    pub eps: f64,
+}
+
+impl CustomOp2 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "ropo-rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = l2.shape().elem_count();
+        if l2.dims().len() != 1 || l1.dims().last() != Some(&d) {
+            candle_core::bail!("rms_norm: weight {:?} does not fit input {:?}", l2.dims(), l1.dims());
+        }
+        let eps = self.eps;
+        let out = dispatch!(self.name(), [(s1, l1, x), (s2, l2, w)], rms_norm_rows(x, w, eps));
+        Ok((out, l1.shape().clone()))
+    }
+
+    /// `dL/dx` by [`RmsNormBwdOp`]; `dL/dw_d = sum_rows g_d x_d r` by candle ops (a sum over
+    /// rows in a fixed order, so the result is deterministic).
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad_res.contiguous()?;
+        let gx = x.apply_op3_no_bwd(&g, w, &RmsNormBwdOp { eps: self.eps })?;
+        let d = w.elem_count();
+        let r = x.sqr()?.mean_keepdim(D::Minus1)?.affine(1.0, self.eps)?.sqrt()?.recip()?;
+        let gw = (g * x)?.broadcast_mul(&r)?.reshape((x.elem_count() / d.max(1), d))?.sum(0)?;
+        Ok((Some(gx), Some(gw)))
+    }
+}
+
+/// `(x (..., D), g (..., D), w (D,)) -> dL/dx (..., D)` of [`RmsNormOp`].
+struct RmsNormBwdOp {
+    eps: f64,
+}
+
+impl CustomOp3 for RmsNormBwdOp {
+    fn name(&self) -> &'static str {
+        "ropo-rms-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let eps = self.eps;
+        let out = dispatch!(self.name(), [(s1, l1, x), (s2, l2, g), (s3, l3, w)], rms_norm_bwd_rows(x, g, w, eps));
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// RoPE on rows of `hd`: row `r` of `(N, H, T)` is at position `r % T`;
+/// `y_i = x_i cos_i - x_{i+hd/2} sin_i`, `y_{i+hd/2} = x_{i+hd/2} cos_{i+hd/2} + x_i sin_{i+hd/2}`
+/// (`x cos + rotate_half(x) sin`).
+fn rope_rows<T: Real>(x: &[T], cos: &[T], sin: &[T], hd: usize) -> Vec<T> {
+    let t = cos.len() / hd;
+    let half = hd / 2;
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(hd).zip(x.par_chunks(hd)).enumerate().for_each(|(r, (o, xr))| {
+        let p = r % t;
+        let (c, s) = (&cos[p * hd..(p + 1) * hd], &sin[p * hd..(p + 1) * hd]);
+        for i in 0..half {
+            let (x1, x2) = (xr[i], xr[i + half]);
+            o[i] = x1 * c[i] - x2 * s[i];
+            o[i + half] = x2 * c[i + half] + x1 * s[i + half];
+        }
+    });
+    out
+}
+
+/// Rotary embedding `(x (N, H, T, hd), cos (T, hd), sin (T, hd)) -> x cos + rotate_half(x) sin`.
+///
+/// Backward: the rotation's transpose, the same op with `-sin` (the tables are constants).
+pub struct RopeOp;
+
+impl CustomOp3 for RopeOp {
+    fn name(&self) -> &'static str {
+        "ropo-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, _, t, hd) = l1.shape().dims4()?;
+        if l2.dims() != [t, hd] || l3.dims() != [t, hd] || hd % 2 != 0 {
+            candle_core::bail!("rope: tables {:?}/{:?} do not fit x {:?} (need (T, hd), hd even)", l2.dims(), l3.dims(), l1.dims());
+        }
+        let out = dispatch!(self.name(), [(s1, l1, x), (s2, l2, c), (s3, l3, s)], rope_rows(x, c, s, hd));
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, cos: &Tensor, sin: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let gx = grad_res.contiguous()?.apply_op3_no_bwd(cos, &sin.neg()?, &RopeOp)?;
+        Ok((Some(gx), None, None))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +532,82 @@ mod tests {
 
     fn t64(v: &[f64], shape: &[usize]) -> Tensor {
         Tensor::from_slice(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Seeded N(0, 1) values.
+    fn seeded(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| rng.sample::<f64, _>(rand_distr::StandardNormal)).collect();
+        t64(&v, shape)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    #[test]
+    fn fused_rms_norm_matches_composed_values_and_gradients() -> Result<()> {
+        let x = Var::from_tensor(&(seeded(&[2, 3, 5], 1) * 3.0)?)?;
+        let w = Var::from_tensor(&seeded(&[5], 2))?;
+        let c = seeded(&[2, 3, 5], 3);
+        let fused = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5)?;
+        let composed = rms_norm_composed(x.as_tensor(), w.as_tensor(), 1e-5)?;
+        assert!(max_diff(&fused, &composed) < 1e-12);
+        let gf = (fused * &c)?.sum_all()?.backward()?;
+        let gc = (composed * &c)?.sum_all()?.backward()?;
+        for (name, v) in [("x", &x), ("w", &w)] {
+            let (a, b) = (gf.get(v.as_tensor()).expect("fused grad"), gc.get(v.as_tensor()).expect("composed grad"));
+            assert!(max_diff(a, b) < 1e-12, "d/d{name}: {}", max_diff(a, b));
+        }
+        // f32 runs the same kernel
+        let f = rms_norm(&x.as_tensor().to_dtype(DType::F32)?, &w.as_tensor().to_dtype(DType::F32)?, 1e-5)?;
+        assert!(max_diff(&f.to_dtype(DType::F64)?, &composed_f64(&x, &w)?) < 1e-5);
+        Ok(())
+    }
+
+    fn composed_f64(x: &Var, w: &Var) -> Result<Tensor> {
+        rms_norm_composed(x.as_tensor(), w.as_tensor(), 1e-5)
+    }
+
+    #[test]
+    fn fused_masked_softmax_matches_composed_values_and_gradients() -> Result<()> {
+        let mask = Tensor::new(&[[1u32, 1, 1, 0, 0], [1, 1, 1, 1, 1]], &Device::Cpu)?;
+        let per_row = attention_bias(Some(&mask), 5, 0, DType::F64, &Device::Cpu)?; // (2, 1, 5, 5)
+        let shared = attention_bias(None, 2, 3, DType::F64, &Device::Cpu)?; // (1, 1, 2, 5)
+        for (bias, t) in [(Some(&per_row), 5), (Some(&shared), 2), (None, 4)] {
+            let s = Var::from_tensor(&(seeded(&[2, 3, t, 5], 4) * 2.0)?)?;
+            let c = seeded(&[2, 3, t, 5], 5);
+            let fused = masked_softmax(s.as_tensor(), bias)?;
+            let composed = match bias {
+                Some(b) => softmax_last_dim(&s.as_tensor().broadcast_add(b)?)?,
+                None => softmax_last_dim(s.as_tensor())?,
+            };
+            assert!(max_diff(&fused, &composed) < 1e-12);
+            let gf = (fused * &c)?.sum_all()?.backward()?;
+            let gc = (composed * &c)?.sum_all()?.backward()?;
+            let (a, b) = (gf.get(s.as_tensor()).expect("fused grad"), gc.get(s.as_tensor()).expect("composed grad"));
+            assert!(max_diff(a, b) < 1e-12, "bias {:?}: {}", bias.map(|b| b.dims().to_vec()), max_diff(a, b));
+        }
+        assert!(masked_softmax(&seeded(&[2, 3, 4, 5], 6), Some(&per_row)).is_err(), "a bias of the wrong T is rejected");
+        Ok(())
+    }
+
+    #[test]
+    fn fused_rope_matches_composed_values_and_gradients() -> Result<()> {
+        let inv = rope_inv_freq(8, 10000.0, None, false);
+        let (cos, sin) = rope_tables(&inv, 3, 4, DType::F64, &Device::Cpu)?;
+        let x = Var::from_tensor(&seeded(&[2, 3, 4, 8], 7))?;
+        let c = seeded(&[2, 3, 4, 8], 8);
+        let fused = rope(x.as_tensor(), &cos, &sin)?;
+        let composed = rope_composed(x.as_tensor(), &cos, &sin)?;
+        assert!(max_diff(&fused, &composed) < 1e-14);
+        let gf = (fused * &c)?.sum_all()?.backward()?;
+        let gc = (composed * &c)?.sum_all()?.backward()?;
+        let (a, b) = (gf.get(x.as_tensor()).expect("fused grad"), gc.get(x.as_tensor()).expect("composed grad"));
+        assert!(max_diff(a, b) < 1e-14, "{}", max_diff(a, b));
+        Ok(())
     }
 
     #[test]
