@@ -513,3 +513,109 @@ fn model_files_round_trip_and_dimension_mismatch() {
     assert_eq!(e, "shape mismatch for model.layers.0.self_attn.q_proj.ropo_u: expected [4, 32], got [4, 16]");
     assert!(other.linears().iter().all(|l| l.adapter.is_none()));
 }
+
+// ---------------------------------------------------------------------------------------------
+// SmolLM2-135M (GGUF, f32) and `ropo merge`: identity at init, merge equivalence from a GGUF and
+// from an HF-folder source, the merged folder loads back, OUT protection.
+
+use ropo::model::LoadOptions;
+
+fn smollm2_ids() -> Tensor {
+    // arbitrary in-vocabulary ids (the tokenizer is not under test here)
+    Tensor::new(&[[1u32, 504, 3060, 282, 2671, 30, 216, 1204, 314, 29, 1930, 2]], &Device::Cpu).unwrap()
+}
+
+// Issue acceptance: fresh adapters on SmolLM2 change the f32 logits by less than 1e-4 (paired
+// reflections cancel only up to rounding).
+#[test]
+fn smollm2_identity_at_init_f32() {
+    let gguf = common::smollm2_gguf();
+    let mut loaded = ropo::model::load(gguf.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let ids = smollm2_ids();
+    let base = loaded.model.forward(&ids, None, false).unwrap();
+    let set = inject::inject(&mut loaded.model, &AdapterConfig::default(), "smollm2").unwrap();
+    println!("{}", set.report);
+    assert_eq!(set.adapters.len(), 30 * 4);
+    let e = max_abs(&loaded.model.forward(&ids, None, true).unwrap(), &base);
+    println!("SmolLM2 f32, fresh adapters: max |adapted - base| = {e:.3e}");
+    assert!(e < 1e-4, "fresh adapters move SmolLM2's logits by {e}");
+}
+
+/// Small random non-identity adapter values: u ~ N(0, 1), theta ~ N(0, 0.05), m = rho (1 + N(0, 0.02)).
+fn perturb(set: &inject::AdapterSet, seed: u64) {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    for (name, var) in set.vars() {
+        let dims = var.dims().to_vec();
+        let t = if name.ends_with("ropo_u") {
+            randn(&dims, 1.0, &mut rng, var.dtype())
+        } else if name.ends_with("ropo_theta") {
+            randn(&dims, 0.05, &mut rng, var.dtype())
+        } else {
+            (var.as_tensor() * randn(&dims, 0.02, &mut rng, var.dtype()).affine(1.0, 1.0).unwrap()).unwrap()
+        };
+        var.set(&t).unwrap();
+    }
+}
+
+#[test]
+fn smollm2_merge_from_gguf_and_hf_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = common::smollm2_gguf();
+    let gguf = gguf.to_str().unwrap();
+    let ids = smollm2_ids();
+    let mut loaded = ropo::model::load(gguf, &LoadOptions::default()).unwrap();
+    // the base model as an HF folder, for the second source
+    let base_hf = tmp.path().join("base_hf");
+    loaded.export(&base_hf, DType::F32).unwrap();
+    let base = loaded.model.forward(&ids, None, false).unwrap();
+    let set = inject::inject(&mut loaded.model, &AdapterConfig::default(), gguf).unwrap();
+    perturb(&set, 1);
+    let adapted = loaded.model.forward(&ids, None, true).unwrap();
+    let moved = max_abs(&adapted, &base);
+    assert!(moved > 1e-2, "the adapter does not change the logits ({moved})");
+    let adapter_dir = tmp.path().join("adapter");
+    files::save(&adapter_dir, &set).unwrap();
+    for (source, name) in [(gguf.to_string(), "merged_from_gguf"), (base_hf.to_str().unwrap().to_string(), "merged_from_hf")] {
+        let out = tmp.path().join(name);
+        assert_eq!(merge::merge_to_folder(&source, &adapter_dir, &out, DType::F32, false).unwrap(), 120);
+        for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+            assert!(out.join(f).is_file(), "{name}: {f} missing");
+        }
+        let merged = ropo::model::load(out.to_str().unwrap(), &LoadOptions::default()).unwrap();
+        assert!(merged.model.linears().iter().all(|l| l.adapter.is_none()));
+        let logits = merged.model.forward(&ids, None, false).unwrap();
+        let e = max_abs(&logits, &adapted);
+        println!("{name}: max |merged - adapted| = {e:.3e}, max |adapted - base| = {moved:.3e}");
+        assert!(e < 1e-4, "{name}: merged logits differ from base+adapter by {e}");
+        assert!(max_abs(&logits, &base) > 1e-2, "{name}: merged model equals the base");
+    }
+    // OUT protection: non-empty without --force is refused and left as it was
+    let out = tmp.path().join("merged_from_gguf");
+    let before = std::fs::read(out.join("model.safetensors")).unwrap();
+    let e = merge::merge_to_folder(gguf, &adapter_dir, &out, DType::BF16, false).unwrap_err().to_string();
+    assert!(e.contains("is not empty") && e.contains("--force"), "{e}");
+    assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), before);
+    // with --force it is replaced (bf16 now: about half the bytes), and no temporary folder is left
+    merge::merge_to_folder(gguf, &adapter_dir, &out, DType::BF16, true).unwrap();
+    let after = std::fs::metadata(out.join("model.safetensors")).unwrap().len() as f64;
+    assert!((after / before.len() as f64 - 0.5).abs() < 0.05, "bf16 file is {after} bytes vs f32 {}", before.len());
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().starts_with('.')).collect();
+    assert!(leftovers.is_empty(), "temporary folders left: {leftovers:?}");
+}
+
+// The binary: a non-empty OUT without --force exits with status 2 and names the folder; nothing
+// is loaded (the model path does not even exist).
+#[test]
+fn cli_merge_refuses_non_empty_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("keep.txt"), "x").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ropo"))
+        .args(["merge", "--model", "/nonexistent/model", "--adapter", "/nonexistent/adapter", "--out"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not empty (use --force to replace it)") && err.contains(tmp.path().to_str().unwrap()), "{err}");
+    assert_eq!(std::fs::read_to_string(tmp.path().join("keep.txt")).unwrap(), "x");
+}

@@ -2,11 +2,17 @@
 //! `w'_i = (m_i / rho_i) R w_i`, computed in f64 and stored in the weight's dtype.
 //!
 //! After merging, a linear is an ordinary frozen layer that computes the adapted function
-//! (to float tolerance); the model can be exported as a plain HF folder.
+//! (to float tolerance); [`merge_to_folder`] (`ropo merge`) exports the model as a plain HF folder.
 
+use std::path::{Path, PathBuf};
+
+use candle_core::DType;
+
+use super::files;
 use crate::error::{Error, Result};
 use crate::model::linear::Linear;
 use crate::model::llama::Model;
+use crate::model::LoadOptions;
 
 /// Replace the weight (and bias) of every linear that has an adapter by the merged ones and
 /// remove the adapter. Returns the number of merged layers.
@@ -38,4 +44,71 @@ pub fn merge_linears(linears: Vec<&mut Linear>) -> Result<usize> {
 /// `model.forward(.., true)` and `(.., false)` agree and `Model::tensors` lists the merged weights.
 pub fn merge_into(model: &mut Model) -> Result<usize> {
     merge_linears(model.linears_mut())
+}
+
+/// Refuse to write into `out` when it exists and is not an empty folder, unless `force`.
+///
+/// Errors ([`Error::Input`] naming `out`): a file; a non-empty folder without `force`.
+pub fn check_out(out: &Path, force: bool) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    if !out.is_dir() {
+        return Err(Error::input(out, None, "exists and is not a folder"));
+    }
+    let non_empty = std::fs::read_dir(out).map_err(|e| Error::input(out, None, e.to_string()))?.next().is_some();
+    if non_empty && !force {
+        return Err(Error::input(out, None, "is not empty (use --force to replace it)"));
+    }
+    Ok(())
+}
+
+/// A hidden sibling of `path`: `.NAME.TAG-PID`.
+fn sibling(path: &Path, tag: &str) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    path.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
+}
+
+/// `ropo merge`: load the base model from `model_source` (HF folder, `.gguf` or hub id, in f32),
+/// load the adapter in `adapter_dir` onto it, bake `W' = diag(m / rho) W R^T` in, and write an
+/// HF model folder (config.json, model.safetensors in `dtype`, tokenizer.json,
+/// tokenizer_config.json with the chat template, generation_config.json) to `out`.
+///
+/// Atomic: the folder is written to a hidden temporary sibling and renamed to `out` at the end
+/// (with `force`, an existing `out` is replaced only then). Returns the number of merged layers.
+///
+/// Errors: `out` not empty without `force` (checked before any work); the model or the adapter
+/// cannot be loaded (e.g. the adapter belongs to a model of other dimensions: the first
+/// mismatching tensor is named); a broken adapter (NaN); I/O. Nothing is left behind on error.
+pub fn merge_to_folder(model_source: &str, adapter_dir: &Path, out: &Path, dtype: DType, force: bool) -> Result<usize> {
+    check_out(out, force)?;
+    let mut loaded = crate::model::load(model_source, &LoadOptions::default())?;
+    let set = files::load(adapter_dir, &mut loaded.model)
+        .map_err(|e| Error::Msg(format!("loading adapter {} onto {model_source}: {e}", adapter_dir.display())))?;
+    if set.base_model != model_source {
+        tracing::warn!("adapter {} was trained on {:?}; merging it into {model_source:?}", adapter_dir.display(), set.base_model);
+    }
+    let merged = merge_into(&mut loaded.model)?;
+    let tmp = sibling(out, "merge-tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    let res = (|| -> Result<()> {
+        loaded.export(&tmp, dtype)?;
+        if out.exists() {
+            let old = sibling(out, "merge-old");
+            let _ = std::fs::remove_dir_all(&old);
+            std::fs::rename(out, &old).map_err(|e| Error::input(out, None, format!("moving aside: {e}")))?;
+            if let Err(e) = std::fs::rename(&tmp, out) {
+                let _ = std::fs::rename(&old, out);
+                return Err(Error::input(out, None, format!("renaming {} into place: {e}", tmp.display())));
+            }
+            let _ = std::fs::remove_dir_all(&old);
+        } else {
+            std::fs::rename(&tmp, out).map_err(|e| Error::input(out, None, format!("renaming {} into place: {e}", tmp.display())))?;
+        }
+        Ok(())
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    res.map(|_| merged)
 }
