@@ -273,9 +273,12 @@ macro_rules! dispatch {
     };
 }
 
+/// The bias rows and the map from a score row to its bias row.
+type BiasRows<'a, T> = (&'a [T], &'a (dyn Fn(usize) -> usize + Sync));
+
 /// Row softmax of `x + bias`; `bias_row(r)` is the bias row of row `r` (`None`: no bias).
 /// One pass for the max, one for `exp` and the sum, one to normalise.
-fn softmax_rows<T: Real>(x: &[T], k: usize, bias: Option<(&[T], &(dyn Fn(usize) -> usize + Sync))>) -> Vec<T> {
+fn softmax_rows<T: Real>(x: &[T], k: usize, bias: Option<BiasRows<'_, T>>) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(k).zip(x.par_chunks(k)).enumerate().for_each(|(r, (o, xr))| {
         match bias {
