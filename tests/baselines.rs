@@ -450,3 +450,30 @@ fn merge_to_folder_smollm2_lora_and_full() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// configs/compare/*.toml: the three variants load and validate, and differ only in [adapter],
+// the learning rate and the output folder (same model, data split, seed and budget).
+
+#[test]
+fn compare_configs_load_and_differ_only_in_adapter_and_lr() {
+    use ropo::config::RunConfig;
+    let load = |name: &str| RunConfig::load(Some(Path::new(&format!("configs/compare/{name}.toml"))), &[]).unwrap();
+    let (ropo_c, lora_c, full_c) = (load("ropo"), load("lora"), load("full"));
+    assert_eq!((ropo_c.adapter.kind, lora_c.adapter.kind, full_c.adapter.kind), (AdapterKind::Ropo, AdapterKind::Lora, AdapterKind::Full));
+    assert_eq!(ropo_c.adapter, AdapterSection::default());
+    assert_eq!((lora_c.adapter.lora_r, lora_c.adapter.lora_alpha, lora_c.adapter.lora_dropout), (8, 16.0, 0.0));
+    assert_eq!(lora_c.adapter.target_modules, ropo_c.adapter.target_modules);
+    assert_eq!(full_c.adapter.target_modules, ["all-linear"]);
+    let same = |c: &RunConfig| {
+        let mut c = c.clone();
+        c.adapter = AdapterSection::default();
+        c.training.learning_rate = 0.0;
+        c.training.output_dir = String::new();
+        c
+    };
+    assert_eq!(same(&ropo_c), same(&lora_c));
+    assert_eq!(same(&ropo_c), same(&full_c));
+    assert_eq!(ropo_c.data.train_rows.unwrap().resolve(284), 0..200);
+    assert_eq!(ropo_c.data.eval_rows.unwrap().resolve(284), 200..284);
+}
