@@ -185,46 +185,82 @@ impl From<RowSlice> for String {
     }
 }
 
-/// `[adapter]`: the RoPO adapter's options (`shared/docs/ropo-method.md`).
+/// `[adapter]`: which adapter to train and its options.
+///
+/// `type = "ropo"` (default; `shared/docs/ropo-method.md`) uses `householder_reflections`,
+/// `givens_stages`, `magnitude`; `type = "lora"` (PEFT's LoRA) uses `lora_r`, `lora_alpha`,
+/// `lora_dropout`; `type = "full"` trains the selected weights themselves. `target_modules` and
+/// `init_seed` are shared; the options of the other kinds are ignored (but still type-checked).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdapterSection {
     /// The adapter kind.
     #[serde(rename = "type")]
     pub kind: AdapterKind,
-    /// r, the number of Householder reflections (even; 0 = Givens only).
+    /// RoPO: r, the number of Householder reflections (even; 0 = Givens only).
     pub householder_reflections: usize,
-    /// S, the number of brick-wall Givens stages (0 = Householder only).
+    /// RoPO: S, the number of brick-wall Givens stages (0 = Householder only).
     pub givens_stages: usize,
-    /// Train a per-neuron magnitude `m`.
+    /// RoPO: train a per-neuron magnitude `m`.
     pub magnitude: bool,
-    /// Which linears to adapt: module names (`q_proj`) or regexes over full module paths.
+    /// LoRA: the rank r (> 0), PEFT `r`.
+    pub lora_r: usize,
+    /// LoRA: alpha (> 0), PEFT `lora_alpha`; the update is scaled by `lora_alpha / lora_r`.
+    pub lora_alpha: f64,
+    /// LoRA: dropout probability on the LoRA branch's input, PEFT `lora_dropout`. Only 0 is
+    /// supported for now (a value > 0 is a config error).
+    pub lora_dropout: f64,
+    /// Which linears to adapt: module names (`q_proj`, matched against the last path
+    /// component), regexes over full module paths, or `["all-linear"]` (every linear of the
+    /// decoder layers, not `lm_head`, as PEFT's `"all-linear"`).
     pub target_modules: Vec<String>,
-    /// Seed of the Householder vectors' initialization.
+    /// Seed of the adapter's random initialization (RoPO's Householder vectors, LoRA's A).
     pub init_seed: u64,
 }
 
 impl Default for AdapterSection {
-    /// The spec's defaults: r = 4, S = 2, magnitude on, q/k/v/o projections.
+    /// The spec's defaults: RoPO with r = 4, S = 2, magnitude on, q/k/v/o projections; PEFT's
+    /// LoRA defaults r = 8, alpha = 16, dropout 0.
     fn default() -> Self {
         Self {
             kind: AdapterKind::Ropo,
             householder_reflections: 4,
             givens_stages: 2,
             magnitude: true,
+            lora_r: 8,
+            lora_alpha: 16.0,
+            lora_dropout: 0.0,
             target_modules: ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec(),
             init_seed: 0,
         }
     }
 }
 
-/// The adapter kind.
+/// The adapter kind (`adapter.type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AdapterKind {
     /// Householder × Givens rotations with a magnitude (RoPO).
     Ropo,
+    /// LoRA as PEFT defines it: `W x + b + (alpha / r) B A x`.
+    Lora,
+    /// Full-parameter training of the selected linears' weights and biases.
+    Full,
 }
+
+impl AdapterKind {
+    /// `"ropo"`, `"lora"` or `"full"` (as written in the config).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AdapterKind::Ropo => "ropo",
+            AdapterKind::Lora => "lora",
+            AdapterKind::Full => "full",
+        }
+    }
+}
+
+/// The special `target_modules` value selecting every linear of the decoder layers (PEFT's).
+pub const ALL_LINEAR: &str = "all-linear";
 
 /// `[training]` (TRL `DPOConfig` / HF `TrainingArguments` names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -375,7 +411,17 @@ const DATA_KEYS: &[&str] = &[
     "eval_rows",
     "on_identical",
 ];
-const ADAPTER_KEYS: &[&str] = &["type", "householder_reflections", "givens_stages", "magnitude", "target_modules", "init_seed"];
+const ADAPTER_KEYS: &[&str] = &[
+    "type",
+    "householder_reflections",
+    "givens_stages",
+    "magnitude",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "init_seed",
+];
 const TRAINING_KEYS: &[&str] = &[
     "output_dir",
     "overwrite",
@@ -561,15 +607,42 @@ impl RunConfig {
             check(!c.trim().is_empty(), "data.chat_template must not be empty when set".into());
         }
         // [adapter]
-        check(
-            a.householder_reflections % 2 == 0,
-            format!("adapter.householder_reflections must be even (paired identity init) (got {})", a.householder_reflections),
-        );
         check(!a.target_modules.is_empty(), "adapter.target_modules must list at least one module".into());
+        for (i, t) in a.target_modules.iter().enumerate() {
+            check(!t.trim().is_empty(), format!("adapter.target_modules[{i}] is empty"));
+            if let Err(e) = regex::Regex::new(t) {
+                check(false, format!("adapter.target_modules[{i}] is not a valid regex ({t:?}): {e}"));
+            }
+        }
         check(
-            a.householder_reflections > 0 || a.givens_stages > 0 || a.magnitude,
-            "adapter has nothing to train: householder_reflections = 0, givens_stages = 0 and magnitude = false".into(),
+            !a.target_modules.iter().any(|t| t == ALL_LINEAR) || a.target_modules.len() == 1,
+            format!("adapter.target_modules: {ALL_LINEAR:?} must be the only entry (got {:?})", a.target_modules),
         );
+        match a.kind {
+            AdapterKind::Ropo => {
+                check(
+                    a.householder_reflections % 2 == 0,
+                    format!("adapter.householder_reflections must be even (paired identity init) (got {})", a.householder_reflections),
+                );
+                check(
+                    a.householder_reflections > 0 || a.givens_stages > 0 || a.magnitude,
+                    "adapter has nothing to train: householder_reflections = 0, givens_stages = 0 and magnitude = false".into(),
+                );
+            }
+            AdapterKind::Lora => {
+                check(a.lora_r > 0, "adapter.lora_r must be > 0 (got 0)".into());
+                check(a.lora_alpha > 0.0 && a.lora_alpha.is_finite(), format!("adapter.lora_alpha must be > 0 (got {})", a.lora_alpha));
+                check(
+                    (0.0..1.0).contains(&a.lora_dropout),
+                    format!("adapter.lora_dropout must be in [0, 1) (got {})", a.lora_dropout),
+                );
+                check(
+                    !(a.lora_dropout > 0.0 && a.lora_dropout < 1.0),
+                    format!("adapter.lora_dropout > 0 is not supported yet (got {}); use 0", a.lora_dropout),
+                );
+            }
+            AdapterKind::Full => {}
+        }
         // [training]
         check(!t.output_dir.trim().is_empty(), "training.output_dir must not be empty".into());
         check(t.beta > 0.0 && t.beta.is_finite(), format!("training.beta must be > 0 (got {})", t.beta));
@@ -791,6 +864,26 @@ beta = 0.1
         assert!(err(&adapter).contains("adapter.householder_reflections must be even (paired identity init) (got 3)"));
         let nothing = format!("{GOOD}\n[adapter]\nhouseholder_reflections = 0\ngivens_stages = 0\nmagnitude = false\n");
         assert!(err(&nothing).contains("adapter has nothing to train"));
+        // per-kind checks: LoRA's options only for type = "lora", RoPO's only for "ropo"
+        for (extra, want) in [
+            ("type = \"lora\"\nlora_r = 0", "adapter.lora_r must be > 0 (got 0)"),
+            ("type = \"lora\"\nlora_alpha = -2", "adapter.lora_alpha must be > 0 (got -2)"),
+            ("type = \"lora\"\nlora_dropout = 1.5", "adapter.lora_dropout must be in [0, 1) (got 1.5)"),
+            ("type = \"lora\"\nlora_dropout = 0.05", "adapter.lora_dropout > 0 is not supported yet (got 0.05)"),
+            ("type = \"full\"\ntarget_modules = [\"all-linear\", \"q_proj\"]", "\"all-linear\" must be the only entry"),
+            ("type = \"lora\"\ntarget_modules = [\"(\"]", "adapter.target_modules[0] is not a valid regex"),
+        ] {
+            let e = err(&format!("{GOOD}\n[adapter]\n{extra}\n"));
+            assert!(e.contains(want), "for {extra:?}: got {e:?}");
+        }
+        let lora = parse(&format!("{GOOD}\n[adapter]\ntype = \"lora\"\nhouseholder_reflections = 3\nlora_r = 16\nlora_alpha = 32\n")).unwrap();
+        assert_eq!((lora.adapter.kind, lora.adapter.lora_r, lora.adapter.lora_alpha), (AdapterKind::Lora, 16, 32.0));
+        let full = parse(&format!("{GOOD}\n[adapter]\ntype = \"full\"\ntarget_modules = [\"all-linear\"]\nlora_r = 0\n")).unwrap();
+        assert_eq!(full.adapter.kind, AdapterKind::Full);
+        let e = err(&format!("{GOOD}\n[adapter]\ntype = \"qlora\"\n"));
+        assert!(e.contains("qlora") && e.contains("lora") && e.contains("full"), "{e}");
+        let e = err(&format!("{GOOD}\n[adapter]\nlora_rank = 4\n"));
+        assert!(e.contains("did you mean adapter.lora_r?"), "{e}");
     }
 
     #[test]

@@ -1,1 +1,259 @@
-//! See lib.rs.
+//! Training-curve PNGs from `metrics.jsonl`: loss, rewards/accuracies and rewards/margins
+//! against the step, train and eval, one panel each.
+//!
+//! Input: one JSON object a line (the records `ropo train` appends to `metrics.jsonl`), with a
+//! numeric `step` and TRL's metric names: train values under `loss`, `rewards/accuracies`,
+//! `rewards/margins`; eval values under the same names prefixed `eval/` (ropo) or `eval_`
+//! (TRL's `log_history`). Blank lines are ignored; records without a `step` (run summaries) are
+//! skipped and counted; metrics that are `null` or not numbers are left out of the curve.
+//!
+//! Output: a PNG of `WIDTH x HEIGHT` pixels, three panels side by side; train as a blue line,
+//! eval as a red line with dots (eval is sparse), ln 2 (the DPO loss at step 0) as a grey line
+//! on the loss panel. Text uses DejaVu Sans embedded in the binary (the `dejavu` crate), so the
+//! plot does not depend on the fonts of the machine. Written atomically (temporary file, then
+//! rename).
+
+use std::io::BufRead;
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Image width in pixels.
+pub const WIDTH: u32 = 1800;
+/// Image height in pixels.
+pub const HEIGHT: u32 = 520;
+/// The plotted metrics (train names), one panel each, in order.
+pub const PANELS: [&str; 3] = ["loss", "rewards/accuracies", "rewards/margins"];
+
+/// One panel's data: `(step, value)` points, in file order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Series {
+    /// Train points.
+    pub train: Vec<(f64, f64)>,
+    /// Eval points.
+    pub eval: Vec<(f64, f64)>,
+}
+
+/// The curves of a metrics file: one [`Series`] per entry of [`PANELS`], in that order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Curves {
+    /// Per panel, as [`PANELS`].
+    pub series: [Series; 3],
+    /// Records skipped because they have no `step`.
+    pub skipped: usize,
+}
+
+/// Parse metrics records from `reader`; `source` names the file in errors.
+///
+/// Errors (`source:line: ...`): a line that is not a JSON object, a `step` that is not a
+/// number; and a file with no plotted metric at all.
+pub fn parse_metrics<R: BufRead>(reader: R, source: &Path) -> Result<Curves> {
+    let mut c = Curves::default();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.map_err(|e| Error::input(source, Some(i + 1), e.to_string()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| Error::input(source, Some(i + 1), format!("invalid JSON: {e}")))?;
+        let obj = v.as_object().ok_or_else(|| Error::input(source, Some(i + 1), "expected a JSON object"))?;
+        let step = match obj.get("step") {
+            None => {
+                c.skipped += 1;
+                continue;
+            }
+            Some(s) => s
+                .as_f64()
+                .ok_or_else(|| Error::input(source, Some(i + 1), format!("field step: expected a number, got {s}")))?,
+        };
+        for (p, name) in PANELS.iter().enumerate() {
+            if let Some(x) = obj.get(*name).and_then(|x| x.as_f64()) {
+                c.series[p].train.push((step, x));
+            }
+            for prefix in ["eval/", "eval_"] {
+                if let Some(x) = obj.get(&format!("{prefix}{name}")).and_then(|x| x.as_f64()) {
+                    c.series[p].eval.push((step, x));
+                }
+            }
+        }
+    }
+    if c.series.iter().all(|s| s.train.is_empty() && s.eval.is_empty()) {
+        return Err(Error::input(
+            source,
+            None,
+            format!("no plottable records: none has a step and one of {}", PANELS.join(", ")),
+        ));
+    }
+    Ok(c)
+}
+
+/// Read and parse a `metrics.jsonl` file (see [`parse_metrics`]).
+pub fn read_metrics(path: &Path) -> Result<Curves> {
+    let f = std::fs::File::open(path).map_err(|e| Error::input(path, None, format!("cannot open: {e}")))?;
+    parse_metrics(std::io::BufReader::new(f), path)
+}
+
+/// Register the embedded DejaVu Sans as plotters' `sans-serif` (once per process).
+fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // The bytes are a valid TrueType font compiled into the binary; failure is a build bug.
+        if plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular()).is_err() {
+            panic!("the embedded DejaVu Sans font could not be parsed");
+        }
+    });
+}
+
+/// `[lo, hi]` padded by 5% (a flat or empty range is widened so the axis is drawable).
+fn padded(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (mut lo, mut hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| (l.min(v), h.max(v)));
+    if !lo.is_finite() || !hi.is_finite() {
+        return (0.0, 1.0);
+    }
+    if hi - lo < 1e-12 {
+        let w = if lo.abs() > 1e-12 { lo.abs() * 0.1 } else { 0.5 };
+        lo -= w;
+        hi += w;
+    }
+    let pad = (hi - lo) * 0.05;
+    (lo - pad, hi + pad)
+}
+
+fn draw_err(e: impl std::fmt::Display) -> Error {
+    Error::Msg(format!("drawing the training curves: {e}"))
+}
+
+/// Draw `curves` into a PNG at `out` (see the module doc), atomically.
+///
+/// Errors: drawing or writing the file (the path is named); nothing is left at `out` then.
+pub fn plot_curves(curves: &Curves, out: &Path) -> Result<()> {
+    register_font();
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    // keep the .png extension: the encoder picks the format from it
+    let tmp = out.with_file_name(format!(".{name}.tmp-{}.png", std::process::id()));
+    let res = draw(curves, &tmp).and_then(|()| std::fs::rename(&tmp, out).map_err(Error::from));
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res.map_err(|e| Error::Msg(format!("writing {}: {e}", out.display())))
+}
+
+fn draw(curves: &Curves, path: &Path) -> Result<()> {
+    let root = BitMapBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
+    root.fill(&WHITE).map_err(draw_err)?;
+    let panels = root.split_evenly((1, PANELS.len()));
+    for ((area, name), s) in panels.iter().zip(PANELS).zip(&curves.series) {
+        let all = s.train.iter().chain(&s.eval);
+        let (x0, x1) = padded(all.clone().map(|p| p.0));
+        let (mut y0, mut y1) = padded(all.map(|p| p.1).chain((name == "loss").then_some(std::f64::consts::LN_2)));
+        if name == "rewards/accuracies" {
+            (y0, y1) = (y0.min(-0.02), y1.max(1.02));
+        }
+        let mut chart = ChartBuilder::on(area)
+            .caption(name, ("sans-serif", 26))
+            .margin(14)
+            .x_label_area_size(44)
+            .y_label_area_size(70)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(draw_err)?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .x_label_formatter(&|x| if x.fract() == 0.0 { format!("{x:.0}") } else { format!("{x:.1}") })
+            .label_style(("sans-serif", 16))
+            .axis_desc_style(("sans-serif", 18))
+            .light_line_style(RGBColor(235, 235, 235))
+            .draw()
+            .map_err(draw_err)?;
+        if s.train.is_empty() && s.eval.is_empty() {
+            chart
+                .draw_series(std::iter::once(Text::new("no data", ((x0 + x1) / 2.0, (y0 + y1) / 2.0), ("sans-serif", 22))))
+                .map_err(draw_err)?;
+            continue;
+        }
+        if name == "loss" {
+            chart
+                .draw_series(LineSeries::new([(x0, std::f64::consts::LN_2), (x1, std::f64::consts::LN_2)], RGBColor(150, 150, 150)))
+                .map_err(draw_err)?
+                .label("ln 2")
+                .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RGBColor(150, 150, 150)));
+        }
+        let blue = RGBColor(31, 119, 180);
+        let red = RGBColor(214, 39, 40);
+        if !s.train.is_empty() {
+            chart
+                .draw_series(LineSeries::new(s.train.iter().copied(), blue.stroke_width(2)))
+                .map_err(draw_err)?
+                .label("train")
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], blue.stroke_width(2)));
+        }
+        if !s.eval.is_empty() {
+            chart
+                .draw_series(LineSeries::new(s.eval.iter().copied(), red.stroke_width(2)).point_size(4))
+                .map_err(draw_err)?
+                .label("eval")
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], red.stroke_width(2)));
+        }
+        chart
+            .configure_series_labels()
+            // loss falls, accuracies and margins rise: keep the legend off the curves' end
+            .position(if name == "loss" { SeriesLabelPosition::UpperRight } else { SeriesLabelPosition::LowerRight })
+            .label_font(("sans-serif", 16))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(draw_err)?;
+    }
+    root.present().map_err(draw_err)?;
+    Ok(())
+}
+
+/// Read `metrics` and write its curves to `out` (see [`read_metrics`], [`plot_curves`]).
+/// Returns the parsed curves (for the caller's summary).
+pub fn plot_metrics_file(metrics: &Path, out: &Path) -> Result<Curves> {
+    let c = read_metrics(metrics)?;
+    plot_curves(&c, out)?;
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_train_and_eval_records() {
+        let src = "{\"step\":1,\"loss\":0.69,\"rewards/accuracies\":0.5,\"rewards/margins\":0.0}\n\
+                   \n\
+                   {\"step\":2,\"loss\":0.6,\"rewards/margins\":null}\n\
+                   {\"step\":2,\"eval/loss\":0.65,\"eval_rewards/accuracies\":0.7}\n\
+                   {\"train_runtime\":12.5}\n";
+        let c = parse_metrics(src.as_bytes(), Path::new("m.jsonl")).unwrap();
+        assert_eq!(c.series[0].train, vec![(1.0, 0.69), (2.0, 0.6)]);
+        assert_eq!(c.series[0].eval, vec![(2.0, 0.65)]);
+        assert_eq!(c.series[1].train, vec![(1.0, 0.5)]);
+        assert_eq!(c.series[1].eval, vec![(2.0, 0.7)]);
+        assert_eq!(c.series[2].train, vec![(1.0, 0.0)]); // null left out
+        assert_eq!(c.skipped, 1);
+    }
+
+    #[test]
+    fn bad_lines_name_file_and_line() {
+        let e = parse_metrics("{\"step\":1,\"loss\":1}\n[1]\n".as_bytes(), Path::new("m.jsonl")).unwrap_err();
+        assert_eq!(e.to_string(), "m.jsonl:2: expected a JSON object");
+        let e = parse_metrics("{\"step\":\"x\",\"loss\":1}\n".as_bytes(), Path::new("m.jsonl")).unwrap_err();
+        assert!(e.to_string().starts_with("m.jsonl:1: field step"), "{e}");
+        let e = parse_metrics("{\"step\":1\n".as_bytes(), Path::new("m.jsonl")).unwrap_err();
+        assert!(e.to_string().starts_with("m.jsonl:1: invalid JSON"), "{e}");
+        let e = parse_metrics("{\"step\":1,\"lr\":1}\n".as_bytes(), Path::new("m.jsonl")).unwrap_err();
+        assert!(e.to_string().contains("no plottable records"), "{e}");
+    }
+
+    #[test]
+    fn padding() {
+        assert_eq!(padded([1.0, 3.0].into_iter()), (0.9, 3.1));
+        assert_eq!(padded([0.0].into_iter()), (-0.55, 0.55));
+        assert_eq!(padded(std::iter::empty()), (0.0, 1.0));
+    }
+}

@@ -64,5 +64,5 @@ fn bad_inputs_exit_nonzero_with_a_message() {
 
     let o = ropo(&["generate", "--model", "x", "--adapter", "ad", "--prompt", "hi"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("adapters not supported yet"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--adapter ad") && stderr(&o).contains("ad/adapter_config.json"), "{}", stderr(&o));
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 
-use super::files;
+use super::any::AnyAdapterSet;
 use crate::error::{Error, Result};
 use crate::model::linear::Linear;
 use crate::model::llama::Model;
@@ -70,7 +70,9 @@ fn sibling(path: &Path, tag: &str) -> PathBuf {
 }
 
 /// `ropo merge`: load the base model from `model_source` (HF folder, `.gguf` or hub id, in f32),
-/// load the adapter in `adapter_dir` onto it, bake `W' = diag(m / rho) W R^T` in, and write an
+/// load the adapter in `adapter_dir` onto it (any kind: RoPO, PEFT LoRA, full; see
+/// [`AnyAdapterSet::load`]), bake it in (RoPO `W' = diag(m / rho) W R^T`, LoRA
+/// `W' = W + (alpha / r) B A`, full: the trained weights), and write an
 /// HF model folder (config.json, model.safetensors in `dtype`, tokenizer.json,
 /// tokenizer_config.json with the chat template, generation_config.json) to `out`.
 ///
@@ -83,10 +85,10 @@ fn sibling(path: &Path, tag: &str) -> PathBuf {
 pub fn merge_to_folder(model_source: &str, adapter_dir: &Path, out: &Path, dtype: DType, force: bool) -> Result<usize> {
     check_out(out, force)?;
     let mut loaded = crate::model::load(model_source, &LoadOptions::default())?;
-    let set = files::load(adapter_dir, &mut loaded.model)
+    let set = AnyAdapterSet::load(adapter_dir, &mut loaded.model)
         .map_err(|e| Error::Msg(format!("loading adapter {} onto {model_source}: {e}", adapter_dir.display())))?;
-    if set.base_model != model_source {
-        tracing::warn!("adapter {} was trained on {:?}; merging it into {model_source:?}", adapter_dir.display(), set.base_model);
+    if set.base_model() != model_source {
+        tracing::warn!("adapter {} was trained on {:?}; merging it into {model_source:?}", adapter_dir.display(), set.base_model());
     }
     let merged = merge_into(&mut loaded.model)?;
     let tmp = sibling(out, "merge-tmp");

@@ -8,16 +8,30 @@
 //! - [`files`]: `adapter_model.safetensors` + `adapter_config.json`, atomic save, checked load.
 //! - [`merge`]: bake `W' = diag(m / rho) W R^T` into the weights.
 //! - [`energy`]: hyperspherical energy of a weight's neurons.
+//!
+//! Baselines through the same `Adapter` trait (`adapter.type = "lora" | "full"`):
+//! - [`lora`]: PEFT's LoRA, `y = W x + b + (alpha / r) B A x`; [`peft`]: its PEFT-layout files.
+//! - [`full`]: full-parameter training of the selected linears; [`full_files`]: its files.
+//! - [`targets`]: the run config's `target_modules` (`"all-linear"` too) and module selection.
+//! - [`any`]: [`any::AnyAdapterSet`], one handle for every kind (inject, load by the stored
+//!   type, save, vars, report).
 
+pub mod any;
 pub mod config;
 pub mod energy;
 pub mod files;
+pub mod full;
+pub mod full_files;
 pub mod givens;
 pub mod householder;
 pub mod inject;
 pub mod layer;
+pub mod lora;
 pub mod merge;
+pub mod peft;
+pub mod targets;
 
+pub use any::AnyAdapterSet;
 pub use energy::hyperspherical_energy;
 
 use candle_core::{CpuStorage, Layout, WithDType};

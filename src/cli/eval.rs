@@ -1,10 +1,351 @@
-//! `ropo eval`.
+//! `ropo eval`: reward-hacking diagnostics of a model, optionally with an adapter and side by
+//! side with the base model: preference metrics, generation statistics, MMLU, energy.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::data::tokenize::{PairTokenizer, TokenizeOptions};
+use crate::eval::generation::{counted_ids, generate_all, generation_stats, load_prompts};
+use crate::eval::mmlu::{self, ModelScorer, Split};
+use crate::eval::preference::{preference_metrics, score_pairs, PairLogprobs, DEFAULT_TOLERANCE};
+use crate::eval::report::{EvalReport, ModelReport};
+use crate::generate::{GenerateOptions, Generation};
+use crate::model::llama::Model;
+use crate::model::tokenizer::Tokenizer;
+use crate::model::{load, LoadOptions};
 
 /// Arguments of `ropo eval`.
 #[derive(Debug, clap::Args)]
-pub struct EvalArgs {}
+pub struct EvalArgs {
+    /// The model: an HF model folder, a .gguf file or a hub repo id (org/name).
+    #[arg(long, value_name = "PATH_OR_ID")]
+    pub model: String,
+    /// Hub revision (branch, tag or commit) when --model is a repo id.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// A trained adapter folder (adapter_config.json + adapter_model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+    /// Also measure the base model (adapter bypassed) and print base | adapted | delta.
+    #[arg(long, requires = "adapter")]
+    pub compare_base: bool,
+    /// Compute dtype of the model: f32, or f64 (slower; float noise ~1e-12 instead of ~1e-6,
+    /// e.g. to check that an identity adapter changes nothing).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "f64"])]
+    pub dtype: String,
+    /// Write the whole report as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+
+    /// Preference pairs (any format `ropo data inspect` reads): rewards/accuracies,
+    /// rewards/margins, logps/chosen, logps/rejected and the DPO loss, against the base model.
+    #[arg(long, value_name = "FILE", help_heading = "Preference metrics")]
+    pub prefs: Option<PathBuf>,
+    /// β of the implicit reward.
+    #[arg(long, default_value_t = 0.1, help_heading = "Preference metrics")]
+    pub beta: f64,
+    /// Maximum prompt + completion length in tokens (longer pairs keep their start).
+    #[arg(long, default_value_t = 512, help_heading = "Preference metrics")]
+    pub max_length: usize,
+    /// Pairs per forward pass.
+    #[arg(long, default_value_t = 2, help_heading = "Preference metrics")]
+    pub batch_size: usize,
+    /// Use only the first N pairs.
+    #[arg(long, value_name = "N", help_heading = "Preference metrics")]
+    pub limit: Option<usize>,
+    /// A chat template (Jinja source file) replacing the model's.
+    #[arg(long, value_name = "FILE", help_heading = "Preference metrics")]
+    pub chat_template: Option<PathBuf>,
+
+    /// Prompts to generate from: a prompts file (`{"prompt": "..."}` or `{"messages": [...]}` a
+    /// line) or a preference file (its prompts are used).
+    ///
+    /// Each prompt is generated greedily and with seeded sampling; the generations are written to
+    /// --generations.
+    #[arg(long, value_name = "FILE", help_heading = "Generations")]
+    pub prompts: Option<PathBuf>,
+    /// How many prompts to use (the first K of the file).
+    #[arg(long, value_name = "K", default_value_t = 16, help_heading = "Generations")]
+    pub samples: usize,
+    /// Generation budget per prompt.
+    #[arg(long, default_value_t = 128, help_heading = "Generations")]
+    pub max_new_tokens: usize,
+    /// Temperature of the sampled generations (greedy ones use 0).
+    #[arg(long, default_value_t = 0.7, help_heading = "Generations")]
+    pub temperature: f64,
+    /// Nucleus mass of the sampled generations, in (0, 1].
+    #[arg(long, default_value_t = 0.9, help_heading = "Generations")]
+    pub top_p: f64,
+    /// Seed of the sampled generations (prompt i uses seed + i).
+    #[arg(long, default_value_t = 0, help_heading = "Generations")]
+    pub seed: u64,
+    /// Where to write the generations [default: generations.jsonl beside --out, else in the
+    /// current folder].
+    #[arg(long, value_name = "FILE", help_heading = "Generations")]
+    pub generations: Option<PathBuf>,
+
+    /// MMLU data folder (holding dev/ and test/, or data/dev and data/test).
+    #[arg(long, value_name = "DIR", requires = "subjects", help_heading = "Knowledge retention (MMLU)")]
+    pub mmlu: Option<PathBuf>,
+    /// Comma-separated MMLU subjects, e.g. astronomy,marketing.
+    #[arg(long, value_name = "A,B,C", value_delimiter = ',', requires = "mmlu", help_heading = "Knowledge retention (MMLU)")]
+    pub subjects: Vec<String>,
+    /// Dev examples per prompt (0 = zero-shot; 5 as the original evaluation).
+    #[arg(long, default_value_t = 5, help_heading = "Knowledge retention (MMLU)")]
+    pub shots: usize,
+    /// Score only the first N test questions of each subject.
+    #[arg(long, value_name = "N", help_heading = "Knowledge retention (MMLU)")]
+    pub mmlu_limit: Option<usize>,
+    /// Longest MMLU prompt in tokens; longer ones drop dev examples.
+    #[arg(long, default_value_t = 2048, help_heading = "Knowledge retention (MMLU)")]
+    pub mmlu_max_tokens: usize,
+
+    /// Hyperspherical energy of every adapted layer, base vs adapted weights (needs --adapter).
+    #[arg(long, requires = "adapter")]
+    pub energy: bool,
+}
+
+/// A progress bar over `len` items (drawn only on a terminal).
+fn bar(len: usize, what: &str) -> ProgressBar {
+    let visible = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("CI").is_none();
+    let target = if visible { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
+    let b = ProgressBar::with_draw_target(Some(len as u64), target);
+    b.set_style(
+        ProgressStyle::with_template("{msg} {pos}/{len} [{bar:30}] [{elapsed_precise}<{eta_precise}]")
+            .expect("a valid progress template")
+            .progress_chars("=> "),
+    );
+    b.set_message(what.to_string());
+    b
+}
+
+/// The models measured: `(name, use_adapters)`, base first.
+fn columns(args: &EvalArgs) -> Vec<(&'static str, bool)> {
+    match (&args.adapter, args.compare_base) {
+        (None, _) => vec![("base", false)],
+        (Some(_), false) => vec![("adapted", true)],
+        (Some(_), true) => vec![("base", false), ("adapted", true)],
+    }
+}
+
+/// Check the arguments that can be checked before loading the model (fail fast).
+fn check_inputs(args: &EvalArgs) -> anyhow::Result<()> {
+    for (flag, p) in [("--prefs", &args.prefs), ("--prompts", &args.prompts), ("--chat-template", &args.chat_template)] {
+        if let Some(p) = p {
+            anyhow::ensure!(p.is_file(), "{flag} {}: no such file", p.display());
+        }
+    }
+    if let Some(dir) = &args.mmlu {
+        let root = mmlu::data_root(dir)?;
+        let known = mmlu::subjects(&root, Split::Test)?;
+        for s in &args.subjects {
+            if !known.contains(s) {
+                // load_subject gives the message with close matches
+                mmlu::load_subject(&root, s, Split::Test, Some(0))?;
+            }
+        }
+    }
+    if let Some(dir) = &args.adapter {
+        anyhow::ensure!(dir.join("adapter_config.json").is_file(), "--adapter {}: no adapter_config.json in the folder", dir.display());
+    }
+    for f in [&args.out, &args.generations].into_iter().flatten() {
+        ensure_parent(f)?;
+    }
+    anyhow::ensure!(args.beta > 0.0, "--beta must be > 0 (got {})", args.beta);
+    anyhow::ensure!(args.batch_size > 0, "--batch-size must be >= 1");
+    crate::generate::Sampler::new(&sampled_options(args))?;
+    anyhow::ensure!(
+        args.prefs.is_some() || args.prompts.is_some() || args.mmlu.is_some() || args.energy,
+        "nothing to evaluate: give --prefs, --prompts, --mmlu or --energy"
+    );
+    Ok(())
+}
+
+fn sampled_options(args: &EvalArgs) -> GenerateOptions {
+    GenerateOptions { max_new_tokens: args.max_new_tokens, temperature: args.temperature, top_p: args.top_p, seed: args.seed }
+}
+
+/// Attach the adapter in `dir` to `model`.
+fn attach_adapter(dir: &Path, model: &mut Model) -> anyhow::Result<()> {
+    crate::adapter::files::load(dir, model).with_context(|| format!("loading adapter {}", dir.display()))?;
+    Ok(())
+}
+
+/// Create the folder that will hold `file` (so a missing folder fails before any work).
+fn ensure_parent(file: &Path) -> anyhow::Result<()> {
+    match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => {
+            std::fs::create_dir_all(p).with_context(|| format!("creating the folder of {}", file.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Whether `path`'s first record is a preference pair rather than a prompt.
+fn is_preference_file(path: &Path) -> anyhow::Result<bool> {
+    if path.extension().is_some_and(|e| e == "gz" || e == "json") {
+        return Ok(true);
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let Some(first) = text.lines().find(|l| !l.trim().is_empty()) else { return Ok(false) };
+    let v: serde_json::Value = match serde_json::from_str(first) {
+        Ok(v) => v,
+        Err(_) => return Ok(false), // load_prompts reports it with file:line
+    };
+    Ok(["chosen", "rejected", "preferred_output", "non_preferred_output"].iter().any(|k| v.get(k).is_some()))
+}
+
+/// The prompts to generate from: `(text, ids)`, at most `k`.
+fn prompts(args: &EvalArgs, path: &Path, tok: &Tokenizer, template: Option<&str>) -> anyhow::Result<Vec<(String, Vec<u32>)>> {
+    let mut out: Vec<(String, Vec<u32>)> = if is_preference_file(path)? {
+        let loaded = crate::data::load(path, &Default::default())?;
+        let pt = PairTokenizer::new(tok, template, TokenizeOptions::default())?;
+        let mut v = Vec::new();
+        for ex in loaded.examples.iter().take(args.samples) {
+            let e = pt.encode(ex, path)?;
+            v.push((pt.render_prompt(ex, path)?, e.prompt_ids));
+        }
+        v
+    } else {
+        load_prompts(path, tok, template)?.into_iter().map(|p| (p.text, p.ids)).collect()
+    };
+    out.truncate(args.samples);
+    Ok(out)
+}
+
+/// One line of `generations.jsonl`.
+fn generation_record(model: &str, mode: &str, i: usize, prompt: &str, g: &Generation) -> serde_json::Value {
+    serde_json::json!({
+        "model": model,
+        "mode": mode,
+        "index": i,
+        "prompt": prompt,
+        "completion": g.text,
+        "tokens": counted_ids(g).len(),
+        "stop": format!("{:?}", g.stop),
+    })
+}
 
 /// Run `ropo eval`.
-pub fn run(_args: EvalArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`ropo eval` is not implemented yet")
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    check_inputs(&args)?;
+    let dtype = if args.dtype == "f64" { candle_core::DType::F64 } else { candle_core::DType::F32 };
+    let load_opts = LoadOptions { revision: args.revision.clone(), dtype, ..Default::default() };
+    let mut lm = load(&args.model, &load_opts).with_context(|| format!("loading model {}", args.model))?;
+    if let Some(dir) = &args.adapter {
+        attach_adapter(dir, &mut lm.model)?;
+    }
+    let (model, tok) = (&lm.model, &lm.tokenizer);
+    let template = match &args.chat_template {
+        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
+        None => None,
+    };
+    let cols = columns(&args);
+    let mut reports: Vec<ModelReport> = cols.iter().map(|_| ModelReport::default()).collect();
+
+    // 1. preference metrics: one pass gives policy (adapted) and reference (base) log-probs
+    if let Some(path) = &args.prefs {
+        let opts = TokenizeOptions { max_length: Some(args.max_length), max_prompt_length: None };
+        let mut prepared = crate::data::prepare(path, tok, template.as_deref(), &Default::default(), opts)?;
+        if let Some(n) = args.limit {
+            prepared.pairs.truncate(n);
+        }
+        anyhow::ensure!(!prepared.pairs.is_empty(), "{}: no usable preference pairs", path.display());
+        let pad = crate::data::batch::pad_id(tok)?;
+        let b = bar(prepared.pairs.len(), "preference pairs");
+        let lp = score_pairs(model, &prepared.pairs, pad, args.batch_size, |k| b.inc(k as u64))?;
+        b.finish_and_clear();
+        for ((_, adapted), r) in cols.iter().zip(reports.iter_mut()) {
+            let lp = if *adapted {
+                lp.clone()
+            } else {
+                // the base model is its own reference
+                PairLogprobs { policy_chosen: lp.reference_chosen.clone(), policy_rejected: lp.reference_rejected.clone(), ..lp.clone() }
+            };
+            r.preference = Some(preference_metrics(&lp, args.beta, DEFAULT_TOLERANCE)?);
+        }
+    }
+
+    // 2. generations, greedy and sampled
+    if let Some(path) = &args.prompts {
+        let ps = prompts(&args, path, tok, template.as_deref())?;
+        let ids: Vec<Vec<u32>> = ps.iter().map(|p| p.1.clone()).collect();
+        let mut lines = String::new();
+        for ((name, adapted), r) in cols.iter().zip(reports.iter_mut()) {
+            for (mode, opts) in [("greedy", GenerateOptions { temperature: 0.0, ..sampled_options(&args) }), ("sampled", sampled_options(&args))] {
+                let b = bar(ids.len(), &format!("{name} {mode} generations"));
+                let gens = generate_all(model, tok, &ids, &opts, *adapted, || b.inc(1))?;
+                b.finish_and_clear();
+                for (i, g) in gens.iter().enumerate() {
+                    lines.push_str(&generation_record(name, mode, i, &ps[i].0, g).to_string());
+                    lines.push('\n');
+                }
+                let counted: Vec<Vec<u32>> = gens.iter().map(|g| counted_ids(g).to_vec()).collect();
+                let stats = generation_stats(&counted, args.max_new_tokens);
+                if mode == "greedy" {
+                    r.greedy = Some(stats);
+                } else {
+                    r.sampled = Some(stats);
+                }
+            }
+        }
+        let out = args.generations.clone().unwrap_or_else(|| match &args.out {
+            Some(o) => o.with_file_name("generations.jsonl"),
+            None => PathBuf::from("generations.jsonl"),
+        });
+        crate::fsutil::write_atomic(&out, lines.as_bytes())?;
+        eprintln!("wrote {} generations to {}", lines.lines().count(), out.display());
+    }
+
+    // 3. MMLU
+    if let Some(dir) = &args.mmlu {
+        let root = mmlu::data_root(dir)?;
+        let data = args
+            .subjects
+            .iter()
+            .map(|s| mmlu::load_subject(&root, s, Split::Test, args.mmlu_limit))
+            .collect::<crate::error::Result<Vec<_>>>()?;
+        let n: usize = data.iter().map(|d| d.questions.len()).sum();
+        for ((name, adapted), r) in cols.iter().zip(reports.iter_mut()) {
+            let mut scorer = ModelScorer::new(model, tok, *adapted, Some(args.mmlu_max_tokens))?;
+            let b = bar(n, &format!("{name} MMLU questions"));
+            r.mmlu = Some(mmlu::score(&data, args.shots, &mut scorer, || b.inc(1))?);
+            b.finish_and_clear();
+        }
+    }
+
+    // 4. energy of the adapted layers
+    let energy = if args.energy {
+        let linears = model.linears();
+        let n = linears.iter().filter(|l| l.adapter.is_some()).count();
+        anyhow::ensure!(n > 0, "--energy: the model has no adapted layer");
+        let b = bar(n, "energy of adapted layers");
+        let e = crate::eval::energy::adapted_energies(linears, |_| b.inc(1))?;
+        b.finish_and_clear();
+        Some(e)
+    } else {
+        None
+    };
+
+    let mut report = EvalReport {
+        model: args.model.clone(),
+        adapter: args.adapter.as_ref().map(|p| p.display().to_string()),
+        energy,
+        ..Default::default()
+    };
+    for ((name, _), r) in cols.iter().zip(reports) {
+        if *name == "base" {
+            report.base = Some(r);
+        } else {
+            report.adapted = Some(r);
+        }
+    }
+    print!("{}", report.table());
+    if let Some(out) = &args.out {
+        report.write_json(out)?;
+        println!("report: {}", out.display());
+    }
+    Ok(())
 }

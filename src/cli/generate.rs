@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
+use crate::adapter::AnyAdapterSet;
 use crate::data::template::{ChatTemplate, Message};
 use crate::generate::{generate, GenerateOptions};
 use crate::model::{load, LoadOptions};
@@ -19,7 +20,7 @@ pub struct GenerateArgs {
     /// Hub revision (branch, tag or commit) when --model is a repo id.
     #[arg(long)]
     pub revision: Option<String>,
-    /// A trained adapter folder to apply.
+    /// A trained adapter folder to apply (RoPO, PEFT LoRA or full; read from its adapter_config.json).
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
     /// Render the prompt with the model's chat template (a user turn, add_generation_prompt).
@@ -50,7 +51,8 @@ pub struct GenerateArgs {
 /// Run `ropo generate`: prints the completion (special tokens skipped) on standard output.
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.adapter {
-        anyhow::bail!("--adapter {}: adapters not supported yet", dir.display());
+        // check the adapter folder before the (slow) model load
+        crate::adapter::any::stored_kind(dir).with_context(|| format!("--adapter {}", dir.display()))?;
     }
     let opts = GenerateOptions { max_new_tokens: args.max_new_tokens, temperature: args.temperature, top_p: args.top_p, seed: args.seed };
     // check the sampling options before the (slow) load
@@ -64,7 +66,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
     };
     let load_opts = LoadOptions { revision: args.revision.clone(), ..Default::default() };
-    let lm = load(&args.model, &load_opts).with_context(|| format!("loading model {}", args.model))?;
+    let mut lm = load(&args.model, &load_opts).with_context(|| format!("loading model {}", args.model))?;
+    if let Some(dir) = &args.adapter {
+        let set = AnyAdapterSet::load(dir, &mut lm.model).with_context(|| format!("loading adapter {} onto {}", dir.display(), args.model))?;
+        tracing::info!("adapter {} ({}): {}", dir.display(), set.kind().as_str(), set.report());
+    }
     let tok = &lm.tokenizer;
     let (text, add_special) = if args.chat {
         let src = tok.chat_template.as_deref().with_context(|| format!("--chat: model {} has no chat template", args.model))?;
@@ -80,7 +86,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         (prompt, true)
     };
     let ids = tok.inner.encode(text, add_special).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?.get_ids().to_vec();
-    let out = generate(&lm.model, tok, &ids, &opts, true)?;
+    let out = generate(&lm.model, tok, &ids, &opts, args.adapter.is_some())?;
     println!("{}", out.text);
     Ok(())
 }

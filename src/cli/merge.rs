@@ -1,4 +1,4 @@
-//! `ropo merge`: bake a RoPO adapter into the weights and write a standard HF model folder.
+//! `ropo merge`: bake an adapter (RoPO, LoRA or full) into the weights and write a standard HF model folder.
 
 use std::path::PathBuf;
 

@@ -1,10 +1,36 @@
-//! `ropo plot`.
+//! `ropo plot`: training curves from a `metrics.jsonl` into a PNG.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
 
 /// Arguments of `ropo plot`.
 #[derive(Debug, clap::Args)]
-pub struct PlotArgs {}
+pub struct PlotArgs {
+    /// The metrics file written by `ropo train` (one JSON record a line).
+    ///
+    /// Train values are read from `loss`, `rewards/accuracies` and `rewards/margins`; eval
+    /// values from the same names prefixed `eval/` (or TRL's `eval_`); each record needs a
+    /// numeric `step`.
+    pub metrics: PathBuf,
+    /// Where to write the PNG [default: curves.png beside the metrics file].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
 
 /// Run `ropo plot`.
-pub fn run(_args: PlotArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`ropo plot` is not implemented yet")
+pub fn run(args: PlotArgs) -> anyhow::Result<()> {
+    let out = args.out.unwrap_or_else(|| args.metrics.with_file_name("curves.png"));
+    let curves = crate::plot::plot_metrics_file(&args.metrics, &out)
+        .with_context(|| format!("plotting {}", args.metrics.display()))?;
+    let counts: Vec<String> = crate::plot::PANELS
+        .iter()
+        .zip(&curves.series)
+        .map(|(n, s)| format!("{n}: {} train / {} eval points", s.train.len(), s.eval.len()))
+        .collect();
+    println!("wrote {} ({})", out.display(), counts.join("; "));
+    if curves.skipped > 0 {
+        println!("skipped {} record(s) without a step", curves.skipped);
+    }
+    Ok(())
 }

@@ -1,1 +1,22 @@
-//! See lib.rs.
+//! Evaluation: the reward-hacking diagnostics of `ropo eval`, base vs adapted.
+//!
+//! RoPO exists to stop reward hacking; these modules measure its four symptoms:
+//! - [`preference`]: preference metrics on held-out pairs (TRL's `rewards/*`, `logps/*`, loss);
+//! - [`generation`]: longer, cut-off, less diverse, more repetitive generations;
+//! - [`mmlu`]: forgotten knowledge (MMLU answer-letter log-likelihood);
+//! - [`energy`]: collapsed neurons (hyperspherical energy of the adapted weights);
+//!
+//! and [`report`] puts them side by side (`base | adapted | delta`, and JSON).
+//! The pure parts take numbers or closures, so they are tested without a model.
+
+pub mod energy;
+pub mod generation;
+pub mod mmlu;
+pub mod preference;
+pub mod report;
+
+pub use energy::{hyperspherical_energy, EnergyReport, LayerEnergy};
+pub use generation::{generation_stats, GenerationStats};
+pub use mmlu::{LetterScorer, MmluScores};
+pub use preference::{preference_metrics, PairLogprobs, PreferenceMetrics};
+pub use report::{EvalReport, ModelReport};
