@@ -127,6 +127,10 @@ print()
 if acc_b is not None and acc_a is not None:
     verdict = "above" if acc_b > acc_a else "NOT above"
     print(f"held-out preference accuracy: base {acc_a:.3f} -> RoPO {acc_b:.3f} ({verdict} the base)")
+d2_a, d2_b = get(before, "greedy", "distinct_2"), get(after, "greedy", "distinct_2")
+if d2_a and d2_b is not None and d2_b < 0.5 * d2_a:
+    print(f"warning: greedy distinct-2 fell from {d2_a:.3f} to {d2_b:.3f}: the generations lost their diversity")
+    print("         (over-optimisation); look at eval-adapted/generations.jsonl and lower training.learning_rate")
 print()
 print("Wall time per stage:")
 for line in timings.strip().splitlines():
