@@ -40,7 +40,7 @@ use crate::data::batch::{collate, epoch_batches, pad_id, Batch, SamplerConfig};
 use crate::data::tokenize::{PairTokenizer, TokenizeOptions, TokenizedPair};
 use crate::data::{DataReport, Format, Loaded, PreferenceExample};
 use crate::error::{Error, Result};
-use crate::loss::{completion_logps, completion_token_counts, preference_loss, split_pairs, LossOutput, PairLogps, RewardMetrics};
+use crate::loss::{completion_token_counts, preference_loss, split_pairs, LossOutput, PairLogps, RewardMetrics};
 use crate::metrics::{EvalStats, MetricsLogger, Progress, TrainStats};
 use crate::model::llama::Model;
 use crate::optim::{AdamW, GradAccumulator};
@@ -290,14 +290,13 @@ pub fn tokenize(cfg: &RunConfig, rows: &Rows, tokenizer: &crate::model::tokenize
 // ------------------------------------------------------------------------------------------
 
 /// The policy half of a training micro-batch: policy forward (adapters on), completion
-/// log-probs, the loss of `t.loss_type` against `ref_logps`, and its backward.
+/// log-probs ([`reference::model_logps`]: LM head at completion positions only), the loss of `t.loss_type` against `ref_logps`, and its backward.
 ///
 /// `batch`: `2B` rows in the concatenated layout; `ref_logps`: `(2B,)` f32 reference log-probs
 /// in the same layout. Returns the loss output (loss, per-pair losses, reward metrics) and the
 /// gradients.
 pub fn micro_batch(model: &Model, batch: &Batch, ref_logps: &Tensor, t: &TrainingSection) -> Result<(LossOutput, GradStore)> {
-    let logits = model.forward(&batch.input_ids, Some(&batch.attention_mask), true)?;
-    let logps = completion_logps(&logits, &batch.input_ids, &batch.completion_mask)?;
+    let logps = reference::model_logps(model, batch, true)?;
     let out = loss_of(&logps, ref_logps, &batch.completion_mask, t)?;
     let grads = out.loss.backward()?;
     Ok((out, grads))
