@@ -93,31 +93,36 @@ fn step0_losses_rewards_and_golden_logps() {
 
     let reference = ropo::reference::batch_logps(&m.model, &batch, false).unwrap();
     // the training path: policy forward + loss + backward; every adapter tensor gets a gradient
-    let (out, grads) = ropo::train::micro_batch(&m.model, &batch, &reference, &cfg.training).unwrap();
-    ropo::optim::Grads::from_store(&set.vars(), &grads).expect("every trainable tensor has a gradient");
+    let (out, policy) = {
+        let (out, grads) = ropo::train::micro_batch(&m.model, &batch, &reference, &cfg.training).unwrap();
+        ropo::optim::Grads::from_store(&set.vars(), &grads).expect("every trainable tensor has a gradient");
+        (out.loss.to_scalar::<f32>().unwrap() as f64, out.metrics)
+    };
+    let (loss, metrics) = (out, policy);
     let ln2 = std::f64::consts::LN_2;
-    let loss = out.loss.to_scalar::<f32>().unwrap() as f64;
     assert!((loss - ln2).abs() < 1e-5, "step-0 sigmoid loss {loss}, want ln 2");
-    assert!(out.metrics.rewards_chosen.abs() < 1e-5 && out.metrics.rewards_rejected.abs() < 1e-5, "{:?}", out.metrics);
+    assert!(metrics.rewards_chosen.abs() < 1e-5 && metrics.rewards_rejected.abs() < 1e-5, "{metrics:?}");
 
-    // golden summed completion log-probs, per sequence and as TRL's batch means
+    // golden summed completion log-probs, per sequence (the base model's full logits, as the
+    // golden procedure; and the training path's completion-position log-probs, adapters on)
+    // and as TRL's batch means
     let gold = golden["orca_pairs"].as_array().unwrap();
     let want_c: Vec<f64> = gold.iter().map(|g| g["chosen"]["sum_completion_logprob"].as_f64().unwrap()).collect();
     let want_r: Vec<f64> = gold.iter().map(|g| g["rejected"]["sum_completion_logprob"].as_f64().unwrap()).collect();
-    let logits = m.model.forward(&batch.input_ids, Some(&batch.attention_mask), true).unwrap();
-    let policy = ropo::loss::completion_logps(&logits, &batch.input_ids, &batch.completion_mask).unwrap();
-    let got = policy.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
-    // the training path's log-probs (LM head at completion positions only) equal the full ones
-    let fast = ropo::reference::model_logps(&m.model, &batch, true).unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
-    for (i, (a, b)) in fast.iter().zip(&got).enumerate() {
-        assert!((a - b).abs() < 1e-3, "sequence {i}: model_logps {a}, completion_logps {b}");
-    }
-    for (i, (g, w)) in got.iter().zip(want_c.iter().chain(&want_r)).enumerate() {
-        assert!((g - w).abs() < 1e-2, "sequence {i}: policy logps {g}, golden {w}");
+    let full = {
+        let logits = m.model.forward(&batch.input_ids, Some(&batch.attention_mask), false).unwrap();
+        ropo::loss::completion_logps(&logits, &batch.input_ids, &batch.completion_mask).unwrap()
+    };
+    let policy = ropo::reference::batch_logps(&m.model, &batch, true).unwrap();
+    for (what, t) in [("full logits, adapters bypassed", &full), ("reference", &reference), ("policy", &policy)] {
+        let got = t.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+        for (i, (g, w)) in got.iter().zip(want_c.iter().chain(&want_r)).enumerate() {
+            assert!((g - w).abs() < 1e-2, "{what}: sequence {i}: logps {g}, golden {w}");
+        }
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    assert!((out.metrics.logps_chosen - mean(&want_c)).abs() < 1e-2, "logps/chosen {} vs {}", out.metrics.logps_chosen, mean(&want_c));
-    assert!((out.metrics.logps_rejected - mean(&want_r)).abs() < 1e-2, "logps/rejected {} vs {}", out.metrics.logps_rejected, mean(&want_r));
+    assert!((metrics.logps_chosen - mean(&want_c)).abs() < 1e-2, "logps/chosen {} vs {}", metrics.logps_chosen, mean(&want_c));
+    assert!((metrics.logps_rejected - mean(&want_r)).abs() < 1e-2, "logps/rejected {} vs {}", metrics.logps_rejected, mean(&want_r));
 
     // every other loss type at its own value for equal policy and reference (exactly equal
     // log-probs: the reference's), and, within the rounding of the identity adapter, for the
