@@ -172,7 +172,46 @@ fn bench_step(c: &mut Criterion) {
     set_fast_frozen_matmul(true);
 }
 
+/// `STEP_AB=lmhead,prefix` (names as in the bench ids, `STEP_AB_ROUNDS` rounds, default 2):
+/// instead of criterion, run the named configurations interleaved in one process (A B A B ...)
+/// and print each step's wall time, so that a noisy shared machine's load drifts affect both
+/// alike.
+fn interleaved(names: &str) {
+    let cfg = smollm2_135m();
+    let dev = Device::Cpu;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let weights: HashMap<String, Tensor> = random_weights(&cfg, 0.02, &mut rng, DType::F32, &dev).unwrap().into_iter().collect();
+    let mut model = Model::load(VarBuilder::from_tensors(weights, DType::F32, &dev), &cfg).unwrap();
+    let _set = inject::inject(&mut model, &AdapterConfig::default(), "bench").unwrap();
+    let b = batch(&mut rng, cfg.vocab_size as u32, &dev);
+    let reference = (Tensor::new(&[-200f32, -180.0], &dev).unwrap(), Tensor::new(&[-150f32, -220.0], &dev).unwrap());
+    let rounds: usize = std::env::var("STEP_AB_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+    let paths: Vec<(&str, Path)> = names
+        .split(',')
+        .map(|n| match n {
+            "plain" => (n, Path::Plain),
+            "frozen" => (n, Path::Frozen),
+            "lmhead" => (n, Path::LmHead),
+            "prefix" => (n, Path::Prefix),
+            other => panic!("STEP_AB: unknown configuration {other}"),
+        })
+        .collect();
+    for round in 0..rounds {
+        for &(name, path) in &paths {
+            set_fast_frozen_matmul(!matches!(path, Path::Plain));
+            let t0 = std::time::Instant::now();
+            let loss = step(&model, &b, path, &reference);
+            let s = t0.elapsed().as_secs_f64();
+            eprintln!("AB round {round} {name}: {s:.2} s, {:.1} tok/s (loss {loss:.5})", b.real_tokens as f64 / s);
+        }
+    }
+}
+
 fn main() {
+    if let Ok(names) = std::env::var("STEP_AB") {
+        interleaved(&names);
+        return;
+    }
     let mut c = Criterion::default().configure_from_args();
     bench_step(&mut c);
     c.final_summary();
