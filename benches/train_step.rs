@@ -60,7 +60,7 @@ fn bench_train_step(c: &mut Criterion) {
         random_weights(&cfg, 0.02, &mut rng, DType::F32, &dev).expect("random weights").into_iter().collect();
     let mut model = Model::load(VarBuilder::from_tensors(weights, DType::F32, &dev), &cfg).expect("model");
     let run_cfg = RunConfig::default();
-    let set = ropo::adapter::inject::inject(&mut model, &ropo::train::adapter_config(&run_cfg), "random").expect("adapter");
+    let set = ropo::adapter::AnyAdapterSet::inject(&mut model, &run_cfg.adapter, "random").expect("adapter");
     let params = set.vars();
     let mut opt = AdamW::new(params.clone(), run_cfg.training.adamw()).expect("adamw");
     let mut ids = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(3..cfg.vocab_size as u32)).collect() };

@@ -29,50 +29,15 @@ use crate::model::llama::Model;
 ///
 /// `logps[n] = Σ_t completion_mask[n,t] · log_softmax(lm_head(h[n,t-1]))[input_ids[n,t]]`
 /// (the definition of [`crate::loss::completion_logps`], TRL 1.16), but the `(N, T, V)` logits
-/// are never built: the hidden states `(N, T, D)` of the `P` positions that predict a completion
-/// token are gathered into `(P, D)`, the LM head and log-softmax run on those rows only, and a
-/// `(N, P)` row-assignment matrix (holding the mask values) sums them per sequence. Memory for
-/// the logits drops from `N·T·V` to `P·V` floats (prompt positions are about half of them).
-/// Differentiable with respect to everything on the policy path (gather and matmul have
-/// backward passes). `batch` in the concatenated layout; returns `(N,)` f32 (f64 for an f64 model).
+/// are never built: [`crate::logps::completion_logps_from_hidden`] gathers the hidden states of
+/// the `P` positions that predict a completion token, runs the LM head on those rows only and a
+/// fused log-softmax + gather whose backward builds nothing vocabulary-sized. Memory for the
+/// logits drops from `N·T·V` to `P·V` floats. Differentiable with respect to everything on the
+/// policy path. `batch` in the concatenated layout; returns `(N,)` in the model's dtype.
 pub fn model_logps(model: &Model, batch: &Batch, use_adapters: bool) -> Result<Tensor> {
     let hidden = model.forward_hidden(&batch.input_ids, Some(&batch.attention_mask), use_adapters)?; // (N, T, D)
-    let (n, t, d) = hidden.dims3()?;
-    let dev = hidden.device().clone();
-    let mask: Vec<f32> = batch.completion_mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let ids: Vec<u32> = batch.input_ids.flatten_all()?.to_vec1()?;
-    let (mut src, mut tgt, mut rows, mut weights) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for r in 0..n {
-        for s in 1..t {
-            let w = mask[r * t + s];
-            if w != 0.0 {
-                src.push((r * t + s - 1) as u32);
-                tgt.push(ids[r * t + s]);
-                rows.push(r);
-                weights.push(w);
-            }
-        }
-    }
-    let p = src.len();
-    if p == 0 {
-        let dtype = if hidden.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
-        return Ok(Tensor::zeros(n, dtype, &dev)?);
-    }
-    let v = model.config().vocab_size;
-    if let Some(&bad) = tgt.iter().find(|&&id| id as usize >= v) {
-        return Err(Error::Msg(format!("input_ids holds token id {bad}, outside the vocabulary of {v} logits")));
-    }
-    let h = hidden.reshape((n * t, d))?.index_select(&Tensor::new(src, &dev)?, 0)?; // (P, D)
-    // f32 (f64 for f64 models: finite-difference checks)
-    let dtype = if hidden.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
-    let logits = model.lm_head(&h.unsqueeze(0)?, use_adapters)?.squeeze(0)?.to_dtype(dtype)?; // (P, V)
-    let per_token = crate::loss::selective_log_softmax(&logits, &Tensor::new(tgt, &dev)?)?; // (P,)
-    let mut assign = vec![0f32; n * p];
-    for (j, (&r, &w)) in rows.iter().zip(&weights).enumerate() {
-        assign[r * p + j] = w;
-    }
-    let assign = Tensor::from_vec(assign, (n, p), &dev)?.to_dtype(dtype)?;
-    Ok(assign.matmul(&per_token.unsqueeze(1)?)?.squeeze(1)?)
+    // (N,): the LM head and a fused log-softmax + gather at completion positions only
+    crate::logps::completion_logps_from_hidden(model, &hidden, &batch.input_ids, &batch.completion_mask, use_adapters)
 }
 
 /// [`model_logps`] without gradients: `(2B,)` f32, detached. `use_adapters = false` gives the

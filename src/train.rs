@@ -32,8 +32,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::adapter::config::{AdapterConfig, TargetModules};
-use crate::adapter::inject::AdapterSet;
+use crate::adapter::AnyAdapterSet;
 use crate::checkpoint::{self, CheckpointData, CheckpointMeta, DataPosition, RngState, TrainerState};
 use crate::config::{ModelDtype, RowSlice, RunConfig, TemplateSource, TrainingSection};
 use crate::data::batch::{collate, epoch_batches, pad_id, Batch, SamplerConfig};
@@ -132,24 +131,15 @@ pub fn peak_rss_kib() -> Option<u64> {
 // Adapter: the only adapter-kind-specific calls of the loop
 // ------------------------------------------------------------------------------------------
 
-/// The RoPO hyperparameters of the `[adapter]` table.
-pub fn adapter_config(cfg: &RunConfig) -> AdapterConfig {
-    let a = &cfg.adapter;
-    AdapterConfig {
-        target_modules: TargetModules::Names(a.target_modules.clone()),
-        householder_reflections: a.householder_reflections,
-        givens_stages: a.givens_stages,
-        magnitude: a.magnitude,
-        init_seed: a.init_seed,
-    }
+/// Wrap the target linears with fresh adapters of the configured kind (`adapter.type`:
+/// RoPO, LoRA or full), recording the base model's path or id in the adapter config.
+fn attach_adapter(model: &mut Model, cfg: &RunConfig) -> Result<AnyAdapterSet> {
+    AnyAdapterSet::inject(model, &cfg.adapter, &cfg.model.path_or_id)
 }
 
-fn attach_adapter(model: &mut Model, cfg: &RunConfig) -> Result<AdapterSet> {
-    crate::adapter::inject::inject(model, &adapter_config(cfg), &cfg.model.path_or_id)
-}
-
-fn save_adapter(dir: &Path, set: &AdapterSet) -> Result<()> {
-    crate::adapter::files::save(dir, set)
+/// Write the adapter files of `set` into `dir` (each file atomically).
+fn save_adapter(dir: &Path, set: &AnyAdapterSet) -> Result<()> {
+    set.save(dir)
 }
 
 // ------------------------------------------------------------------------------------------
@@ -516,7 +506,7 @@ pub fn run(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     } else {
         say("reference model: the policy with adapters bypassed");
     }
-    say(&format!("{}", adapter.report));
+    say(&format!("{}", adapter.report()));
     for f in &rows.files {
         say(&format!("data {} (format {}): {} rows read, {} skipped while loading", f.source.display(), f.format, f.report.rows_read, f.report.total_skipped()));
         for (reason, c) in &f.report.skipped {

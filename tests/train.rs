@@ -79,7 +79,7 @@ fn step0_losses_rewards_and_golden_logps() {
     let mut m = ropo::model::load(gguf.to_str().unwrap(), &Default::default()).unwrap();
     let mut cfg = RunConfig::default();
     cfg.model.path_or_id = gguf.to_str().unwrap().into();
-    let set = ropo::adapter::inject::inject(&mut m.model, &ropo::train::adapter_config(&cfg), "smollm2").unwrap();
+    let set = ropo::adapter::AnyAdapterSet::inject(&mut m.model, &cfg.adapter, "smollm2").unwrap();
 
     // the golden orca rows: validation.jsonl rows 0..3, max_length 256 (row 2's prompt is too long)
     let golden = common::golden("smollm2_golden.json");
@@ -170,7 +170,7 @@ fn training_path_gradients_match_finite_differences() {
     let mut run = RunConfig::default();
     run.adapter.target_modules = vec!["q_proj".into(), "v_proj".into(), "o_proj".into(), "down_proj".into()];
     run.training.beta = 0.5;
-    let set = ropo::adapter::inject::inject(&mut model, &ropo::train::adapter_config(&run), "tiny").unwrap();
+    let set = ropo::adapter::AnyAdapterSet::inject(&mut model, &run.adapter, "tiny").unwrap();
     let params = set.vars();
     for (_, v) in &params {
         let noise = Tensor::randn(0.0f64, 0.2, v.dims(), &dev).unwrap();
@@ -255,7 +255,7 @@ fn cli_short_training_moves_the_loss_and_writes_a_loadable_adapter() {
     // the adapter loads onto a fresh model and changes its output
     let mut m = ropo::model::load(common::smollm2_gguf().to_str().unwrap(), &Default::default()).unwrap();
     let set = ropo::adapter::files::load(&out, &mut m.model).unwrap();
-    assert_eq!(set.report.trainable, 391_560);
+    assert_eq!(set.report().trainable, 391_560);
     let ids = Tensor::new(&[[1u32, 9690, 198, 2683]], &Device::Cpu).unwrap();
     let a = m.model.forward(&ids, None, true).unwrap();
     let b = m.model.forward(&ids, None, false).unwrap();
