@@ -254,7 +254,7 @@ fn cli_short_training_moves_the_loss_and_writes_a_loadable_adapter() {
     }
     // the adapter loads onto a fresh model and changes its output
     let mut m = ropo::model::load(common::smollm2_gguf().to_str().unwrap(), &Default::default()).unwrap();
-    let set = ropo::adapter::files::load(&out, &mut m.model).unwrap();
+    let set = ropo::adapter::AnyAdapterSet::load(&out, &mut m.model).unwrap();
     assert_eq!(set.report().trainable, 391_560);
     let ids = Tensor::new(&[[1u32, 9690, 198, 2683]], &Device::Cpu).unwrap();
     let a = m.model.forward(&ids, None, true).unwrap();
