@@ -15,6 +15,8 @@ pub mod model;
 pub mod adapter;
 /// Completion log-probs and the DPO-family preference losses (TRL's definitions).
 pub mod loss;
+/// Fast completion log-probs: the LM head only at completion positions, fused log-softmax + gather.
+pub mod logps;
 /// AdamW with saveable moments, learning-rate schedules, global-norm clipping.
 pub mod optim;
 /// The training run's TOML configuration: defaults, strict keys, validation.

@@ -269,7 +269,7 @@ fn eval_identity_adapter_equals_base() {
     let out = dir.path().join("out/report.json");
     let o = ropo_eval(&[
         "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--compare-base",
-        "--prefs", prefs.to_str().unwrap(), "--limit", "3", "--max-length", "256",
+        "--prefs", prefs.to_str().unwrap(), "--limit", "3", "--max-length", "256", "--batch-size", "1",
         "--prompts", prefs.to_str().unwrap(), "--samples", "2", "--max-new-tokens", "12",
         "--mmlu", mmlu_dir.to_str().unwrap(), "--subjects", "astronomy", "--mmlu-limit", "2", "--shots", "1",
         "--energy", "--out", out.to_str().unwrap(), "--dtype", "f64",

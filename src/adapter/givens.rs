@@ -208,7 +208,11 @@ fn givens_bwd<T: WithDType>(x: &[T], theta: &[T], g: &[T], d: usize, stages: usi
             }
             acc
         })
-        .reduce(|| vec![0f64; a], add_acc);
+        // collected in chunk order, then summed in that order: rayon's `reduce` associates the
+        // partial sums by its (adaptive, run-dependent) splits, which breaks bit-identical runs
+        .collect::<Vec<_>>()
+        .into_iter()
+        .fold(vec![0f64; a], add_acc);
     (gx, dtheta.into_iter().map(T::from_f64).collect())
 }
 

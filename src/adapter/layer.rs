@@ -235,7 +235,11 @@ fn scale_bwd<T: WithDType>(y: &[T], s: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
             }
             acc
         })
-        .reduce(|| vec![0f64; n], add_acc);
+        // collected in chunk order, then summed in that order: rayon's `reduce` associates the
+        // partial sums by its (adaptive, run-dependent) splits, which breaks bit-identical runs
+        .collect::<Vec<_>>()
+        .into_iter()
+        .fold(vec![0f64; n], add_acc);
     (gy, gs.into_iter().map(T::from_f64).collect())
 }
 

@@ -167,9 +167,10 @@ fn sampled_options(args: &EvalArgs) -> GenerateOptions {
     GenerateOptions { max_new_tokens: args.max_new_tokens, temperature: args.temperature, top_p: args.top_p, seed: args.seed }
 }
 
-/// Attach the adapter in `dir` to `model`.
+/// Attach the adapter in `dir` to `model`, whatever its kind (RoPO, PEFT LoRA, full; read from
+/// its `adapter_config.json`).
 fn attach_adapter(dir: &Path, model: &mut Model) -> anyhow::Result<()> {
-    crate::adapter::files::load(dir, model).with_context(|| format!("loading adapter {}", dir.display()))?;
+    crate::adapter::AnyAdapterSet::load(dir, model).with_context(|| format!("loading adapter {}", dir.display()))?;
     Ok(())
 }
 

@@ -1,10 +1,65 @@
-//! `ropo train`.
+//! `ropo train --config FILE.toml [--set key=value ...] [--resume [DIR]] [--overwrite] [--print-config]`.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+use anyhow::Context;
+
+use crate::config::RunConfig;
+use crate::train::{self, Outcome, TrainOptions, STOP_REQUESTED};
 
 /// Arguments of `ropo train`.
 #[derive(Debug, clap::Args)]
-pub struct TrainArgs {}
+pub struct TrainArgs {
+    /// The run's TOML config ([model], [data], [adapter], [training]).
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: PathBuf,
+    /// Override a config value: `--set training.beta=0.2` (repeatable; TOML values).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Continue a run from its newest complete checkpoint; DIR defaults to training.output_dir.
+    #[arg(long, value_name = "DIR", num_args = 0..=1)]
+    pub resume: Option<Option<PathBuf>>,
+    /// Replace the ropo run already in training.output_dir.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Print the fully resolved config (defaults filled in) and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
 
-/// Run `ropo train`.
-pub fn run(_args: TrainArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`ropo train` is not implemented yet")
+/// Run `ropo train`: threads from `training.threads` (else `RAYON_NUM_THREADS`, else all cores),
+/// a Ctrl-C handler that sets [`STOP_REQUESTED`] (a second Ctrl-C exits at once, code 130),
+/// then [`train::run`].
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let mut cfg = RunConfig::load(Some(&args.config), &args.set)?;
+    if args.overwrite {
+        cfg.training.overwrite = true;
+    }
+    if args.print_config {
+        print!("{}", cfg.to_toml_string());
+        return Ok(());
+    }
+    train::configure_threads(cfg.training.threads);
+    ctrlc::set_handler(|| {
+        if STOP_REQUESTED.swap(true, Ordering::SeqCst) {
+            eprintln!("\nropo: second interrupt, exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("\nropo: interrupt: a checkpoint will be written at the end of this step (Ctrl-C again to quit now)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    let resume = args.resume.map(|d| d.unwrap_or_else(|| PathBuf::from(&cfg.training.output_dir)));
+    let opts = TrainOptions { resume, progress: true };
+    let summary = train::run(&cfg, &opts)?;
+    if let (Some(a), Some(b)) = (&summary.first_eval, &summary.last_eval) {
+        eprintln!(
+            "eval before -> after: loss {:.4} -> {:.4}, rewards/accuracies {:.3} -> {:.3}, rewards/margins {:.4} -> {:.4}",
+            a.loss, b.loss, a.rewards.rewards_accuracies, b.rewards.rewards_accuracies, a.rewards.rewards_margins, b.rewards.rewards_margins
+        );
+    }
+    if let Outcome::Interrupted { step, .. } = summary.outcome {
+        eprintln!("ropo: stopped after step {step} by Ctrl-C");
+    }
+    Ok(())
 }

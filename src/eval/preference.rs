@@ -170,9 +170,11 @@ pub fn score_pairs(
     for chunk in pairs.chunks(batch_size) {
         let refs: Vec<&TokenizedPair> = chunk.iter().collect();
         let b = collate(&refs, pad_id, model.device())?;
+        // detached right away: with adapter `Var`s in the graph, the (2B, T, V) intermediates
+        // would otherwise stay alive as long as the result does
         let logps = |use_adapters: bool| -> Result<Tensor> {
             let logits = model.forward(&b.input_ids, Some(&b.attention_mask), use_adapters)?; // (2B, T, V)
-            completion_logps(&logits, &b.input_ids, &b.completion_mask) // (2B,)
+            Ok(completion_logps(&logits, &b.input_ids, &b.completion_mask)?.detach()) // (2B,)
         };
         let reference = logps(false)?;
         let policy = if adapted { logps(true)? } else { reference.clone() };

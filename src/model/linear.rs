@@ -6,9 +6,11 @@
 //! forward takes a `use_adapters` flag so the same network serves as policy (adapters on) and
 //! reference (adapters bypassed, no second copy of the weights).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use candle_core::{Result, Tensor, Var};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, Var};
 
 /// A trainable modification of a frozen [`Linear`].
 ///
@@ -68,15 +70,165 @@ impl Linear {
     }
 }
 
+/// Whether [`frozen_matmul`] may use the weight-gradient-free op ([`FrozenMatmul`]); on by
+/// default. Turning it off makes every frozen projection a plain candle matmul again (whose
+/// backward also computes a weight gradient nobody reads): the plain path, kept for the
+/// equivalence tests and the before/after benchmark.
+static FAST_FROZEN_MATMUL: AtomicBool = AtomicBool::new(true);
+
+/// Enables or disables the [`FrozenMatmul`] fast path of [`frozen_matmul`] process-wide (for
+/// benches and tests comparing against the plain path; results agree to rounding, see
+/// [`frozen_matmul`]).
+pub fn set_fast_frozen_matmul(enabled: bool) {
+    FAST_FROZEN_MATMUL.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether the [`FrozenMatmul`] fast path is enabled (see [`set_fast_frozen_matmul`]).
+pub fn fast_frozen_matmul_enabled() -> bool {
+    FAST_FROZEN_MATMUL.load(Ordering::Relaxed)
+}
+
 /// `x W^T` for `x` of shape `(..., in)` and `W` of shape `(out, in)`; returns `(..., out)`.
 ///
-/// The weight is treated as a constant (no gradient is asked for it).
+/// The weight is treated as a constant: when `W` is not tracked by autograd (not a `Var` and
+/// not computed from one), on the CPU in f32/f64, this runs [`FrozenMatmul`], whose backward
+/// returns only `dL/dx = dL/dy W` (candle's matmul backward would also compute the unused
+/// `dL/dW = dy^T x`, a second GEMM of the same size, and keep `W^T` copies alive). A tracked
+/// `W` (full fine-tuning, the all-weights gradient checks) takes the plain matmul, so its
+/// gradient is still computed. Both paths run the same gemm kernel on the same operands, so the
+/// forward values are bitwise equal; see [`plain_frozen_matmul`] for the plain path.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let fast = fast_frozen_matmul_enabled()
+        && !w.track_op()
+        && x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && x.dtype() == w.dtype()
+        && w.rank() == 2;
+    if !fast {
+        return plain_frozen_matmul(x, w);
+    }
     let dims = x.dims().to_vec();
-    let in_f = *dims.last().expect("x has at least one dimension");
+    let in_f = *dims.last().ok_or_else(|| candle_core::Error::Msg("frozen_matmul: x is a scalar".into()))?;
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((rows, in_f))?.contiguous()?.apply_op2(&w.contiguous()?, FrozenMatmul)?;
+    let mut out = dims;
+    *out.last_mut().expect("x has at least one dimension") = w.dim(0)?;
+    y.reshape(out)
+}
+
+/// The plain path of [`frozen_matmul`]: `x W^T` by candle's differentiable matmul (its backward
+/// computes `dL/dW` too). Same shapes and result.
+pub fn plain_frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let in_f = *dims.last().ok_or_else(|| candle_core::Error::Msg("frozen_matmul: x is a scalar".into()))?;
     let rows: usize = dims[..dims.len() - 1].iter().product();
     let y = x.reshape((rows, in_f))?.matmul(&w.t()?)?;
     let mut out = dims;
-    *out.last_mut().unwrap() = w.dim(0)?;
+    *out.last_mut().expect("x has at least one dimension") = w.dim(0)?;
     y.reshape(out)
+}
+
+/// `(x (rows, in), W (out, in)) -> x W^T (rows, out)` with `W` a constant.
+///
+/// Forward: candle's CPU gemm on the storages (`W^T` as a transposed layout, no copy).
+/// Backward: `dL/dx = dL/dy W` (one GEMM); no gradient for `W`.
+#[derive(Debug, Clone, Copy)]
+pub struct FrozenMatmul;
+
+impl CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "ropo-frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, in_f) = l1.shape().dims2()?;
+        let (out_f, in_w) = l2.shape().dims2()?;
+        if in_w != in_f {
+            candle_core::bail!("frozen_matmul: x ({rows}, {in_f}) does not fit W ({out_f}, {in_w})");
+        }
+        let wt = l2.transpose(0, 1)?; // (in, out) view of W
+        let y = s1.matmul(s2, (1, rows, out_f, in_f), l1, &wt)?;
+        Ok((y, Shape::from((rows, out_f))))
+    }
+
+    fn bwd(&self, _x: &Tensor, w: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad_res.contiguous()?.matmul(&w.detach())?), None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use rand::{Rng, SeedableRng};
+
+    fn randn(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| rng.sample::<f64, _>(rand_distr::StandardNormal)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+    }
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    // The frozen op equals the plain matmul: values bitwise (same gemm on the same operands),
+    // input gradients to 1e-12 (f64) / 1e-5 (f32; the two backward GEMMs see dy with different
+    // strides, so summation order may differ: f32 rounding at |dx| ~ 10).
+    #[test]
+    fn frozen_op_matches_plain_matmul_values_and_input_gradients() -> Result<()> {
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+            let x = Var::from_tensor(&randn(&[2, 7, 13], 1, dtype))?;
+            let w = randn(&[5, 13], 2, dtype);
+            let proj = randn(&[2, 7, 5], 3, dtype);
+            let fast = frozen_matmul(x.as_tensor(), &w)?;
+            let plain = plain_frozen_matmul(x.as_tensor(), &w)?;
+            assert_eq!(fast.dims(), &[2, 7, 5]);
+            assert_eq!(max_abs(&fast, &plain), 0.0, "{dtype:?} values");
+            let gf = (fast * &proj)?.sum_all()?.backward()?;
+            let gp = (plain * &proj)?.sum_all()?.backward()?;
+            let (a, b) = (gf.get(x.as_tensor()).expect("fast dx"), gp.get(x.as_tensor()).expect("plain dx"));
+            assert!(max_abs(a, b) < tol, "{dtype:?} dx: {}", max_abs(a, b));
+            assert!(gf.get(&w).is_none(), "no gradient is computed for the frozen weight");
+        }
+        Ok(())
+    }
+
+    // dL/dx against central finite differences (f64), L = sum(P * (x W^T)).
+    #[test]
+    fn frozen_op_input_gradient_matches_finite_differences() -> Result<()> {
+        let x0 = randn(&[3, 4], 4, DType::F64);
+        let w = randn(&[6, 4], 5, DType::F64);
+        let p = randn(&[3, 6], 6, DType::F64);
+        let x = Var::from_tensor(&x0)?;
+        let g = (frozen_matmul(x.as_tensor(), &w)? * &p)?.sum_all()?.backward()?;
+        let gx = g.get(x.as_tensor()).expect("dx").flatten_all()?.to_vec1::<f64>()?;
+        let xv = x0.flatten_all()?.to_vec1::<f64>()?;
+        let eps = 1e-6;
+        for i in 0..xv.len() {
+            let f = |d: f64| -> Result<f64> {
+                let mut v = xv.clone();
+                v[i] += d;
+                let xt = Tensor::from_vec(v, (3, 4), &Device::Cpu)?;
+                (frozen_matmul(&xt, &w)? * &p)?.sum_all()?.to_scalar::<f64>()
+            };
+            let fd = (f(eps)? - f(-eps)?) / (2.0 * eps);
+            assert!((fd - gx[i]).abs() < 1e-8, "dx[{i}]: analytic {} fd {fd}", gx[i]);
+        }
+        Ok(())
+    }
+
+    // A tracked weight (full fine-tuning) keeps the plain path and gets its gradient.
+    #[test]
+    fn tracked_weight_still_gets_its_gradient() -> Result<()> {
+        let x = randn(&[3, 4], 7, DType::F64);
+        let w = Var::from_tensor(&randn(&[2, 4], 8, DType::F64))?;
+        let g = frozen_matmul(&x, w.as_tensor())?.sum_all()?.backward()?;
+        let gw = g.get(w.as_tensor()).expect("a Var weight gets a gradient");
+        // d sum(x W^T) / dW[o, i] = sum_rows x[., i]
+        let want = x.sum_keepdim(0)?.broadcast_as((2, 4))?;
+        assert!(max_abs(gw, &want) < 1e-12);
+        Ok(())
+    }
 }

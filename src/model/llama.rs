@@ -294,8 +294,19 @@ impl Model {
         self.tensors().iter().map(|(_, t)| t.elem_count()).sum()
     }
 
+    /// The RoPE `cos`/`sin` tables `(len, hd)` of positions `start..start+len` for this model
+    /// (its head dim, theta and scaling), in the weights' dtype ([`rope_tables`]).
+    pub fn rope_tables_at(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        rope_tables(&self.inv_freq, start, len, self.dtype(), self.device())
+    }
+
+    /// The final RMSNorm (`model.norm`) of `x (..., D)`.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(x, &self.norm, self.cfg.rms_norm_eps)
+    }
+
     /// `(N, T)` token ids -> `(N, T, D)` embeddings.
-    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (n, t) = input_ids.dims2()?;
         let ids = input_ids.flatten_all()?;
         self.embed_tokens.index_select(&ids, 0)?.reshape((n, t, self.cfg.hidden_size))

@@ -13,6 +13,7 @@ pub mod hub;
 pub mod linear;
 pub mod llama;
 pub mod ops;
+pub mod prefix;
 pub mod tokenizer;
 
 use std::collections::{BTreeMap, HashMap};

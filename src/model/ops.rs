@@ -148,8 +148,10 @@ pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
 
 /// Rotary position embedding, `x * cos + rotate_half(x) * sin` (HF `apply_rotary_pos_emb`).
 ///
-/// `x` `(N, H, T, hd)`, `cos`/`sin` `(T, hd)` from [`rope_tables`] (constants, no gradient);
-/// returns `(N, H, T, hd)`. A custom op ([`RopeOp`]) whose backward is the inverse rotation.
+/// `x` `(N, H, T, hd)`, `cos`/`sin` `(T, hd)` from [`rope_tables`] (constants, no gradient),
+/// or per-row tables `(N, T, hd)` (row `n`'s queries at their own positions, e.g. completions
+/// placed after prompts of different lengths); returns `(N, H, T, hd)`. A custom op
+/// ([`RopeOp`]) whose backward is the inverse rotation.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, RopeOp)
 }
@@ -479,12 +481,12 @@ impl CustomOp3 for RmsNormBwdOp {
 /// RoPE on rows of `hd`: row `r` of `(N, H, T)` is at position `r % T`;
 /// `y_i = x_i cos_i - x_{i+hd/2} sin_i`, `y_{i+hd/2} = x_{i+hd/2} cos_{i+hd/2} + x_i sin_{i+hd/2}`
 /// (`x cos + rotate_half(x) sin`).
-fn rope_rows<T: Real>(x: &[T], cos: &[T], sin: &[T], hd: usize) -> Vec<T> {
-    let t = cos.len() / hd;
+fn rope_rows<T: Real>(x: &[T], cos: &[T], sin: &[T], hd: usize, h: usize, t: usize, per_row: bool) -> Vec<T> {
     let half = hd / 2;
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(hd).zip(x.par_chunks(hd)).enumerate().for_each(|(r, (o, xr))| {
-        let p = r % t;
+        // table row: position r % T, of batch row r / (H T) when the tables are per row
+        let p = if per_row { (r / (h * t)) * t + r % t } else { r % t };
         let (c, s) = (&cos[p * hd..(p + 1) * hd], &sin[p * hd..(p + 1) * hd]);
         for i in 0..half {
             let (x1, x2) = (xr[i], xr[i + half]);
@@ -514,11 +516,13 @@ impl CustomOp3 for RopeOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, _, t, hd) = l1.shape().dims4()?;
-        if l2.dims() != [t, hd] || l3.dims() != [t, hd] || hd % 2 != 0 {
-            candle_core::bail!("rope: tables {:?}/{:?} do not fit x {:?} (need (T, hd), hd even)", l2.dims(), l3.dims(), l1.dims());
+        let (n, h, t, hd) = l1.shape().dims4()?;
+        let per_row = l2.dims().len() == 3;
+        let fits = |d: &[usize]| d == [t, hd] || d == [n, t, hd];
+        if !fits(l2.dims()) || l3.dims() != l2.dims() || hd % 2 != 0 {
+            candle_core::bail!("rope: tables {:?}/{:?} do not fit x {:?} (need (T, hd) or (N, T, hd), hd even)", l2.dims(), l3.dims(), l1.dims());
         }
-        let out = dispatch!(self.name(), [(s1, l1, x), (s2, l2, c), (s3, l3, s)], rope_rows(x, c, s, hd));
+        let out = dispatch!(self.name(), [(s1, l1, x), (s2, l2, c), (s3, l3, s)], rope_rows(x, c, s, hd, h, t, per_row));
         Ok((out, l1.shape().clone()))
     }
 
@@ -610,6 +614,28 @@ mod tests {
         let gc = (composed * &c)?.sum_all()?.backward()?;
         let (a, b) = (gf.get(x.as_tensor()).expect("fused grad"), gc.get(x.as_tensor()).expect("composed grad"));
         assert!(max_diff(a, b) < 1e-14, "{}", max_diff(a, b));
+        Ok(())
+    }
+
+    // Per-row tables (N, T, hd) equal running each row alone with its own (T, hd) table.
+    #[test]
+    fn rope_with_per_row_tables_matches_each_row_alone() -> Result<()> {
+        let inv = rope_inv_freq(8, 10000.0, None, false);
+        let x = Var::from_tensor(&seeded(&[2, 3, 4, 8], 9))?;
+        let c = seeded(&[2, 3, 4, 8], 10);
+        let (c0, s0) = rope_tables(&inv, 5, 4, DType::F64, &Device::Cpu)?;
+        let (c1, s1) = rope_tables(&inv, 2, 4, DType::F64, &Device::Cpu)?;
+        let cos = Tensor::stack(&[&c0, &c1], 0)?;
+        let sin = Tensor::stack(&[&s0, &s1], 0)?;
+        let y = rope(x.as_tensor(), &cos, &sin)?;
+        let x0 = x.as_tensor().narrow(0, 0, 1)?;
+        let x1 = x.as_tensor().narrow(0, 1, 1)?;
+        let want = Tensor::cat(&[rope_composed(&x0, &c0, &s0)?, rope_composed(&x1, &c1, &s1)?], 0)?;
+        assert!(max_diff(&y, &want) < 1e-14);
+        let g = (y * &c)?.sum_all()?.backward()?;
+        let gw = (want * &c)?.sum_all()?.backward()?;
+        let (a, b) = (g.get(x.as_tensor()).expect("grad"), gw.get(x.as_tensor()).expect("grad"));
+        assert!(max_diff(a, b) < 1e-14);
         Ok(())
     }
 

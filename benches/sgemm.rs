@@ -1,0 +1,25 @@
+//! The machine's matmul limit as candle sees it: 2048 x 2048 f32 sgemm (candle's gemm, the same
+//! kernel the model's matmuls use), 2 threads by default (`RAYON_NUM_THREADS`). Throughput is
+//! in FLOP (`elem/s` = FLOP/s, `2 N^3` per product). Run it next to `benches/step.rs` to put a
+//! step's GFLOP/s against the sgemm rate measured under the same machine load.
+
+use std::time::Duration;
+
+use candle_core::{DType, Device, Tensor};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+const N: usize = 2048;
+
+fn bench_sgemm(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let a = Tensor::randn(0f32, 1.0, (N, N), &dev).unwrap();
+    let b = Tensor::randn(0f32, 1.0, (N, N), &dev).unwrap();
+    let mut g = c.benchmark_group("sgemm");
+    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
+    g.throughput(Throughput::Elements(2 * (N as u64).pow(3)));
+    g.bench_function("2048_f32", |bch| bch.iter(|| a.matmul(&b).unwrap().dtype() == DType::F32));
+    g.finish();
+}
+
+criterion_group!(benches, bench_sgemm);
+criterion_main!(benches);

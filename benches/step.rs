@@ -1,0 +1,219 @@
+//! One preference-training step's policy work on SmolLM2-135M shapes (hidden 576, 30 layers,
+//! 9 heads / 3 kv heads, vocab 49152, tied head), random f32 weights, RoPO r=4, S=2, magnitude
+//! on q,k,v,o (the default adapter): forward of the completion log-probs, DPO (sigmoid) loss
+//! against precomputed reference log-probs, backward. Four configurations, each adding one
+//! optimisation to the previous:
+//!
+//! - `step/plain`: plain candle matmul for frozen weights, full `(N, T, V)` logits +
+//!   `loss::completion_logps` (the path before this work);
+//! - `step/frozen`: + `FrozenMatmul` (no weight gradients for frozen weights);
+//! - `step/lmhead`: + `logps::completion_logps_from_hidden` (LM head and log-softmax only at
+//!   completion positions, fused with the gather);
+//! - `step/prefix`: + `prefix::completion_logps_shared_prompt` (each prompt once for its pair).
+//!
+//! Batch: 2 pairs, orca-like lengths (prompt 150 + chosen 100 / rejected 60; prompt 140 +
+//! chosen 90 / rejected 110): 940 real tokens (chosen + rejected rows, each prompt counted in
+//! both, as TRL counts), 62% of them prompt, padded to T = 250. Throughput is in those real
+//! tokens. The reference log-probs are constants (precomputed once per dataset in ropo).
+//!
+//! FLOPs of the useful work (printed at start; anchors.md's count without the reference
+//! forward): `4 · P · tokens + 4 · V · D · K`, P = non-embedding params, K = completion tokens.
+//! Divide by the median time for GFLOP/s.
+//!
+//! Peak RSS: the process prints its `VmHWM` at exit; run one configuration a process:
+//! `cargo bench --bench step -- step/prefix`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use criterion::{Criterion, Throughput};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use ropo::adapter::config::AdapterConfig;
+use ropo::adapter::inject;
+use ropo::logps::completion_logps_from_hidden;
+use ropo::loss::{completion_logps, preference_loss, LossParams, LossType, PairLogps};
+use ropo::model::config::{Arch, ModelConfig};
+use ropo::model::linear::set_fast_frozen_matmul;
+use ropo::model::llama::{random_weights, Model};
+use ropo::model::prefix::{completion_logps_shared_prompt, SharedPromptBatch};
+
+/// (prompt, chosen, rejected) lengths of the two pairs.
+const PAIRS: [(usize, usize, usize); 2] = [(150, 100, 60), (140, 90, 110)];
+
+fn smollm2_135m() -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Llama,
+        vocab_size: 49152,
+        hidden_size: 576,
+        intermediate_size: 1536,
+        num_hidden_layers: 30,
+        num_attention_heads: 9,
+        num_key_value_heads: 3,
+        head_dim: 64,
+        rms_norm_eps: 1e-5,
+        rope_theta: 100_000.0,
+        rope_scaling: None,
+        max_position_embeddings: 8192,
+        tie_word_embeddings: true,
+        attention_bias: false,
+        bos_token_id: Some(1),
+        eos_token_ids: vec![2],
+    }
+}
+
+struct Batch {
+    ids: Tensor,
+    am: Tensor,
+    cm: Tensor,
+    shared: SharedPromptBatch,
+    real_tokens: usize,
+    completion_tokens: usize,
+}
+
+/// `[chosen_0, chosen_1, rejected_0, rejected_1]`, right padded.
+fn batch(rng: &mut ChaCha8Rng, v: u32, dev: &Device) -> Batch {
+    let prompts: Vec<Vec<u32>> = PAIRS.iter().map(|&(p, _, _)| (0..p).map(|_| rng.random_range(3..v)).collect()).collect();
+    let rows: Vec<(usize, usize)> = (0..2).map(|b| (b, PAIRS[b].1)).chain((0..2).map(|b| (b, PAIRS[b].2))).collect();
+    let t = rows.iter().map(|&(b, c)| PAIRS[b].0 + c).max().unwrap();
+    let (mut ids, mut am, mut cm) = (vec![], vec![], vec![]);
+    let (mut real, mut comp) = (0, 0);
+    for &(b, c) in &rows {
+        let p = PAIRS[b].0;
+        for i in 0..t {
+            let is_real = i < p + c;
+            ids.push(if i < p { prompts[b][i] } else if is_real { rng.random_range(3..v) } else { 0 });
+            am.push(is_real as u32);
+            cm.push(if i >= p && is_real { 1f32 } else { 0.0 });
+        }
+        real += p + c;
+        comp += c;
+    }
+    let ids = Tensor::from_vec(ids, (4, t), dev).unwrap();
+    let am = Tensor::from_vec(am, (4, t), dev).unwrap();
+    let cm = Tensor::from_vec(cm, (4, t), dev).unwrap();
+    let shared = SharedPromptBatch::from_concatenated(&ids, &am, &cm).unwrap();
+    Batch { ids, am, cm, shared, real_tokens: real, completion_tokens: comp }
+}
+
+#[derive(Clone, Copy)]
+enum Path {
+    Plain,
+    Frozen,
+    LmHead,
+    Prefix,
+}
+
+/// Policy log-probs (4,), DPO loss, backward; returns the loss.
+fn step(model: &Model, b: &Batch, path: Path, reference: &(Tensor, Tensor)) -> f32 {
+    let logps = match path {
+        Path::Plain | Path::Frozen => completion_logps(&model.forward(&b.ids, Some(&b.am), true).unwrap(), &b.ids, &b.cm).unwrap(),
+        Path::LmHead => {
+            let h = model.forward_hidden(&b.ids, Some(&b.am), true).unwrap();
+            completion_logps_from_hidden(model, &h, &b.ids, &b.cm, true).unwrap()
+        }
+        Path::Prefix => completion_logps_shared_prompt(model, &b.shared, true).unwrap(),
+    };
+    let n_tok = b.cm.sum(1).unwrap();
+    let lp = PairLogps {
+        policy_chosen: logps.narrow(0, 0, 2).unwrap(),
+        policy_rejected: logps.narrow(0, 2, 2).unwrap(),
+        reference_chosen: reference.0.clone(),
+        reference_rejected: reference.1.clone(),
+        chosen_tokens: n_tok.narrow(0, 0, 2).unwrap(),
+        rejected_tokens: n_tok.narrow(0, 2, 2).unwrap(),
+    };
+    let out = preference_loss(LossType::Sigmoid, &lp, &LossParams::default(), None).unwrap();
+    let grads = out.loss.backward().unwrap();
+    std::hint::black_box(grads);
+    out.loss.to_scalar::<f32>().unwrap()
+}
+
+fn vm_hwm() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM")).map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" ")))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn bench_step(c: &mut Criterion) {
+    let cfg = smollm2_135m();
+    let dev = Device::Cpu;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let weights: HashMap<String, Tensor> = random_weights(&cfg, 0.02, &mut rng, DType::F32, &dev).unwrap().into_iter().collect();
+    let mut model = Model::load(VarBuilder::from_tensors(weights, DType::F32, &dev), &cfg).unwrap();
+    let set = inject::inject(&mut model, &AdapterConfig::default(), "bench").unwrap();
+    let b = batch(&mut rng, cfg.vocab_size as u32, &dev);
+    let reference = (Tensor::new(&[-200f32, -180.0], &dev).unwrap(), Tensor::new(&[-150f32, -220.0], &dev).unwrap());
+    let (d, i, l) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.num_hidden_layers as f64);
+    let (q, kv) = ((cfg.num_attention_heads * cfg.head_dim) as f64, (cfg.num_key_value_heads * cfg.head_dim) as f64);
+    let p = l * (2.0 * d * q + 2.0 * d * kv + 3.0 * d * i);
+    let flops = 4.0 * p * b.real_tokens as f64 + 4.0 * cfg.vocab_size as f64 * d * b.completion_tokens as f64;
+    eprintln!(
+        "step bench: {} real tokens ({} completion), {} trainable, non-embedding params {:.1}M, useful FLOPs/step {:.1} GFLOP",
+        b.real_tokens,
+        b.completion_tokens,
+        set.report.trainable,
+        p / 1e6,
+        flops / 1e9
+    );
+    let mut g = c.benchmark_group("step");
+    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(30));
+    g.throughput(Throughput::Elements(b.real_tokens as u64));
+    for (name, path) in [("plain", Path::Plain), ("frozen", Path::Frozen), ("lmhead", Path::LmHead), ("prefix", Path::Prefix)] {
+        g.bench_function(name, |bch| {
+            set_fast_frozen_matmul(!matches!(path, Path::Plain));
+            bch.iter(|| step(&model, &b, path, &reference))
+        });
+    }
+    g.finish();
+    set_fast_frozen_matmul(true);
+}
+
+/// `STEP_AB=lmhead,prefix` (names as in the bench ids, `STEP_AB_ROUNDS` rounds, default 2):
+/// instead of criterion, run the named configurations interleaved in one process (A B A B ...)
+/// and print each step's wall time, so that a noisy shared machine's load drifts affect both
+/// alike.
+fn interleaved(names: &str) {
+    let cfg = smollm2_135m();
+    let dev = Device::Cpu;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let weights: HashMap<String, Tensor> = random_weights(&cfg, 0.02, &mut rng, DType::F32, &dev).unwrap().into_iter().collect();
+    let mut model = Model::load(VarBuilder::from_tensors(weights, DType::F32, &dev), &cfg).unwrap();
+    let _set = inject::inject(&mut model, &AdapterConfig::default(), "bench").unwrap();
+    let b = batch(&mut rng, cfg.vocab_size as u32, &dev);
+    let reference = (Tensor::new(&[-200f32, -180.0], &dev).unwrap(), Tensor::new(&[-150f32, -220.0], &dev).unwrap());
+    let rounds: usize = std::env::var("STEP_AB_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+    let paths: Vec<(&str, Path)> = names
+        .split(',')
+        .map(|n| match n {
+            "plain" => (n, Path::Plain),
+            "frozen" => (n, Path::Frozen),
+            "lmhead" => (n, Path::LmHead),
+            "prefix" => (n, Path::Prefix),
+            other => panic!("STEP_AB: unknown configuration {other}"),
+        })
+        .collect();
+    for round in 0..rounds {
+        for &(name, path) in &paths {
+            set_fast_frozen_matmul(!matches!(path, Path::Plain));
+            let t0 = std::time::Instant::now();
+            let loss = step(&model, &b, path, &reference);
+            let s = t0.elapsed().as_secs_f64();
+            eprintln!("AB round {round} {name}: {s:.2} s, {:.1} tok/s (loss {loss:.5})", b.real_tokens as f64 / s);
+        }
+    }
+}
+
+fn main() {
+    if let Ok(names) = std::env::var("STEP_AB") {
+        interleaved(&names);
+        return;
+    }
+    let mut c = Criterion::default().configure_from_args();
+    bench_step(&mut c);
+    c.final_summary();
+    eprintln!("peak RSS (VmHWM): {}", vm_hwm());
+}
