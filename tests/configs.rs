@@ -113,3 +113,24 @@ fn readme_documents_every_config_key_and_the_test_command() {
     }
     assert!(n >= 40, "only {n} keys printed");
 }
+
+// `ropo train --print-config` runs on every shipped config and prints a config that loads back
+// to the same one (through the real binary).
+#[test]
+fn print_config_runs_on_every_shipped_config() {
+    for path in shipped() {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ropo"))
+            .args(["train", "--config"])
+            .arg(&path)
+            .arg("--print-config")
+            .current_dir(root())
+            .output()
+            .expect("running ropo");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "ropo train --config {} --print-config failed: {stderr}", path.display());
+        let printed = String::from_utf8(out.stdout).unwrap();
+        let back = RunConfig::from_toml_str(&printed, Path::new("printed.toml")).unwrap_or_else(|e| panic!("{}: {e}\n{printed}", path.display()));
+        back.validate().unwrap();
+        assert_eq!(back, RunConfig::load(Some(&path), &[]).unwrap(), "{}: --print-config differs from the file", path.display());
+    }
+}
