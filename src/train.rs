@@ -738,6 +738,12 @@ pub fn run(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         }
         save_adapter(&output_dir, &adapter)?;
         state.save(&output_dir.join(checkpoint::TRAINER_STATE_FILE))?;
+        // training curves (loss, accuracies, margins; train and eval): reported, never fatal
+        let curves = output_dir.join("curves.png");
+        match crate::plot::plot_metrics_file(&output_dir.join(METRICS_FILE), &curves) {
+            Ok(_) => say(&format!("training curves written to {}", curves.display())),
+            Err(e) => say(&format!("warning: training curves not written: {e}")),
+        }
     }
     let wall_seconds = train_start.elapsed().as_secs_f64();
     let tokens_per_second = run_tokens as f64 / wall_seconds.max(1e-9);

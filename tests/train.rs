@@ -235,7 +235,7 @@ fn cli_short_training_moves_the_loss_and_writes_a_loadable_adapter() {
     for want in ["trainable params: 391,560", "rows read", "train split: 12 pairs from 12 rows", "tokens per step:", "peak RSS", "eval at step 4"] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
-    for f in ["adapter_model.safetensors", "adapter_config.json", "trainer_state.json", "config.toml", "metrics.jsonl", "checkpoints/step-4/optimizer.safetensors", "checkpoints/step-2/checkpoint.json"] {
+    for f in ["adapter_model.safetensors", "adapter_config.json", "trainer_state.json", "config.toml", "metrics.jsonl", "curves.png", "checkpoints/step-4/optimizer.safetensors", "checkpoints/step-2/checkpoint.json"] {
         assert!(out.join(f).is_file(), "missing {f}");
     }
     let recs = read_records(&out.join("metrics.jsonl")).unwrap();
