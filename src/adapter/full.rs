@@ -107,13 +107,8 @@ impl FullSet {
 }
 
 /// Attach `built` and count.
-pub(crate) fn attach(mut linears: Vec<&mut Linear>, built: Vec<(usize, FullAdapter)>, cfg: &FullConfig, base_model: &str, base_params: usize) -> FullSet {
-    let mut adapters = Vec::with_capacity(built.len());
-    for (i, a) in built {
-        let a = Arc::new(a);
-        linears[i].adapter = Some(a.clone() as Arc<dyn Adapter>);
-        adapters.push(a);
-    }
+pub(crate) fn attach(linears: Vec<&mut Linear>, built: Vec<(usize, FullAdapter)>, cfg: &FullConfig, base_model: &str, base_params: usize) -> FullSet {
+    let adapters = super::inject::attach_each(linears, built);
     let trainable = adapters.iter().map(|a| a.num_trainable()).sum();
     FullSet { config: cfg.clone(), base_model: base_model.into(), adapters, report: ParamReport { trainable, total: base_params } }
 }

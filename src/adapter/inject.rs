@@ -121,21 +121,28 @@ pub fn build_adapters(
     Ok(out)
 }
 
-/// Attach adapters from [`build_adapters`] and count parameters (`base_params`: the base
-/// model's parameter count). Cannot fail, so a failed build leaves the model untouched.
-pub fn attach(
-    mut linears: Vec<&mut Linear>,
-    built: Vec<(usize, RopoAdapter)>,
-    cfg: &AdapterConfig,
-    base_model: &str,
-    base_params: usize,
-) -> AdapterSet {
+/// Attach each built adapter (`built`: index into `linears`, adapter) to its linear, in order,
+/// and return the shared handles. Cannot fail. One mechanism for RoPO, LoRA and full adapters.
+pub(crate) fn attach_each<A: Adapter + 'static>(mut linears: Vec<&mut Linear>, built: Vec<(usize, A)>) -> Vec<Arc<A>> {
     let mut adapters = Vec::with_capacity(built.len());
     for (i, a) in built {
         let a = Arc::new(a);
         linears[i].adapter = Some(a.clone() as Arc<dyn Adapter>);
         adapters.push(a);
     }
+    adapters
+}
+
+/// Attach adapters from [`build_adapters`] and count parameters (`base_params`: the base
+/// model's parameter count). Cannot fail, so a failed build leaves the model untouched.
+pub fn attach(
+    linears: Vec<&mut Linear>,
+    built: Vec<(usize, RopoAdapter)>,
+    cfg: &AdapterConfig,
+    base_model: &str,
+    base_params: usize,
+) -> AdapterSet {
+    let adapters = attach_each(linears, built);
     let trainable = adapters.iter().map(|a| a.num_trainable()).sum();
     AdapterSet {
         config: cfg.clone(),

@@ -179,13 +179,8 @@ impl LoraSet {
 }
 
 /// Attach `built` (index into `linears`, adapter) and count (`base_params`: the base model's count).
-pub(crate) fn attach(mut linears: Vec<&mut Linear>, built: Vec<(usize, LoraAdapter)>, cfg: &LoraConfig, base_model: &str, base_params: usize) -> LoraSet {
-    let mut adapters = Vec::with_capacity(built.len());
-    for (i, a) in built {
-        let a = Arc::new(a);
-        linears[i].adapter = Some(a.clone() as Arc<dyn Adapter>);
-        adapters.push(a);
-    }
+pub(crate) fn attach(linears: Vec<&mut Linear>, built: Vec<(usize, LoraAdapter)>, cfg: &LoraConfig, base_model: &str, base_params: usize) -> LoraSet {
+    let adapters = super::inject::attach_each(linears, built);
     let trainable = adapters.iter().map(|a| a.num_trainable()).sum();
     LoraSet { config: cfg.clone(), base_model: base_model.into(), adapters, report: ParamReport { trainable, total: base_params + trainable } }
 }
