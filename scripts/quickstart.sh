@@ -131,6 +131,19 @@ d2_a, d2_b = get(before, "greedy", "distinct_2"), get(after, "greedy", "distinct
 if d2_a and d2_b is not None and d2_b < 0.5 * d2_a:
     print(f"warning: greedy distinct-2 fell from {d2_a:.3f} to {d2_b:.3f}: the generations lost their diversity")
     print("         (over-optimisation); look at eval-adapted/generations.jsonl and lower training.learning_rate")
+def greedy(path):
+    rows = [json.loads(l) for l in open(path)]
+    return {r["index"]: r for r in rows if r.get("mode") == "greedy"}
+gb, ga = greedy(f"{out}/eval-base/generations.jsonl"), greedy(f"{out}/eval-adapted/generations.jsonl")
+print()
+print("Greedy answers, base -> RoPO (first 3 held-out prompts):")
+for i in sorted(gb)[:3]:
+    q = gb[i]["prompt"].split("<|im_start|>user\n")[-1].split("<|im_end|>")[0]
+    short = lambda s: (s[:150] + " ...") if len(s) > 150 else s
+    print(f"  Q: {q}")
+    print(f"     base ({gb[i]['tokens']} tokens): {short(gb[i]['completion'])!r}")
+    if i in ga:
+        print(f"     RoPO ({ga[i]['tokens']} tokens): {short(ga[i]['completion'])!r}")
 print()
 print("Wall time per stage:")
 for line in timings.strip().splitlines():
