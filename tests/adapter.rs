@@ -7,7 +7,8 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, Normal};
-use ropo::adapter::{givens, hyperspherical_energy, RopoAdapter};
+use ropo::adapter::{givens, RopoAdapter};
+use ropo::eval::energy::{hyperspherical_energy, row_cosines};
 use ropo::model::linear::{Adapter, Linear};
 use serde_json::Value;
 
@@ -126,8 +127,8 @@ fn rotation_preserves_row_cosines_and_energy() {
     let (base, ad) = random_adapted(48, 64, 4, 2, true, 7, DType::F32);
     let (wm, _) = ad.merged(&base).unwrap();
     assert!(max_abs(&wm, &base.weight) > 0.1, "merged weight equals the base");
-    let c0 = ropo::adapter::energy::row_cosines(&base.weight).unwrap();
-    let c1 = ropo::adapter::energy::row_cosines(&wm).unwrap();
+    let c0 = row_cosines(&base.weight).unwrap();
+    let c1 = row_cosines(&wm).unwrap();
     let e = max_abs(&c0, &c1);
     assert!(e < 1e-5, "cosines differ by {e}");
     let (h0, h1) = (hyperspherical_energy(&base.weight).unwrap(), hyperspherical_energy(&wm).unwrap());
