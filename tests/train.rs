@@ -102,6 +102,8 @@ fn step0_losses_rewards_and_golden_logps() {
     let ln2 = std::f64::consts::LN_2;
     assert!((loss - ln2).abs() < 1e-5, "step-0 sigmoid loss {loss}, want ln 2");
     assert!(metrics.rewards_chosen.abs() < 1e-5 && metrics.rewards_rejected.abs() < 1e-5, "{metrics:?}");
+    // rewards within float noise of 0 are ties (rounded at REWARD_TOLERANCE), not wins decided by noise
+    assert_eq!(metrics.rewards_accuracies, 0.0, "step-0 accuracy of an identity adapter: {metrics:?}");
 
     // golden summed completion log-probs, per sequence (the base model's full logits, as the
     // golden procedure; and the training path's completion-position log-probs, adapters on)
@@ -246,6 +248,10 @@ fn cli_short_training_moves_the_loss_and_writes_a_loadable_adapter() {
     let loss = |r: &ropo::metrics::Record, k: &str| r[k].as_f64().unwrap();
     assert!((loss(train[0], "loss") - std::f64::consts::LN_2).abs() < 1e-4, "first step loss {}", loss(train[0], "loss"));
     assert!((loss(evals[0], "eval/loss") - std::f64::consts::LN_2).abs() < 1e-4);
+    // identity adapter: every reward is float noise around 0, a tie, so no pair is accurate
+    // (the rule of `ropo eval`, `ropo::loss::reward_accurate`)
+    assert_eq!(loss(evals[0], "eval/rewards/accuracies"), 0.0, "step-0 eval record: {:?}", evals[0]);
+    assert_eq!(loss(train[0], "rewards/accuracies"), 0.0, "first step (identity adapter): {:?}", train[0]);
     assert!(loss(train[3], "loss") != loss(train[0], "loss"), "the loss did not move");
     assert!(loss(evals[2], "eval/loss") != loss(evals[0], "eval/loss"), "eval loss did not move: {evals:?}");
     assert!(loss(evals[2], "eval/rewards/margins") > 0.0, "held-out margins did not grow: {evals:?}");
