@@ -2,6 +2,8 @@
 //! paths (rank-1 Householder, composed Givens, broadcast magnitude), and a dense-R implementation (PEFT HRA style: build R every step), at
 //! 512 tokens, r = 4, S = 2, f32. Run: `cargo bench --bench adapter`.
 
+mod common;
+
 use candle_core::{Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use ropo::adapter::layer::RopoAdapter;
@@ -80,35 +82,9 @@ fn bench(c: &mut Criterion) {
 /// forward+backward of `forward_hidden(..).sum()` with the gradient flowing to the embeddings
 /// (as for a layer inside a network), base vs RoPO on q, k, v, o (r = 4, S = 2, magnitude).
 fn bench_layer(c: &mut Criterion) {
-    use candle_nn::VarBuilder;
-    use rand::SeedableRng;
     use ropo::adapter::{config::AdapterConfig, inject};
-    use ropo::model::config::{Arch, ModelConfig};
-    use ropo::model::llama::{random_weights, Model};
-    let cfg = ModelConfig {
-        arch: Arch::Llama,
-        vocab_size: 256,
-        hidden_size: 576,
-        intermediate_size: 1536,
-        num_hidden_layers: 1,
-        num_attention_heads: 9,
-        num_key_value_heads: 3,
-        head_dim: 64,
-        rms_norm_eps: 1e-5,
-        rope_theta: 100_000.0,
-        rope_scaling: None,
-        max_position_embeddings: 2048,
-        tie_word_embeddings: true,
-        attention_bias: false,
-        bos_token_id: None,
-        eos_token_ids: vec![],
-    };
     let dev = Device::Cpu;
-    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(0);
-    let mut w = random_weights(&cfg, 0.05, &mut rng, candle_core::DType::F32, &dev).unwrap();
-    let embed = Var::from_tensor(&w["model.embed_tokens.weight"]).unwrap();
-    w.insert("model.embed_tokens.weight".into(), embed.as_tensor().clone());
-    let mut model = Model::load(VarBuilder::from_tensors(w.into_iter().collect(), candle_core::DType::F32, &dev), &cfg).unwrap();
+    let mut model = common::decoder_layer_model();
     let _set = inject::inject(&mut model, &AdapterConfig::default(), "bench").unwrap();
     let ids: Vec<u32> = (0..TOKENS as u32).map(|i| (i * 7919) % 256).collect();
     let ids = Tensor::from_vec(ids, (1, TOKENS), &dev).unwrap();

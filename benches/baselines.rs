@@ -4,42 +4,18 @@
 //! LoRA (r = 8, PEFT's default) and full-parameter training. f32.
 //! Run: `cargo bench --bench baselines`.
 
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::VarBuilder;
+mod common;
+
+use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
-use rand::SeedableRng;
 use ropo::adapter::AnyAdapterSet;
 use ropo::config::{AdapterKind, AdapterSection};
-use ropo::model::config::{Arch, ModelConfig};
-use ropo::model::llama::{random_weights, Model};
+use ropo::model::llama::Model;
 
 const TOKENS: usize = 512;
 
 fn layer_model(kind: Option<AdapterKind>) -> (Model, Option<AnyAdapterSet>) {
-    let cfg = ModelConfig {
-        arch: Arch::Llama,
-        vocab_size: 256,
-        hidden_size: 576,
-        intermediate_size: 1536,
-        num_hidden_layers: 1,
-        num_attention_heads: 9,
-        num_key_value_heads: 3,
-        head_dim: 64,
-        rms_norm_eps: 1e-5,
-        rope_theta: 100_000.0,
-        rope_scaling: None,
-        max_position_embeddings: 2048,
-        tie_word_embeddings: true,
-        attention_bias: false,
-        bos_token_id: None,
-        eos_token_ids: vec![],
-    };
-    let dev = Device::Cpu;
-    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(0);
-    let mut w = random_weights(&cfg, 0.05, &mut rng, DType::F32, &dev).unwrap();
-    let embed = Var::from_tensor(&w["model.embed_tokens.weight"]).unwrap();
-    w.insert("model.embed_tokens.weight".into(), embed.as_tensor().clone());
-    let mut model = Model::load(VarBuilder::from_tensors(w.into_iter().collect(), DType::F32, &dev), &cfg).unwrap();
+    let mut model = common::decoder_layer_model();
     let set = kind.map(|kind| AnyAdapterSet::inject(&mut model, &AdapterSection { kind, ..Default::default() }, "bench").unwrap());
     (model, set)
 }

@@ -13,6 +13,8 @@
 //! backward case takes ten iterations of tens of seconds on 2 cores, so for the forward only:
 //! `cargo bench --bench forward -- "logits_all|hidden_plus|candle_transformers"`.
 
+mod common;
+
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::time::Duration;
@@ -23,39 +25,16 @@ use candle_transformers::models::llama as ct_llama;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use ropo::model::config::{Arch, ModelConfig};
-use ropo::model::llama::{random_weights, Model};
+use ropo::model::llama::Model;
 
 const N: usize = 2;
 const T: usize = 256;
 
-fn smollm2_135m() -> ModelConfig {
-    ModelConfig {
-        arch: Arch::Llama,
-        vocab_size: 49152,
-        hidden_size: 576,
-        intermediate_size: 1536,
-        num_hidden_layers: 30,
-        num_attention_heads: 9,
-        num_key_value_heads: 3,
-        head_dim: 64,
-        rms_norm_eps: 1e-5,
-        rope_theta: 100_000.0,
-        rope_scaling: None,
-        max_position_embeddings: 8192,
-        tie_word_embeddings: true,
-        attention_bias: false,
-        bos_token_id: Some(1),
-        eos_token_ids: vec![2],
-    }
-}
-
 fn bench_forward(c: &mut Criterion) {
-    let cfg = smollm2_135m();
+    let cfg = common::smollm2_135m();
     let dev = Device::Cpu;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let weights: HashMap<String, Tensor> =
-        random_weights(&cfg, 0.02, &mut rng, DType::F32, &dev).expect("random weights").into_iter().collect();
+    let weights = common::random_f32_weights(&cfg, &mut rng);
     let ids: Vec<u32> = (0..N * T).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
     let ids = Tensor::from_vec(ids, (N, T), &dev).expect("ids");
     let mask = Tensor::ones((N, T), DType::U32, &dev).expect("mask");

@@ -23,11 +23,11 @@
 //! Peak RSS: the process prints its `VmHWM` at exit; run one configuration a process:
 //! `cargo bench --bench step -- step/prefix`.
 
-use std::collections::HashMap;
+mod common;
+
 use std::time::Duration;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{Device, Tensor};
 use criterion::{Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -35,34 +35,12 @@ use ropo::adapter::config::AdapterConfig;
 use ropo::adapter::inject;
 use ropo::logps::completion_logps_from_hidden;
 use ropo::loss::{completion_logps, preference_loss, LossParams, LossType, PairLogps};
-use ropo::model::config::{Arch, ModelConfig};
 use ropo::model::linear::set_fast_frozen_matmul;
-use ropo::model::llama::{random_weights, Model};
+use ropo::model::llama::Model;
 use ropo::model::prefix::{completion_logps_shared_prompt, SharedPromptBatch};
 
 /// (prompt, chosen, rejected) lengths of the two pairs.
 const PAIRS: [(usize, usize, usize); 2] = [(150, 100, 60), (140, 90, 110)];
-
-fn smollm2_135m() -> ModelConfig {
-    ModelConfig {
-        arch: Arch::Llama,
-        vocab_size: 49152,
-        hidden_size: 576,
-        intermediate_size: 1536,
-        num_hidden_layers: 30,
-        num_attention_heads: 9,
-        num_key_value_heads: 3,
-        head_dim: 64,
-        rms_norm_eps: 1e-5,
-        rope_theta: 100_000.0,
-        rope_scaling: None,
-        max_position_embeddings: 8192,
-        tie_word_embeddings: true,
-        attention_bias: false,
-        bos_token_id: Some(1),
-        eos_token_ids: vec![2],
-    }
-}
 
 struct Batch {
     ids: Tensor,
@@ -139,11 +117,10 @@ fn vm_hwm() -> String {
 }
 
 fn bench_step(c: &mut Criterion) {
-    let cfg = smollm2_135m();
+    let cfg = common::smollm2_135m();
     let dev = Device::Cpu;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let weights: HashMap<String, Tensor> = random_weights(&cfg, 0.02, &mut rng, DType::F32, &dev).unwrap().into_iter().collect();
-    let mut model = Model::load(VarBuilder::from_tensors(weights, DType::F32, &dev), &cfg).unwrap();
+    let mut model = common::random_model(&cfg, &mut rng);
     let set = inject::inject(&mut model, &AdapterConfig::default(), "bench").unwrap();
     let b = batch(&mut rng, cfg.vocab_size as u32, &dev);
     let reference = (Tensor::new(&[-200f32, -180.0], &dev).unwrap(), Tensor::new(&[-150f32, -220.0], &dev).unwrap());
@@ -177,11 +154,10 @@ fn bench_step(c: &mut Criterion) {
 /// and print each step's wall time, so that a noisy shared machine's load drifts affect both
 /// alike.
 fn interleaved(names: &str) {
-    let cfg = smollm2_135m();
+    let cfg = common::smollm2_135m();
     let dev = Device::Cpu;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let weights: HashMap<String, Tensor> = random_weights(&cfg, 0.02, &mut rng, DType::F32, &dev).unwrap().into_iter().collect();
-    let mut model = Model::load(VarBuilder::from_tensors(weights, DType::F32, &dev), &cfg).unwrap();
+    let mut model = common::random_model(&cfg, &mut rng);
     let _set = inject::inject(&mut model, &AdapterConfig::default(), "bench").unwrap();
     let b = batch(&mut rng, cfg.vocab_size as u32, &dev);
     let reference = (Tensor::new(&[-200f32, -180.0], &dev).unwrap(), Tensor::new(&[-150f32, -220.0], &dev).unwrap());

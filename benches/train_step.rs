@@ -11,54 +11,29 @@
 //! the bench process's `VmHWM` after the runs on stderr.
 //! Run: `cargo bench --bench train_step`.
 
-use std::collections::HashMap;
+mod common;
+
 use std::hint::black_box;
 use std::time::Duration;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use ropo::config::RunConfig;
 use ropo::data::batch::collate;
 use ropo::data::tokenize::TokenizedPair;
-use ropo::model::config::{Arch, ModelConfig};
-use ropo::model::llama::{random_weights, Model};
 use ropo::optim::{AdamW, Grads};
 
 const PAIRS: usize = 2;
 const T: usize = 256;
 const PROMPT: usize = 100;
 
-fn smollm2_135m() -> ModelConfig {
-    ModelConfig {
-        arch: Arch::Llama,
-        vocab_size: 49152,
-        hidden_size: 576,
-        intermediate_size: 1536,
-        num_hidden_layers: 30,
-        num_attention_heads: 9,
-        num_key_value_heads: 3,
-        head_dim: 64,
-        rms_norm_eps: 1e-5,
-        rope_theta: 100_000.0,
-        rope_scaling: None,
-        max_position_embeddings: 8192,
-        tie_word_embeddings: true,
-        attention_bias: false,
-        bos_token_id: Some(1),
-        eos_token_ids: vec![2],
-    }
-}
-
 fn bench_train_step(c: &mut Criterion) {
-    let cfg = smollm2_135m();
+    let cfg = common::smollm2_135m();
     let dev = Device::Cpu;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let weights: HashMap<String, Tensor> =
-        random_weights(&cfg, 0.02, &mut rng, DType::F32, &dev).expect("random weights").into_iter().collect();
-    let mut model = Model::load(VarBuilder::from_tensors(weights, DType::F32, &dev), &cfg).expect("model");
+    let mut model = common::random_model(&cfg, &mut rng);
     let run_cfg = RunConfig::default();
     let set = ropo::adapter::AnyAdapterSet::inject(&mut model, &run_cfg.adapter, "random").expect("adapter");
     let params = set.vars();

@@ -501,6 +501,29 @@ pub fn sft_loss(policy_chosen: &Tensor, chosen_tokens: &Tensor) -> Result<Tensor
 // The batch loss and its metrics
 // ------------------------------------------------------------------------------------------
 
+/// Rounding tolerance of the rewards for `rewards/accuracies`, in reward units (β times nats):
+/// 1e-4. An identity adapter's float noise in f32 moves a reward by up to ~1e-5 (measured: 7.6e-6,
+/// 10 f32 ulps of a -127-nat sequence log-prob times β = 0.1, in `ropo train`'s first step on
+/// SmolLM2-135M with 128-token pairs; 1e-5 was too tight for it); a trained adapter's rewards are
+/// ~1e-2 and up. Used by the training metrics ([`RewardMetrics`]) and by `ropo eval`
+/// ([`crate::eval::preference`]).
+pub const REWARD_TOLERANCE: f64 = 1e-4;
+
+/// Whether a pair counts toward `rewards/accuracies`: its chosen reward `β c` beats its rejected
+/// reward `β r` once both are rounded to multiples of `tolerance`,
+/// `round(β c / tol) > round(β r / tol)` (f64, [`f64::round`]).
+///
+/// TRL computes `(chosen_rewards > rejected_rewards).float()` on the raw rewards, so at step 0,
+/// where the identity adapter makes policy = reference up to float noise, the noise decides each
+/// pair and the accuracy comes out near 0.5. Rounded, such a near-tie is a tie, and a tie is not
+/// a win (strict `>`, as TRL's). The two rules agree whenever `|β c - β r| > tolerance`; they
+/// can differ only on pairs whose reward gap is within the tolerance.
+///
+/// `tolerance` must be > 0 (callers check it; with 0 every comparison is NaN, hence false).
+pub fn reward_accurate(chosen: f64, rejected: f64, tolerance: f64) -> bool {
+    (chosen / tolerance).round() > (rejected / tolerance).round()
+}
+
 /// TRL's reward metrics of a batch (batch means, f64).
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct RewardMetrics {
@@ -508,7 +531,10 @@ pub struct RewardMetrics {
     pub rewards_chosen: f64,
     /// `rewards/rejected = mean(β r)`.
     pub rewards_rejected: f64,
-    /// `rewards/accuracies = mean(β c > β r)` (strict, as TRL).
+    /// `rewards/accuracies = mean(reward_accurate(β c, β r, REWARD_TOLERANCE))`: TRL's strict
+    /// `β c > β r` on rewards rounded at [`REWARD_TOLERANCE`] (see [`reward_accurate`]), so the
+    /// step-0 accuracy of an identity adapter is 0, not float noise; TRL's value whenever every
+    /// reward gap exceeds the tolerance.
     pub rewards_accuracies: f64,
     /// `rewards/margins = mean(β (c - r))`.
     pub rewards_margins: f64,
@@ -519,7 +545,8 @@ pub struct RewardMetrics {
 }
 
 impl RewardMetrics {
-    /// The metrics of one batch (values only; nothing here is differentiated).
+    /// The metrics of one batch (values only; nothing here is differentiated), from the summed
+    /// log-probs in `logps` (each `(B,)`, any float dtype; computed in f64).
     pub fn compute(logps: &PairLogps, beta: f64) -> Result<Self> {
         let v = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?) };
         let (pc, pr, rc, rr) =
@@ -530,7 +557,7 @@ impl RewardMetrics {
             let (wc, wr) = (beta * (pc[i] - rc[i]), beta * (pr[i] - rr[i]));
             m.rewards_chosen += wc / b;
             m.rewards_rejected += wr / b;
-            m.rewards_accuracies += if wc > wr { 1.0 } else { 0.0 } / b;
+            m.rewards_accuracies += if reward_accurate(wc, wr, REWARD_TOLERANCE) { 1.0 } else { 0.0 } / b;
             m.rewards_margins += (wc - wr) / b;
             m.logps_chosen += pc[i] / b;
             m.logps_rejected += pr[i] / b;
@@ -683,11 +710,21 @@ mod tests {
         }
     }
 
-    // rewards/* from the golden file; logps/* are the plain means of the policy log-probs.
+    // rewards/* from the golden file (TRL's raw `>` for accuracies: every golden reward gap
+    // exceeds REWARD_TOLERANCE, so the rounded rule must give TRL's number exactly); logps/* are
+    // the plain means of the policy log-probs.
     #[test]
     fn reward_metrics_match_golden() {
         let g = golden();
         let (_, _, logps, p) = golden_inputs(&g);
+        let gaps = (&(&logps.policy_chosen - &logps.reference_chosen).unwrap()
+            - &(&logps.policy_rejected - &logps.reference_rejected).unwrap())
+            .unwrap()
+            .affine(p.beta, 0.0)
+            .unwrap();
+        for gap in gaps.to_vec1::<f64>().unwrap() {
+            assert!(gap.abs() > REWARD_TOLERANCE, "golden reward gap {gap} within the tolerance");
+        }
         let m = RewardMetrics::compute(&logps, p.beta).unwrap();
         let want = &g["metrics"];
         for (name, got) in m.named() {
@@ -698,6 +735,44 @@ mod tests {
             };
             assert!((got - w).abs() < 1e-12, "{name}: got {got}, want {w}");
         }
+    }
+
+    // rewards/accuracies rounds the rewards at REWARD_TOLERANCE: noise-level gaps are ties (TRL's
+    // raw `>` would count about half of them), gaps beyond the tolerance give TRL's answer.
+    #[test]
+    fn reward_accuracy_rounds_noise_to_ties() {
+        let tol = REWARD_TOLERANCE;
+        // float noise of an identity adapter: TRL's raw comparison says "win", the rounded one "tie"
+        assert!(3e-7 > -2e-7 && !reward_accurate(3e-7, -2e-7, tol));
+        assert!(0.0 > -7.6e-6 && !reward_accurate(0.0, -7.6e-6, tol));
+        assert!(!reward_accurate(0.0, 0.0, tol) && !reward_accurate(-4e-6, 4e-6, tol));
+        // every gap beyond the tolerance, at rewards from -10 to 10: the same answer as TRL's
+        for k in -200..=200 {
+            let r = k as f64 * 0.05 + 1.234567e-6;
+            for gap in [1.0001 * tol, 1.5 * tol, 3.7 * tol, 1e-3, 0.25, 7.0] {
+                assert!(reward_accurate(r + gap, r, tol), "{r} + {gap} vs {r}");
+                assert!(!reward_accurate(r - gap, r, tol), "{r} - {gap} vs {r}");
+            }
+        }
+        // RewardMetrics uses the same rule: logps off by f32 noise (up to 7.6e-5 nats, as measured
+        // in `ropo train`'s first step; beta 0.1) give 0, a real gap in one pair of three gives 1/3
+        let pc = t64(&[-50.0 + 2e-5, -7.5, -120.25 + 1e-5]);
+        let pr = t64(&[-53.0, -10.5 - 7.6e-5, -123.25]);
+        let base = t64(&[-50.0, -7.5, -120.25]);
+        let logps = PairLogps {
+            policy_chosen: pc,
+            policy_rejected: pr,
+            reference_chosen: base.clone(),
+            reference_rejected: (&base - 3.0).unwrap(),
+            chosen_tokens: t64(&[1.0; 3]),
+            rejected_tokens: t64(&[1.0; 3]),
+        };
+        let m = RewardMetrics::compute(&logps, 0.1).unwrap();
+        assert_eq!(m.rewards_accuracies, 0.0, "{m:?}");
+        assert!(m.rewards_margins > 0.0, "the raw gaps favour chosen: {m:?}");
+        let logps = PairLogps { policy_chosen: (&logps.policy_chosen + t64(&[0.0, 0.0, 0.5])).unwrap(), ..logps };
+        let m = RewardMetrics::compute(&logps, 0.1).unwrap();
+        assert!((m.rewards_accuracies - 1.0 / 3.0).abs() < 1e-15, "{m:?}");
     }
 
     // Step 0: policy = reference, so c = r = 0. Each loss takes the closed form of

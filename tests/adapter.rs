@@ -6,23 +6,11 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
-use rand_distr::{Distribution, Normal};
-use ropo::adapter::{givens, hyperspherical_energy, RopoAdapter};
+use ropo::adapter::{givens, RopoAdapter};
+use common::tiny::{max_abs, randn, small_model, tiny_config};
+use ropo::eval::energy::{hyperspherical_energy, row_cosines};
 use ropo::model::linear::{Adapter, Linear};
 use serde_json::Value;
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
 
 fn vec1(v: &Value) -> Vec<f64> {
     v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
@@ -32,12 +20,6 @@ fn mat(v: &Value) -> Tensor {
     let rows: Vec<Vec<f64>> = v.as_array().unwrap().iter().map(vec1).collect();
     let (n, d) = (rows.len(), rows.first().map_or(0, |r| r.len()));
     Tensor::from_vec(rows.concat(), (n, d), &Device::Cpu).unwrap()
-}
-
-fn randn(shape: &[usize], std: f64, rng: &mut ChaCha20Rng, dtype: DType) -> Tensor {
-    let n = Normal::new(0.0f64, std).unwrap();
-    let v: Vec<f64> = (0..shape.iter().product::<usize>()).map(|_| n.sample(rng)).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
 }
 
 /// A linear `(n, d)` with bias and an adapter with RANDOM (non-identity) parameters:
@@ -126,8 +108,8 @@ fn rotation_preserves_row_cosines_and_energy() {
     let (base, ad) = random_adapted(48, 64, 4, 2, true, 7, DType::F32);
     let (wm, _) = ad.merged(&base).unwrap();
     assert!(max_abs(&wm, &base.weight) > 0.1, "merged weight equals the base");
-    let c0 = ropo::adapter::energy::row_cosines(&base.weight).unwrap();
-    let c1 = ropo::adapter::energy::row_cosines(&wm).unwrap();
+    let c0 = row_cosines(&base.weight).unwrap();
+    let c1 = row_cosines(&wm).unwrap();
     let e = max_abs(&c0, &c1);
     assert!(e < 1e-5, "cosines differ by {e}");
     let (h0, h1) = (hyperspherical_energy(&base.weight).unwrap(), hyperspherical_energy(&wm).unwrap());
@@ -138,36 +120,12 @@ fn rotation_preserves_row_cosines_and_energy() {
     assert!(((hyperspherical_energy(&skew).unwrap() - h0) / h0).abs() > 1e-3);
 }
 
-/// Central finite differences of `loss(params)` for every entry of every trainable tensor of
-/// `ad`, against `backward`; asserts a relative error below `tol` per tensor and a non-zero
-/// gradient for each. `loss` must read the current values of the adapter's `Var`s.
+/// [`common::gradients::check_gradients`] on the adapter's three trainable tensors (u, theta,
+/// magnitude): every entry against central finite differences, relative error below `tol`.
 fn check_gradients(ad: &RopoAdapter, loss: &dyn Fn() -> Tensor, tol: f64) {
-    let grads = loss().backward().unwrap();
-    let eps = 1e-6;
     let named = ad.trainable();
     assert_eq!(named.len(), 3, "expected u, theta, magnitude");
-    for (name, var) in named {
-        let g = grads.get(&var).unwrap_or_else(|| panic!("no gradient for {name}"));
-        let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let shape = var.shape().clone();
-        let mut fd = vec![0.0; orig.len()];
-        for i in 0..orig.len() {
-            let mut p = orig.clone();
-            p[i] += eps;
-            var.set(&Tensor::from_vec(p.clone(), shape.clone(), &Device::Cpu).unwrap()).unwrap();
-            let lp = loss().to_scalar::<f64>().unwrap();
-            p[i] -= 2.0 * eps;
-            var.set(&Tensor::from_vec(p, shape.clone(), &Device::Cpu).unwrap()).unwrap();
-            let lm = loss().to_scalar::<f64>().unwrap();
-            fd[i] = (lp - lm) / (2.0 * eps);
-        }
-        var.set(&Tensor::from_vec(orig, shape, &Device::Cpu).unwrap()).unwrap();
-        let diff: f64 = g.iter().zip(&fd).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
-        let norm = g.iter().map(|a| a * a).sum::<f64>().sqrt().max(fd.iter().map(|a| a * a).sum::<f64>().sqrt());
-        assert!(norm > 1e-8, "{name}: zero gradient");
-        assert!(diff / norm < tol, "{name}: relative error {} (|g| = {norm})", diff / norm);
-    }
+    common::gradients::check_gradients(&named, loss, tol);
 }
 
 // Property 4: gradients of u, theta and m through an adapted linear match finite differences.
@@ -383,36 +341,7 @@ fn merge_equals_adapted_and_differs_from_base() {
 // ---------------------------------------------------------------------------------------------
 // On the model (src/model/llama.rs): identity at init, merge equivalence, gradients, files.
 
-use candle_nn::VarBuilder;
-use ropo::model::config::{Arch, ModelConfig};
-use ropo::model::llama::{random_weights, Model};
-
-fn small_config(hidden: usize, arch: Arch) -> ModelConfig {
-    ModelConfig {
-        arch,
-        vocab_size: 40,
-        hidden_size: hidden,
-        intermediate_size: 24,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: hidden / 4,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10_000.0,
-        rope_scaling: None,
-        max_position_embeddings: 64,
-        tie_word_embeddings: false,
-        attention_bias: arch == Arch::Qwen2,
-        bos_token_id: None,
-        eos_token_ids: vec![],
-    }
-}
-
-fn small_model(cfg: &ModelConfig, seed: u64, dtype: DType) -> Model {
-    let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    let w = random_weights(cfg, 0.3, &mut rng, dtype, &Device::Cpu).unwrap();
-    Model::load(VarBuilder::from_tensors(w.into_iter().collect(), dtype, &Device::Cpu), cfg).unwrap()
-}
+use ropo::model::config::Arch;
 
 fn batch() -> (Tensor, Tensor) {
     let dev = Device::Cpu;
@@ -427,7 +356,7 @@ fn batch() -> (Tensor, Tensor) {
 fn model_identity_at_init_f64() {
     let (ids, mask) = batch();
     for arch in [Arch::Llama, Arch::Qwen2] {
-        let mut model = small_model(&small_config(16, arch), 1, DType::F64);
+        let mut model = small_model(&tiny_config(arch, 40, 16, false), 1, DType::F64);
         let base = model.forward(&ids, Some(&mask), false).unwrap();
         for cfg in [
             AdapterConfig::default(),
@@ -451,7 +380,7 @@ fn model_identity_at_init_f64() {
 fn model_merge_equivalence_f32() {
     let (ids, mask) = batch();
     for arch in [Arch::Llama, Arch::Qwen2] {
-        let mut model = small_model(&small_config(16, arch), 2, DType::F32);
+        let mut model = small_model(&tiny_config(arch, 40, 16, false), 2, DType::F32);
         let cfg = AdapterConfig { target_modules: TargetModules::Regex(r"model\..*".into()), ..Default::default() };
         let set = inject::inject(&mut model, &cfg, "random").unwrap();
         assert_eq!(set.adapters.len(), 14); // 2 layers x (q, k, v, o, gate, up, down)
@@ -472,7 +401,7 @@ fn model_merge_equivalence_f32() {
 #[test]
 fn model_gradients_match_finite_differences_f64() {
     let (ids, mask) = batch();
-    let cfg = small_config(8, Arch::Llama);
+    let cfg = tiny_config(Arch::Llama, 40, 8, false);
     let mut model = small_model(&cfg, 4, DType::F64);
     let acfg = AdapterConfig { target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into(), "down_proj".into()]), ..Default::default() };
     let set = inject::inject(&mut model, &acfg, "random").unwrap();
@@ -499,16 +428,16 @@ fn model_gradients_match_finite_differences_f64() {
 fn model_files_round_trip_and_dimension_mismatch() {
     let dir = tempfile::tempdir().unwrap();
     let (ids, mask) = batch();
-    let mut model = small_model(&small_config(16, Arch::Llama), 7, DType::F32);
+    let mut model = small_model(&tiny_config(Arch::Llama, 40, 16, false), 7, DType::F32);
     let set = inject::inject(&mut model, &AdapterConfig::default(), "random/16").unwrap();
     randomize(&set, 8);
     files::save(dir.path(), &set).unwrap();
     let want = model.forward(&ids, Some(&mask), true).unwrap();
-    let mut fresh = small_model(&small_config(16, Arch::Llama), 7, DType::F32);
+    let mut fresh = small_model(&tiny_config(Arch::Llama, 40, 16, false), 7, DType::F32);
     let loaded = files::load(dir.path(), &mut fresh).unwrap();
     assert_eq!(loaded.report, set.report);
     assert_eq!(max_abs(&fresh.forward(&ids, Some(&mask), true).unwrap(), &want), 0.0);
-    let mut other = small_model(&small_config(32, Arch::Llama), 7, DType::F32);
+    let mut other = small_model(&tiny_config(Arch::Llama, 40, 32, false), 7, DType::F32);
     let e = files::load(dir.path(), &mut other).unwrap_err().to_string();
     assert_eq!(e, "shape mismatch for model.layers.0.self_attn.q_proj.ropo_u: expected [4, 32], got [4, 16]");
     assert!(other.linears().iter().all(|l| l.adapter.is_none()));

@@ -12,37 +12,18 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::VarBuilder;
+use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
-use rand_distr::{Distribution, Normal};
+use common::gradients::check_gradients;
+use common::tiny::{max_abs, randn, small_model, tiny_config};
 use ropo::adapter::any::{stored_kind, AnyAdapterSet};
 use ropo::adapter::inject;
 use ropo::adapter::merge;
 use ropo::config::{AdapterKind, AdapterSection};
 use ropo::loss::{completion_logps, preference_loss, split_pairs, LossParams, LossType, PairLogps};
 use ropo::model::config::{Arch, ModelConfig};
-use ropo::model::llama::{random_weights, Model};
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
-fn randn(shape: &[usize], std: f64, rng: &mut ChaCha20Rng, dtype: DType) -> Tensor {
-    let n = Normal::new(0.0f64, std).unwrap();
-    let v: Vec<f64> = (0..shape.iter().product::<usize>()).map(|_| n.sample(rng)).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
-}
+use ropo::model::llama::Model;
 
 #[allow(clippy::too_many_arguments)]
 fn config(arch: Arch, vocab: usize, hidden: usize, inter: usize, layers: usize, heads: usize, kv: usize, head_dim: usize) -> ModelConfig {
@@ -64,16 +45,6 @@ fn config(arch: Arch, vocab: usize, hidden: usize, inter: usize, layers: usize, 
         bos_token_id: None,
         eos_token_ids: vec![],
     }
-}
-
-fn small_config(hidden: usize, arch: Arch) -> ModelConfig {
-    config(arch, 40, hidden, 24, 2, 4, 2, hidden / 4)
-}
-
-fn small_model(cfg: &ModelConfig, seed: u64, dtype: DType) -> Model {
-    let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    let w = random_weights(cfg, 0.3, &mut rng, dtype, &Device::Cpu).unwrap();
-    Model::load(VarBuilder::from_tensors(w.into_iter().collect(), dtype, &Device::Cpu), cfg).unwrap()
 }
 
 /// Two preference pairs in TRL's layout `[chosen_0, chosen_1, rejected_0, rejected_1]`, right
@@ -120,38 +91,35 @@ fn randomize(set: &AnyAdapterSet, seed: u64, std: f64) {
     }
 }
 
-/// Every trainable tensor's gradient of `loss` against central finite differences (f64,
-/// every entry): relative error (L2 over the tensor) below `tol`, and no tensor without one.
-fn check_gradients(vars: &[(String, Var)], loss: &dyn Fn() -> Tensor, tol: f64) {
-    let grads = loss().backward().unwrap();
-    let eps = 1e-6;
-    assert!(!vars.is_empty());
-    for (name, var) in vars {
-        let g = grads.get(var).unwrap_or_else(|| panic!("no gradient for {name}"));
-        let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let shape = var.shape().clone();
-        let mut fd = vec![0.0; orig.len()];
-        for i in 0..orig.len() {
-            let mut p = orig.clone();
-            p[i] += eps;
-            var.set(&Tensor::from_vec(p.clone(), shape.clone(), &Device::Cpu).unwrap()).unwrap();
-            let lp = loss().to_scalar::<f64>().unwrap();
-            p[i] -= 2.0 * eps;
-            var.set(&Tensor::from_vec(p, shape.clone(), &Device::Cpu).unwrap()).unwrap();
-            let lm = loss().to_scalar::<f64>().unwrap();
-            fd[i] = (lp - lm) / (2.0 * eps);
-        }
-        var.set(&Tensor::from_vec(orig, shape, &Device::Cpu).unwrap()).unwrap();
-        let diff: f64 = g.iter().zip(&fd).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
-        let norm = g.iter().map(|a| a * a).sum::<f64>().sqrt().max(fd.iter().map(|a| a * a).sum::<f64>().sqrt());
-        assert!(norm > 1e-8, "{name}: zero gradient");
-        assert!(diff / norm < tol, "{name}: relative error {} (|g| = {norm})", diff / norm);
-    }
-}
-
 fn bits(t: &Tensor) -> Vec<u64> {
     t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap().iter().map(|x| x.to_bits()).collect()
+}
+
+/// The save -> load round trip of `set`, saved in `dir` from a seed-7 Qwen2
+/// `tiny_config(.., 40, 16, ..)` model whose adapted logits on [`pairs`] are `want`: loaded onto
+/// a fresh copy of that model, the kind, report and every tensor are the same (bit for bit), so
+/// are the logits, and saving again writes the same bytes; loading onto a 32-wide model fails
+/// with exactly `mismatch` and attaches nothing. Returns the loaded set.
+fn check_round_trip(set: &AnyAdapterSet, dir: &Path, want: &Tensor, mismatch: &str) -> AnyAdapterSet {
+    let (ids, mask, _) = pairs();
+    let mut fresh = small_model(&tiny_config(Arch::Qwen2, 40, 16, false), 7, DType::F32);
+    let loaded = AnyAdapterSet::load(dir, &mut fresh).unwrap();
+    assert_eq!((loaded.kind(), loaded.report()), (set.kind(), set.report()));
+    for ((na, va), (nb, vb)) in set.vars().iter().zip(&loaded.vars()) {
+        assert_eq!(na, nb);
+        assert_eq!(bits(va.as_tensor()), bits(vb.as_tensor()), "{na}");
+    }
+    assert_eq!(max_abs(&fresh.forward(&ids, Some(&mask), true).unwrap(), want), 0.0);
+    let dir2 = tempfile::tempdir().unwrap();
+    loaded.save(dir2.path()).unwrap();
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        assert_eq!(std::fs::read(dir.join(f)).unwrap(), std::fs::read(dir2.path().join(f)).unwrap(), "{f}");
+    }
+    let mut other = small_model(&tiny_config(Arch::Qwen2, 40, 32, false), 7, DType::F32);
+    let e = AnyAdapterSet::load(dir, &mut other).unwrap_err().to_string();
+    assert_eq!(e, mismatch);
+    assert!(other.linears().iter().all(|l| l.adapter.is_none()));
+    loaded
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -162,7 +130,7 @@ fn bits(t: &Tensor) -> Vec<u64> {
 fn lora_identity_at_init_f64() {
     let (ids, mask, _) = pairs();
     for arch in [Arch::Llama, Arch::Qwen2] {
-        let mut model = small_model(&small_config(16, arch), 1, DType::F64);
+        let mut model = small_model(&tiny_config(arch, 40, 16, false), 1, DType::F64);
         let base = model.forward(&ids, Some(&mask), false).unwrap();
         let set = AnyAdapterSet::inject(&mut model, &section(AdapterKind::Lora, &["all-linear"]), "random").unwrap();
         assert_eq!(set.module_paths().len(), 14, "all-linear: 2 layers x 7, not lm_head");
@@ -181,7 +149,7 @@ fn lora_identity_at_init_f64() {
 // differences (f64, relative error < 1e-4).
 #[test]
 fn lora_gradients_match_finite_differences_f64() {
-    let mut model = small_model(&small_config(8, Arch::Qwen2), 4, DType::F64);
+    let mut model = small_model(&tiny_config(Arch::Qwen2, 40, 8, false), 4, DType::F64);
     let set = AnyAdapterSet::inject(&mut model, &section(AdapterKind::Lora, &["q_proj", "v_proj", "down_proj"]), "random").unwrap();
     randomize(&set, 5, 0.3);
     let vars = set.vars();
@@ -197,7 +165,7 @@ fn lora_gradients_match_finite_differences_f64() {
 fn lora_merge_equivalence_f32() {
     let (ids, mask, _) = pairs();
     for arch in [Arch::Llama, Arch::Qwen2] {
-        let mut model = small_model(&small_config(16, arch), 2, DType::F32);
+        let mut model = small_model(&tiny_config(arch, 40, 16, false), 2, DType::F32);
         let sec = AdapterSection { lora_r: 4, lora_alpha: 8.0, ..section(AdapterKind::Lora, &["all-linear"]) };
         let set = AnyAdapterSet::inject(&mut model, &sec, "random").unwrap();
         randomize(&set, 3, 0.3);
@@ -262,7 +230,7 @@ fn lora_files_follow_peft_layout_for_smollm2_shapes() {
 fn lora_round_trip_is_bit_identical_and_mismatch_is_named() {
     let (ids, mask, _) = pairs();
     let dir = tempfile::tempdir().unwrap();
-    let mut model = small_model(&small_config(16, Arch::Qwen2), 7, DType::F32);
+    let mut model = small_model(&tiny_config(Arch::Qwen2, 40, 16, false), 7, DType::F32);
     let set = AnyAdapterSet::inject(&mut model, &section(AdapterKind::Lora, &["all-linear"]), "random/16").unwrap();
     randomize(&set, 8, 0.3);
     set.save(dir.path()).unwrap();
@@ -270,25 +238,9 @@ fn lora_round_trip_is_bit_identical_and_mismatch_is_named() {
     names.sort();
     assert_eq!(names, ["adapter_config.json", "adapter_model.safetensors"]);
     let want = model.forward(&ids, Some(&mask), true).unwrap();
-    let mut fresh = small_model(&small_config(16, Arch::Qwen2), 7, DType::F32);
-    let loaded = AnyAdapterSet::load(dir.path(), &mut fresh).unwrap();
+    let loaded = check_round_trip(&set, dir.path(), &want, "shape mismatch for base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight: expected [8, 32], got [8, 16]");
     assert_eq!(loaded.kind(), AdapterKind::Lora);
-    assert_eq!(loaded.report(), set.report());
     assert_eq!(loaded.base_model(), "random/16");
-    for ((na, va), (nb, vb)) in set.vars().iter().zip(&loaded.vars()) {
-        assert_eq!(na, nb);
-        assert_eq!(bits(va.as_tensor()), bits(vb.as_tensor()), "{na}");
-    }
-    assert_eq!(max_abs(&fresh.forward(&ids, Some(&mask), true).unwrap(), &want), 0.0);
-    let dir2 = tempfile::tempdir().unwrap();
-    loaded.save(dir2.path()).unwrap();
-    for f in ["adapter_model.safetensors", "adapter_config.json"] {
-        assert_eq!(std::fs::read(dir.path().join(f)).unwrap(), std::fs::read(dir2.path().join(f)).unwrap(), "{f}");
-    }
-    let mut other = small_model(&small_config(32, Arch::Qwen2), 7, DType::F32);
-    let e = AnyAdapterSet::load(dir.path(), &mut other).unwrap_err().to_string();
-    assert_eq!(e, "shape mismatch for base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight: expected [8, 32], got [8, 16]");
-    assert!(other.linears().iter().all(|l| l.adapter.is_none()));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -299,7 +251,7 @@ fn lora_round_trip_is_bit_identical_and_mismatch_is_named() {
 fn full_identity_at_init_f64() {
     let (ids, mask, _) = pairs();
     for arch in [Arch::Llama, Arch::Qwen2] {
-        let mut model = small_model(&small_config(16, arch), 1, DType::F64);
+        let mut model = small_model(&tiny_config(arch, 40, 16, false), 1, DType::F64);
         let base = model.forward(&ids, Some(&mask), false).unwrap();
         let set = AnyAdapterSet::inject(&mut model, &section(AdapterKind::Full, &["all-linear"]), "random").unwrap();
         let layer_params: usize = model.linears().iter().filter(|l| l.path != "lm_head").map(|l| l.weight.elem_count() + l.bias.as_ref().map_or(0, |b| b.elem_count())).sum();
@@ -315,7 +267,7 @@ fn full_identity_at_init_f64() {
 // at init (the reference is the frozen base, so the copies get a gradient from step 0).
 #[test]
 fn full_gradients_match_finite_differences_f64() {
-    let mut model = small_model(&small_config(8, Arch::Qwen2), 4, DType::F64);
+    let mut model = small_model(&tiny_config(Arch::Qwen2, 40, 8, false), 4, DType::F64);
     let set = AnyAdapterSet::inject(&mut model, &section(AdapterKind::Full, &["q_proj", "down_proj"]), "random").unwrap();
     let vars = set.vars();
     let names: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
@@ -340,7 +292,7 @@ fn full_gradients_match_finite_differences_f64() {
 // (and so the reference) never move; merging writes exactly the trained tensors.
 #[test]
 fn full_step_changes_only_selected_tensors() {
-    let mut model = small_model(&small_config(16, Arch::Qwen2), 3, DType::F32);
+    let mut model = small_model(&tiny_config(Arch::Qwen2, 40, 16, false), 3, DType::F32);
     let before: BTreeMap<String, Tensor> = model.tensors().into_iter().collect();
     let (ids, mask, _) = pairs();
     let ref_logits = model.forward(&ids, Some(&mask), false).unwrap();
@@ -378,7 +330,7 @@ fn full_step_changes_only_selected_tensors() {
 fn full_round_trip_and_mismatch() {
     let (ids, mask, _) = pairs();
     let dir = tempfile::tempdir().unwrap();
-    let mut model = small_model(&small_config(16, Arch::Qwen2), 7, DType::F32);
+    let mut model = small_model(&tiny_config(Arch::Qwen2, 40, 16, false), 7, DType::F32);
     let set = AnyAdapterSet::inject(&mut model, &section(AdapterKind::Full, &["k_proj", "up_proj"]), "random/16").unwrap();
     randomize(&set, 8, 0.1);
     set.save(dir.path()).unwrap();
@@ -390,19 +342,8 @@ fn full_round_trip_and_mismatch() {
     assert_eq!(keys.len(), 6);
     assert!(keys.contains(&"model.layers.0.self_attn.k_proj.bias".to_string()) && keys.contains(&"model.layers.1.mlp.up_proj.weight".to_string()));
     let want = model.forward(&ids, Some(&mask), true).unwrap();
-    let mut fresh = small_model(&small_config(16, Arch::Qwen2), 7, DType::F32);
-    let loaded = AnyAdapterSet::load(dir.path(), &mut fresh).unwrap();
-    assert_eq!((loaded.kind(), loaded.report()), (AdapterKind::Full, set.report()));
-    assert_eq!(max_abs(&fresh.forward(&ids, Some(&mask), true).unwrap(), &want), 0.0);
-    let dir2 = tempfile::tempdir().unwrap();
-    loaded.save(dir2.path()).unwrap();
-    for f in ["adapter_model.safetensors", "adapter_config.json"] {
-        assert_eq!(std::fs::read(dir.path().join(f)).unwrap(), std::fs::read(dir2.path().join(f)).unwrap(), "{f}");
-    }
-    let mut other = small_model(&small_config(32, Arch::Qwen2), 7, DType::F32);
-    let e = AnyAdapterSet::load(dir.path(), &mut other).unwrap_err().to_string();
-    assert_eq!(e, "shape mismatch for model.layers.0.self_attn.k_proj.weight: expected [16, 32], got [8, 16]");
-    assert!(other.linears().iter().all(|l| l.adapter.is_none()));
+    let loaded = check_round_trip(&set, dir.path(), &want, "shape mismatch for model.layers.0.self_attn.k_proj.weight: expected [16, 32], got [8, 16]");
+    assert_eq!(loaded.kind(), AdapterKind::Full);
 }
 
 #[test]
@@ -411,7 +352,7 @@ fn unknown_adapter_type_is_named() {
     std::fs::write(dir.path().join("adapter_config.json"), r#"{"peft_type": "IA3"}"#).unwrap();
     let e = stored_kind(dir.path()).unwrap_err().to_string();
     assert!(e.contains("adapter_config.json: unknown adapter type") && e.contains("IA3"), "{e}");
-    let mut model = small_model(&small_config(8, Arch::Llama), 1, DType::F32);
+    let mut model = small_model(&tiny_config(Arch::Llama, 40, 8, false), 1, DType::F32);
     assert!(AnyAdapterSet::load(dir.path(), &mut model).is_err());
     assert!(AnyAdapterSet::load(Path::new("/nonexistent/adapter"), &mut model).unwrap_err().to_string().contains("/nonexistent/adapter/adapter_config.json"));
 }

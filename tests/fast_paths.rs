@@ -19,6 +19,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use common::gradients::central_difference;
+use common::tiny::{max_abs, tiny_config};
 use ropo::adapter::config::{AdapterConfig, TargetModules};
 use ropo::adapter::inject;
 use ropo::logps::completion_logps_from_hidden;
@@ -26,27 +28,6 @@ use ropo::loss::completion_logps;
 use ropo::model::config::{Arch, ModelConfig};
 use ropo::model::llama::{random_weights, Model};
 use ropo::model::prefix::{completion_logps_shared_prompt, SharedPromptBatch};
-
-fn tiny(arch: Arch, tied: bool) -> ModelConfig {
-    ModelConfig {
-        arch,
-        vocab_size: 37,
-        hidden_size: 16,
-        intermediate_size: 24,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 4,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10_000.0,
-        rope_scaling: None,
-        max_position_embeddings: 64,
-        tie_word_embeddings: tied,
-        attention_bias: arch == Arch::Qwen2,
-        bos_token_id: None,
-        eos_token_ids: vec![],
-    }
-}
 
 /// A tiny f64 model with RoPO adapters (r=2, S=2, magnitude) on q,k,v,o (+ lm_head), set to
 /// random non-identity values; returns the model and the adapters' Vars.
@@ -97,10 +78,6 @@ fn batch() -> (Tensor, Tensor, Tensor) {
     (Tensor::from_vec(ids, (4, t), &dev).unwrap(), Tensor::from_vec(am, (4, t), &dev).unwrap(), Tensor::from_vec(cm, (4, t), &dev).unwrap().to_dtype(DType::F64).unwrap())
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
-}
-
 fn plain(model: &Model, ids: &Tensor, am: &Tensor, cm: &Tensor) -> Tensor {
     completion_logps(&model.forward(ids, Some(am), true).unwrap(), ids, cm).unwrap()
 }
@@ -124,7 +101,7 @@ fn same_values_and_grads(a: &Tensor, b: &Tensor, vars: &[(String, Var)], tol: f6
 #[test]
 fn completion_lm_head_equals_full_logits_f64() {
     for (arch, tied, head) in [(Arch::Llama, true, false), (Arch::Qwen2, false, true)] {
-        let (model, vars) = adapted_model(&tiny(arch, tied), 1, head);
+        let (model, vars) = adapted_model(&tiny_config(arch, 37, 16, tied), 1, head);
         let (ids, am, cm) = batch();
         let want = plain(&model, &ids, &am, &cm);
         let hidden = model.forward_hidden(&ids, Some(&am), true).unwrap();
@@ -147,7 +124,7 @@ fn completion_lm_head_equals_full_logits_f64() {
 #[test]
 fn shared_prompt_equals_concatenated_f64() {
     for (arch, tied, head) in [(Arch::Llama, true, false), (Arch::Qwen2, false, true)] {
-        let (model, vars) = adapted_model(&tiny(arch, tied), 2, head);
+        let (model, vars) = adapted_model(&tiny_config(arch, 37, 16, tied), 2, head);
         let (ids, am, cm) = batch();
         let want = plain(&model, &ids, &am, &cm);
         let sb = SharedPromptBatch::from_concatenated(&ids, &am, &cm).unwrap();
@@ -165,7 +142,7 @@ fn shared_prompt_equals_concatenated_f64() {
 // The shared path's adapter gradients against central finite differences (f64).
 #[test]
 fn shared_prompt_gradients_match_finite_differences() {
-    let (model, vars) = adapted_model(&tiny(Arch::Llama, true), 3, false);
+    let (model, vars) = adapted_model(&tiny_config(Arch::Llama, 37, 16, true), 3, false);
     let (ids, am, cm) = batch();
     let sb = SharedPromptBatch::from_concatenated(&ids, &am, &cm).unwrap();
     let c = Tensor::new(&[0.7f64, -1.3, 0.4, 2.0], &Device::Cpu).unwrap();
@@ -174,18 +151,9 @@ fn shared_prompt_gradients_match_finite_differences() {
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     for (name, v) in &vars {
         let gv = g.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient")).flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let orig = v.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
         for _ in 0..2 {
-            let i = rng.random_range(0..orig.len());
-            let at = |d: f64| {
-                let mut w = orig.clone();
-                w[i] += d;
-                v.set(&Tensor::from_vec(w, v.dims(), &Device::Cpu).unwrap()).unwrap();
-                let l = loss().to_scalar::<f64>().unwrap();
-                v.set(&Tensor::from_vec(orig.clone(), v.dims(), &Device::Cpu).unwrap()).unwrap();
-                l
-            };
-            let fd = (at(1e-5) - at(-1e-5)) / 2e-5;
+            let i = rng.random_range(0..gv.len());
+            let fd = central_difference(v, i, 1e-5, &|| loss().to_scalar::<f64>().unwrap());
             let rel = (fd - gv[i]).abs() / fd.abs().max(gv[i].abs()).max(1e-3);
             assert!(rel < 1e-5, "{name}[{i}]: analytic {} fd {fd}", gv[i]);
         }

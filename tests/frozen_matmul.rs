@@ -6,37 +6,23 @@
 //! Tolerance: both paths run the same gemm kernel; only the backward's operand strides (and so
 //! the summation order) may differ: f64 rounding, ~1e-15 relative.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use common::tiny::tiny_config;
 use ropo::adapter::config::{AdapterConfig, TargetModules};
 use ropo::adapter::inject;
 use ropo::loss::completion_logps;
-use ropo::model::config::{Arch, ModelConfig};
+use ropo::model::config::Arch;
 use ropo::model::linear::{fast_frozen_matmul_enabled, set_fast_frozen_matmul};
 use ropo::model::llama::{random_weights, Model};
 
 #[test]
 fn model_with_frozen_op_equals_plain_matmul_values_and_gradients() {
-    let cfg = ModelConfig {
-        arch: Arch::Qwen2,
-        vocab_size: 29,
-        hidden_size: 16,
-        intermediate_size: 24,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 4,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10_000.0,
-        rope_scaling: None,
-        max_position_embeddings: 64,
-        tie_word_embeddings: false,
-        attention_bias: true,
-        bos_token_id: None,
-        eos_token_ids: vec![],
-    };
+    let cfg = tiny_config(Arch::Qwen2, 29, 16, false);
     let dev = Device::Cpu;
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let w = random_weights(&cfg, 0.3, &mut rng, DType::F64, &dev).unwrap();

@@ -6,38 +6,21 @@
 //! `(L(w + e) - L(w - e)) / 2e`. A tensor with no gradient (or an all-zero one) fails the test
 //! by name: candle's fused softmax / rms_norm / rope would silently cut it off.
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var, D};
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use common::gradients::central_difference;
+use common::tiny::tiny_config;
 use ropo::model::config::{Arch, ModelConfig};
 use ropo::model::llama::{random_weights, Model};
 
 const EPS: f64 = 1e-5;
 const TOL: f64 = 1e-4;
-
-fn config(arch: Arch, tied: bool) -> ModelConfig {
-    ModelConfig {
-        arch,
-        vocab_size: 40,
-        hidden_size: 16,
-        intermediate_size: 24,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 4,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10_000.0,
-        rope_scaling: None,
-        max_position_embeddings: 64,
-        tie_word_embeddings: tied,
-        attention_bias: arch == Arch::Qwen2,
-        bos_token_id: None,
-        eos_token_ids: vec![],
-    }
-}
 
 /// The model built from `Var`s (one per HF tensor name), sharing their storage.
 struct Fixture {
@@ -87,19 +70,9 @@ fn check_entries(f: &Fixture, grads: &GradStore, name: &str, entries: &[usize]) 
     let var = &f.vars[name];
     let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
     let gv = g.flatten_all()?.to_vec1::<f64>()?;
-    let orig = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
-    let shape = var.as_tensor().shape().clone();
     let mut failures = vec![];
     for &i in entries {
-        let mut w = orig.clone();
-        w[i] = orig[i] + EPS;
-        var.set(&Tensor::from_vec(w.clone(), shape.clone(), &Device::Cpu)?)?;
-        let lp = scalar(&loss(f)?)?;
-        w[i] = orig[i] - EPS;
-        var.set(&Tensor::from_vec(w, shape.clone(), &Device::Cpu)?)?;
-        let lm = scalar(&loss(f)?)?;
-        var.set(&Tensor::from_vec(orig.clone(), shape.clone(), &Device::Cpu)?)?;
-        let fd = (lp - lm) / (2.0 * EPS);
+        let fd = central_difference(var, i, EPS, &|| scalar(&loss(f).unwrap()).unwrap());
         let rel = (gv[i] - fd).abs() / gv[i].abs().max(fd.abs()).max(1e-3);
         eprintln!("{name}[{i}]: analytic {:+.6e} fd {fd:+.6e} rel {rel:.1e}", gv[i]);
         if rel >= TOL {
@@ -132,19 +105,19 @@ fn gradcheck_all(cfg: &ModelConfig, seed: u64) -> Result<()> {
 
 #[test]
 fn every_weight_matches_finite_differences_llama_untied() -> Result<()> {
-    gradcheck_all(&config(Arch::Llama, false), 1)
+    gradcheck_all(&tiny_config(Arch::Llama, 40, 16, false), 1)
 }
 
 #[test]
 fn every_weight_matches_finite_differences_qwen2_tied_biases() -> Result<()> {
-    gradcheck_all(&config(Arch::Qwen2, true), 2)
+    gradcheck_all(&tiny_config(Arch::Qwen2, 40, 16, true), 2)
 }
 
 /// q_proj and k_proj reach the loss only through RoPE and the attention softmax, the norm
 /// weights only through rms_norm: check every entry of layer 0's, not a sample.
 #[test]
 fn attention_path_gradient_through_softmax_rope_and_rms_norm() -> Result<()> {
-    let cfg = config(Arch::Llama, true);
+    let cfg = tiny_config(Arch::Llama, 40, 16, true);
     let f = fixture(&cfg, 3)?;
     let grads = loss(&f)?.backward()?;
     let mut failures = vec![];

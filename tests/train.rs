@@ -102,6 +102,8 @@ fn step0_losses_rewards_and_golden_logps() {
     let ln2 = std::f64::consts::LN_2;
     assert!((loss - ln2).abs() < 1e-5, "step-0 sigmoid loss {loss}, want ln 2");
     assert!(metrics.rewards_chosen.abs() < 1e-5 && metrics.rewards_rejected.abs() < 1e-5, "{metrics:?}");
+    // rewards within float noise of 0 are ties (rounded at REWARD_TOLERANCE), not wins decided by noise
+    assert_eq!(metrics.rewards_accuracies, 0.0, "step-0 accuracy of an identity adapter: {metrics:?}");
 
     // golden summed completion log-probs, per sequence (the base model's full logits, as the
     // golden procedure; and the training path's completion-position log-probs, adapters on)
@@ -153,15 +155,10 @@ fn step0_losses_rewards_and_golden_logps() {
 /// central finite differences in f64 (tiny random model, adapters moved off the identity).
 #[test]
 fn training_path_gradients_match_finite_differences() {
-    use ropo::model::config::{Arch, ModelConfig};
+    use ropo::model::config::Arch;
     use ropo::data::tokenize::TokenizedPair;
     use rand::{Rng, SeedableRng};
-    let cfg = ModelConfig {
-        arch: Arch::Llama, vocab_size: 40, hidden_size: 16, intermediate_size: 24, num_hidden_layers: 2,
-        num_attention_heads: 4, num_key_value_heads: 2, head_dim: 4, rms_norm_eps: 1e-6, rope_theta: 10_000.0,
-        rope_scaling: None, max_position_embeddings: 64, tie_word_embeddings: true, attention_bias: false,
-        bos_token_id: None, eos_token_ids: vec![],
-    };
+    let cfg = common::tiny::tiny_config(Arch::Llama, 40, 16, true);
     let dev = Device::Cpu;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
     let w = ropo::model::llama::random_weights(&cfg, 0.3, &mut rng, DType::F64, &dev).unwrap();
@@ -195,15 +192,7 @@ fn training_path_gradients_match_finite_differences() {
         let mut entries = vec![argmax];
         entries.extend((0..2).map(|_| rng.random_range(0..g.len())));
         for &i in &entries {
-            let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-            let at = |d: f64| {
-                let mut x = base.clone();
-                x[i] += d;
-                var.set(&Tensor::from_vec(x, var.dims(), &dev).unwrap()).unwrap();
-                loss_now()
-            };
-            let fd = (at(eps) - at(-eps)) / (2.0 * eps);
-            var.set(&Tensor::from_vec(base, var.dims(), &dev).unwrap()).unwrap();
+            let fd = common::gradients::central_difference(var, i, eps, &loss_now);
             let err = (fd - g[i]).abs() / g[i].abs().max(fd.abs()).max(1e-3);
             assert!(err < 1e-4, "{name}[{i}]: analytic {}, finite differences {fd} (rel err {err:e})", g[i]);
         }
@@ -246,6 +235,10 @@ fn cli_short_training_moves_the_loss_and_writes_a_loadable_adapter() {
     let loss = |r: &ropo::metrics::Record, k: &str| r[k].as_f64().unwrap();
     assert!((loss(train[0], "loss") - std::f64::consts::LN_2).abs() < 1e-4, "first step loss {}", loss(train[0], "loss"));
     assert!((loss(evals[0], "eval/loss") - std::f64::consts::LN_2).abs() < 1e-4);
+    // identity adapter: every reward is float noise around 0, a tie, so no pair is accurate
+    // (the rule of `ropo eval`, `ropo::loss::reward_accurate`)
+    assert_eq!(loss(evals[0], "eval/rewards/accuracies"), 0.0, "step-0 eval record: {:?}", evals[0]);
+    assert_eq!(loss(train[0], "rewards/accuracies"), 0.0, "first step (identity adapter): {:?}", train[0]);
     assert!(loss(train[3], "loss") != loss(train[0], "loss"), "the loss did not move");
     assert!(loss(evals[2], "eval/loss") != loss(evals[0], "eval/loss"), "eval loss did not move: {evals:?}");
     assert!(loss(evals[2], "eval/rewards/margins") > 0.0, "held-out margins did not grow: {evals:?}");

@@ -99,26 +99,7 @@ pub fn build_adapters(
     mut make: impl FnMut(&Linear) -> Result<RopoAdapter>,
 ) -> Result<Vec<(usize, RopoAdapter)>> {
     cfg.validate()?;
-    let matcher = cfg.target_modules.matcher()?;
-    let mut out = Vec::new();
-    for (i, lin) in linears.iter().enumerate() {
-        if !matcher.is_match(&lin.path) {
-            continue;
-        }
-        if lin.adapter.is_some() {
-            return Err(Error::Config(format!("{} already has an adapter attached", lin.path)));
-        }
-        out.push((i, make(lin)?));
-    }
-    if out.is_empty() {
-        let seen: Vec<&str> = linears.iter().take(8).map(|l| l.path.as_str()).collect();
-        return Err(Error::Config(format!(
-            "adapter.target_modules ({}) matched no module of the model; its modules look like: {}",
-            cfg.target_modules,
-            seen.join(", ")
-        )));
-    }
-    Ok(out)
+    super::targets::select(linears, &cfg.target_modules)?.into_iter().map(|i| Ok((i, make(linears[i])?))).collect()
 }
 
 /// Attach each built adapter (`built`: index into `linears`, adapter) to its linear, in order,

@@ -7,7 +7,6 @@
 //! - [`inject`]: wrap a model's target linears; trainable `Var`s in a fixed order; parameter counts.
 //! - [`files`]: `adapter_model.safetensors` + `adapter_config.json`, atomic save, checked load.
 //! - [`merge`]: bake `W' = diag(m / rho) W R^T` into the weights.
-//! - [`energy`]: hyperspherical energy of a weight's neurons.
 //!
 //! Baselines through the same `Adapter` trait (`adapter.type = "lora" | "full"`):
 //! - [`lora`]: PEFT's LoRA, `y = W x + b + (alpha / r) B A x`; [`peft`]: its PEFT-layout files.
@@ -18,7 +17,6 @@
 
 pub mod any;
 pub mod config;
-pub mod energy;
 pub mod files;
 pub mod full;
 pub mod full_files;
@@ -32,7 +30,6 @@ pub mod peft;
 pub mod targets;
 
 pub use any::AnyAdapterSet;
-pub use energy::hyperspherical_energy;
 
 use candle_core::{CpuStorage, Layout, WithDType};
 

@@ -29,19 +29,35 @@ use crate::model::linear::Linear;
 /// Rows of the Gram matrix computed per block.
 const BLOCK: usize = 256;
 
+/// The rows of `w (n, d)` (any float dtype, any device) divided by their norms: `(n, d)` f64 on
+/// the CPU. Errors: `w` not 2-D, or a row of norm 0 or not finite (its direction is undefined),
+/// naming the row.
+fn unit_rows(w: &Tensor) -> Result<Tensor> {
+    w.dims2()?;
+    let w = w.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let norms = w.sqr()?.sum_keepdim(1)?.sqrt()?; // (n, 1)
+    if let Some(i) = norms.flatten_all()?.to_vec1::<f64>()?.iter().position(|&x| x == 0.0 || !x.is_finite()) {
+        return Err(Error::Msg(format!("hyperspherical energy: row {i} has norm 0 or is not finite")));
+    }
+    Ok(w.broadcast_div(&norms)?)
+}
+
+/// Cosines between the rows of `w (n, d)`: `ŵ_i·ŵ_j` as an `(n, n)` f64 CPU tensor (the whole
+/// Gram matrix at once, `O(n²)` memory; [`hyperspherical_energy`] builds it block by block).
+/// A rotation `W -> W R^T` keeps it exactly (spec property 3). Errors: as [`hyperspherical_energy`].
+pub fn row_cosines(w: &Tensor) -> Result<Tensor> {
+    let unit = unit_rows(w)?;
+    Ok(unit.matmul(&unit.t()?)?)
+}
+
 /// `HE(W)` for a weight `w` of shape `(n, d)` (any float dtype, any device), in f64.
 ///
 /// Rows that coincide after normalisation give an infinite (or, through rounding, a very
 /// large) energy, which is the value of the formula. Errors: `w` not 2-D, or a row of norm 0
 /// (its direction is undefined), naming the row.
 pub fn hyperspherical_energy(w: &Tensor) -> Result<f64> {
-    let (n, _d) = w.dims2()?;
-    let w = w.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
-    let norms = w.sqr()?.sum_keepdim(1)?.sqrt()?; // (n, 1)
-    if let Some(i) = norms.flatten_all()?.to_vec1::<f64>()?.iter().position(|&x| x == 0.0 || !x.is_finite()) {
-        return Err(Error::Msg(format!("hyperspherical energy: row {i} has norm 0 or is not finite")));
-    }
-    let unit = w.broadcast_div(&norms)?; // (n, d), rows of norm 1
+    let unit = unit_rows(w)?; // (n, d), rows of norm 1
+    let n = unit.dim(0)?;
     let unit_t = unit.t()?.contiguous()?; // (d, n)
     let mut total = 0.0f64;
     for start in (0..n).step_by(BLOCK) {
@@ -142,6 +158,24 @@ mod tests {
         // two orthogonal unit rows: 2 · 1/√2 = √2
         let w = Tensor::from_vec(vec![0.0f64, 2.0, 0.0, 0.0, 0.0, -1.0], (2, 3), &Device::Cpu)?;
         assert!((hyperspherical_energy(&w)? - 2f64.sqrt()).abs() < 1e-12);
+        Ok(())
+    }
+
+    // Three unit vectors at 120°: each distance is sqrt(3), 6 ordered pairs -> 6/sqrt(3); the
+    // scale of the rows does not matter, and the cosines are -1/2 off the diagonal.
+    #[test]
+    fn equilateral_triangle() -> Result<()> {
+        let s = 3f64.sqrt() / 2.0;
+        let w = (Tensor::new(&[[1.0f64, 0.0], [-0.5, s], [-0.5, -s]], &Device::Cpu)? * 3.0)?;
+        let he = hyperspherical_energy(&w)?;
+        assert!((he - 6.0 / 3f64.sqrt()).abs() < 1e-12, "{he}");
+        let c = row_cosines(&w)?.to_vec2::<f64>()?;
+        for (i, row) in c.iter().enumerate() {
+            for (j, &cij) in row.iter().enumerate() {
+                let want = if i == j { 1.0 } else { -0.5 };
+                assert!((cij - want).abs() < 1e-12, "cos[{i}][{j}] = {cij}");
+            }
+        }
         Ok(())
     }
 

@@ -15,7 +15,7 @@ pub mod mmlu;
 pub mod preference;
 pub mod report;
 
-pub use energy::{hyperspherical_energy, EnergyReport, LayerEnergy};
+pub use energy::{hyperspherical_energy, row_cosines, EnergyReport, LayerEnergy};
 pub use generation::{generation_stats, GenerationStats};
 pub use mmlu::{LetterScorer, MmluScores};
 pub use preference::{preference_metrics, PairLogprobs, PreferenceMetrics};

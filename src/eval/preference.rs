@@ -8,7 +8,8 @@
 //!
 //! - `rewards/chosen = β c`, `rewards/rejected = β r`, `rewards/margins = β (c - r)`;
 //! - `rewards/accuracies = [chosen > rejected]`, strict as TRL's, but on the rewards rounded to
-//!   multiples of `tolerance` (`round(β c / tol) > round(β r / tol)`), so float noise around a
+//!   multiples of `tolerance` (`round(β c / tol) > round(β r / tol)`,
+//!   [`crate::loss::reward_accurate`], the training metrics' rule too), so float noise around a
 //!   tie (an identity adapter gives rewards ~1e-7 instead of 0) counts as a tie, not a win;
 //! - `loss = -log σ(β (c - r))` (DPO, sigmoid; computed by [`crate::loss::per_pair_loss`] in
 //!   f64, the training loss's own code);
@@ -27,13 +28,13 @@ use serde::{Deserialize, Serialize};
 use crate::data::batch::collate;
 use crate::data::tokenize::TokenizedPair;
 use crate::error::{Error, Result};
-use crate::loss::{completion_logps, per_pair_loss, split_pairs, LossParams, LossType};
+use crate::loss::{completion_logps, per_pair_loss, reward_accurate, split_pairs, LossParams, LossType};
 use crate::model::llama::Model;
 
-/// Default rounding tolerance of the rewards for `rewards/accuracies`: 1e-5 (the identity
-/// adapter's float noise in f32 on a 135M model is ~1e-6; a trained adapter's rewards are
-/// ~1e-2 and up).
-pub const DEFAULT_TOLERANCE: f64 = 1e-5;
+/// Default rounding tolerance of the rewards for `rewards/accuracies`: the training metrics'
+/// own, [`crate::loss::REWARD_TOLERANCE`] (1e-4), so `ropo eval` and `ropo train`'s eval records
+/// count the same pairs as accurate.
+pub use crate::loss::REWARD_TOLERANCE as DEFAULT_TOLERANCE;
 
 /// Mean preference metrics, with TRL's names in JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -115,7 +116,7 @@ pub fn preference_metrics(lp: &PairLogprobs, beta: f64, tolerance: f64) -> Resul
         m.rewards_chosen += chosen;
         m.rewards_rejected += rejected;
         m.rewards_margins += chosen - rejected;
-        if (chosen / tolerance).round() > (rejected / tolerance).round() {
+        if reward_accurate(chosen, rejected, tolerance) {
             m.rewards_accuracies += 1.0;
         }
         m.logps_chosen += pc;

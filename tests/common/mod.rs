@@ -1,6 +1,10 @@
 //! Helpers shared by the integration tests: the real model (fetched and cached by
-//! `scripts/fetch-model.sh`) and the golden files in `../shared/golden`.
+//! `scripts/fetch-model.sh`) and the golden files in `../shared/golden`; [`gradients`]: central
+//! finite differences; [`tiny`]: small random models and tensors.
 #![allow(dead_code)]
+
+pub mod gradients;
+pub mod tiny;
 
 use std::path::PathBuf;
 
