@@ -280,13 +280,14 @@ pub fn tokenize(cfg: &RunConfig, rows: &Rows, tokenizer: &crate::model::tokenize
 // ------------------------------------------------------------------------------------------
 
 /// The policy half of a training micro-batch: policy forward (adapters on), completion
-/// log-probs ([`reference::model_logps`]: LM head at completion positions only), the loss of `t.loss_type` against `ref_logps`, and its backward.
+/// log-probs ([`reference::model_logps_with`]: LM head at completion positions only; with
+/// `t.share_prompt` each pair's prompt runs once), the loss of `t.loss_type` against `ref_logps`, and its backward.
 ///
 /// `batch`: `2B` rows in the concatenated layout; `ref_logps`: `(2B,)` f32 reference log-probs
 /// in the same layout. Returns the loss output (loss, per-pair losses, reward metrics) and the
 /// gradients.
 pub fn micro_batch(model: &Model, batch: &Batch, ref_logps: &Tensor, t: &TrainingSection) -> Result<(LossOutput, GradStore)> {
-    let logps = reference::model_logps(model, batch, true)?;
+    let logps = reference::model_logps_with(model, batch, true, t.share_prompt)?;
     let out = loss_of(&logps, ref_logps, &batch.completion_mask, t)?;
     let grads = out.loss.backward()?;
     Ok((out, grads))
@@ -311,7 +312,7 @@ pub fn evaluate(model: &Model, pairs: &[TokenizedPair], refs: &PairRefLogps, bat
         let refs_b: Vec<&TokenizedPair> = chunk.iter().collect();
         let batch = collate(&refs_b, pad, &dev)?;
         tokens += batch.attention_mask.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as usize;
-        let lp = reference::batch_logps(model, &batch, true)?;
+        let lp = reference::batch_logps_with(model, &batch, true, t.share_prompt)?;
         let idx: Vec<usize> = (k * batch_size.max(1)..k * batch_size.max(1) + chunk.len()).collect();
         let r = refs.gather(&idx, &dev)?;
         let counts = completion_token_counts(&batch.completion_mask)?;
@@ -557,6 +558,7 @@ pub fn run(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                 &format!("{:?}", tokenize_options(cfg)),
                 &template_override(cfg)?.unwrap_or_default(),
                 &format!("batch {}", t.per_device_eval_batch_size),
+                &format!("share_prompt {}", t.share_prompt),
             ],
             &splits.train,
         );
@@ -568,7 +570,7 @@ pub fn run(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             }
             None => {
                 say(&format!("reference log-probs: computing for {} pairs", splits.train.len()));
-                let r = reference::compute_all(ref_model, &splits.train, t.per_device_eval_batch_size, pad, |_, _| {})?;
+                let r = reference::compute_all(ref_model, &splits.train, t.per_device_eval_batch_size, pad, t.share_prompt, |_, _| {})?;
                 reference::save_cache(&path, &r)?;
                 Some(r)
             }
@@ -579,7 +581,7 @@ pub fn run(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let eval_refs = if splits.eval.is_empty() {
         None
     } else {
-        Some(reference::compute_all(ref_model, &splits.eval, t.per_device_eval_batch_size, pad, |_, _| {})?)
+        Some(reference::compute_all(ref_model, &splits.eval, t.per_device_eval_batch_size, pad, t.share_prompt, |_, _| {})?)
     };
 
     // ---- optimiser, state, resume
@@ -660,7 +662,7 @@ pub fn run(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             step_tokens += batch.attention_mask.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as usize;
             let ref_lp = match &train_refs {
                 Some(r) => r.gather(&idx, model.device())?,
-                None => reference::batch_logps(ref_model, &batch, false)?,
+                None => reference::batch_logps_with(ref_model, &batch, false, t.share_prompt)?,
             };
             let (out, grads) = micro_batch(&model, &batch, &ref_lp, t)?;
             acc.add(&params, &grads).map_err(|e| {
