@@ -22,6 +22,10 @@
 //!
 //! Peak RSS: the process prints its `VmHWM` at exit; run one configuration a process:
 //! `cargo bench --bench step -- step/prefix`.
+//!
+//! Threads as `ropo train` sets them ([`ropo::train::single_threaded_elementwise`]: candle's
+//! spinning element-wise pool off); `STEP_CANDLE_POOL=1` keeps candle's default (the state
+//! before), to compare in alternated processes (the setting is read once per process).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -208,6 +212,11 @@ fn interleaved(names: &str) {
 }
 
 fn main() {
+    // as `ropo train` runs (`train::configure_threads`: candle's element-wise barrier pool off);
+    // STEP_CANDLE_POOL=1 keeps candle's default pool (the state before), for A/B runs
+    if std::env::var_os("STEP_CANDLE_POOL").is_none() {
+        ropo::train::single_threaded_elementwise();
+    }
     if let Ok(names) = std::env::var("STEP_AB") {
         interleaved(&names);
         return;

@@ -62,9 +62,11 @@ pub const REFERENCE_DIR: &str = "reference_logps";
 /// `RAYON_NUM_THREADS` is respected; else every core. Returns the count in use.
 ///
 /// candle reads `RAYON_NUM_THREADS` itself for its matmul parallelism, so the variable is set
-/// to the chosen count too. Call it once, early, from the main thread (it sets an environment
-/// variable). A pool already built (a second call in one process) is left as it is.
+/// to the chosen count too. Also [`single_threaded_elementwise`] (unless `CANDLE_NUM_THREADS`
+/// is set). Call it once, early, from the main thread (it sets environment variables). A pool
+/// already built (a second call in one process) is left as it is.
 pub fn configure_threads(threads: usize) -> usize {
+    single_threaded_elementwise();
     let from_env = std::env::var("RAYON_NUM_THREADS").ok().and_then(|s| s.trim().parse::<usize>().ok()).filter(|&n| n > 0);
     let n = if threads > 0 {
         threads
@@ -74,6 +76,24 @@ pub fn configure_threads(threads: usize) -> usize {
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
     rayon::current_num_threads()
+}
+
+/// Run candle's element-wise ops on the calling thread: sets `CANDLE_NUM_THREADS=1` unless the
+/// variable is already set (then it is respected). Call before any tensor work (candle reads it
+/// once, when it first needs its pool).
+///
+/// Why: candle 0.11 splits element-wise ops over 64K elements across its own "barrier pool"
+/// (`CANDLE_NUM_THREADS - 1` worker threads, default: the core count), separate from the rayon
+/// pool its matmuls use. Its workers and the waiting main thread busy-spin (25,000 spins)
+/// between ops, so on a machine with as many cores as matmul threads they take the cores from
+/// the next matmul: a profile of the training step (benches/step.rs, prefix path, 2 cores)
+/// spent 56% of its samples spinning in `BarrierGuard::drop` and the pool's worker loop. The
+/// matmuls keep their `RAYON_NUM_THREADS` threads. Results are bit-identical: the pool only
+/// splits element-wise maps into ranges (no reduction changes order).
+pub fn single_threaded_elementwise() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
 }
 
 /// How `run` was asked to start.
