@@ -24,8 +24,9 @@
 //! `cargo bench --bench step -- step/prefix`.
 //!
 //! Threads as `ropo train` sets them ([`ropo::train::single_threaded_elementwise`]: candle's
-//! spinning element-wise pool off); `STEP_CANDLE_POOL=1` keeps candle's default (the state
-//! before), to compare in alternated processes (the setting is read once per process).
+//! spinning element-wise pool off, allocator tuned by [`ropo::train::keep_freed_memory`]);
+//! `STEP_CANDLE_POOL=1` keeps candle's default pool, `STEP_GLIBC_MALLOC=1` glibc's default
+//! tuning (the states before), to compare in alternated processes (read once per process).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -212,10 +213,20 @@ fn interleaved(names: &str) {
 }
 
 fn main() {
-    // as `ropo train` runs (`train::configure_threads`: candle's element-wise barrier pool off);
-    // STEP_CANDLE_POOL=1 keeps candle's default pool (the state before), for A/B runs
-    if std::env::var_os("STEP_CANDLE_POOL").is_none() {
+    // threads as `ropo train` sets them (`train::configure_threads`: RAYON_NUM_THREADS, so that
+    // candle does not re-read /proc/cpuinfo at every matmul, and candle's element-wise barrier
+    // pool off); STEP_CANDLE_POOL=1 keeps candle's default pool size (the state before), for A/B
+    if std::env::var_os("STEP_CANDLE_POOL").is_some() {
+        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+    }
+    if std::env::var_os("STEP_GLIBC_MALLOC").is_some() {
+        // glibc's default (dynamic) allocator tuning, the state before `train::keep_freed_memory`
         ropo::train::single_threaded_elementwise();
+        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    } else {
+        eprintln!("threads: {}", ropo::train::configure_threads(0));
     }
     if let Ok(names) = std::env::var("STEP_AB") {
         interleaved(&names);

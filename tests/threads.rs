@@ -1,7 +1,8 @@
-//! `train::single_threaded_elementwise` (candle's element-wise barrier pool off, set by
-//! `ropo train`) changes no result: a training micro-batch (prefix-shared path, f32) run in a
-//! child process with `CANDLE_NUM_THREADS=1` and with `CANDLE_NUM_THREADS=2` (candle's pooled
-//! element-wise ops) gives bit-identical reference log-probs, loss and gradients of every
+//! `train::single_threaded_elementwise` (candle's element-wise barrier pool off) and
+//! `train::keep_freed_memory` (glibc allocator tuning), both set by `ropo train`, change no
+//! result: a training micro-batch (prefix-shared path, f32) run in child processes with
+//! `CANDLE_NUM_THREADS=1` and `2` (candle's pooled element-wise ops), with and without the
+//! allocator tuning, gives bit-identical reference log-probs, loss and gradients of every
 //! trainable tensor. The setting is read once per process, hence the child processes (this test
 //! binary re-run on one test). The model is big enough (activations of 64K+ elements) for candle
 //! to use its pool.
@@ -56,16 +57,19 @@ fn micro_batch_bits() -> Vec<String> {
 
 #[test]
 fn micro_batch_bits_do_not_depend_on_candles_elementwise_pool() {
-    if std::env::var_os(CHILD).is_some() {
+    if let Some(mode) = std::env::var_os(CHILD) {
+        if mode == "tuned" {
+            ropo::train::keep_freed_memory();
+        }
         for l in micro_batch_bits() {
             println!("BITS {l}");
         }
         return;
     }
-    let run = |candle_threads: &str| -> Vec<String> {
+    let run = |candle_threads: &str, mode: &str| -> Vec<String> {
         let o = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "micro_batch_bits_do_not_depend_on_candles_elementwise_pool", "--nocapture", "--test-threads", "1"])
-            .env(CHILD, "1")
+            .env(CHILD, mode)
             .env("CANDLE_NUM_THREADS", candle_threads)
             .env("RAYON_NUM_THREADS", "2")
             .output()
@@ -73,10 +77,13 @@ fn micro_batch_bits_do_not_depend_on_candles_elementwise_pool() {
         assert!(o.status.success(), "child with CANDLE_NUM_THREADS={candle_threads}: {}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.strip_prefix("BITS ").map(String::from)).collect()
     };
-    let (one, pooled) = (run("1"), run("2"));
+    let one = run("1", "tuned");
     assert!(one.len() > 1000, "child printed {} lines", one.len());
-    assert_eq!(one.len(), pooled.len());
-    for (a, b) in one.iter().zip(&pooled) {
-        assert_eq!(a, b, "CANDLE_NUM_THREADS=1 vs 2");
+    for (threads, mode) in [("2", "tuned"), ("1", "default"), ("2", "default")] {
+        let other = run(threads, mode);
+        assert_eq!(one.len(), other.len());
+        for (a, b) in one.iter().zip(&other) {
+            assert_eq!(a, b, "CANDLE_NUM_THREADS=1 + tuned allocator vs CANDLE_NUM_THREADS={threads} + {mode} allocator");
+        }
     }
 }
