@@ -320,6 +320,8 @@ pub struct TrainingSection {
     pub save_total_limit: usize,
     /// Compute the reference log-probs once before training and cache them on disk.
     pub precompute_ref_log_probs: bool,
+    /// Run each pair's prompt once (prefix sharing: both completions attend to its keys and values) for the policy, the reference and evaluation; false: the concatenated rows, prompt twice. A batch whose chosen and rejected prompts differ or are empty falls back to the concatenated rows (never for ropo's own tokenization).
+    pub share_prompt: bool,
     /// Compute threads; 0: all cores.
     pub threads: usize,
 }
@@ -354,6 +356,7 @@ impl Default for TrainingSection {
             save_steps: 50,
             save_total_limit: 2,
             precompute_ref_log_probs: false,
+            share_prompt: true,
             threads: 0,
         }
     }
@@ -450,6 +453,7 @@ const TRAINING_KEYS: &[&str] = &[
     "save_steps",
     "save_total_limit",
     "precompute_ref_log_probs",
+    "share_prompt",
     "threads",
 ];
 

@@ -62,9 +62,12 @@ pub const REFERENCE_DIR: &str = "reference_logps";
 /// `RAYON_NUM_THREADS` is respected; else every core. Returns the count in use.
 ///
 /// candle reads `RAYON_NUM_THREADS` itself for its matmul parallelism, so the variable is set
-/// to the chosen count too. Call it once, early, from the main thread (it sets an environment
-/// variable). A pool already built (a second call in one process) is left as it is.
+/// to the chosen count too. Also [`single_threaded_elementwise`] (unless `CANDLE_NUM_THREADS`
+/// is set) and [`keep_freed_memory`]. Call it once, early, from the main thread (it sets environment variables). A pool
+/// already built (a second call in one process) is left as it is.
 pub fn configure_threads(threads: usize) -> usize {
+    single_threaded_elementwise();
+    keep_freed_memory();
     let from_env = std::env::var("RAYON_NUM_THREADS").ok().and_then(|s| s.trim().parse::<usize>().ok()).filter(|&n| n > 0);
     let n = if threads > 0 {
         threads
@@ -74,6 +77,44 @@ pub fn configure_threads(threads: usize) -> usize {
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
     rayon::current_num_threads()
+}
+
+/// Run candle's element-wise ops on the calling thread: sets `CANDLE_NUM_THREADS=1` unless the
+/// variable is already set (then it is respected). Call before any tensor work (candle reads it
+/// once, when it first needs its pool).
+///
+/// Why: candle 0.11 splits element-wise ops over 64K elements across its own "barrier pool"
+/// (`CANDLE_NUM_THREADS - 1` worker threads, default: the core count), separate from the rayon
+/// pool its matmuls use. Its workers and the waiting main thread busy-spin (25,000 spins)
+/// between ops, so on a machine with as many cores as matmul threads they take the cores from
+/// the next matmul: a profile of the training step (benches/step.rs, prefix path, 2 cores)
+/// spent 56% of its samples spinning in `BarrierGuard::drop` and the pool's worker loop. The
+/// matmuls keep their `RAYON_NUM_THREADS` threads. Results are bit-identical: the pool only
+/// splits element-wise maps into ranges (no reduction changes order).
+pub fn single_threaded_elementwise() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
+/// Let the allocator keep freed activation buffers for reuse (glibc: `mallopt`; elsewhere a
+/// no-op): allocations below 32 MiB come from the heap instead of fresh `mmap`s
+/// (`M_MMAP_THRESHOLD`), up to 1 GiB of free heap top is kept instead of returned to the OS
+/// (`M_TRIM_THRESHOLD`), and the heap grows 256 MiB at a time (`M_TOP_PAD`).
+///
+/// Why: a training step allocates and frees thousands of activation and gradient tensors of
+/// 0.1-30 MB; with glibc's defaults many of them are fresh pages, each touched page a page
+/// fault and a kernel zeroing (`clear_page`): ~8% of the step's samples in a profile
+/// (benches/step.rs, prefix path). Measured there: minor page faults per 3-step run 2.2-2.5M ->
+/// 0.99M, peak RSS unchanged (3.47 GiB). No effect on any value.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning parameters; any value is valid to pass.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
 }
 
 /// How `run` was asked to start.
@@ -280,13 +321,14 @@ pub fn tokenize(cfg: &RunConfig, rows: &Rows, tokenizer: &crate::model::tokenize
 // ------------------------------------------------------------------------------------------
 
 /// The policy half of a training micro-batch: policy forward (adapters on), completion
-/// log-probs ([`reference::model_logps`]: LM head at completion positions only), the loss of `t.loss_type` against `ref_logps`, and its backward.
+/// log-probs ([`reference::model_logps_with`]: LM head at completion positions only; with
+/// `t.share_prompt` each pair's prompt runs once), the loss of `t.loss_type` against `ref_logps`, and its backward.
 ///
 /// `batch`: `2B` rows in the concatenated layout; `ref_logps`: `(2B,)` f32 reference log-probs
 /// in the same layout. Returns the loss output (loss, per-pair losses, reward metrics) and the
 /// gradients.
 pub fn micro_batch(model: &Model, batch: &Batch, ref_logps: &Tensor, t: &TrainingSection) -> Result<(LossOutput, GradStore)> {
-    let logps = reference::model_logps(model, batch, true)?;
+    let logps = reference::model_logps_with(model, batch, true, t.share_prompt)?;
     let out = loss_of(&logps, ref_logps, &batch.completion_mask, t)?;
     let grads = out.loss.backward()?;
     Ok((out, grads))
@@ -311,7 +353,7 @@ pub fn evaluate(model: &Model, pairs: &[TokenizedPair], refs: &PairRefLogps, bat
         let refs_b: Vec<&TokenizedPair> = chunk.iter().collect();
         let batch = collate(&refs_b, pad, &dev)?;
         tokens += batch.attention_mask.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as usize;
-        let lp = reference::batch_logps(model, &batch, true)?;
+        let lp = reference::batch_logps_with(model, &batch, true, t.share_prompt)?;
         let idx: Vec<usize> = (k * batch_size.max(1)..k * batch_size.max(1) + chunk.len()).collect();
         let r = refs.gather(&idx, &dev)?;
         let counts = completion_token_counts(&batch.completion_mask)?;
@@ -557,6 +599,7 @@ pub fn run(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                 &format!("{:?}", tokenize_options(cfg)),
                 &template_override(cfg)?.unwrap_or_default(),
                 &format!("batch {}", t.per_device_eval_batch_size),
+                &format!("share_prompt {}", t.share_prompt),
             ],
             &splits.train,
         );
@@ -568,7 +611,7 @@ pub fn run(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             }
             None => {
                 say(&format!("reference log-probs: computing for {} pairs", splits.train.len()));
-                let r = reference::compute_all(ref_model, &splits.train, t.per_device_eval_batch_size, pad, |_, _| {})?;
+                let r = reference::compute_all(ref_model, &splits.train, t.per_device_eval_batch_size, pad, t.share_prompt, |_, _| {})?;
                 reference::save_cache(&path, &r)?;
                 Some(r)
             }
@@ -579,7 +622,7 @@ pub fn run(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let eval_refs = if splits.eval.is_empty() {
         None
     } else {
-        Some(reference::compute_all(ref_model, &splits.eval, t.per_device_eval_batch_size, pad, |_, _| {})?)
+        Some(reference::compute_all(ref_model, &splits.eval, t.per_device_eval_batch_size, pad, t.share_prompt, |_, _| {})?)
     };
 
     // ---- optimiser, state, resume
@@ -660,7 +703,7 @@ pub fn run(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             step_tokens += batch.attention_mask.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as usize;
             let ref_lp = match &train_refs {
                 Some(r) => r.gather(&idx, model.device())?,
-                None => reference::batch_logps(ref_model, &batch, false)?,
+                None => reference::batch_logps_with(ref_model, &batch, false, t.share_prompt)?,
             };
             let (out, grads) = micro_batch(&model, &batch, &ref_lp, t)?;
             acc.add(&params, &grads).map_err(|e| {

@@ -150,17 +150,15 @@ fn step0_losses_rewards_and_golden_logps() {
     }
 }
 
-/// The training path (`train::micro_batch`: policy forward with adapters, completion-position LM
-/// head, sigmoid loss against the bypassed reference): every adapter tensor's gradient matches
-/// central finite differences in f64 (tiny random model, adapters moved off the identity).
-#[test]
-fn training_path_gradients_match_finite_differences() {
+/// A tiny f64 model (llama, tied head) with adapters on q, v, o and down moved off the identity,
+/// its trainable Vars, and two pairs (prompts of different lengths, right padding).
+fn tiny_training_fixture(seed: u64) -> (ropo::model::llama::Model, Vec<(String, candle_core::Var)>, RunConfig, Vec<ropo::data::tokenize::TokenizedPair>) {
     use ropo::model::config::Arch;
     use ropo::data::tokenize::TokenizedPair;
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
     let cfg = common::tiny::tiny_config(Arch::Llama, 40, 16, true);
     let dev = Device::Cpu;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let w = ropo::model::llama::random_weights(&cfg, 0.3, &mut rng, DType::F64, &dev).unwrap();
     let map = w.into_iter().collect();
     let mut model = ropo::model::llama::Model::load(candle_nn::VarBuilder::from_tensors(map, DType::F64, &dev), &cfg).unwrap();
@@ -173,28 +171,100 @@ fn training_path_gradients_match_finite_differences() {
         let noise = Tensor::randn(0.0f64, 0.2, v.dims(), &dev).unwrap();
         v.set(&(v.as_tensor() + noise).unwrap()).unwrap();
     }
-    let pairs = [
+    let pairs = vec![
         TokenizedPair { line: 1, prompt_ids: vec![5, 17, 3], chosen_ids: vec![29, 8], rejected_ids: vec![11, 2, 38] },
         TokenizedPair { line: 2, prompt_ids: vec![7, 20], chosen_ids: vec![1, 4, 9, 33], rejected_ids: vec![6] },
     ];
-    let refs: Vec<&TokenizedPair> = pairs.iter().collect();
-    let batch = collate(&refs, 0, &dev).unwrap();
-    let reference = ropo::reference::batch_logps(&model, &batch, false).unwrap();
-    let (out, grads) = ropo::train::micro_batch(&model, &batch, &reference, &run.training).unwrap();
-    assert_eq!(out.loss.dtype(), DType::F64);
-    let grads = ropo::optim::Grads::from_store(&params, &grads).unwrap();
-    let loss_now = || ropo::train::micro_batch(&model, &batch, &reference, &run.training).unwrap().0.loss.to_scalar::<f64>().unwrap();
-    let eps = 1e-5;
-    for ((name, var), g) in params.iter().zip(&grads.0) {
-        let g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
-        assert!(g.iter().any(|x| *x != 0.0), "{name}: all-zero gradient");
-        let argmax = (0..g.len()).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap();
-        let mut entries = vec![argmax];
-        entries.extend((0..2).map(|_| rng.random_range(0..g.len())));
-        for &i in &entries {
-            let fd = common::gradients::central_difference(var, i, eps, &loss_now);
-            let err = (fd - g[i]).abs() / g[i].abs().max(fd.abs()).max(1e-3);
-            assert!(err < 1e-4, "{name}[{i}]: analytic {}, finite differences {fd} (rel err {err:e})", g[i]);
+    (model, params, run, pairs)
+}
+
+/// The training path (`train::micro_batch`: policy forward with adapters, completion-position LM
+/// head, sigmoid loss against the bypassed reference), with `training.share_prompt` true (each
+/// prompt once, both completions attending to its K/V) and false (concatenated rows): every
+/// adapter tensor's gradient matches central finite differences in f64 (tiny random model,
+/// adapters moved off the identity). Relative error < 1e-4 at eps 1e-5 (central differences in
+/// f64 are good to ~1e-8 here).
+#[test]
+fn training_path_gradients_match_finite_differences() {
+    use rand::{Rng, SeedableRng};
+    for share_prompt in [true, false] {
+        let (model, params, mut run, pairs) = tiny_training_fixture(3);
+        run.training.share_prompt = share_prompt;
+        let dev = Device::Cpu;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        let refs: Vec<_> = pairs.iter().collect();
+        let batch = collate(&refs, 0, &dev).unwrap();
+        let reference = ropo::reference::batch_logps_with(&model, &batch, false, share_prompt).unwrap();
+        let (out, grads) = ropo::train::micro_batch(&model, &batch, &reference, &run.training).unwrap();
+        assert_eq!(out.loss.dtype(), DType::F64);
+        let grads = ropo::optim::Grads::from_store(&params, &grads).unwrap();
+        let loss_now = || ropo::train::micro_batch(&model, &batch, &reference, &run.training).unwrap().0.loss.to_scalar::<f64>().unwrap();
+        let eps = 1e-5;
+        for ((name, var), g) in params.iter().zip(&grads.0) {
+            let g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(g.iter().any(|x| *x != 0.0), "{name} (share_prompt {share_prompt}): all-zero gradient");
+            let argmax = (0..g.len()).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap();
+            let mut entries = vec![argmax];
+            entries.extend((0..2).map(|_| rng.random_range(0..g.len())));
+            for &i in &entries {
+                let fd = common::gradients::central_difference(var, i, eps, &loss_now);
+                let err = (fd - g[i]).abs() / g[i].abs().max(fd.abs()).max(1e-3);
+                assert!(err < 1e-4, "{name}[{i}] (share_prompt {share_prompt}): analytic {}, finite differences {fd} (rel err {err:e})", g[i]);
+            }
+        }
+    }
+}
+
+/// `training.share_prompt = true` (prefix-shared policy and reference) and `false` (concatenated
+/// rows) give the same micro-batch: reference log-probs, loss, every reward metric and the
+/// gradient of every trainable tensor agree to 1e-10 (absolute, relative to max(1, |value|)) in
+/// f64. The two paths differ only in the order of floating-point sums (~1e-14 here); 1e-10 still
+/// catches any wrong position, mask or RoPE offset. Also a pair with an empty prompt (nothing to
+/// share) takes the fallback and gives the plain path's values exactly.
+#[test]
+fn share_prompt_true_and_false_give_the_same_micro_batch() {
+    let close = |a: f64, b: f64, what: &str| assert!((a - b).abs() <= 1e-10 * a.abs().max(b.abs()).max(1.0), "{what}: shared {a} vs plain {b}");
+    let (model, params, mut run, mut pairs) = tiny_training_fixture(5);
+    let dev = Device::Cpu;
+    let step = |run: &RunConfig, pairs: &[ropo::data::tokenize::TokenizedPair]| {
+        let refs: Vec<_> = pairs.iter().collect();
+        let batch = collate(&refs, 0, &dev).unwrap();
+        let reference = ropo::reference::batch_logps_with(&model, &batch, false, run.training.share_prompt).unwrap();
+        let (out, grads) = ropo::train::micro_batch(&model, &batch, &reference, &run.training).unwrap();
+        let grads = ropo::optim::Grads::from_store(&params, &grads).unwrap();
+        let g: Vec<Vec<f64>> = grads.0.iter().map(|g| g.flatten_all().unwrap().to_vec1().unwrap()).collect();
+        (reference.to_vec1::<f64>().unwrap(), out.loss.to_scalar::<f64>().unwrap(), out.metrics, g)
+    };
+    for case in ["shared prompts", "an empty prompt (fallback)"] {
+        if case.starts_with("an empty") {
+            pairs[1].prompt_ids.clear();
+        }
+        // the shared path is taken exactly when the batch splits into shared prompts
+        let refs: Vec<_> = pairs.iter().collect();
+        let b = collate(&refs, 0, &dev).unwrap();
+        let split = ropo::model::prefix::SharedPromptBatch::try_from_concatenated(&b.input_ids, &b.attention_mask, &b.completion_mask).unwrap();
+        assert_eq!(split.is_ok(), case == "shared prompts", "{case}: {:?}", split.err());
+        run.training.share_prompt = true;
+        let (ra, la, ma, ga) = step(&run, &pairs);
+        run.training.share_prompt = false;
+        let (rb, lb, mb, gb) = step(&run, &pairs);
+        for (i, (a, b)) in ra.iter().zip(&rb).enumerate() {
+            close(*a, *b, &format!("{case}: reference logps[{i}]"));
+        }
+        close(la, lb, &format!("{case}: loss"));
+        let m = |m: &ropo::loss::RewardMetrics| serde_json::to_value(m).unwrap();
+        let (ma, mb) = (m(&ma), m(&mb));
+        for (k, a) in ma.as_object().unwrap() {
+            close(a.as_f64().unwrap(), mb[k].as_f64().unwrap(), &format!("{case}: {k}"));
+        }
+        for (((name, _), a), b) in params.iter().zip(&ga).zip(&gb) {
+            assert!(a.iter().any(|x| *x != 0.0), "{case}: {name}: all-zero gradient");
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                close(*x, *y, &format!("{case}: grad {name}[{i}]"));
+            }
+        }
+        if case.starts_with("an empty") {
+            assert_eq!((la, ga), (lb, gb), "the fallback is the plain path");
         }
     }
 }

@@ -19,8 +19,10 @@
 //!
 //! [`score_pairs`] computes the four log-probs with the real model: each batch of pairs in
 //! TRL's `[chosen..; rejected..]` layout (right padding) goes through the model twice, adapters
-//! on (policy) and bypassed (reference), and [`crate::loss::completion_logps`] sums the
-//! completion tokens' log-probs. A model without adapters is its own reference (one pass).
+//! on (policy) and bypassed (reference), and the completion tokens' log-probs are summed
+//! ([`crate::loss::completion_logps`]'s definition, computed by
+//! [`crate::reference::model_logps_with`]: each pair's prompt once, the LM head at completion
+//! positions only). A model without adapters is its own reference (one pass).
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -28,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::batch::collate;
 use crate::data::tokenize::TokenizedPair;
 use crate::error::{Error, Result};
-use crate::loss::{completion_logps, per_pair_loss, reward_accurate, split_pairs, LossParams, LossType};
+use crate::loss::{per_pair_loss, reward_accurate, split_pairs, LossParams, LossType};
 use crate::model::llama::Model;
 
 /// Default rounding tolerance of the rewards for `rewards/accuracies`: the training metrics'
@@ -171,12 +173,10 @@ pub fn score_pairs(
     for chunk in pairs.chunks(batch_size) {
         let refs: Vec<&TokenizedPair> = chunk.iter().collect();
         let b = collate(&refs, pad_id, model.device())?;
-        // detached right away: with adapter `Var`s in the graph, the (2B, T, V) intermediates
-        // would otherwise stay alive as long as the result does
-        let logps = |use_adapters: bool| -> Result<Tensor> {
-            let logits = model.forward(&b.input_ids, Some(&b.attention_mask), use_adapters)?; // (2B, T, V)
-            Ok(completion_logps(&logits, &b.input_ids, &b.completion_mask)?.detach()) // (2B,)
-        };
+        // detached right away: with adapter `Var`s in the graph, the intermediates would
+        // otherwise stay alive as long as the result does. Each pair's prompt runs once (prefix
+        // sharing) and the LM head only at completion positions (`reference::model_logps_with`)
+        let logps = |use_adapters: bool| -> Result<Tensor> { crate::reference::batch_logps_with(model, &b, use_adapters, true) }; // (2B,)
         let reference = logps(false)?;
         let policy = if adapted { logps(true)? } else { reference.clone() };
         let (rc, rr) = split_pairs(&reference)?;

@@ -49,6 +49,18 @@ impl SharedPromptBatch {
     /// Errors: an odd row count, left padding or holes in `attention_mask`, a chosen and a
     /// rejected row whose prompts differ (pair and token named), an empty prompt.
     pub fn from_concatenated(input_ids: &Tensor, attention_mask: &Tensor, completion_mask: &Tensor) -> Result<Self> {
+        match Self::try_from_concatenated(input_ids, attention_mask, completion_mask)? {
+            Ok(s) => Ok(s),
+            Err(why) => candle_core::bail!("{why}"),
+        }
+    }
+
+    /// [`SharedPromptBatch::from_concatenated`] that tells a batch which cannot share its prompts
+    /// apart from a malformed one: `Ok(Err(reason))` when a chosen and a rejected row have
+    /// different prompts (pair and lengths named) or a pair has an empty prompt (the first token
+    /// is a completion token: nothing to share, and no position before it to score it from);
+    /// `Err` for malformed input (shapes, odd row count, left padding or holes).
+    pub fn try_from_concatenated(input_ids: &Tensor, attention_mask: &Tensor, completion_mask: &Tensor) -> Result<std::result::Result<Self, String>> {
         let (n, t) = input_ids.dims2()?;
         if attention_mask.dims() != [n, t] || completion_mask.dims() != [n, t] {
             candle_core::bail!("shared prompt: attention_mask {:?} / completion_mask {:?} differ from input_ids ({n}, {t})", attention_mask.dims(), completion_mask.dims());
@@ -72,10 +84,10 @@ impl SharedPromptBatch {
         for p in 0..b {
             let (c, r) = (p, b + p);
             if plen[c] != plen[r] || ids[c][..plen[c]] != ids[r][..plen[r]] {
-                candle_core::bail!("shared prompt: pair {p}: the chosen and rejected prompts differ (lengths {} and {})", plen[c], plen[r]);
+                return Ok(Err(format!("shared prompt: pair {p}: the chosen and rejected prompts differ (lengths {} and {})", plen[c], plen[r])));
             }
             if plen[c] == 0 {
-                candle_core::bail!("shared prompt: pair {p} has an empty prompt (use the concatenated path)");
+                return Ok(Err(format!("shared prompt: pair {p} has an empty prompt (use the concatenated path)")));
             }
         }
         let tp = plen[..b].iter().copied().max().unwrap_or(0);
@@ -98,14 +110,14 @@ impl SharedPromptBatch {
             }
         }
         let dev = input_ids.device();
-        Ok(Self {
+        Ok(Ok(Self {
             prompt_ids: Tensor::from_vec(pid, (b, tp), dev)?,
             prompt_mask: Tensor::from_vec(pm, (b, tp), dev)?,
             prompt_lens: plen[..b].to_vec(),
             completion_ids: Tensor::from_vec(cid, (n, tc), dev)?,
             completion_attn: Tensor::from_vec(ca, (n, tc), dev)?,
             completion_weights: cw,
-        })
+        }))
     }
 
     /// The additive attention bias of the completion queries, `(2B, 1, Tc, Tp + Tc)`: key `j < Tp`
