@@ -151,7 +151,7 @@ fn check_inputs(args: &EvalArgs) -> anyhow::Result<()> {
         anyhow::ensure!(dir.join("adapter_config.json").is_file(), "--adapter {}: no adapter_config.json in the folder", dir.display());
     }
     for f in [&args.out, &args.generations].into_iter().flatten() {
-        ensure_parent(f)?;
+        check_parent(f)?;
     }
     anyhow::ensure!(args.beta > 0.0, "--beta must be > 0 (got {})", args.beta);
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be >= 1");
@@ -174,7 +174,21 @@ fn attach_adapter(dir: &Path, model: &mut Model) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Create the folder that will hold `file` (so a missing folder fails before any work).
+/// Check, before any work, that the folder of `file` exists or can be created: its nearest
+/// existing ancestor must be a folder. Nothing is created here (a failed run leaves no empty
+/// folder behind); [`ensure_parent`] creates it just before the write.
+fn check_parent(file: &Path) -> anyhow::Result<()> {
+    let Some(parent) = file.parent() else { return Ok(()) };
+    let existing = parent.ancestors().find(|a| a.as_os_str().is_empty() || a.exists());
+    match existing {
+        Some(a) if !a.as_os_str().is_empty() && !a.is_dir() => {
+            anyhow::bail!("{}: cannot be written: {} is not a folder", file.display(), a.display())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Create the folder that will hold `file` (just before writing it).
 fn ensure_parent(file: &Path) -> anyhow::Result<()> {
     match file.parent() {
         Some(p) if !p.as_os_str().is_empty() => {
@@ -243,6 +257,19 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
         None => None,
     };
+    // the MMLU files are read (and every row checked) before any model work
+    let mmlu_data = match &args.mmlu {
+        Some(dir) => {
+            let root = mmlu::data_root(dir)?;
+            Some(
+                args.subjects
+                    .iter()
+                    .map(|s| mmlu::load_subject(&root, s, Split::Test, args.mmlu_limit))
+                    .collect::<crate::error::Result<Vec<_>>>()?,
+            )
+        }
+        None => None,
+    };
     let cols = columns(&args);
     let mut reports: Vec<ModelReport> = cols.iter().map(|_| ModelReport::default()).collect();
 
@@ -269,7 +296,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         }
     }
 
-    // 2. generations, greedy and sampled
+    // 2. generations, greedy and sampled (written at the end, with the report)
+    let mut generations: Option<(PathBuf, String)> = None;
     if let Some(path) = &args.prompts {
         let ps = prompts(&args, path, tok, template.as_deref())?;
         let ids: Vec<Vec<u32>> = ps.iter().map(|p| p.1.clone()).collect();
@@ -296,23 +324,16 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             Some(o) => o.with_file_name("generations.jsonl"),
             None => PathBuf::from("generations.jsonl"),
         });
-        crate::fsutil::write_atomic(&out, lines.as_bytes())?;
-        eprintln!("wrote {} generations to {}", lines.lines().count(), out.display());
+        generations = Some((out, lines));
     }
 
     // 3. MMLU
-    if let Some(dir) = &args.mmlu {
-        let root = mmlu::data_root(dir)?;
-        let data = args
-            .subjects
-            .iter()
-            .map(|s| mmlu::load_subject(&root, s, Split::Test, args.mmlu_limit))
-            .collect::<crate::error::Result<Vec<_>>>()?;
+    if let Some(data) = &mmlu_data {
         let n: usize = data.iter().map(|d| d.questions.len()).sum();
         for ((name, adapted), r) in cols.iter().zip(reports.iter_mut()) {
             let mut scorer = ModelScorer::new(model, tok, *adapted, Some(args.mmlu_max_tokens))?;
             let b = bar(n, &format!("{name} MMLU questions"));
-            r.mmlu = Some(mmlu::score(&data, args.shots, &mut scorer, || b.inc(1))?);
+            r.mmlu = Some(mmlu::score(data, args.shots, &mut scorer, || b.inc(1))?);
             b.finish_and_clear();
         }
     }
@@ -344,7 +365,13 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         }
     }
     print!("{}", report.table());
+    if let Some((out, lines)) = &generations {
+        ensure_parent(out)?;
+        crate::fsutil::write_atomic(out, lines.as_bytes())?;
+        eprintln!("wrote {} generations to {}", lines.lines().count(), out.display());
+    }
     if let Some(out) = &args.out {
+        ensure_parent(out)?;
         report.write_json(out)?;
         println!("report: {}", out.display());
     }
