@@ -312,7 +312,8 @@ pub struct TrainingSection {
     pub seed: u64,
     /// Log metrics every this many optimiser steps (>= 1).
     pub logging_steps: usize,
-    /// Evaluate every this many steps; 0: only at the end.
+    /// Evaluate every this many steps (the eval set is also evaluated before training and at
+    /// the end); 0: before training and at the end only.
     pub eval_steps: usize,
     /// Write a checkpoint every this many steps; 0: only at the end (and on Ctrl-C).
     pub save_steps: usize,
