@@ -155,6 +155,11 @@ fn check_inputs(args: &EvalArgs) -> anyhow::Result<()> {
     }
     anyhow::ensure!(args.beta > 0.0, "--beta must be > 0 (got {})", args.beta);
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be >= 1");
+    anyhow::ensure!(args.max_length > 0, "--max-length must be >= 1");
+    if args.prompts.is_some() {
+        anyhow::ensure!(args.samples > 0, "--samples must be >= 1 (the number of prompts to generate from)");
+        anyhow::ensure!(args.max_new_tokens > 0, "--max-new-tokens must be >= 1");
+    }
     crate::generate::Sampler::new(&sampled_options(args))?;
     anyhow::ensure!(
         args.prefs.is_some() || args.prompts.is_some() || args.mmlu.is_some() || args.energy,
@@ -246,17 +251,6 @@ fn generation_record(model: &str, mode: &str, i: usize, prompt: &str, g: &Genera
 /// Run `ropo eval`.
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     check_inputs(&args)?;
-    let dtype = if args.dtype == "f64" { candle_core::DType::F64 } else { candle_core::DType::F32 };
-    let load_opts = LoadOptions { revision: args.revision.clone(), dtype, ..Default::default() };
-    let mut lm = load(&args.model, &load_opts).with_context(|| format!("loading model {}", args.model))?;
-    if let Some(dir) = &args.adapter {
-        attach_adapter(dir, &mut lm.model)?;
-    }
-    let (model, tok) = (&lm.model, &lm.tokenizer);
-    let template = match &args.chat_template {
-        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
-        None => None,
-    };
     // the MMLU files are read (and every row checked) before any model work
     let mmlu_data = match &args.mmlu {
         Some(dir) => {
@@ -270,6 +264,17 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let dtype = if args.dtype == "f64" { candle_core::DType::F64 } else { candle_core::DType::F32 };
+    let load_opts = LoadOptions { revision: args.revision.clone(), dtype, ..Default::default() };
+    let mut lm = load(&args.model, &load_opts).with_context(|| format!("loading model {}", args.model))?;
+    if let Some(dir) = &args.adapter {
+        attach_adapter(dir, &mut lm.model)?;
+    }
+    let (model, tok) = (&lm.model, &lm.tokenizer);
+    let template = match &args.chat_template {
+        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
+        None => None,
+    };
     let cols = columns(&args);
     let mut reports: Vec<ModelReport> = cols.iter().map(|_| ModelReport::default()).collect();
 
@@ -280,7 +285,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         if let Some(n) = args.limit {
             prepared.pairs.truncate(n);
         }
-        anyhow::ensure!(!prepared.pairs.is_empty(), "{}: no usable preference pairs", path.display());
+        anyhow::ensure!(
+            !prepared.pairs.is_empty(),
+            "{}: no usable preference pairs ({})",
+            path.display(),
+            prepared.report.to_string().lines().map(str::trim).collect::<Vec<_>>().join("; ")
+        );
         let pad = crate::data::batch::pad_id(tok)?;
         let b = bar(prepared.pairs.len(), "preference pairs");
         let lp = score_pairs(model, &prepared.pairs, pad, args.batch_size, |k| b.inc(k as u64))?;
