@@ -312,7 +312,8 @@ pub struct TrainingSection {
     pub seed: u64,
     /// Log metrics every this many optimiser steps (>= 1).
     pub logging_steps: usize,
-    /// Evaluate every this many steps; 0: only at the end.
+    /// Evaluate every this many steps (the eval set is also evaluated before training and at
+    /// the end); 0: before training and at the end only.
     pub eval_steps: usize,
     /// Write a checkpoint every this many steps; 0: only at the end (and on Ctrl-C).
     pub save_steps: usize,
@@ -716,12 +717,20 @@ fn line_of(text: &str, pos: usize) -> usize {
     text[..pos.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
 }
 
-/// The `key` of a `key = value` line (1-based), if the line has one.
+/// The `key` of a `key = value` line (1-based), if the line has one, qualified by the
+/// `[section]` header above it (`training.beta`), as `--set` and `--print-config` name keys.
 fn key_on_line(text: &str, line: usize) -> Option<String> {
     let l = text.lines().nth(line.checked_sub(1)?)?;
     let (k, _) = l.split_once('=')?;
     let k = k.trim().trim_matches('"');
-    (!k.is_empty() && !k.starts_with('[') && !k.starts_with('#')).then(|| k.to_string())
+    if k.is_empty() || k.starts_with('[') || k.starts_with('#') {
+        return None;
+    }
+    let section = text.lines().take(line - 1).filter_map(|l| l.trim().strip_prefix('[')?.split(']').next()).last();
+    Some(match section {
+        Some(sec) if !k.contains('.') => format!("{}.{k}", sec.trim()),
+        _ => k.to_string(),
+    })
 }
 
 /// Every key of the document must be a known section / section key; the error names the line
@@ -824,7 +833,7 @@ beta = 0.1
     #[test]
     fn wrong_type_names_line_and_key() {
         let e = err(&GOOD.replace("beta = 0.1", "beta = \"high\""));
-        assert!(e.starts_with("run.toml:13: beta: "), "{e}");
+        assert!(e.starts_with("run.toml:13: training.beta: "), "{e}");
         let e = err(&GOOD.replace("beta = 0.1", "loss_type = \"dpo\""));
         assert!(e.starts_with("run.toml:13:") && e.contains("sigmoid") && e.contains("dpo"), "{e}");
         let e = err(&GOOD.replace("train_rows = \":200\"", "train_rows = \"first 200\""));

@@ -129,6 +129,9 @@ fn draw_err(e: impl std::fmt::Display) -> Error {
 ///
 /// Errors: drawing or writing the file (the path is named); nothing is left at `out` then.
 pub fn plot_curves(curves: &Curves, out: &Path) -> Result<()> {
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
+        return Err(Error::Msg(format!("writing {}: no folder {}", out.display(), dir.display())));
+    }
     register_font();
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     // keep the .png extension: the encoder picks the format from it
@@ -248,6 +251,18 @@ mod tests {
         assert!(e.to_string().starts_with("m.jsonl:1: invalid JSON"), "{e}");
         let e = parse_metrics("{\"step\":1,\"lr\":1}\n".as_bytes(), Path::new("m.jsonl")).unwrap_err();
         assert!(e.to_string().contains("no plottable records"), "{e}");
+    }
+
+    // An output folder that does not exist: a plain message naming the file and the folder
+    // (not the PNG encoder's I/O error), and nothing written.
+    #[test]
+    fn missing_output_folder_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = parse_metrics("{\"step\":1,\"loss\":0.69}\n".as_bytes(), Path::new("m.jsonl")).unwrap();
+        let out = tmp.path().join("nodir").join("c.png");
+        let e = plot_curves(&c, &out).unwrap_err().to_string();
+        assert_eq!(e, format!("writing {}: no folder {}", out.display(), tmp.path().join("nodir").display()));
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
     }
 
     #[test]

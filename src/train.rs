@@ -248,7 +248,14 @@ pub fn read_rows(cfg: &RunConfig) -> Result<Rows> {
         (slice(&all, d.train_rows), Vec::new())
     };
     if train.is_empty() {
-        return Err(Error::Config(format!("no training rows: data.train_files {:?} with train_rows {:?} select none", d.train_files, d.train_rows.map(String::from))));
+        let read: usize = files.iter().map(|f| f.report.rows_read).sum();
+        let mut why: Vec<String> = Vec::new();
+        for f in &files {
+            why.extend(f.report.skipped.iter().map(|(reason, c)| format!("{}: {reason}: {c}", f.source.display())));
+        }
+        let rows = d.train_rows.map(|r| format!(" with data.train_rows = {:?}", String::from(r))).unwrap_or_default();
+        let why = if why.is_empty() { String::new() } else { format!("; skipped: {}", why.join(", ")) };
+        return Err(Error::Config(format!("no training rows: data.train_files {:?}{rows} select none ({read} rows read{why})", d.train_files)));
     }
     Ok(Rows { files, train, eval })
 }

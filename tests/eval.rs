@@ -348,3 +348,34 @@ fn eval_bad_inputs_fail_before_loading() {
         assert!(err.contains(msg), "{args:?}: {err}");
     }
 }
+
+// Bad values and a malformed MMLU row fail before the model loads, and leave nothing behind:
+// the --out folder is not created (it is created only when the report is written).
+#[test]
+fn eval_bad_inputs_leave_no_output() {
+    let model = common::smollm2_gguf();
+    let m = model.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.jsonl");
+    std::fs::write(&prompts, "{\"prompt\": \"hi\"}\n").unwrap();
+    let mmlu = dir.path().join("mmlu");
+    for split in ["dev", "test"] {
+        std::fs::create_dir_all(mmlu.join(split)).unwrap();
+    }
+    std::fs::write(mmlu.join("dev/x_dev.csv"), "q,a,b,c,d,A\n").unwrap();
+    std::fs::write(mmlu.join("test/x_test.csv"), "q,a,b,c,d,A\nbroken,a,b,c\n").unwrap();
+    let (p, mm) = (prompts.to_str().unwrap(), mmlu.to_str().unwrap());
+    let cases: [(&[&str], &str); 3] = [
+        (&["--prompts", p, "--samples", "0"], "--samples must be >= 1"),
+        (&["--prefs", p, "--max-length", "0"], "--max-length must be >= 1"),
+        (&["--prompts", p, "--mmlu", mm, "--subjects", "x"], "x_test.csv:2: expected 6 fields"),
+    ];
+    for (i, (args, msg)) in cases.into_iter().enumerate() {
+        let out = dir.path().join(format!("out{i}/report.json"));
+        let o = ropo_eval(&[&["--model", m, "--out", out.to_str().unwrap()], args].concat());
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(msg) && !err.contains("loading model"), "{args:?}: {err}");
+        assert!(!out.parent().unwrap().exists(), "{args:?}: output folder created");
+    }
+}

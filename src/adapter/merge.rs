@@ -46,9 +46,17 @@ pub fn merge_into(model: &mut Model) -> Result<usize> {
     merge_linears(model.linears_mut())
 }
 
-/// Refuse to write into `out` when it exists and is not an empty folder, unless `force`.
+/// Files whose presence marks a folder as an adapter or a training run, never replaced by
+/// `--force` (that would delete the adapter being merged, or a run).
+const NOT_A_MODEL_FOLDER: [&str; 4] = ["adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "checkpoints"];
+
+/// Refuse to write into `out` when it exists and is not an empty folder, unless `force`; even
+/// with `force`, replace only a model folder (one holding `config.json` and none of
+/// [`NOT_A_MODEL_FOLDER`]), so a mistyped `--out` cannot delete an adapter, a training run or an
+/// unrelated folder (as `ropo train --overwrite` refuses folders that hold no ropo run).
 ///
-/// Errors ([`Error::Input`] naming `out`): a file; a non-empty folder without `force`.
+/// Errors ([`Error::Input`] naming `out`): a file; a non-empty folder without `force`; with
+/// `force`, a non-empty folder that is not a model folder.
 pub fn check_out(out: &Path, force: bool) -> Result<()> {
     if !out.exists() {
         return Ok(());
@@ -59,6 +67,14 @@ pub fn check_out(out: &Path, force: bool) -> Result<()> {
     let non_empty = std::fs::read_dir(out).map_err(|e| Error::input(out, None, e.to_string()))?.next().is_some();
     if non_empty && !force {
         return Err(Error::input(out, None, "is not empty (use --force to replace it)"));
+    }
+    if non_empty {
+        if let Some(f) = NOT_A_MODEL_FOLDER.iter().find(|f| out.join(f).exists()) {
+            return Err(Error::input(out, None, format!("holds {f}: an adapter or a training run, which --force does not replace; choose another --out")));
+        }
+        if !out.join("config.json").is_file() {
+            return Err(Error::input(out, None, "is not a model folder (no config.json), which --force does not replace; choose another --out"));
+        }
     }
     Ok(())
 }
@@ -113,4 +129,42 @@ pub fn merge_to_folder(model_source: &str, adapter_dir: &Path, out: &Path, dtype
         let _ = std::fs::remove_dir_all(&tmp);
     }
     res.map(|_| merged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // What --out accepts: missing or empty folders always; a non-empty folder only with force,
+    // and then only a model folder (config.json, no adapter or run files); a file never.
+    #[test]
+    fn check_out_replaces_only_model_folders() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = |name: &str, files: &[&str]| {
+            let d = tmp.path().join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            for f in files {
+                std::fs::write(d.join(f), "x").unwrap();
+            }
+            d
+        };
+        check_out(&tmp.path().join("missing"), false).unwrap();
+        check_out(&dir("empty", &[]), false).unwrap();
+        let model = dir("model", &["config.json", "model.safetensors"]);
+        assert!(check_out(&model, false).unwrap_err().to_string().contains("is not empty (use --force"));
+        check_out(&model, true).unwrap();
+        for (name, files, want) in [
+            ("other", &["notes.txt"][..], "no config.json"),
+            ("adapter", &["adapter_config.json", "adapter_model.safetensors"][..], "holds adapter_config.json"),
+            ("run", &["config.json", "metrics.jsonl"][..], "holds metrics.jsonl"),
+        ] {
+            let d = dir(name, files);
+            let e = check_out(&d, true).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains(d.to_str().unwrap()), "{name}: {e}");
+            assert!(d.join(files[0]).is_file(), "{name}: left as it was");
+        }
+        let file = tmp.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        assert!(check_out(&file, true).unwrap_err().to_string().contains("not a folder"));
+    }
 }

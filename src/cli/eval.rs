@@ -151,10 +151,15 @@ fn check_inputs(args: &EvalArgs) -> anyhow::Result<()> {
         anyhow::ensure!(dir.join("adapter_config.json").is_file(), "--adapter {}: no adapter_config.json in the folder", dir.display());
     }
     for f in [&args.out, &args.generations].into_iter().flatten() {
-        ensure_parent(f)?;
+        check_parent(f)?;
     }
     anyhow::ensure!(args.beta > 0.0, "--beta must be > 0 (got {})", args.beta);
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be >= 1");
+    anyhow::ensure!(args.max_length > 0, "--max-length must be >= 1");
+    if args.prompts.is_some() {
+        anyhow::ensure!(args.samples > 0, "--samples must be >= 1 (the number of prompts to generate from)");
+        anyhow::ensure!(args.max_new_tokens > 0, "--max-new-tokens must be >= 1");
+    }
     crate::generate::Sampler::new(&sampled_options(args))?;
     anyhow::ensure!(
         args.prefs.is_some() || args.prompts.is_some() || args.mmlu.is_some() || args.energy,
@@ -174,7 +179,21 @@ fn attach_adapter(dir: &Path, model: &mut Model) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Create the folder that will hold `file` (so a missing folder fails before any work).
+/// Check, before any work, that the folder of `file` exists or can be created: its nearest
+/// existing ancestor must be a folder. Nothing is created here (a failed run leaves no empty
+/// folder behind); [`ensure_parent`] creates it just before the write.
+fn check_parent(file: &Path) -> anyhow::Result<()> {
+    let Some(parent) = file.parent() else { return Ok(()) };
+    let existing = parent.ancestors().find(|a| a.as_os_str().is_empty() || a.exists());
+    match existing {
+        Some(a) if !a.as_os_str().is_empty() && !a.is_dir() => {
+            anyhow::bail!("{}: cannot be written: {} is not a folder", file.display(), a.display())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Create the folder that will hold `file` (just before writing it).
 fn ensure_parent(file: &Path) -> anyhow::Result<()> {
     match file.parent() {
         Some(p) if !p.as_os_str().is_empty() => {
@@ -232,6 +251,19 @@ fn generation_record(model: &str, mode: &str, i: usize, prompt: &str, g: &Genera
 /// Run `ropo eval`.
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     check_inputs(&args)?;
+    // the MMLU files are read (and every row checked) before any model work
+    let mmlu_data = match &args.mmlu {
+        Some(dir) => {
+            let root = mmlu::data_root(dir)?;
+            Some(
+                args.subjects
+                    .iter()
+                    .map(|s| mmlu::load_subject(&root, s, Split::Test, args.mmlu_limit))
+                    .collect::<crate::error::Result<Vec<_>>>()?,
+            )
+        }
+        None => None,
+    };
     let dtype = if args.dtype == "f64" { candle_core::DType::F64 } else { candle_core::DType::F32 };
     let load_opts = LoadOptions { revision: args.revision.clone(), dtype, ..Default::default() };
     let mut lm = load(&args.model, &load_opts).with_context(|| format!("loading model {}", args.model))?;
@@ -253,7 +285,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         if let Some(n) = args.limit {
             prepared.pairs.truncate(n);
         }
-        anyhow::ensure!(!prepared.pairs.is_empty(), "{}: no usable preference pairs", path.display());
+        anyhow::ensure!(
+            !prepared.pairs.is_empty(),
+            "{}: no usable preference pairs ({})",
+            path.display(),
+            prepared.report.to_string().lines().map(str::trim).collect::<Vec<_>>().join("; ")
+        );
         let pad = crate::data::batch::pad_id(tok)?;
         let b = bar(prepared.pairs.len(), "preference pairs");
         let lp = score_pairs(model, &prepared.pairs, pad, args.batch_size, |k| b.inc(k as u64))?;
@@ -269,7 +306,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         }
     }
 
-    // 2. generations, greedy and sampled
+    // 2. generations, greedy and sampled (written at the end, with the report)
+    let mut generations: Option<(PathBuf, String)> = None;
     if let Some(path) = &args.prompts {
         let ps = prompts(&args, path, tok, template.as_deref())?;
         let ids: Vec<Vec<u32>> = ps.iter().map(|p| p.1.clone()).collect();
@@ -296,23 +334,16 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             Some(o) => o.with_file_name("generations.jsonl"),
             None => PathBuf::from("generations.jsonl"),
         });
-        crate::fsutil::write_atomic(&out, lines.as_bytes())?;
-        eprintln!("wrote {} generations to {}", lines.lines().count(), out.display());
+        generations = Some((out, lines));
     }
 
     // 3. MMLU
-    if let Some(dir) = &args.mmlu {
-        let root = mmlu::data_root(dir)?;
-        let data = args
-            .subjects
-            .iter()
-            .map(|s| mmlu::load_subject(&root, s, Split::Test, args.mmlu_limit))
-            .collect::<crate::error::Result<Vec<_>>>()?;
+    if let Some(data) = &mmlu_data {
         let n: usize = data.iter().map(|d| d.questions.len()).sum();
         for ((name, adapted), r) in cols.iter().zip(reports.iter_mut()) {
             let mut scorer = ModelScorer::new(model, tok, *adapted, Some(args.mmlu_max_tokens))?;
             let b = bar(n, &format!("{name} MMLU questions"));
-            r.mmlu = Some(mmlu::score(&data, args.shots, &mut scorer, || b.inc(1))?);
+            r.mmlu = Some(mmlu::score(data, args.shots, &mut scorer, || b.inc(1))?);
             b.finish_and_clear();
         }
     }
@@ -344,7 +375,13 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         }
     }
     print!("{}", report.table());
+    if let Some((out, lines)) = &generations {
+        ensure_parent(out)?;
+        crate::fsutil::write_atomic(out, lines.as_bytes())?;
+        eprintln!("wrote {} generations to {}", lines.lines().count(), out.display());
+    }
     if let Some(out) = &args.out {
+        ensure_parent(out)?;
         report.write_json(out)?;
         println!("report: {}", out.display());
     }

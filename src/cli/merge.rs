@@ -25,7 +25,8 @@ pub struct MergeArgs {
     /// The dtype of the written weights (computed in f32/f64 either way).
     #[arg(long, value_enum, default_value_t = ExportDtype::F32)]
     pub dtype: ExportDtype,
-    /// Replace a non-empty output folder (only once the new one is fully written).
+    /// Replace a non-empty output folder holding a model (config.json; never an adapter or a
+    /// training run), only once the new one is fully written.
     #[arg(long)]
     pub force: bool,
 }
@@ -33,8 +34,11 @@ pub struct MergeArgs {
 /// Weight dtypes of the merged folder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExportDtype {
+    /// 32-bit float (4 bytes a parameter).
     F32,
+    /// bfloat16 (2 bytes a parameter; f32's range, 8 bits of mantissa).
     Bf16,
+    /// IEEE half precision (2 bytes a parameter; range up to 65504).
     F16,
 }
 
