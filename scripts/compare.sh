@@ -39,9 +39,14 @@ eval_args=(--model "$model" --prefs "$out/eval.jsonl" --max-length 256 --batch-s
            --prompts "$out/eval.jsonl" --samples "$samples" --max-new-tokens "$tokens"
            --mmlu "$mmlu" --subjects "$subjects" --shots 0)
 
-if [ ! -f "$out/base/report.json" ]; then
+# The base report is reused only when it was made with the same model and eval settings.
+stamp="${eval_args[*]}"
+if [ ! -f "$out/base/report.json" ] || [ "$(cat "$out/base/eval-args.txt" 2>/dev/null)" != "$stamp" ]; then
   echo "==> base model"
   "$ropo" eval "${eval_args[@]}" --out "$out/base/report.json" --generations "$out/base/generations.jsonl"
+  printf '%s' "$stamp" > "$out/base/eval-args.txt"
+else
+  echo "==> base model: reusing $out/base/report.json (same eval settings)"
 fi
 
 IFS=',' read -ra names <<< "$variants"

@@ -517,17 +517,20 @@ impl RunConfig {
     /// Errors: an unreadable file; TOML syntax, unknown keys and wrong types as
     /// `FILE:LINE: message`; a bad override naming it; every invalid value (all at once).
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
-        let mut cfg = match path {
+        let (mut cfg, text) = match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|e| Error::input(p, None, format!("reading config: {e}")))?;
-                Self::from_toml_str(&text, p)?
+                (Self::from_toml_str(&text, p)?, Some(text))
             }
-            None => Self::default(),
+            None => (Self::default(), None),
         };
         if !overrides.is_empty() {
             cfg = cfg.with_overrides(overrides)?;
         }
-        cfg.validate()?;
+        cfg.validate().map_err(|e| match (e, path, text) {
+            (Error::Config(msg), Some(p), Some(text)) => Error::Config(locate_value_errors(&msg, &text, p, overrides)),
+            (e, ..) => e,
+        })?;
         Ok(cfg)
     }
 
@@ -712,6 +715,39 @@ impl RunConfig {
     }
 }
 
+/// Prefix each line of a [`RunConfig::validate`] message (`training.beta must be > 0 ...`)
+/// with where its key was set: `FILE:LINE: ` for a key in the config file, `--set: ` for an
+/// override (which wins over the file); lines whose key was not set anywhere (a default) are
+/// left as they are.
+fn locate_value_errors(msg: &str, text: &str, source: &Path, overrides: &[String]) -> String {
+    let doc = toml::de::DeTable::parse(text).ok();
+    let line_of_key = |key: &str| -> Option<usize> {
+        let (sec, field) = key.split_once('.')?;
+        let doc = doc.as_ref()?;
+        let (_, sec_val) = doc.get_ref().iter().find(|(k, _)| {
+            let name: &str = k.get_ref();
+            name == sec
+        })?;
+        let (k, _) = sec_val.get_ref().as_table()?.iter().find(|(k, _)| {
+            let name: &str = k.get_ref();
+            name == field
+        })?;
+        Some(line_of(text, k.span().start))
+    };
+    msg.lines()
+        .map(|l| {
+            let key: String = l.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '.').collect();
+            let overridden = overrides.iter().any(|o| o.split_once('=').is_some_and(|(k, _)| k.trim() == key));
+            match line_of_key(&key) {
+                _ if overridden => format!("--set: {l}"),
+                Some(n) => format!("{}:{n}: {l}", source.display()),
+                None => l.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// 1-based line of byte offset `pos`.
 fn line_of(text: &str, pos: usize) -> usize {
     text[..pos.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
@@ -842,6 +878,24 @@ beta = 0.1
         assert!(e.starts_with("run.toml:1: invalid TOML"), "{e}");
     }
 
+    // `load` names where each bad value was set: the file's line, or --set.
+    #[test]
+    fn bad_values_name_file_line_or_override() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, GOOD.replace("beta = 0.1", "beta = 0.1\nlearning_rate = -1.0")).unwrap();
+        let e = RunConfig::load(Some(&path), &[]).unwrap_err().to_string();
+        assert_eq!(e, format!("{}:14: training.learning_rate must be > 0 (got -1)", path.display()));
+        let e = RunConfig::load(Some(&path), &["training.beta=-2".into()]).unwrap_err().to_string();
+        let want = format!("--set: training.beta must be > 0 (got -2)\n{}:14: training.learning_rate must be > 0 (got -1)", path.display());
+        assert_eq!(e, want);
+        // an override fixing the file's value: no error
+        assert!(RunConfig::load(Some(&path), &["training.learning_rate=1e-4".into()]).is_ok());
+        // a key set only by --set
+        let e = RunConfig::load(Some(&path), &["training.learning_rate=1e-4".into(), "data.max_length=1".into()]).unwrap_err();
+        assert_eq!(e.to_string(), "--set: data.max_length must be >= 2 (got 1)");
+    }
+
     #[test]
     fn bad_values_name_key_and_value() {
         let cases: &[(&str, &str, &str)] = &[
@@ -924,7 +978,7 @@ beta = 0.1
         let p = dir.path().join("run.toml");
         std::fs::write(&p, GOOD).unwrap();
         let e = RunConfig::load(Some(&p), &["training.beta=-0.1".into()]).unwrap_err().to_string();
-        assert_eq!(e, "training.beta must be > 0 (got -0.1)");
+        assert_eq!(e, "--set: training.beta must be > 0 (got -0.1)");
         let missing = PathBuf::from("/nonexistent/run.toml");
         let e = RunConfig::load(Some(&missing), &[]).unwrap_err().to_string();
         assert!(e.starts_with("/nonexistent/run.toml: reading config"), "{e}");

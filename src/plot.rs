@@ -127,12 +127,16 @@ fn draw_err(e: impl std::fmt::Display) -> Error {
 
 /// Draw `curves` into a PNG at `out` (see the module doc), atomically.
 ///
-/// Errors: drawing or writing the file (the path is named); nothing is left at `out` then.
+/// Errors: `out` not named `*.png`, a missing folder, drawing or writing the file (the path is
+/// named); nothing is left at `out` then.
 pub fn plot_curves(curves: &Curves, out: &Path) -> Result<()> {
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
         return Err(Error::Msg(format!("writing {}: no folder {}", out.display(), dir.display())));
     }
     register_font();
+    if !out.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) {
+        return Err(Error::Msg(format!("writing {}: training curves are written as PNG; name the file *.png", out.display())));
+    }
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     // keep the .png extension: the encoder picks the format from it
     let tmp = out.with_file_name(format!(".{name}.tmp-{}.png", std::process::id()));
@@ -254,7 +258,8 @@ mod tests {
     }
 
     // An output folder that does not exist: a plain message naming the file and the folder
-    // (not the PNG encoder's I/O error), and nothing written.
+    // (not the PNG encoder's I/O error); a name that is not *.png: refused (the encoder would
+    // write a PNG under it). Nothing written either way.
     #[test]
     fn missing_output_folder_is_named() {
         let tmp = tempfile::tempdir().unwrap();
@@ -262,6 +267,9 @@ mod tests {
         let out = tmp.path().join("nodir").join("c.png");
         let e = plot_curves(&c, &out).unwrap_err().to_string();
         assert_eq!(e, format!("writing {}: no folder {}", out.display(), tmp.path().join("nodir").display()));
+        let jpg = tmp.path().join("c.jpg");
+        let e = plot_curves(&c, &jpg).unwrap_err().to_string();
+        assert!(e.contains("written as PNG") && !jpg.exists(), "{e}");
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
     }
 

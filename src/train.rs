@@ -665,7 +665,15 @@ pub fn run(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let mut cursor = DataCursor::new(lengths, sampler, pos);
     let progress = if opts.progress { Progress::new(total_steps, step) } else { Progress::hidden(total_steps, step) };
     let train_start = Instant::now();
-    let elapsed = || train_start.elapsed().as_secs_f64();
+    // After --resume, elapsed_seconds continues from the checkpoint's last record, so it is the
+    // run's training time so far (the time between that record and the kill is not counted).
+    let elapsed_before = state
+        .log_history
+        .iter()
+        .rev()
+        .find_map(|r| r.get("elapsed_seconds").and_then(|v| v.as_f64()))
+        .unwrap_or(0.0);
+    let elapsed = || elapsed_before + train_start.elapsed().as_secs_f64();
 
     let log = |logger: &mut MetricsLogger, state: &mut TrainerState, rec: crate::metrics::Record| -> Result<()> {
         logger.log(&rec)?;

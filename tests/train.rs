@@ -393,6 +393,13 @@ fn sigkill_and_resume_is_bit_identical_to_an_uninterrupted_run() {
         s.to_json().unwrap()
     };
     assert_eq!(state(&full), state(&killed), "trainer_state.json differs");
+    // elapsed_seconds continues across the resume instead of restarting at 0
+    let elapsed: Vec<f64> = read_records(&killed.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .map(|r| r["elapsed_seconds"].as_f64().unwrap())
+        .collect();
+    assert!(elapsed.windows(2).all(|w| w[1] >= w[0]), "elapsed_seconds goes back after the resume: {elapsed:?}");
 }
 
 /// SIGINT: a checkpoint at the end of the current step, a message, exit code 0.
