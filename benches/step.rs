@@ -40,6 +40,7 @@ use ropo::adapter::config::AdapterConfig;
 use ropo::adapter::inject;
 use ropo::logps::completion_logps_from_hidden;
 use ropo::loss::{completion_logps, preference_loss, LossParams, LossType, PairLogps};
+use ropo::model::config::ModelConfig;
 use ropo::model::linear::set_fast_frozen_matmul;
 use ropo::model::llama::Model;
 use ropo::model::prefix::{completion_logps_shared_prompt, SharedPromptBatch};
@@ -121,6 +122,21 @@ fn vm_hwm() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// Print the useful FLOPs of a step (see the module doc).
+fn print_flops(cfg: &ModelConfig, b: &Batch) {
+    let (d, i, l) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.num_hidden_layers as f64);
+    let (q, kv) = ((cfg.num_attention_heads * cfg.head_dim) as f64, (cfg.num_key_value_heads * cfg.head_dim) as f64);
+    let p = l * (2.0 * d * q + 2.0 * d * kv + 3.0 * d * i);
+    let flops = 4.0 * p * b.real_tokens as f64 + 4.0 * cfg.vocab_size as f64 * d * b.completion_tokens as f64;
+    eprintln!(
+        "step bench: {} real tokens ({} completion), non-embedding params {:.1}M, useful FLOPs/step {:.1} GFLOP",
+        b.real_tokens,
+        b.completion_tokens,
+        p / 1e6,
+        flops / 1e9
+    );
+}
+
 fn bench_step(c: &mut Criterion) {
     let cfg = common::smollm2_135m();
     let dev = Device::Cpu;
@@ -129,18 +145,8 @@ fn bench_step(c: &mut Criterion) {
     let set = inject::inject(&mut model, &AdapterConfig::default(), "bench").unwrap();
     let b = batch(&mut rng, cfg.vocab_size as u32, &dev);
     let reference = (Tensor::new(&[-200f32, -180.0], &dev).unwrap(), Tensor::new(&[-150f32, -220.0], &dev).unwrap());
-    let (d, i, l) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.num_hidden_layers as f64);
-    let (q, kv) = ((cfg.num_attention_heads * cfg.head_dim) as f64, (cfg.num_key_value_heads * cfg.head_dim) as f64);
-    let p = l * (2.0 * d * q + 2.0 * d * kv + 3.0 * d * i);
-    let flops = 4.0 * p * b.real_tokens as f64 + 4.0 * cfg.vocab_size as f64 * d * b.completion_tokens as f64;
-    eprintln!(
-        "step bench: {} real tokens ({} completion), {} trainable, non-embedding params {:.1}M, useful FLOPs/step {:.1} GFLOP",
-        b.real_tokens,
-        b.completion_tokens,
-        set.report.trainable,
-        p / 1e6,
-        flops / 1e9
-    );
+    eprintln!("step bench: {} trainable", set.report.trainable);
+    print_flops(&cfg, &b);
     let mut g = c.benchmark_group("step");
     g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(30));
     g.throughput(Throughput::Elements(b.real_tokens as u64));
@@ -166,6 +172,7 @@ fn interleaved(names: &str) {
     let _set = inject::inject(&mut model, &AdapterConfig::default(), "bench").unwrap();
     let b = batch(&mut rng, cfg.vocab_size as u32, &dev);
     let reference = (Tensor::new(&[-200f32, -180.0], &dev).unwrap(), Tensor::new(&[-150f32, -220.0], &dev).unwrap());
+    print_flops(&cfg, &b);
     let rounds: usize = std::env::var("STEP_AB_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
     let paths: Vec<(&str, Path)> = names
         .split(',')
@@ -206,6 +213,7 @@ fn main() {
     }
     if let Ok(names) = std::env::var("STEP_AB") {
         interleaved(&names);
+        eprintln!("peak RSS (VmHWM): {}", vm_hwm());
         return;
     }
     let mut c = Criterion::default().configure_from_args();

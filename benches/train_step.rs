@@ -3,8 +3,8 @@
 //! S = 2, magnitude, q,k,v,o), a batch of 2 pairs x 256 tokens (prompt 100, completions 156):
 //!
 //! reference forward (adapters bypassed) + policy forward + sigmoid loss + backward + global-norm
-//! clip + AdamW update: exactly what `ropo::train::run` does per micro-batch without
-//! precomputed reference log-probs.
+//! clip + AdamW update, each prompt run once per pair (`training.share_prompt`, the default):
+//! exactly what `ropo::train::run` does per micro-batch without precomputed reference log-probs.
 //!
 //! Throughput is in real tokens (elements = 4 sequences x 256). Peak RSS of a whole `ropo train`
 //! run is printed by `ropo train` itself at the end (`peak RSS`, from `VmHWM`); this bench reports
@@ -50,7 +50,7 @@ fn bench_train_step(c: &mut Criterion) {
     g.throughput(Throughput::Elements((2 * PAIRS * T) as u64));
     g.bench_function("ropo/reference+policy_fwd_bwd+adamw_2x256", |b| {
         b.iter(|| {
-            let reference = ropo::reference::batch_logps(&model, &batch, false).expect("reference");
+            let reference = ropo::reference::batch_logps_with(&model, &batch, false, t.share_prompt).expect("reference");
             let (out, grads) = ropo::train::micro_batch(&model, &batch, &reference, t).expect("step");
             let mut grads = Grads::from_store(&params, &grads).expect("grads");
             let norm = grads.clip_global_norm(t.max_grad_norm).expect("clip");

@@ -85,6 +85,7 @@ COLUMNS = [
     ("greedy/length_ratio", "length / base", ".2f"),
     ("greedy/distinct_2", "distinct-2", ".3f"),
     ("greedy/repeated_4gram_rate", "rep. 4-gram", ".3f"),
+    ("mmlu/accuracy", "MMLU acc.", ".3f"),
     ("mmlu/logprob_change", "MMLU logp change", "+.4f"),
     ("energy/mean_relative_change", "HE change", "+.2e"),
     ("wall_seconds", "train s", ".0f"),
@@ -107,8 +108,8 @@ def main():
     notes = (
         "\nHeld-out: the last 84 rows of orca_dpo_pairs (pairs whose prompt fits max_length 256); the base model"
         " is the reference, so its rewards are 0 and its accuracy 0. Generations: greedy, first prompts of"
-        " the held-out file. MMLU: zero-shot, mean log-likelihood of the correct letter, change against the"
-        " base. HE change: mean relative change of the hyperspherical energy of the adapted layers.\n"
+        " the held-out file. MMLU: zero-shot accuracy, and the mean log-likelihood of the correct letter,"
+        " change against the base. HE change: mean relative change of the hyperspherical energy of the adapted layers.\n"
     )
     with open(f"{out}/table.md", "w") as f:
         f.write(md + notes)
