@@ -137,7 +137,15 @@ fn print_flops(cfg: &ModelConfig, b: &Batch) {
     );
 }
 
-fn bench_step(c: &mut Criterion) {
+/// The bench's model (random SmolLM2-135M weights, default RoPO adapter), batch and constant
+/// reference log-probs, as both the criterion and the interleaved runs use them.
+struct Setup {
+    model: Model,
+    b: Batch,
+    reference: (Tensor, Tensor),
+}
+
+fn setup() -> Setup {
     let cfg = common::smollm2_135m();
     let dev = Device::Cpu;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
@@ -147,10 +155,18 @@ fn bench_step(c: &mut Criterion) {
     let reference = (Tensor::new(&[-200f32, -180.0], &dev).unwrap(), Tensor::new(&[-150f32, -220.0], &dev).unwrap());
     eprintln!("step bench: {} trainable", set.report.trainable);
     print_flops(&cfg, &b);
+    Setup { model, b, reference }
+}
+
+/// The configurations, by bench id.
+const PATHS: [(&str, Path); 4] = [("plain", Path::Plain), ("frozen", Path::Frozen), ("lmhead", Path::LmHead), ("prefix", Path::Prefix)];
+
+fn bench_step(c: &mut Criterion) {
+    let Setup { model, b, reference } = setup();
     let mut g = c.benchmark_group("step");
     g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(30));
     g.throughput(Throughput::Elements(b.real_tokens as u64));
-    for (name, path) in [("plain", Path::Plain), ("frozen", Path::Frozen), ("lmhead", Path::LmHead), ("prefix", Path::Prefix)] {
+    for (name, path) in PATHS {
         g.bench_function(name, |bch| {
             set_fast_frozen_matmul(!matches!(path, Path::Plain));
             bch.iter(|| step(&model, &b, path, &reference))
@@ -165,24 +181,11 @@ fn bench_step(c: &mut Criterion) {
 /// and print each step's wall time, so that a noisy shared machine's load drifts affect both
 /// alike.
 fn interleaved(names: &str) {
-    let cfg = common::smollm2_135m();
-    let dev = Device::Cpu;
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let mut model = common::random_model(&cfg, &mut rng);
-    let _set = inject::inject(&mut model, &AdapterConfig::default(), "bench").unwrap();
-    let b = batch(&mut rng, cfg.vocab_size as u32, &dev);
-    let reference = (Tensor::new(&[-200f32, -180.0], &dev).unwrap(), Tensor::new(&[-150f32, -220.0], &dev).unwrap());
-    print_flops(&cfg, &b);
+    let Setup { model, b, reference } = setup();
     let rounds: usize = std::env::var("STEP_AB_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
     let paths: Vec<(&str, Path)> = names
         .split(',')
-        .map(|n| match n {
-            "plain" => (n, Path::Plain),
-            "frozen" => (n, Path::Frozen),
-            "lmhead" => (n, Path::LmHead),
-            "prefix" => (n, Path::Prefix),
-            other => panic!("STEP_AB: unknown configuration {other}"),
-        })
+        .map(|n| *PATHS.iter().find(|(id, _)| *id == n).unwrap_or_else(|| panic!("STEP_AB: unknown configuration {n}")))
         .collect();
     for round in 0..rounds {
         for &(name, path) in &paths {
