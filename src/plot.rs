@@ -133,10 +133,10 @@ pub fn plot_curves(curves: &Curves, out: &Path) -> Result<()> {
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
         return Err(Error::Msg(format!("writing {}: no folder {}", out.display(), dir.display())));
     }
-    register_font();
     if !out.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) {
         return Err(Error::Msg(format!("writing {}: training curves are written as PNG; name the file *.png", out.display())));
     }
+    register_font();
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     // keep the .png extension: the encoder picks the format from it
     let tmp = out.with_file_name(format!(".{name}.tmp-{}.png", std::process::id()));

@@ -63,8 +63,9 @@ pub const REFERENCE_DIR: &str = "reference_logps";
 ///
 /// candle reads `RAYON_NUM_THREADS` itself for its matmul parallelism, so the variable is set
 /// to the chosen count too. Also [`single_threaded_elementwise`] (unless `CANDLE_NUM_THREADS`
-/// is set) and [`keep_freed_memory`]. Call it once, early, from the main thread (it sets environment variables). A pool
-/// already built (a second call in one process) is left as it is.
+/// is set) and [`keep_freed_memory`] (the `ropo` binary has already called both, for every
+/// subcommand; they are idempotent). Call it once, early, from the main thread (it sets
+/// environment variables). A pool already built (a second call in one process) is left as it is.
 pub fn configure_threads(threads: usize) -> usize {
     single_threaded_elementwise();
     keep_freed_memory();
