@@ -178,8 +178,14 @@ pub fn generate_with(
 /// Generate from `prompt_ids` with `model` (adapters on when `use_adapters`) and a KV cache,
 /// stopping at `tokenizer.eos_token_ids`.
 ///
+/// Runs inside [`crate::model::grad::no_grad`]: the KV cache holds no autograd graph.
+///
 /// Errors: an empty prompt, invalid options, a model error.
 pub fn generate(model: &Model, tokenizer: &Tokenizer, prompt_ids: &[u32], opts: &GenerateOptions, use_adapters: bool) -> Result<Generation> {
+    crate::model::grad::no_grad(|| generate_tracked(model, tokenizer, prompt_ids, opts, use_adapters))
+}
+
+fn generate_tracked(model: &Model, tokenizer: &Tokenizer, prompt_ids: &[u32], opts: &GenerateOptions, use_adapters: bool) -> Result<Generation> {
     let mut cache = KvCache::new(model.config());
     let device = model.device().clone();
     let step = |ids: &[u32]| -> Result<Vec<f32>> {

@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 use crate::data::batch::{collate, Batch};
 use crate::data::tokenize::TokenizedPair;
 use crate::error::{Error, Result};
+use crate::model::grad::no_grad;
 use crate::model::llama::Model;
 use crate::model::prefix::{completion_logps_shared_prompt, SharedPromptBatch};
 
@@ -65,14 +66,15 @@ pub fn model_logps_with(model: &Model, batch: &Batch, use_adapters: bool, share_
 }
 
 /// [`model_logps`] without gradients: `(2B,)` f32, detached. `use_adapters = false` gives the
-/// reference (adapters bypassed); `true` the policy (evaluation).
+/// reference (adapters bypassed); `true` the policy (evaluation). The forward runs inside
+/// [`no_grad`], so no autograd graph holds its activations (peak memory of an inference forward).
 pub fn batch_logps(model: &Model, batch: &Batch, use_adapters: bool) -> Result<Tensor> {
-    Ok(model_logps(model, batch, use_adapters)?.detach())
+    no_grad(|| Ok(model_logps(model, batch, use_adapters)?.detach()))
 }
 
-/// [`model_logps_with`] without gradients (detached); see [`batch_logps`].
+/// [`model_logps_with`] without gradients (detached, inside [`no_grad`]); see [`batch_logps`].
 pub fn batch_logps_with(model: &Model, batch: &Batch, use_adapters: bool, share_prompt: bool) -> Result<Tensor> {
-    Ok(model_logps_with(model, batch, use_adapters, share_prompt)?.detach())
+    no_grad(|| Ok(model_logps_with(model, batch, use_adapters, share_prompt)?.detach()))
 }
 
 /// Reference log-probs of each pair, indexed like the pairs they were computed for.

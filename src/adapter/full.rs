@@ -15,6 +15,7 @@ use super::config::TargetModules;
 use super::inject::{model_params, ParamReport};
 use super::targets;
 use crate::error::Result;
+use crate::model::grad::param;
 use crate::model::linear::{frozen_matmul, Adapter, Linear};
 use crate::model::llama::Model;
 
@@ -64,9 +65,9 @@ impl FullAdapter {
 
 impl Adapter for FullAdapter {
     fn forward(&self, _base: &Linear, x: &Tensor) -> CResult<Tensor> {
-        let y = frozen_matmul(x, self.weight.as_tensor())?;
+        let y = frozen_matmul(x, &param(&self.weight))?;
         match &self.bias {
-            Some(b) => y.broadcast_add(b.as_tensor()),
+            Some(b) => y.broadcast_add(&param(b)),
             None => Ok(y),
         }
     }

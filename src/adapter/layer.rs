@@ -15,6 +15,7 @@ use rand_chacha::ChaCha20Rng;
 use sha2::{Digest, Sha256};
 
 use super::{add_acc, cpu_slice, givens, householder};
+use crate::model::grad::param;
 use crate::model::linear::{frozen_matmul, Adapter, Linear};
 
 /// Name suffix of the Householder vectors: `<module path>.ropo_u`, `(r, d)`.
@@ -134,11 +135,11 @@ impl RopoAdapter {
     /// Householder, fused Givens).
     pub fn rotate_t(&self, x: &Tensor) -> Result<Tensor> {
         let x = match &self.u {
-            Some(u) => householder::reflect(x, u.as_tensor())?,
+            Some(u) => householder::reflect(x, &param(u))?,
             None => x.clone(),
         };
         match &self.theta {
-            Some(t) => givens::rotate_t(&x, t.as_tensor(), self.givens_stages),
+            Some(t) => givens::rotate_t(&x, &param(t), self.givens_stages),
             None => Ok(x),
         }
     }
@@ -147,11 +148,11 @@ impl RopoAdapter {
     /// composed Givens), for tests and benches.
     pub fn rotate_t_reference(&self, x: &Tensor) -> Result<Tensor> {
         let x = match &self.u {
-            Some(u) => householder::reflect_rank1(x, u.as_tensor())?,
+            Some(u) => householder::reflect_rank1(x, &param(u))?,
             None => x.clone(),
         };
         match &self.theta {
-            Some(t) => givens::rotate_t_reference(&x, t.as_tensor(), self.givens_stages),
+            Some(t) => givens::rotate_t_reference(&x, &param(t), self.givens_stages),
             None => Ok(x),
         }
     }
@@ -167,7 +168,7 @@ impl RopoAdapter {
     /// The per-neuron scale `m / rho`, `(n,)`; `None` when magnitude is off.
     pub fn scale(&self) -> Result<Option<Tensor>> {
         match &self.magnitude {
-            Some(m) => Ok(Some(m.as_tensor().div(&self.rho)?)),
+            Some(m) => Ok(Some(param(m).div(&self.rho)?)),
             None => Ok(None),
         }
     }
@@ -314,6 +315,28 @@ impl Adapter for RopoAdapter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Inside no_grad the adapted forward gives the same values bit for bit and builds no graph:
+    // backward reaches none of u, theta, m (so an evaluation forward holds no activations).
+    #[test]
+    fn no_grad_forward_is_identical_and_untracked() {
+        let dev = Device::Cpu;
+        let w = Tensor::arange(0.0f32, 48.0, &dev).unwrap().reshape((6, 8)).unwrap().sin().unwrap();
+        let base = Linear::new("l", w, None);
+        let mut a = RopoAdapter::init(&base, 2, 2, true, 3).unwrap();
+        let angles = Tensor::arange(0.0f32, givens::num_angles(8, 2) as f32, &dev).unwrap().affine(0.1, 0.0).unwrap();
+        a.theta = Some(Var::from_tensor(&angles).unwrap());
+        let x = Tensor::arange(0.0f32, 24.0, &dev).unwrap().reshape((3, 8)).unwrap().cos().unwrap();
+        let tracked = a.forward(&base, &x).unwrap();
+        let free = crate::model::grad::no_grad(|| a.forward(&base, &x)).unwrap();
+        assert_eq!(tracked.to_vec2::<f32>().unwrap(), free.to_vec2::<f32>().unwrap());
+        let g = tracked.sum_all().unwrap().backward().unwrap();
+        let g0 = free.sum_all().unwrap().backward().unwrap();
+        for (name, v) in a.trainable() {
+            assert!(g.get(v.as_tensor()).is_some(), "{name}: tracked forward reaches it");
+            assert!(g0.get(v.as_tensor()).is_none(), "{name}: no_grad forward must not reach it");
+        }
+    }
 
     // The fused column scaling equals broadcast_mul, values and both gradients.
     #[test]

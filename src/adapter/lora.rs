@@ -16,6 +16,7 @@ use super::inject::{model_params, ParamReport};
 use super::layer::layer_rng;
 use super::targets;
 use crate::error::Result;
+use crate::model::grad::param;
 use crate::model::linear::{Adapter, Linear};
 use crate::model::llama::Model;
 
@@ -142,8 +143,8 @@ impl LoraAdapter {
 impl Adapter for LoraAdapter {
     fn forward(&self, base: &Linear, x: &Tensor) -> CResult<Tensor> {
         let y = base.forward_base(x)?;
-        let h = matmul_t(x, self.a.as_tensor())?;
-        let up = matmul_t(&h, self.b.as_tensor())?;
+        let h = matmul_t(x, &param(&self.a))?;
+        let up = matmul_t(&h, &param(&self.b))?;
         y + (up * self.scaling)?
     }
 

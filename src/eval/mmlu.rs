@@ -316,9 +316,12 @@ impl LetterScorer for ModelScorer<'_> {
         let ids = self.ids(prompt)?;
         let t = ids.len();
         let input = Tensor::new(ids.as_slice(), self.model.device())?.unsqueeze(0)?; // (1, T)
-        let hidden = self.model.forward_hidden(&input, None, self.use_adapters)?; // (1, T, D)
-        let last = hidden.narrow(1, t - 1, 1)?; // (1, 1, D)
-        let logits = self.model.lm_head(&last, self.use_adapters)?.flatten_all()?; // (V,)
+        // No autograd graph: the adapters' parameters are read detached.
+        let logits = crate::model::grad::no_grad(|| -> Result<Tensor> {
+            let hidden = self.model.forward_hidden(&input, None, self.use_adapters)?; // (1, T, D)
+            let last = hidden.narrow(1, t - 1, 1)?; // (1, 1, D)
+            Ok(self.model.lm_head(&last, self.use_adapters)?.flatten_all()?) // (V,)
+        })?;
         let logits = logits.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         // log-softmax in f64: l - max - ln Σ exp(l - max)
         let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
