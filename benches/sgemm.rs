@@ -19,6 +19,17 @@ fn bench_sgemm(c: &mut Criterion) {
     g.throughput(Throughput::Elements(2 * (N as u64).pow(3)));
     g.bench_function("2048_f32", |bch| bch.iter(|| a.matmul(&b).unwrap().dtype() == DType::F32));
     g.finish();
+    // The shapes of a training step (SmolLM2-135M, ~940 token rows): projections forward
+    // (rows x in) (in x out), and the input-gradient backward (rows x out) (out x in).
+    let mut g = c.benchmark_group("sgemm_step_shapes");
+    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    for (m, k, n) in [(940, 576, 576), (940, 576, 192), (940, 576, 1536), (940, 1536, 576)] {
+        let a = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap().t().unwrap();
+        g.throughput(Throughput::Elements(2 * (m * k * n) as u64));
+        g.bench_function(format!("{m}x{k}x{n}"), |bch| bch.iter(|| a.matmul(&b).unwrap().dtype() == DType::F32));
+    }
+    g.finish();
 }
 
 criterion_group!(benches, bench_sgemm);

@@ -23,6 +23,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, W
 use rayon::prelude::*;
 
 use super::{add_acc, cpu_slice, rows_per_task};
+use crate::model::ops::reshaped;
 
 /// Offset of stage `s`'s first pair: 0 for odd stages, 1 for even ones (`s` is 1-based).
 pub fn stage_offset(s: usize) -> usize {
@@ -111,8 +112,8 @@ pub fn rotate_t(x: &Tensor, theta: &Tensor, stages: usize) -> Result<Tensor> {
     if !fused || rows == 0 || theta.dim(0)? == 0 {
         return rotate_t_reference(x, theta, stages);
     }
-    let xf = x.reshape((rows, d))?.contiguous()?;
-    xf.apply_op2(&theta.contiguous()?, GivensT { stages })?.reshape(x.dims())
+    let xf = reshaped(x, &[rows, d])?.contiguous()?;
+    reshaped(&xf.apply_op2(&theta.contiguous()?, GivensT { stages })?, x.dims())
 }
 
 /// `G_S^T ··· G_1^T x` composed of candle ops (narrow / stack / cat): the reference path,

@@ -22,6 +22,8 @@
 
 use candle_core::{DType, Device, Result, Tensor, D};
 use rand::Rng;
+
+use crate::model::ops::reshaped;
 use rand_distr::{Distribution, Normal};
 
 /// Flatten `(..., d)` to `(rows, d)`; returns the flat tensor and the original dims.
@@ -29,7 +31,7 @@ fn flatten(x: &Tensor) -> Result<(Tensor, Vec<usize>)> {
     let dims = x.dims().to_vec();
     let d = *dims.last().ok_or_else(|| candle_core::Error::Msg("x must have at least one dimension".into()))?;
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    Ok((x.reshape((rows, d))?, dims))
+    Ok((reshaped(x, &[rows, d])?, dims))
 }
 
 /// Check `u` is `(r, d)` with `d` = the last dim of `x`.
@@ -93,7 +95,7 @@ pub fn reflect(x: &Tensor, u: &Tensor) -> Result<Tensor> {    let r = check(x, u
     let t_inv = wy_t_inv(u)?; // (r, r)
     let a = xf.matmul(&u.t()?)?; // (N, r)
     let b = a.matmul(&t_inv)?; // (N, r)
-    (xf - b.matmul(u)?)?.reshape(dims)
+    reshaped(&(xf - b.matmul(u)?)?, &dims)
 }
 
 /// The dense `H = H_1 ··· H_r`, `(d, d)`, for merging only (never in training).

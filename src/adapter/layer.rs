@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::{add_acc, cpu_slice, givens, householder};
 use crate::model::grad::param;
+use crate::model::ops::reshaped;
 use crate::model::linear::{frozen_matmul, Adapter, Linear};
 
 /// Name suffix of the Householder vectors: `<module path>.ropo_u`, `(r, d)`.
@@ -202,7 +203,7 @@ pub fn scale_cols(y: &Tensor, s: &Tensor) -> Result<Tensor> {
         return y.broadcast_mul(s);
     }
     let rows = y.elem_count() / n;
-    y.reshape((rows, n))?.contiguous()?.apply_op2(&s.contiguous()?, ScaleCols)?.reshape(dims)
+    reshaped(&reshaped(y, &[rows, n])?.contiguous()?.apply_op2(&s.contiguous()?, ScaleCols)?, &dims)
 }
 
 /// The fused column scaling of [`scale_cols`]; forward and backward side by side. The forward

@@ -12,6 +12,8 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, Var};
 
+use crate::model::ops::reshaped;
+
 /// A trainable modification of a frozen [`Linear`].
 ///
 /// Implementations: the RoPO rotation adapter (`adapter::layer`), and the LoRA / full baselines.
@@ -53,11 +55,20 @@ impl Linear {
 
     /// The layer's output: through the adapter when one is attached and `use_adapters` is true,
     /// else the frozen base `x W^T + b`.
+    ///
+    /// `x (..., in)` is flattened to `(rows, in)` once here and the result reshaped back once,
+    /// so the adapter's and the matmul's own flattening add no graph nodes ([`reshaped`]).
     pub fn forward(&self, x: &Tensor, use_adapters: bool) -> Result<Tensor> {
-        match (&self.adapter, use_adapters) {
-            (Some(a), true) => a.forward(self, x),
-            _ => self.forward_base(x),
-        }
+        let dims = x.dims().to_vec();
+        let in_f = *dims.last().ok_or_else(|| candle_core::Error::Msg(format!("{}: input is a scalar", self.path)))?;
+        let x2 = reshaped(x, &[x.elem_count() / in_f.max(1), in_f])?;
+        let y = match (&self.adapter, use_adapters) {
+            (Some(a), true) => a.forward(self, &x2)?,
+            _ => self.forward_base(&x2)?,
+        };
+        let mut out = dims;
+        *out.last_mut().expect("x has at least one dimension") = y.dim(1)?;
+        reshaped(&y, &out)
     }
 
     /// The frozen base projection `x W^T + b` for `x` of shape `(..., in)`.
@@ -110,10 +121,10 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let in_f = *dims.last().ok_or_else(|| candle_core::Error::Msg("frozen_matmul: x is a scalar".into()))?;
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, in_f))?.contiguous()?.apply_op2(&w.contiguous()?, FrozenMatmul)?;
+    let y = reshaped(x, &[rows, in_f])?.contiguous()?.apply_op2(&w.contiguous()?, FrozenMatmul)?;
     let mut out = dims;
     *out.last_mut().expect("x has at least one dimension") = w.dim(0)?;
-    y.reshape(out)
+    reshaped(&y, &out)
 }
 
 /// The plain path of [`frozen_matmul`]: `x W^T` by candle's differentiable matmul (its backward

@@ -29,7 +29,7 @@ use candle_nn::VarBuilder;
 
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::linear::Linear;
-use crate::model::ops::{attention_bias, masked_softmax, rms_norm, rope, rope_inv_freq, rope_tables};
+use crate::model::ops::{attention_bias, masked_softmax, rms_norm, rope, rope_inv_freq, rope_tables, swiglu};
 
 /// Loads `{path}.weight` `(out, inp)` (and `{path}.bias` `(out,)` when `bias`) into a [`Linear`].
 fn load_linear(vb: &VarBuilder, path: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
@@ -91,11 +91,13 @@ impl Attention {
         let (n, t, _) = x.dims3()?;
         let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let r = h / hkv;
-        // (N, T, H*hd) -> (N, T, H, hd) -> (N, H, T, hd)
-        let q = self.q_proj.forward(x, use_adapters)?.reshape((n, t, h, hd))?.transpose(1, 2)?.contiguous()?;
+        // One flattening for the three projections: (N, T, D) -> (N*T, D)
+        let x2 = x.reshape((n * t, x.dim(2)?))?;
+        // (N*T, H*hd) -> (N, T, H, hd) -> (N, H, T, hd)
+        let q = self.q_proj.forward(&x2, use_adapters)?.reshape((n, t, h, hd))?.transpose(1, 2)?.contiguous()?;
         // (N, Hkv, T, hd)
-        let k = self.k_proj.forward(x, use_adapters)?.reshape((n, t, hkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let v = self.v_proj.forward(x, use_adapters)?.reshape((n, t, hkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let k = self.k_proj.forward(&x2, use_adapters)?.reshape((n, t, hkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let v = self.v_proj.forward(&x2, use_adapters)?.reshape((n, t, hkv, hd))?.transpose(1, 2)?.contiguous()?;
         let q = rope(&q, cos, sin)?;
         let k = rope(&k, cos, sin)?;
         let (k, v) = match kv {
@@ -120,9 +122,10 @@ impl Attention {
         let scores = q.matmul(&k.t()?)?.reshape((n, h, t, tk))?;
         // softmax(scores + bias), fused: (N, H, T, Tk) -> (N, Hkv, R*T, Tk)
         let probs = masked_softmax(&scores, bias)?.reshape((n, hkv, r * t, tk))?;
-        // (N, Hkv, R*T, hd) -> (N, H, T, hd) -> (N, T, H, hd) -> (N, T, H*hd)
-        let y = probs.matmul(&v)?.reshape((n, h, t, hd))?.transpose(1, 2)?.reshape((n, t, h * hd))?;
-        self.o_proj.forward(&y, use_adapters)
+        // (N, Hkv, R*T, hd) -> (N, H, T, hd) -> (N, T, H, hd) -> (N*T, H*hd)
+        let y = probs.matmul(&v)?.reshape((n, h, t, hd))?.transpose(1, 2)?.reshape((n * t, h * hd))?;
+        let o = self.o_proj.forward(&y, use_adapters)?; // (N*T, D)
+        o.reshape((n, t, o.dim(1)?))
     }
 }
 
@@ -148,12 +151,17 @@ impl Mlp {
         })
     }
 
-    /// `x` `(N, T, D)` -> `(N, T, D)`; `silu(z) = z * sigmoid(z)`.
+    /// `x` `(N, T, D)` -> `(N, T, D)`; `silu(z) = z * sigmoid(z)`, fused with the product
+    /// ([`swiglu`]).
     pub fn forward(&self, x: &Tensor, use_adapters: bool) -> Result<Tensor> {
         // (N, T, I)
-        let g = self.gate_proj.forward(x, use_adapters)?.silu()?;
-        let u = self.up_proj.forward(x, use_adapters)?;
-        self.down_proj.forward(&(g * u)?, use_adapters)
+        // One flattening for the three projections: (..., D) -> (rows, D), and one back.
+        let d = x.dims().last().copied().unwrap_or(0);
+        let x2 = crate::model::ops::reshaped(x, &[x.elem_count() / d.max(1), d])?;
+        let g = self.gate_proj.forward(&x2, use_adapters)?;
+        let u = self.up_proj.forward(&x2, use_adapters)?;
+        let y = self.down_proj.forward(&swiglu(&g, &u)?, use_adapters)?; // (rows, D)
+        crate::model::ops::reshaped(&y, x.dims())
     }
 }
 

@@ -21,6 +21,20 @@ use crate::model::config::Llama3RopeScaling;
 /// then gets a uniform, finite softmax instead of `NaN` (`-inf - (-inf)`).
 pub const MASK_VALUE: f64 = -1e9;
 
+/// `x.reshape(dims)`, but `x` itself (no autograd node) when it already has `dims`.
+///
+/// Every candle `reshape` is a graph node even when nothing changes, and each node's backward
+/// allocates a zero gradient and adds into it (two passes over the activation). The adapter and
+/// linear helpers flatten to `(rows, d)` and back; called on tensors that are already 2-D, this
+/// keeps those no-op reshapes out of the graph.
+pub fn reshaped(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
+    if x.dims() == dims {
+        Ok(x.clone())
+    } else {
+        x.reshape(dims)
+    }
+}
+
 /// Root-mean-square layer norm, `y = x / sqrt(mean(x^2) + eps) * w`, over the last dim.
 ///
 /// `x` `(..., D)`, `weight` `(D,)`, both F32 or both F64; returns `(..., D)`.
@@ -50,6 +64,26 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let e = x.broadcast_sub(&max)?.exp()?;
     let s = e.sum_keepdim(D::Minus1)?;
     e.broadcast_div(&s)
+}
+
+/// SwiGLU's gate, `silu(g) * u = g σ(g) u` element-wise, fused, with its backward beside it
+/// ([`SwiGluOp`]): `dL/dg = dy u σ(g) (1 + g (1 - σ(g)))`, `dL/du = dy g σ(g)`.
+///
+/// `g`, `u` `(..., I)` of one shape and dtype (F32/F64); returns `(..., I)`. Source: Shazeer
+/// 2020, "GLU Variants Improve Transformer"; HF `LlamaMLP` (`act_fn(gate_proj(x)) *
+/// up_proj(x)`). Replaces candle's `silu` and `mul`, whose backward takes about ten
+/// single-threaded passes over the `(N, T, I)` activations (the composed reference:
+/// [`swiglu_composed`]).
+pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if g.dims() != u.dims() {
+        candle_core::bail!("swiglu: gate {:?} and up {:?} differ", g.dims(), u.dims());
+    }
+    g.contiguous()?.apply_op2(&u.contiguous()?, SwiGluOp)
+}
+
+/// The same function as [`swiglu`] from differentiable candle ops: `silu(g) * u`.
+pub fn swiglu_composed(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    g.silu()? * u
 }
 
 /// `softmax(scores + bias)` over the last dim, fused, with its backward
@@ -442,10 +476,15 @@ impl CustomOp2 for RmsNormOp {
     }
 
     /// `dL/dx` by [`RmsNormBwdOp`]; `dL/dw_d = sum_rows g_d x_d r` by candle ops (a sum over
-    /// rows in a fixed order, so the result is deterministic).
+    /// rows in a fixed order, so the result is deterministic), only when `w` is tracked by
+    /// autograd (a `Var` or computed from one); a constant weight gets `None`.
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = grad_res.contiguous()?;
         let gx = x.apply_op3_no_bwd(&g, w, &RmsNormBwdOp { eps: self.eps })?;
+        if !w.track_op() {
+            // A constant weight (every norm of an adapter run): its gradient would be discarded.
+            return Ok((Some(gx), None));
+        }
         let d = w.elem_count();
         let r = x.sqr()?.mean_keepdim(D::Minus1)?.affine(1.0, self.eps)?.sqrt()?.recip()?;
         let gw = (g * x)?.broadcast_mul(&r)?.reshape((x.elem_count() / d.max(1), d))?.sum(0)?;
@@ -475,6 +514,93 @@ impl CustomOp3 for RmsNormBwdOp {
         let eps = self.eps;
         let out = dispatch!(self.name(), [(s1, l1, x), (s2, l2, g), (s3, l3, w)], rms_norm_bwd_rows(x, g, w, eps));
         Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Elements per parallel chunk of the element-wise kernels (64 KiB of f32).
+const CHUNK: usize = 16 * 1024;
+
+/// `σ(g)` for one element, as `1 / (1 + exp(-g))`.
+fn sigmoid<T: Real>(g: T) -> T {
+    let one = T::from_f64(1.0);
+    one / (one + (T::zero() - g).exp())
+}
+
+/// SwiGLU forward, element-wise: `y = g σ(g) u`.
+fn swiglu_rows<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
+    let mut out = vec![T::zero(); g.len()];
+    out.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(o, (gc, uc))| {
+        for ((o, &g), &u) in o.iter_mut().zip(gc).zip(uc) {
+            *o = g * sigmoid(g) * u;
+        }
+    });
+    out
+}
+
+/// SwiGLU backward: `[dL/dg ; dL/du]` concatenated (`2 len` values), `dL/dg = dy u σ (1 + g (1 - σ))`,
+/// `dL/du = dy g σ`.
+fn swiglu_bwd_rows<T: Real>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
+    let n = g.len();
+    let one = T::from_f64(1.0);
+    let mut out = vec![T::zero(); 2 * n];
+    let (dg, du) = out.split_at_mut(n);
+    dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK))).for_each(
+        |((dgc, duc), ((gc, uc), yc))| {
+            for ((((dg, du), &g), &u), &dy) in dgc.iter_mut().zip(duc.iter_mut()).zip(gc).zip(uc).zip(yc) {
+                let s = sigmoid(g);
+                *dg = dy * u * s * (one + g * (one - s));
+                *du = dy * g * s;
+            }
+        },
+    );
+    out
+}
+
+/// SwiGLU `(g (..., I), u (..., I)) -> g σ(g) u`; see [`swiglu`].
+pub struct SwiGluOp;
+
+impl CustomOp2 for SwiGluOp {
+    fn name(&self) -> &'static str {
+        "ropo-swiglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        if l1.dims() != l2.dims() {
+            candle_core::bail!("swiglu: gate {:?} and up {:?} differ", l1.dims(), l2.dims());
+        }
+        let out = dispatch!(self.name(), [(s1, l1, g), (s2, l2, u)], swiglu_rows(g, u));
+        Ok((out, l1.shape().clone()))
+    }
+
+    /// Both input gradients from one pass ([`SwiGluBwdOp`], `(2, ...)`), split by `narrow`
+    /// (views, no copy).
+    fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = g.apply_op3_no_bwd(u, &grad_res.contiguous()?, &SwiGluBwdOp)?; // (2, ...)
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// `(g, u, dy) -> [dL/dg ; dL/du]`, shape `(2, ...)`, of [`SwiGluOp`].
+struct SwiGluBwdOp;
+
+impl CustomOp3 for SwiGluBwdOp {
+    fn name(&self) -> &'static str {
+        "ropo-swiglu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = dispatch!(self.name(), [(s1, l1, g), (s2, l2, u), (s3, l3, dy)], swiglu_bwd_rows(g, u, dy));
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.dims());
+        Ok((out, Shape::from(dims)))
     }
 }
 
@@ -576,6 +702,39 @@ mod tests {
 
     fn composed_f64(x: &Var, w: &Var) -> Result<Tensor> {
         rms_norm_composed(x.as_tensor(), w.as_tensor(), 1e-5)
+    }
+
+    #[test]
+    fn fused_swiglu_matches_composed_values_and_gradients() -> Result<()> {
+        let g = Var::from_tensor(&(seeded(&[2, 3, 40_000], 7) * 4.0)?)?; // > CHUNK: several chunks
+        let u = Var::from_tensor(&seeded(&[2, 3, 40_000], 8))?;
+        let c = seeded(&[2, 3, 40_000], 9);
+        let fused = swiglu(g.as_tensor(), u.as_tensor())?;
+        let composed = swiglu_composed(g.as_tensor(), u.as_tensor())?;
+        assert!(max_diff(&fused, &composed) < 1e-12, "{}", max_diff(&fused, &composed));
+        let gf = (fused * &c)?.sum_all()?.backward()?;
+        let gc = (&composed * &c)?.sum_all()?.backward()?;
+        for (name, v) in [("g", &g), ("u", &u)] {
+            let (a, b) = (gf.get(v.as_tensor()).expect("fused grad"), gc.get(v.as_tensor()).expect("composed grad"));
+            assert!(max_diff(a, b) < 1e-12, "d/d{name}: {}", max_diff(a, b));
+        }
+        // f32 runs the same kernel
+        let f = swiglu(&g.as_tensor().to_dtype(DType::F32)?, &u.as_tensor().to_dtype(DType::F32)?)?;
+        assert!(max_diff(&f.to_dtype(DType::F64)?, &composed) < 1e-4);
+        assert!(swiglu(g.as_tensor(), &seeded(&[2, 3, 5], 1)).is_err(), "shapes must match");
+        Ok(())
+    }
+
+    #[test]
+    fn rms_norm_skips_the_gradient_of_a_constant_weight() -> Result<()> {
+        let x = Var::from_tensor(&seeded(&[2, 3, 5], 1))?;
+        let w = seeded(&[5], 2); // a constant
+        let c = seeded(&[2, 3, 5], 3);
+        let g = (rms_norm(x.as_tensor(), &w, 1e-5)? * &c)?.sum_all()?.backward()?;
+        let gc = (rms_norm_composed(x.as_tensor(), &w, 1e-5)? * &c)?.sum_all()?.backward()?;
+        assert!(max_diff(g.get(x.as_tensor()).unwrap(), gc.get(x.as_tensor()).unwrap()) < 1e-12);
+        assert!(g.get(&w).is_none());
+        Ok(())
     }
 
     #[test]
