@@ -29,7 +29,8 @@ use candle_nn::VarBuilder;
 
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::linear::Linear;
-use crate::model::ops::{attention_bias, masked_softmax, rms_norm, rope, rope_inv_freq, rope_tables, swiglu};
+use crate::model::heads::{from_heads, to_heads};
+use crate::model::ops::{attention_bias, masked_softmax, rms_norm, rope_inv_freq, rope_tables, swiglu};
 
 /// Loads `{path}.weight` `(out, inp)` (and `{path}.bias` `(out,)` when `bias`) into a [`Linear`].
 fn load_linear(vb: &VarBuilder, path: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
@@ -93,13 +94,12 @@ impl Attention {
         let r = h / hkv;
         // One flattening for the three projections: (N, T, D) -> (N*T, D)
         let x2 = x.reshape((n * t, x.dim(2)?))?;
-        // (N*T, H*hd) -> (N, T, H, hd) -> (N, H, T, hd)
-        let q = self.q_proj.forward(&x2, use_adapters)?.reshape((n, t, h, hd))?.transpose(1, 2)?.contiguous()?;
+        // (N*T, H*hd) -> (N, H, T, hd) with RoPE, one fused op each ([`to_heads`]). Scaling q
+        // by 1/sqrt(hd) there is cheaper than scaling the scores.
+        let q = to_heads(&self.q_proj.forward(&x2, use_adapters)?, n, h, Some((cos, sin)), 1.0 / (hd as f64).sqrt())?;
         // (N, Hkv, T, hd)
-        let k = self.k_proj.forward(&x2, use_adapters)?.reshape((n, t, hkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let v = self.v_proj.forward(&x2, use_adapters)?.reshape((n, t, hkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let q = rope(&q, cos, sin)?;
-        let k = rope(&k, cos, sin)?;
+        let k = to_heads(&self.k_proj.forward(&x2, use_adapters)?, n, hkv, Some((cos, sin)), 1.0)?;
+        let v = to_heads(&self.v_proj.forward(&x2, use_adapters)?, n, hkv, None, 1.0)?;
         let (k, v) = match kv {
             Some(slot) => {
                 let (k, v) = match slot.take() {
@@ -115,15 +115,15 @@ impl Attention {
         let tk = k.dim(2)?;
         // Grouped-query attention without materialising repeat_kv: query head h uses kv head
         // h / R (HF `repeat_kv` = repeat_interleave), so the R query heads of a group are
-        // stacked along the row axis. Scaling q by 1/sqrt(hd) first is cheaper than the scores.
+        // stacked along the row axis.
         // (N, H, T, hd) -> (N, Hkv, R*T, hd)
-        let q = q.affine(1.0 / (hd as f64).sqrt(), 0.0)?.reshape((n, hkv, r * t, hd))?;
+        let q = q.reshape((n, hkv, r * t, hd))?;
         // (N, Hkv, R*T, Tk) -> (N, H, T, Tk)
         let scores = q.matmul(&k.t()?)?.reshape((n, h, t, tk))?;
         // softmax(scores + bias), fused: (N, H, T, Tk) -> (N, Hkv, R*T, Tk)
         let probs = masked_softmax(&scores, bias)?.reshape((n, hkv, r * t, tk))?;
-        // (N, Hkv, R*T, hd) -> (N, H, T, hd) -> (N, T, H, hd) -> (N*T, H*hd)
-        let y = probs.matmul(&v)?.reshape((n, h, t, hd))?.transpose(1, 2)?.reshape((n * t, h * hd))?;
+        // (N, Hkv, R*T, hd) -> (N, H, T, hd) -> (N*T, H*hd)
+        let y = from_heads(&probs.matmul(&v)?.reshape((n, h, t, hd))?)?;
         let o = self.o_proj.forward(&y, use_adapters)?; // (N*T, D)
         o.reshape((n, t, o.dim(1)?))
     }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod export;
 pub mod gguf;
 pub mod grad;
+pub mod heads;
 pub mod hf_config;
 pub mod hf_folder;
 pub mod hub;

@@ -236,7 +236,7 @@ pub fn attention_bias(
 // Custom ops: forward and backward side by side (CPU, F32/F64, contiguous inputs).
 
 /// The float types the kernels run on.
-trait Real:
+pub(crate) trait Real:
     Copy
     + Send
     + Sync
