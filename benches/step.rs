@@ -9,7 +9,10 @@
 //! - `step/frozen`: + `FrozenMatmul` (no weight gradients for frozen weights);
 //! - `step/lmhead`: + `logps::completion_logps_from_hidden` (LM head and log-softmax only at
 //!   completion positions, fused with the gather);
-//! - `step/prefix`: + `prefix::completion_logps_shared_prompt` (each prompt once for its pair).
+//! - `step/prefix`: + `prefix::completion_logps_shared_prompt` (each prompt once for its pair);
+//! - `step/fused`: + the fused layer ops (`ops::set_fused_layer_ops`: SwiGLU, the attention
+//!   heads' layout + RoPE ops, no-op reshapes out of the graph, no gradient for constant norm
+//!   weights); the configurations before it run the composed candle ops.
 //!
 //! Batch: 2 pairs, orca-like lengths (prompt 150 + chosen 100 / rejected 60; prompt 140 +
 //! chosen 90 / rejected 110): 940 real tokens (chosen + rejected rows, each prompt counted in
@@ -43,6 +46,7 @@ use ropo::loss::{completion_logps, preference_loss, LossParams, LossType, PairLo
 use ropo::model::config::ModelConfig;
 use ropo::model::linear::set_fast_frozen_matmul;
 use ropo::model::llama::Model;
+use ropo::model::ops::set_fused_layer_ops;
 use ropo::model::prefix::{completion_logps_shared_prompt, SharedPromptBatch};
 
 /// (prompt, chosen, rejected) lengths of the two pairs.
@@ -88,6 +92,7 @@ enum Path {
     Frozen,
     LmHead,
     Prefix,
+    Fused,
 }
 
 /// Policy log-probs (4,), DPO loss, backward; returns the loss.
@@ -98,7 +103,7 @@ fn step(model: &Model, b: &Batch, path: Path, reference: &(Tensor, Tensor)) -> f
             let h = model.forward_hidden(&b.ids, Some(&b.am), true).unwrap();
             completion_logps_from_hidden(model, &h, &b.ids, &b.cm, true).unwrap()
         }
-        Path::Prefix => completion_logps_shared_prompt(model, &b.shared, true).unwrap(),
+        Path::Prefix | Path::Fused => completion_logps_shared_prompt(model, &b.shared, true).unwrap(),
     };
     let n_tok = b.cm.sum(1).unwrap();
     let lp = PairLogps {
@@ -159,7 +164,13 @@ fn setup() -> Setup {
 }
 
 /// The configurations, by bench id.
-const PATHS: [(&str, Path); 4] = [("plain", Path::Plain), ("frozen", Path::Frozen), ("lmhead", Path::LmHead), ("prefix", Path::Prefix)];
+const PATHS: [(&str, Path); 5] = [("plain", Path::Plain), ("frozen", Path::Frozen), ("lmhead", Path::LmHead), ("prefix", Path::Prefix), ("fused", Path::Fused)];
+
+/// Sets the process-wide switches of `path`.
+fn switch(path: Path) {
+    set_fast_frozen_matmul(!matches!(path, Path::Plain));
+    set_fused_layer_ops(matches!(path, Path::Fused));
+}
 
 fn bench_step(c: &mut Criterion) {
     let Setup { model, b, reference } = setup();
@@ -168,12 +179,12 @@ fn bench_step(c: &mut Criterion) {
     g.throughput(Throughput::Elements(b.real_tokens as u64));
     for (name, path) in PATHS {
         g.bench_function(name, |bch| {
-            set_fast_frozen_matmul(!matches!(path, Path::Plain));
+            switch(path);
             bch.iter(|| step(&model, &b, path, &reference))
         });
     }
     g.finish();
-    set_fast_frozen_matmul(true);
+    switch(Path::Fused);
 }
 
 /// `STEP_AB=lmhead,prefix` (names as in the bench ids, `STEP_AB_ROUNDS` rounds, default 2):
@@ -189,7 +200,7 @@ fn interleaved(names: &str) {
         .collect();
     for round in 0..rounds {
         for &(name, path) in &paths {
-            set_fast_frozen_matmul(!matches!(path, Path::Plain));
+            switch(path);
             let t0 = std::time::Instant::now();
             let loss = step(&model, &b, path, &reference);
             let s = t0.elapsed().as_secs_f64();

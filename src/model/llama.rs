@@ -29,8 +29,8 @@ use candle_nn::VarBuilder;
 
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::linear::Linear;
-use crate::model::heads::{from_heads, to_heads};
-use crate::model::ops::{attention_bias, masked_softmax, rms_norm, rope_inv_freq, rope_tables, swiglu};
+use crate::model::heads::{from_heads, from_heads_composed, to_heads, to_heads_composed};
+use crate::model::ops::{attention_bias, fused_layer_ops, masked_softmax, rms_norm, rope_inv_freq, rope_tables, swiglu, swiglu_composed};
 
 /// Loads `{path}.weight` `(out, inp)` (and `{path}.bias` `(out,)` when `bias`) into a [`Linear`].
 fn load_linear(vb: &VarBuilder, path: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
@@ -96,10 +96,12 @@ impl Attention {
         let x2 = x.reshape((n * t, x.dim(2)?))?;
         // (N*T, H*hd) -> (N, H, T, hd) with RoPE, one fused op each ([`to_heads`]). Scaling q
         // by 1/sqrt(hd) there is cheaper than scaling the scores.
-        let q = to_heads(&self.q_proj.forward(&x2, use_adapters)?, n, h, Some((cos, sin)), 1.0 / (hd as f64).sqrt())?;
+        // The composed path when the fused ops are off (`ops::set_fused_layer_ops`).
+        let heads = if fused_layer_ops() { to_heads } else { to_heads_composed };
+        let q = heads(&self.q_proj.forward(&x2, use_adapters)?, n, h, Some((cos, sin)), 1.0 / (hd as f64).sqrt())?;
         // (N, Hkv, T, hd)
-        let k = to_heads(&self.k_proj.forward(&x2, use_adapters)?, n, hkv, Some((cos, sin)), 1.0)?;
-        let v = to_heads(&self.v_proj.forward(&x2, use_adapters)?, n, hkv, None, 1.0)?;
+        let k = heads(&self.k_proj.forward(&x2, use_adapters)?, n, hkv, Some((cos, sin)), 1.0)?;
+        let v = heads(&self.v_proj.forward(&x2, use_adapters)?, n, hkv, None, 1.0)?;
         let (k, v) = match kv {
             Some(slot) => {
                 let (k, v) = match slot.take() {
@@ -123,7 +125,8 @@ impl Attention {
         // softmax(scores + bias), fused: (N, H, T, Tk) -> (N, Hkv, R*T, Tk)
         let probs = masked_softmax(&scores, bias)?.reshape((n, hkv, r * t, tk))?;
         // (N, Hkv, R*T, hd) -> (N, H, T, hd) -> (N*T, H*hd)
-        let y = from_heads(&probs.matmul(&v)?.reshape((n, h, t, hd))?)?;
+        let y = probs.matmul(&v)?.reshape((n, h, t, hd))?;
+        let y = if fused_layer_ops() { from_heads(&y)? } else { from_heads_composed(&y)? };
         let o = self.o_proj.forward(&y, use_adapters)?; // (N*T, D)
         o.reshape((n, t, o.dim(1)?))
     }
@@ -160,7 +163,8 @@ impl Mlp {
         let x2 = crate::model::ops::reshaped(x, &[x.elem_count() / d.max(1), d])?;
         let g = self.gate_proj.forward(&x2, use_adapters)?;
         let u = self.up_proj.forward(&x2, use_adapters)?;
-        let y = self.down_proj.forward(&swiglu(&g, &u)?, use_adapters)?; // (rows, D)
+        let a = if fused_layer_ops() { swiglu(&g, &u)? } else { swiglu_composed(&g, &u)? };
+        let y = self.down_proj.forward(&a, use_adapters)?; // (rows, D)
         crate::model::ops::reshaped(&y, x.dims())
     }
 }

@@ -12,6 +12,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::model::config::Llama3RopeScaling;
 
@@ -21,6 +22,24 @@ use crate::model::config::Llama3RopeScaling;
 /// then gets a uniform, finite softmax instead of `NaN` (`-inf - (-inf)`).
 pub const MASK_VALUE: f64 = -1e9;
 
+/// Whether the decoder uses its fused layer ops (on by default): [`swiglu`], the attention
+/// heads' layout ops ([`crate::model::heads`]), no-op reshapes kept out of the graph
+/// ([`reshaped`]) and no weight gradient for constant norm weights. Off, every one of them takes
+/// its composed candle path again: the plain path, kept for the equivalence tests and the
+/// before/after benchmark.
+static FUSED_LAYER_OPS: AtomicBool = AtomicBool::new(true);
+
+/// Enables or disables the fused layer ops process-wide (see [`fused_layer_ops`]; results agree
+/// to rounding, tests/fast_paths.rs).
+pub fn set_fused_layer_ops(enabled: bool) {
+    FUSED_LAYER_OPS.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether the fused layer ops are on (see [`set_fused_layer_ops`]).
+pub fn fused_layer_ops() -> bool {
+    FUSED_LAYER_OPS.load(Ordering::Relaxed)
+}
+
 /// `x.reshape(dims)`, but `x` itself (no autograd node) when it already has `dims`.
 ///
 /// Every candle `reshape` is a graph node even when nothing changes, and each node's backward
@@ -28,7 +47,7 @@ pub const MASK_VALUE: f64 = -1e9;
 /// linear helpers flatten to `(rows, d)` and back; called on tensors that are already 2-D, this
 /// keeps those no-op reshapes out of the graph.
 pub fn reshaped(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
-    if x.dims() == dims {
+    if x.dims() == dims && fused_layer_ops() {
         Ok(x.clone())
     } else {
         x.reshape(dims)
@@ -481,7 +500,7 @@ impl CustomOp2 for RmsNormOp {
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = grad_res.contiguous()?;
         let gx = x.apply_op3_no_bwd(&g, w, &RmsNormBwdOp { eps: self.eps })?;
-        if !w.track_op() {
+        if !w.track_op() && fused_layer_ops() {
             // A constant weight (every norm of an adapter run): its gradient would be discarded.
             return Ok((Some(gx), None));
         }
