@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Side-by-side speed and memory against TRL DPOTrainer + PEFT on this machine (the issue's
+# "measured side by side, same model, same data"): ../shared/anchors/trl_anchor.py (HRA r=8 and
+# LoRA r=8 on q,k,v,o) and `ropo train --config configs/bench/anchor.toml` (precomputed
+# reference, and the reference forward in every step), one process each, interleaved for
+# ROUNDS rounds, then a table (scripts/anchor_table.py): median real tokens/s of steps 2-6 and
+# peak RSS (/usr/bin/time -v).
+#
+# Sets up TRL once (a venv in $ANCHOR_WORK with torch, transformers, trl, peft from PyPI: ~6 GB)
+# and the HF folder of the GGUF model (../shared/anchors/convert_gguf_to_hf.py).
+#
+#   ROUNDS        rounds (default 2)
+#   ANCHOR_WORK   work folder (default ~/.cache/ropo/anchor)
+#   TRL_CONFIGS   TRL configurations (default "hra_qkvo lora_qkvo")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds="${ROUNDS:-2}"
+work="${ANCHOR_WORK:-${XDG_CACHE_HOME:-$HOME/.cache}/ropo/anchor}"
+shared="$(cd ../shared && pwd)"
+venv="$work/venv"
+mkdir -p "$work" runs/bench
+gguf="$(bash scripts/fetch-model.sh)"
+
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import trl, peft" 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q torch==2.15.0 transformers==5.24.0 trl==1.16.0 peft==0.21.2 accelerate datasets gguf
+fi
+if [ ! -f "$work/smollm2-hf/model.safetensors" ]; then
+  (cd "$work" \
+    && "$venv/bin/python" -c "import sys; from transformers import AutoTokenizer; t = AutoTokenizer.from_pretrained(sys.argv[1], gguf_file=sys.argv[2]); t.backend_tokenizer.save('tokenizer_from_gguf.json')" "$(dirname "$gguf")" "$(basename "$gguf")" \
+    && "$venv/bin/python" "$shared/anchors/convert_gguf_to_hf.py" "$gguf" smollm2-hf)
+fi
+cargo build --release --quiet
+
+for round in $(seq 1 "$rounds"); do
+  for cfg in ${TRL_CONFIGS:-hra_qkvo lora_qkvo}; do
+    echo "round $round: TRL $cfg" >&2
+    (cd "$work" && SMOLLM2_HF=smollm2-hf ORCA="$shared/data/orca_dpo_pairs/validation.jsonl" OMP_NUM_THREADS=2 \
+      /usr/bin/time -v -o "time_${cfg}_r$round.txt" "$venv/bin/python" "$shared/anchors/trl_anchor.py" "$cfg" "r$round" > "log_${cfg}_r$round.txt" 2>&1)
+  done
+  for pre in true false; do
+    echo "round $round: ropo (precompute_ref_log_probs = $pre)" >&2
+    out="runs/bench/anchor-precompute-$pre-r$round"
+    /usr/bin/time -v -o "$out.time.txt" ./target/release/ropo train --config configs/bench/anchor.toml \
+      --set "training.precompute_ref_log_probs=$pre" --set "training.output_dir=\"$out\"" --overwrite > "$out.log.txt" 2>&1
+  done
+done
+python3 scripts/anchor_table.py "$work" runs/bench "$rounds" | tee runs/bench/anchor_table.md
