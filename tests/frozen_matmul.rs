@@ -8,37 +8,17 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use common::tiny::tiny_config;
-use ropo::adapter::config::{AdapterConfig, TargetModules};
-use ropo::adapter::inject;
+use candle_core::{Device, Tensor};
+use common::tiny::{model_with_perturbed_ropo, tiny_config};
 use ropo::loss::completion_logps;
 use ropo::model::config::Arch;
 use ropo::model::linear::{fast_frozen_matmul_enabled, set_fast_frozen_matmul};
-use ropo::model::llama::{random_weights, Model};
 
 #[test]
 fn model_with_frozen_op_equals_plain_matmul_values_and_gradients() {
     let cfg = tiny_config(Arch::Qwen2, 29, 16, false);
     let dev = Device::Cpu;
-    let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let w = random_weights(&cfg, 0.3, &mut rng, DType::F64, &dev).unwrap();
-    let mut model = Model::load(VarBuilder::from_tensors(w.into_iter().collect(), DType::F64, &dev), &cfg).unwrap();
-    let acfg = AdapterConfig {
-        target_modules: TargetModules::Regex(r"model\.layers\.\d+\..*_proj".into()),
-        householder_reflections: 2,
-        givens_stages: 2,
-        magnitude: true,
-        init_seed: 1,
-    };
-    let set = inject::inject(&mut model, &acfg, "tiny").unwrap();
-    for (_, v) in set.vars() {
-        let t = (v.as_tensor() + Tensor::from_vec((0..v.elem_count()).map(|_| rng.random_range(-0.3..0.3)).collect::<Vec<f64>>(), v.dims(), &dev).unwrap()).unwrap();
-        v.set(&t).unwrap();
-    }
+    let (model, set) = model_with_perturbed_ropo(&cfg, 11, 1);
     let ids = Tensor::new(&[[3u32, 7, 1, 20, 4, 0], [9, 9, 2, 28, 5, 6]], &dev).unwrap();
     let am = Tensor::new(&[[1u32, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], &dev).unwrap();
     let cm = Tensor::new(&[[0f64, 0., 1., 1., 1., 0.], [0., 0., 0., 1., 1., 1.]], &dev).unwrap();
