@@ -4,7 +4,8 @@
 //!
 //! reference forward (adapters bypassed) + policy forward + sigmoid loss + backward + global-norm
 //! clip + AdamW update, each prompt run once per pair (`training.share_prompt`, the default):
-//! exactly what `ropo::train::run` does per micro-batch without precomputed reference log-probs.
+//! exactly what `ropo::train::run` does per micro-batch without precomputed reference log-probs,
+//! with the threads and allocator tuning `ropo train` uses (`train::configure_threads`).
 //!
 //! Throughput is in real tokens (elements = 4 sequences x 256). Peak RSS of a whole `ropo train`
 //! run is printed by `ropo train` itself at the end (`peak RSS`, from `VmHWM`); this bench reports
@@ -30,6 +31,8 @@ const T: usize = 256;
 const PROMPT: usize = 100;
 
 fn bench_train_step(c: &mut Criterion) {
+    // threads and allocator as `ropo train` sets them, before any tensor work
+    eprintln!("threads: {}", ropo::train::configure_threads(0));
     let cfg = common::smollm2_135m();
     let dev = Device::Cpu;
     let mut rng = ChaCha8Rng::seed_from_u64(0);

@@ -52,7 +52,7 @@ pub fn from_heads_composed(y: &Tensor) -> Result<Tensor> {
     y.transpose(1, 2)?.reshape((n * t, h * hd))
 }
 
-/// Geometry of one layout change: `N`, `T`, `H`, `hd`, and whether the tables are per row.
+/// Geometry of one layout change: `N`, `T`, `H`, `hd`.
 #[derive(Clone, Copy)]
 struct Geo {
     n: usize,
