@@ -18,6 +18,7 @@ rounds="${ROUNDS:-2}"
 work="${ANCHOR_WORK:-${XDG_CACHE_HOME:-$HOME/.cache}/ropo/anchor}"
 shared="$(cd ../shared && pwd)"
 venv="$work/venv"
+trl_configs="${TRL_CONFIGS:-hra_qkvo lora_qkvo}"
 mkdir -p "$work" runs/bench
 gguf="$(bash scripts/fetch-model.sh)"
 
@@ -30,10 +31,11 @@ if [ ! -f "$work/smollm2-hf/model.safetensors" ]; then
     && "$venv/bin/python" -c "import sys; from transformers import AutoTokenizer; t = AutoTokenizer.from_pretrained(sys.argv[1], gguf_file=sys.argv[2]); t.backend_tokenizer.save('tokenizer_from_gguf.json')" "$(dirname "$gguf")" "$(basename "$gguf")" \
     && "$venv/bin/python" "$shared/anchors/convert_gguf_to_hf.py" "$gguf" smollm2-hf)
 fi
-cargo build --release --quiet
+command -v /usr/bin/time > /dev/null || { echo "anchor_compare: needs /usr/bin/time (Debian: apt-get install time)" >&2; exit 1; }
+cargo build --release --locked --quiet
 
 for round in $(seq 1 "$rounds"); do
-  for cfg in ${TRL_CONFIGS:-hra_qkvo lora_qkvo}; do
+  for cfg in $trl_configs; do
     echo "round $round: TRL $cfg" >&2
     (cd "$work" && SMOLLM2_HF=smollm2-hf ORCA="$shared/data/orca_dpo_pairs/validation.jsonl" OMP_NUM_THREADS=2 \
       /usr/bin/time -v -o "time_${cfg}_r$round.txt" "$venv/bin/python" "$shared/anchors/trl_anchor.py" "$cfg" "r$round" > "log_${cfg}_r$round.txt" 2>&1)
@@ -42,7 +44,8 @@ for round in $(seq 1 "$rounds"); do
     echo "round $round: ropo (precompute_ref_log_probs = $pre)" >&2
     out="runs/bench/anchor-precompute-$pre-r$round"
     /usr/bin/time -v -o "$out.time.txt" ./target/release/ropo train --config configs/bench/anchor.toml \
-      --set "training.precompute_ref_log_probs=$pre" --set "training.output_dir=\"$out\"" --overwrite > "$out.log.txt" 2>&1
+      --set "model.path_or_id=\"$gguf\"" --set "training.precompute_ref_log_probs=$pre" \
+      --set "training.output_dir=\"$out\"" --overwrite > "$out.log.txt" 2>&1
   done
 done
-python3 scripts/anchor_table.py "$work" runs/bench "$rounds" | tee runs/bench/anchor_table.md
+python3 scripts/anchor_table.py "$work" runs/bench "$rounds" "$trl_configs" | tee runs/bench/anchor_table.md

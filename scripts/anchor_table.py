@@ -2,9 +2,10 @@
 """Table of scripts/anchor_compare.sh: TRL + PEFT vs ropo, median real tokens/s of steps 2-6
 and peak RSS of each run, and ropo's ratios against each TRL configuration.
 
-Usage: anchor_table.py WORK RUNS ROUNDS
+Usage: anchor_table.py WORK RUNS ROUNDS [TRL_CONFIGS]
   WORK: the TRL work folder (results/CFG_rN.json, time_CFG_rN.txt)
   RUNS: ropo's runs folder (anchor-precompute-{true,false}-rN/metrics.jsonl, .time.txt)
+  TRL_CONFIGS: space-separated TRL configurations of this run (default "hra_qkvo lora_qkvo")
 """
 import json
 import statistics
@@ -32,7 +33,8 @@ def ropo_tok_s(metrics: Path) -> float:
 def main() -> None:
     work, runs, rounds = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     rows = {}
-    for cfg in ["hra_qkvo", "lora_qkvo", "hra_qv", "full"]:
+    configs = (sys.argv[4] if len(sys.argv) > 4 else "hra_qkvo lora_qkvo").split()
+    for cfg in configs:
         got = [(json.loads((work / "results" / f"{cfg}_r{r}.json").read_text())["median_tok_per_s_steps2to6"], peak_gib(work / f"time_{cfg}_r{r}.txt"))
                for r in range(1, rounds + 1) if (work / "results" / f"{cfg}_r{r}.json").exists()]
         if got:

@@ -8,7 +8,8 @@ fn main() -> ExitCode {
     ropo::train::keep_freed_memory();
     // log records (warnings by default; RUST_LOG=ropo=debug for the debug ones) to stderr
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).with_target(false).init();
     let cli = ropo::cli::Cli::parse();
     match ropo::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,7 +4,7 @@
 //! (head-major). Composed from candle ops this is `reshape -> transpose -> contiguous -> rope ->
 //! affine` (five graph nodes, three passes over the activation, and in backward a zero gradient
 //! plus an addition at every node). [`to_heads`] does it in one pass with one node, its backward
-//! the inverse (the transposed rotation, `-sin`, the same scale, back to rows); [`from_heads`]
+//! the transpose (the transposed rotation, `-sin`, the same scale, back to rows); [`from_heads`]
 //! is the way back for the attention output (`transpose -> reshape`).
 //!
 //! RoPE as HF `apply_rotary_pos_emb` (`x cos + rotate_half(x) sin`), tables from
@@ -61,7 +61,8 @@ struct Geo {
     hd: usize,
 }
 
-/// The RoPE tables of one call: `cos`, `sin` (`sin` negated for the inverse) and per-row flag.
+/// The RoPE tables of one call: `cos`, `sin` and the per-row flag (the inverse rotation is
+/// `sign = -1` in [`rotate_row`]).
 type Tables<'a, T> = Option<(&'a [T], &'a [T], bool)>;
 
 /// `dst = scale * R(src)` for one head row; `R` the RoPE rotation at table row `p` (identity
@@ -98,6 +99,9 @@ fn table_row<T>(tables: Tables<'_, T>, g: Geo, b: usize, tt: usize) -> usize {
 /// Rows `(N*T, H*hd)` -> heads `(N, H, T, hd)`, rotated and scaled.
 fn rows_to_heads<T: Real>(x: &[T], g: Geo, tables: Tables<'_, T>, sign: T, scale: T) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
+    if out.is_empty() {
+        return out;
+    }
     let width = g.h * g.hd;
     // one task per (b, head): T rows of hd
     out.par_chunks_mut(g.t * g.hd).enumerate().for_each(|(bh, o)| {
@@ -113,6 +117,9 @@ fn rows_to_heads<T: Real>(x: &[T], g: Geo, tables: Tables<'_, T>, sign: T, scale
 /// Heads `(N, H, T, hd)` -> rows `(N*T, H*hd)`, rotated and scaled.
 fn heads_to_rows<T: Real>(y: &[T], g: Geo, tables: Tables<'_, T>, sign: T, scale: T) -> Vec<T> {
     let mut out = vec![T::zero(); y.len()];
+    if out.is_empty() {
+        return out;
+    }
     let width = g.h * g.hd;
     // one task per output row (b, t): H heads of hd
     out.par_chunks_mut(width).enumerate().for_each(|(bt, o)| {

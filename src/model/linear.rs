@@ -56,9 +56,16 @@ impl Linear {
     /// The layer's output: through the adapter when one is attached and `use_adapters` is true,
     /// else the frozen base `x W^T + b`.
     ///
-    /// `x (..., in)` is flattened to `(rows, in)` once here and the result reshaped back once,
-    /// so the adapter's and the matmul's own flattening add no graph nodes ([`reshaped`]).
+    /// With the fused layer ops on (the default) `x (..., in)` is flattened to `(rows, in)` once
+    /// here and the result reshaped back once, so the adapter's and the matmul's own flattening
+    /// add no graph nodes ([`reshaped`]); off, `x` goes to them as it is (the path before).
     pub fn forward(&self, x: &Tensor, use_adapters: bool) -> Result<Tensor> {
+        if !crate::model::ops::fused_layer_ops() {
+            return match (&self.adapter, use_adapters) {
+                (Some(a), true) => a.forward(self, x),
+                _ => self.forward_base(x),
+            };
+        }
         let dims = x.dims().to_vec();
         let in_f = *dims.last().ok_or_else(|| candle_core::Error::Msg(format!("{}: input is a scalar", self.path)))?;
         let x2 = reshaped(x, &[x.elem_count() / in_f.max(1), in_f])?;

@@ -157,14 +157,18 @@ impl Mlp {
     /// `x` `(N, T, D)` -> `(N, T, D)`; `silu(z) = z * sigmoid(z)`, fused with the product
     /// ([`swiglu`]).
     pub fn forward(&self, x: &Tensor, use_adapters: bool) -> Result<Tensor> {
-        // (N, T, I)
+        if !fused_layer_ops() {
+            // the composed path (ops::set_fused_layer_ops): (N, T, I) activations
+            let g = self.gate_proj.forward(x, use_adapters)?;
+            let u = self.up_proj.forward(x, use_adapters)?;
+            return self.down_proj.forward(&swiglu_composed(&g, &u)?, use_adapters);
+        }
         // One flattening for the three projections: (..., D) -> (rows, D), and one back.
         let d = x.dims().last().copied().unwrap_or(0);
         let x2 = crate::model::ops::reshaped(x, &[x.elem_count() / d.max(1), d])?;
-        let g = self.gate_proj.forward(&x2, use_adapters)?;
+        let g = self.gate_proj.forward(&x2, use_adapters)?; // (rows, I)
         let u = self.up_proj.forward(&x2, use_adapters)?;
-        let a = if fused_layer_ops() { swiglu(&g, &u)? } else { swiglu_composed(&g, &u)? };
-        let y = self.down_proj.forward(&a, use_adapters)?; // (rows, D)
+        let y = self.down_proj.forward(&swiglu(&g, &u)?, use_adapters)?; // (rows, D)
         crate::model::ops::reshaped(&y, x.dims())
     }
 }

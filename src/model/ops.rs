@@ -30,7 +30,7 @@ pub const MASK_VALUE: f64 = -1e9;
 static FUSED_LAYER_OPS: AtomicBool = AtomicBool::new(true);
 
 /// Enables or disables the fused layer ops process-wide (see [`fused_layer_ops`]; results agree
-/// to rounding, tests/fast_paths.rs).
+/// to rounding, tests/fused_layer_ops.rs).
 pub fn set_fused_layer_ops(enabled: bool) {
     FUSED_LAYER_OPS.store(enabled, Ordering::Relaxed);
 }
@@ -45,7 +45,8 @@ pub fn fused_layer_ops() -> bool {
 /// Every candle `reshape` is a graph node even when nothing changes, and each node's backward
 /// allocates a zero gradient and adds into it (two passes over the activation). The adapter and
 /// linear helpers flatten to `(rows, d)` and back; called on tensors that are already 2-D, this
-/// keeps those no-op reshapes out of the graph.
+/// keeps those no-op reshapes out of the graph. With the fused layer ops off
+/// ([`set_fused_layer_ops`]) it always reshapes, as before.
 pub fn reshaped(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
     if x.dims() == dims && fused_layer_ops() {
         Ok(x.clone())
