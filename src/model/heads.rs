@@ -66,7 +66,9 @@ struct Geo {
 type Tables<'a, T> = Option<(&'a [T], &'a [T], bool)>;
 
 /// `dst = scale * R(src)` for one head row; `R` the RoPE rotation at table row `p` (identity
-/// without tables); `sign = -1` applies `R^T`.
+/// without tables); `sign = -1` applies `R^T`, exact for tables whose two halves repeat
+/// (`cos[i] = cos[i + hd/2]`, `sin[i] = sin[i + hd/2]`, as [`crate::model::ops::rope_tables`]
+/// builds them, and as `RopeOp`'s backward assumes too).
 #[inline]
 fn rotate_row<T: Real>(dst: &mut [T], src: &[T], tables: Tables<'_, T>, p: usize, sign: T, scale: T) {
     let hd = src.len();
