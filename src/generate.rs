@@ -182,10 +182,10 @@ pub fn generate_with(
 ///
 /// Errors: an empty prompt, invalid options, a model error.
 pub fn generate(model: &Model, tokenizer: &Tokenizer, prompt_ids: &[u32], opts: &GenerateOptions, use_adapters: bool) -> Result<Generation> {
-    crate::model::grad::no_grad(|| generate_tracked(model, tokenizer, prompt_ids, opts, use_adapters))
+    crate::model::grad::no_grad(|| generate_untracked(model, tokenizer, prompt_ids, opts, use_adapters))
 }
 
-fn generate_tracked(model: &Model, tokenizer: &Tokenizer, prompt_ids: &[u32], opts: &GenerateOptions, use_adapters: bool) -> Result<Generation> {
+fn generate_untracked(model: &Model, tokenizer: &Tokenizer, prompt_ids: &[u32], opts: &GenerateOptions, use_adapters: bool) -> Result<Generation> {
     let mut cache = KvCache::new(model.config());
     let device = model.device().clone();
     let step = |ids: &[u32]| -> Result<Vec<f32>> {

@@ -22,17 +22,9 @@
 
 use candle_core::{DType, Device, Result, Tensor, D};
 use rand::Rng;
-
-use crate::model::ops::reshaped;
 use rand_distr::{Distribution, Normal};
 
-/// Flatten `(..., d)` to `(rows, d)`; returns the flat tensor and the original dims.
-fn flatten(x: &Tensor) -> Result<(Tensor, Vec<usize>)> {
-    let dims = x.dims().to_vec();
-    let d = *dims.last().ok_or_else(|| candle_core::Error::Msg("x must have at least one dimension".into()))?;
-    let rows: usize = dims[..dims.len() - 1].iter().product();
-    Ok((reshaped(x, &[rows, d])?, dims))
-}
+use crate::model::ops::{from_rows, to_rows};
 
 /// Check `u` is `(r, d)` with `d` = the last dim of `x`.
 fn check(x: &Tensor, u: &Tensor) -> Result<usize> {
@@ -53,7 +45,7 @@ pub fn reflect_rank1(x: &Tensor, u: &Tensor) -> Result<Tensor> {
     if r == 0 {
         return Ok(x.clone());
     }
-    let (mut xf, dims) = flatten(x)?;
+    let (mut xf, dims) = to_rows(x)?;
     for k in 0..r {
         let uk = u.narrow(0, k, 1)?; // (1, d)
         let uu = uk.sqr()?.sum_all()?; // scalar
@@ -91,11 +83,11 @@ pub fn reflect(x: &Tensor, u: &Tensor) -> Result<Tensor> {    let r = check(x, u
     if r == 0 {
         return Ok(x.clone());
     }
-    let (xf, dims) = flatten(x)?;
+    let (xf, dims) = to_rows(x)?;
     let t_inv = wy_t_inv(u)?; // (r, r)
     let a = xf.matmul(&u.t()?)?; // (N, r)
     let b = a.matmul(&t_inv)?; // (N, r)
-    reshaped(&(xf - b.matmul(u)?)?, &dims)
+    from_rows(&(xf - b.matmul(u)?)?, &dims)
 }
 
 /// The dense `H = H_1 ··· H_r`, `(d, d)`, for merging only (never in training).

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::{add_acc, cpu_slice, givens, householder};
 use crate::model::grad::param;
-use crate::model::ops::reshaped;
+use crate::model::ops::{from_rows, to_rows};
 use crate::model::linear::{frozen_matmul, Adapter, Linear};
 
 /// Name suffix of the Householder vectors: `<module path>.ropo_u`, `(r, d)`.
@@ -197,13 +197,12 @@ impl RopoAdapter {
 /// backward reduces over the broadcast dimension with slow strided sums. Elsewhere `broadcast_mul`.
 pub fn scale_cols(y: &Tensor, s: &Tensor) -> Result<Tensor> {
     let n = s.dims1()?;
-    let dims = y.dims().to_vec();
     let fused = y.device().is_cpu() && matches!(y.dtype(), DType::F32 | DType::F64) && y.dtype() == s.dtype();
-    if !fused || dims.last() != Some(&n) || y.elem_count() == 0 {
+    if !fused || y.dims().last() != Some(&n) || y.elem_count() == 0 {
         return y.broadcast_mul(s);
     }
-    let rows = y.elem_count() / n;
-    reshaped(&reshaped(y, &[rows, n])?.contiguous()?.apply_op2(&s.contiguous()?, ScaleCols)?, &dims)
+    let (y2, dims) = to_rows(y)?;
+    from_rows(&y2.contiguous()?.apply_op2(&s.contiguous()?, ScaleCols)?, &dims)
 }
 
 /// The fused column scaling of [`scale_cols`]; forward and backward side by side. The forward

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, Var};
 
-use crate::model::ops::reshaped;
+use crate::model::ops::{from_rows, to_rows};
 
 /// A trainable modification of a frozen [`Linear`].
 ///
@@ -58,7 +58,7 @@ impl Linear {
     ///
     /// With the fused layer ops on (the default) `x (..., in)` is flattened to `(rows, in)` once
     /// here and the result reshaped back once, so the adapter's and the matmul's own flattening
-    /// add no graph nodes ([`reshaped`]); off, `x` goes to them as it is (the path before).
+    /// add no graph nodes ([`to_rows`]); off, `x` goes to them as it is (the path before).
     pub fn forward(&self, x: &Tensor, use_adapters: bool) -> Result<Tensor> {
         if !crate::model::ops::fused_layer_ops() {
             return match (&self.adapter, use_adapters) {
@@ -66,16 +66,12 @@ impl Linear {
                 _ => self.forward_base(x),
             };
         }
-        let dims = x.dims().to_vec();
-        let in_f = *dims.last().ok_or_else(|| candle_core::Error::Msg(format!("{}: input is a scalar", self.path)))?;
-        let x2 = reshaped(x, &[x.elem_count() / in_f.max(1), in_f])?;
+        let (x2, dims) = to_rows(x).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", self.path)))?;
         let y = match (&self.adapter, use_adapters) {
             (Some(a), true) => a.forward(self, &x2)?,
             _ => self.forward_base(&x2)?,
         };
-        let mut out = dims;
-        *out.last_mut().expect("x has at least one dimension") = y.dim(1)?;
-        reshaped(&y, &out)
+        from_rows(&y, &dims)
     }
 
     /// The frozen base projection `x W^T + b` for `x` of shape `(..., in)`.
@@ -125,13 +121,8 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if !fast {
         return plain_frozen_matmul(x, w);
     }
-    let dims = x.dims().to_vec();
-    let in_f = *dims.last().ok_or_else(|| candle_core::Error::Msg("frozen_matmul: x is a scalar".into()))?;
-    let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = reshaped(x, &[rows, in_f])?.contiguous()?.apply_op2(&w.contiguous()?, FrozenMatmul)?;
-    let mut out = dims;
-    *out.last_mut().expect("x has at least one dimension") = w.dim(0)?;
-    reshaped(&y, &out)
+    let (x2, dims) = to_rows(x)?;
+    from_rows(&x2.contiguous()?.apply_op2(&w.contiguous()?, FrozenMatmul)?, &dims)
 }
 
 /// The plain path of [`frozen_matmul`]: `x W^T` by candle's differentiable matmul (its backward

@@ -30,7 +30,7 @@ use candle_nn::VarBuilder;
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::linear::Linear;
 use crate::model::heads::{from_heads, from_heads_composed, to_heads, to_heads_composed};
-use crate::model::ops::{attention_bias, fused_layer_ops, masked_softmax, rms_norm, rope_inv_freq, rope_tables, swiglu, swiglu_composed};
+use crate::model::ops::{attention_bias, from_rows, fused_layer_ops, masked_softmax, rms_norm, rope_inv_freq, rope_tables, swiglu, swiglu_composed, to_rows};
 
 /// Loads `{path}.weight` `(out, inp)` (and `{path}.bias` `(out,)` when `bias`) into a [`Linear`].
 fn load_linear(vb: &VarBuilder, path: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
@@ -164,12 +164,10 @@ impl Mlp {
             return self.down_proj.forward(&swiglu_composed(&g, &u)?, use_adapters);
         }
         // One flattening for the three projections: (..., D) -> (rows, D), and one back.
-        let d = x.dims().last().copied().unwrap_or(0);
-        let x2 = crate::model::ops::reshaped(x, &[x.elem_count() / d.max(1), d])?;
+        let (x2, dims) = to_rows(x)?;
         let g = self.gate_proj.forward(&x2, use_adapters)?; // (rows, I)
         let u = self.up_proj.forward(&x2, use_adapters)?;
-        let y = self.down_proj.forward(&swiglu(&g, &u)?, use_adapters)?; // (rows, D)
-        crate::model::ops::reshaped(&y, x.dims())
+        from_rows(&self.down_proj.forward(&swiglu(&g, &u)?, use_adapters)?, &dims) // (rows, D) -> (..., D)
     }
 }
 

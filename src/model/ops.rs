@@ -55,6 +55,24 @@ pub fn reshaped(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
     }
 }
 
+/// Flattens `x (..., d)` to rows `(rows, d)` with [`reshaped`] (no graph node when `x` is
+/// already 2-D); returns the rows and `x`'s dims for [`from_rows`].
+///
+/// Errors: a scalar `x` (no last dimension).
+pub fn to_rows(x: &Tensor) -> Result<(Tensor, Vec<usize>)> {
+    let dims = x.dims().to_vec();
+    let d = *dims.last().ok_or_else(|| candle_core::Error::Msg("to_rows: x is a scalar (no last dimension)".into()))?;
+    Ok((reshaped(x, &[x.elem_count() / d.max(1), d])?, dims))
+}
+
+/// Rows `y (rows, k)` back to `dims` with the last dimension replaced by `k` (the inverse of
+/// [`to_rows`] for a row-wise map from `d` to `k` features), by [`reshaped`].
+pub fn from_rows(y: &Tensor, dims: &[usize]) -> Result<Tensor> {
+    let mut out = dims.to_vec();
+    *out.last_mut().expect("to_rows dims have a last dimension") = y.dim(1)?;
+    reshaped(y, &out)
+}
+
 /// Root-mean-square layer norm, `y = x / sqrt(mean(x^2) + eps) * w`, over the last dim.
 ///
 /// `x` `(..., D)`, `weight` `(D,)`, both F32 or both F64; returns `(..., D)`.
@@ -303,7 +321,7 @@ impl Real for f64 {
 }
 
 /// The contiguous data of a layout.
-fn data<'a, T>(v: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
+pub(crate) fn data<'a, T>(v: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
         None => candle_core::bail!("{op}: input must be contiguous"),

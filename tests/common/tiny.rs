@@ -61,7 +61,6 @@ pub fn randn(shape: &[usize], std: f64, rng: &mut impl rand::Rng, dtype: DType) 
 /// `cfg` (f64, random weights from `seed`) with RoPO (r = 2, S = 2, magnitude) on every
 /// projection of every layer (`init_seed`), its parameters moved off the identity by
 /// uniform(-0.3, 0.3) offsets drawn after the weights; returns the model and the adapter set.
-#[allow(dead_code)]
 pub fn model_with_perturbed_ropo(cfg: &ModelConfig, seed: u64, init_seed: u64) -> (Model, ropo::adapter::inject::AdapterSet) {
     use rand::Rng;
     use ropo::adapter::config::{AdapterConfig, TargetModules};
