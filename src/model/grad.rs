@@ -64,20 +64,9 @@ mod tests {
         assert!(is_enabled(), "tracking is back on after no_grad");
         // A detached forward has no graph: backward finds no path to the Var.
         let g = inside.sum_all().unwrap().backward().unwrap();
-        assert!(
-            g.get(v.as_tensor()).is_none(),
-            "no_grad forward must not reach the Var"
-        );
-        let g = (param(&v) * 2.0)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        assert_eq!(
-            g.get(v.as_tensor()).unwrap().to_vec1::<f32>().unwrap(),
-            vec![2.0; 3]
-        );
+        assert!(g.get(v.as_tensor()).is_none(), "no_grad forward must not reach the Var");
+        let g = (param(&v) * 2.0).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(g.get(v.as_tensor()).unwrap().to_vec1::<f32>().unwrap(), vec![2.0; 3]);
     }
 
     #[test]

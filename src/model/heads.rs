@@ -15,7 +15,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::model::ops::{rope, Real};
+use crate::model::ops::{data, rope, Real};
 
 /// `x (N*T, H*hd)` -> `(N, H, T, hd)`, each head row rotated by RoPE when `tables = Some((cos,
 /// sin))` (constants, no gradient) and multiplied by `scale`. F32/F64, CPU.
@@ -31,7 +31,7 @@ pub fn to_heads(x: &Tensor, n: usize, heads: usize, tables: Option<(&Tensor, &Te
 
 /// `y (N, H, T, hd)` -> `(N*T, H*hd)` (the inverse layout change of [`to_heads`], no rotation).
 pub fn from_heads(y: &Tensor) -> Result<Tensor> {
-    y.contiguous()?.apply_op1(FromHeads)
+    y.contiguous()?.apply_op1(FromHeads { scale: 1.0 })
 }
 
 /// [`to_heads`] composed from differentiable candle ops (the reference).
@@ -134,14 +134,6 @@ fn heads_to_rows<T: Real>(y: &[T], g: Geo, tables: Tables<'_, T>, sign: T, scale
     out
 }
 
-/// The contiguous slice of a layout.
-fn slice<'a, T>(v: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{op}: input must be contiguous"),
-    }
-}
-
 /// Checks `(rows, width)` against `n` and `heads`; returns the geometry.
 fn rows_geo(l: &Layout, n: usize, heads: usize, op: &str) -> Result<Geo> {
     let (rows, width) = l.shape().dims2()?;
@@ -170,9 +162,9 @@ macro_rules! on_float {
         let tabs: TableArgs<'_> = $tabs;
         match $s {
             CpuStorage::F32(v) => {
-                let $x = slice(v, $l, $op)?;
+                let $x = data(v, $l, $op)?;
                 let $tb: Tables<'_, f32> = match tabs {
-                    Some((CpuStorage::F32(c), lc, CpuStorage::F32(s), ls, per_row)) => Some((slice(c, lc, $op)?, slice(s, ls, $op)?, per_row)),
+                    Some((CpuStorage::F32(c), lc, CpuStorage::F32(s), ls, per_row)) => Some((data(c, lc, $op)?, data(s, ls, $op)?, per_row)),
                     Some(_) => candle_core::bail!("{}: tables of another dtype", $op),
                     None => None,
                 };
@@ -180,9 +172,9 @@ macro_rules! on_float {
                 CpuStorage::F32($body)
             }
             CpuStorage::F64(v) => {
-                let $x = slice(v, $l, $op)?;
+                let $x = data(v, $l, $op)?;
                 let $tb: Tables<'_, f64> = match tabs {
-                    Some((CpuStorage::F64(c), lc, CpuStorage::F64(s), ls, per_row)) => Some((slice(c, lc, $op)?, slice(s, ls, $op)?, per_row)),
+                    Some((CpuStorage::F64(c), lc, CpuStorage::F64(s), ls, per_row)) => Some((data(c, lc, $op)?, data(s, ls, $op)?, per_row)),
                     Some(_) => candle_core::bail!("{}: tables of another dtype", $op),
                     None => None,
                 };
@@ -194,7 +186,7 @@ macro_rules! on_float {
     }};
 }
 
-/// `(N*T, H*hd) -> (N, H, T, hd)` times `scale`, no rotation; backward: [`HeadsToRows`].
+/// `(N*T, H*hd) -> (N, H, T, hd)` times `scale`, no rotation; backward: [`FromHeads`].
 struct ToHeads {
     n: usize,
     heads: usize,
@@ -214,7 +206,7 @@ impl CustomOp1 for ToHeads {
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&HeadsToRows { scale: self.scale })?))
+        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&FromHeads { scale: self.scale })?))
     }
 }
 
@@ -244,8 +236,11 @@ impl CustomOp3 for ToHeadsRope {
     }
 }
 
-/// `(N, H, T, hd) -> (N*T, H*hd)`; backward: [`ToHeads`] with scale 1.
-struct FromHeads;
+/// `(N, H, T, hd) -> (N*T, H*hd)` times `scale`; backward: [`ToHeads`] with the same scale.
+/// Also the backward of [`ToHeads`].
+struct FromHeads {
+    scale: f64,
+}
 
 impl CustomOp1 for FromHeads {
     fn name(&self) -> &'static str {
@@ -255,32 +250,14 @@ impl CustomOp1 for FromHeads {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, h, t, hd) = l.shape().dims4()?;
         let g = Geo { n, t, h, hd };
-        let out = on_float!(self.name(), s, l, None, |y, tb, cv| heads_to_rows(y, g, tb, cv(1.0), cv(1.0)));
+        let sc = self.scale;
+        let out = on_float!(self.name(), s, l, None, |y, tb, cv| heads_to_rows(y, g, tb, cv(1.0), cv(sc)));
         Ok((out, Shape::from((n * t, h * hd))))
     }
 
     fn bwd(&self, y: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let (n, h, _, _) = y.dims4()?;
-        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&ToHeads { n, heads: h, scale: 1.0 })?))
-    }
-}
-
-/// Backward of [`ToHeads`]: `g (N, H, T, hd)` -> `scale * g` as rows.
-struct HeadsToRows {
-    scale: f64,
-}
-
-impl CustomOp1 for HeadsToRows {
-    fn name(&self) -> &'static str {
-        "ropo-to-heads-bwd"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, h, t, hd) = l.shape().dims4()?;
-        let g = Geo { n, t, h, hd };
-        let sc = self.scale;
-        let out = on_float!(self.name(), s, l, None, |y, tb, cv| heads_to_rows(y, g, tb, cv(1.0), cv(sc)));
-        Ok((out, Shape::from((n * t, h * hd))))
+        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&ToHeads { n, heads: h, scale: self.scale })?))
     }
 }
 
@@ -308,19 +285,8 @@ impl CustomOp3 for HeadsToRowsRope {
 mod tests {
     use super::*;
     use crate::model::ops::rope_tables;
+    use crate::model::ops::tests::{max_diff, seeded};
     use candle_core::{DType, Device, Var};
-
-    fn seeded(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| rng.sample::<f64, _>(rand_distr::StandardNormal)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
-    }
 
     // Values and input gradients equal the composed reshape/transpose/rope/affine path, with
     // shared tables, per-row tables and no rotation (f64: 1e-12; f32 values: 1e-5).

@@ -697,7 +697,7 @@ impl CustomOp3 for RopeOp {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::Var;
 
@@ -706,7 +706,7 @@ mod tests {
     }
 
     /// Seeded N(0, 1) values.
-    fn seeded(shape: &[usize], seed: u64) -> Tensor {
+    pub(crate) fn seeded(shape: &[usize], seed: u64) -> Tensor {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let n: usize = shape.iter().product();
@@ -714,7 +714,7 @@ mod tests {
         t64(&v, shape)
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
     }
 
