@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use ropo::model::bf16_gemm::{self, Product};
 
 const N: usize = 2048;
 
@@ -28,6 +29,25 @@ fn bench_sgemm(c: &mut Criterion) {
         let b = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap().t().unwrap();
         g.throughput(Throughput::Elements(2 * (m * k * n) as u64));
         g.bench_function(format!("{m}x{k}x{n}"), |bch| bch.iter(|| a.matmul(&b).unwrap().dtype() == DType::F32));
+    }
+    g.finish();
+    // The same shapes on the bf16 kernel (`model.dtype = "bf16"`: f32 activations rounded to
+    // bf16, bf16 weights, f32 accumulation), forward x W^T and input-gradient dy W; and the LM
+    // head at ~500 completion positions.
+    let mut g = c.benchmark_group("bf16_step_shapes");
+    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    let mut shapes: Vec<(usize, usize, usize, Product)> = vec![];
+    for (m, k, n) in [(940, 576, 576), (940, 576, 192), (940, 576, 1536), (940, 1536, 576)] {
+        shapes.push((m, n, k, Product::XWt)); // W (out = n, in = k)
+        shapes.push((m, k, n, Product::XW)); // dy (m, k = out) W (out, in = n)
+    }
+    shapes.push((500, 49152, 576, Product::XWt));
+    for (m, out, inp, product) in shapes {
+        let (k, n) = product.kn(out, inp);
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+        let w: Vec<half::bf16> = (0..out * inp).map(|i| half::bf16::from_f32(((i * 104729) % 1000) as f32 / 1000.0 - 0.5)).collect();
+        g.throughput(Throughput::Elements(2 * (m * k * n) as u64));
+        g.bench_function(format!("{m}x{k}x{n}_{product:?}"), |bch| bch.iter(|| bf16_gemm::matmul(&x, m, &w, out, inp, product).len()));
     }
     g.finish();
 }

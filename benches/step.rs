@@ -12,7 +12,10 @@
 //! - `step/prefix`: + `prefix::completion_logps_shared_prompt` (each prompt once for its pair);
 //! - `step/fused`: + the fused layer ops (`ops::set_fused_layer_ops`: SwiGLU, the attention
 //!   heads' layout + RoPE ops, no-op reshapes out of the graph, no gradient for constant norm
-//!   weights); the configurations before it run the composed candle ops.
+//!   weights); the configurations before it run the composed candle ops;
+//! - `step/bf16`: + projection weights in bf16 (`model.dtype = "bf16"`,
+//!   `Model::narrow_projections_to_bf16`: the AVX-512 BF16 kernel with f32 accumulation for
+//!   every projection and the LM head, forward and input gradient).
 //!
 //! Batch: 2 pairs, orca-like lengths (prompt 150 + chosen 100 / rejected 60; prompt 140 +
 //! chosen 90 / rejected 110): 940 real tokens (chosen + rejected rows, each prompt counted in
@@ -93,6 +96,7 @@ enum Path {
     LmHead,
     Prefix,
     Fused,
+    Bf16,
 }
 
 /// Policy log-probs (4,), DPO loss, backward; returns the loss.
@@ -103,7 +107,7 @@ fn step(model: &Model, b: &Batch, path: Path, reference: &(Tensor, Tensor)) -> f
             let h = model.forward_hidden(&b.ids, Some(&b.am), true).unwrap();
             completion_logps_from_hidden(model, &h, &b.ids, &b.cm, true).unwrap()
         }
-        Path::Prefix | Path::Fused => completion_logps_shared_prompt(model, &b.shared, true).unwrap(),
+        Path::Prefix | Path::Fused | Path::Bf16 => completion_logps_shared_prompt(model, &b.shared, true).unwrap(),
     };
     let n_tok = b.cm.sum(1).unwrap();
     let lp = PairLogps {
@@ -146,6 +150,8 @@ fn print_flops(cfg: &ModelConfig, b: &Batch) {
 /// reference log-probs, as both the criterion and the interleaved runs use them.
 struct Setup {
     model: Model,
+    /// The same model (same adapters) with bf16 projection weights, for `step/bf16`.
+    model_bf16: Model,
     b: Batch,
     reference: (Tensor, Tensor),
 }
@@ -156,31 +162,35 @@ fn setup() -> Setup {
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut model = common::random_model(&cfg, &mut rng);
     let set = inject::inject(&mut model, &AdapterConfig::default(), "bench").unwrap();
+    let mut model_bf16 = model.clone();
+    model_bf16.narrow_projections_to_bf16().unwrap();
     let b = batch(&mut rng, cfg.vocab_size as u32, &dev);
     let reference = (Tensor::new(&[-200f32, -180.0], &dev).unwrap(), Tensor::new(&[-150f32, -220.0], &dev).unwrap());
     eprintln!("step bench: {} trainable", set.report.trainable);
     print_flops(&cfg, &b);
-    Setup { model, b, reference }
+    Setup { model, model_bf16, b, reference }
 }
 
 /// The configurations, by bench id.
-const PATHS: [(&str, Path); 5] = [("plain", Path::Plain), ("frozen", Path::Frozen), ("lmhead", Path::LmHead), ("prefix", Path::Prefix), ("fused", Path::Fused)];
+const PATHS: [(&str, Path); 6] =
+    [("plain", Path::Plain), ("frozen", Path::Frozen), ("lmhead", Path::LmHead), ("prefix", Path::Prefix), ("fused", Path::Fused), ("bf16", Path::Bf16)];
 
 /// Sets the process-wide switches of `path`.
 fn switch(path: Path) {
     set_fast_frozen_matmul(!matches!(path, Path::Plain));
-    set_fused_layer_ops(matches!(path, Path::Fused));
+    set_fused_layer_ops(matches!(path, Path::Fused | Path::Bf16));
 }
 
 fn bench_step(c: &mut Criterion) {
-    let Setup { model, b, reference } = setup();
+    let Setup { model, model_bf16, b, reference } = setup();
     let mut g = c.benchmark_group("step");
     g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(30));
     g.throughput(Throughput::Elements(b.real_tokens as u64));
     for (name, path) in PATHS {
         g.bench_function(name, |bch| {
             switch(path);
-            bch.iter(|| step(&model, &b, path, &reference))
+            let m = if matches!(path, Path::Bf16) { &model_bf16 } else { &model };
+            bch.iter(|| step(m, &b, path, &reference))
         });
     }
     g.finish();
@@ -192,7 +202,7 @@ fn bench_step(c: &mut Criterion) {
 /// and print each step's wall time, so that a noisy shared machine's load drifts affect both
 /// alike.
 fn interleaved(names: &str) {
-    let Setup { model, b, reference } = setup();
+    let Setup { model, model_bf16, b, reference } = setup();
     let rounds: usize = std::env::var("STEP_AB_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
     let paths: Vec<(&str, Path)> = names
         .split(',')
@@ -202,7 +212,8 @@ fn interleaved(names: &str) {
         for &(name, path) in &paths {
             switch(path);
             let t0 = std::time::Instant::now();
-            let loss = step(&model, &b, path, &reference);
+            let m = if matches!(path, Path::Bf16) { &model_bf16 } else { &model };
+            let loss = step(m, &b, path, &reference);
             let s = t0.elapsed().as_secs_f64();
             eprintln!("AB round {round} {name}: {s:.2} s, {:.1} tok/s (loss {loss:.5})", b.real_tokens as f64 / s);
         }

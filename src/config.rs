@@ -39,7 +39,9 @@ pub struct ModelSection {
     pub path_or_id: String,
     /// Hub revision (branch, tag or commit) when `path_or_id` is a hub id.
     pub revision: String,
-    /// Compute dtype of the frozen weights.
+    /// Storage and product dtype of the frozen projection weights: `f32`, or `bf16` (weights
+    /// rounded to bf16, products on the AVX-512 BF16 kernel with f32 accumulation; activations,
+    /// norms, attention, adapters, gradients and the optimiser stay f32). `f16` is refused.
     pub dtype: ModelDtype,
     /// A separate reference model (same forms as `path_or_id`). Unset: the policy with its
     /// adapters bypassed is the reference (no second copy of the weights).
@@ -52,7 +54,7 @@ impl Default for ModelSection {
     }
 }
 
-/// Compute dtype of the model weights.
+/// Dtype of the frozen projection weights (see [`ModelSection::dtype`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelDtype {
@@ -596,6 +598,10 @@ impl RunConfig {
         if let Some(r) = &m.reference {
             check(!r.trim().is_empty(), "model.reference must not be empty when set".into());
         }
+        check(
+            m.dtype != ModelDtype::F16,
+            "model.dtype = \"f16\" is not supported on the CPU (no f16 matmul kernel: slower than f32, and f16's range overflows in activations); use \"bf16\" (bf16 products, f32 accumulation) or \"f32\"".into(),
+        );
         // [data]
         check(!d.train_files.is_empty(), "data.train_files must list at least one file".into());
         for (i, f) in d.train_files.iter().enumerate() {
@@ -649,7 +655,12 @@ impl RunConfig {
                     format!("adapter.lora_dropout > 0 is not supported yet (got {}); use 0", a.lora_dropout),
                 );
             }
-            AdapterKind::Full => {}
+            AdapterKind::Full => {
+                check(
+                    m.dtype != ModelDtype::Bf16,
+                    "adapter.type = \"full\" trains the weights themselves, in f32: model.dtype = \"bf16\" (frozen bf16 projections) does not apply; use model.dtype = \"f32\"".into(),
+                );
+            }
         }
         // [training]
         check(!t.output_dir.trim().is_empty(), "training.output_dir must not be empty".into());

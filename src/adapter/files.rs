@@ -75,7 +75,7 @@ pub fn load_linears(dir: &Path, linears: Vec<&mut Linear>, base_params: usize) -
             if t.dims() != want.as_slice() {
                 return Err(Error::Shape { name, expected: want, got: t.dims().to_vec() });
             }
-            Ok(Some(t.to_device(lin.weight.device())?.to_dtype(lin.weight.dtype())?))
+            Ok(Some(t.to_device(lin.weight.device())?.to_dtype(lin.dtype())?))
         };
         let u = take(U_SUFFIX, (cfg.householder_reflections > 0).then(|| vec![cfg.householder_reflections, d]))?;
         let theta = take(THETA_SUFFIX, (a > 0).then(|| vec![a]))?;

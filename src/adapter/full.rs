@@ -40,7 +40,7 @@ pub struct FullAdapter {
 impl FullAdapter {
     /// A copy of `base`'s weight and bias (new storage: training it leaves `base` untouched).
     pub fn init(base: &Linear) -> CResult<Self> {
-        Self::from_tensors(base, base.weight.clone(), base.bias.clone())
+        Self::from_tensors(base, base.weight_in_compute_dtype()?, base.bias.clone())
     }
 
     /// Trained tensors `weight (d_out, d_in)` and `bias (d_out,)` (copied into new `Var`s).

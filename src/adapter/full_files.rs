@@ -96,7 +96,7 @@ pub fn load_linears(dir: &Path, linears: Vec<&mut Linear>, base_params: usize) -
             if t.dims() != want {
                 return Err(Error::Shape { name, expected: want.to_vec(), got: t.dims().to_vec() });
             }
-            Ok(t.to_device(lin.weight.device())?.to_dtype(lin.weight.dtype())?)
+            Ok(t.to_device(lin.weight.device())?.to_dtype(lin.dtype())?)
         };
         let w = take("weight", lin.weight.dims())?;
         let b = match &lin.bias {

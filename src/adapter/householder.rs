@@ -79,7 +79,15 @@ pub fn wy_t_inv(u: &Tensor) -> Result<Tensor> {
 ///
 /// Same contract as [`reflect_rank1`]: `u (r, d)`, `r = 0` returns `x`; returns `(..., d)`.
 /// Rows: `X H = X - ((X U^T) T^{-1}) U` with `H = H_1 ··· H_r`, which is `H^T x` per row.
-pub fn reflect(x: &Tensor, u: &Tensor) -> Result<Tensor> {    let r = check(x, u)?;
+///
+/// When `u` is exactly paired (`u_{2j} = u_{2j+1}` bit for bit, as [`paired_init`] makes it),
+/// `H = I` exactly, and the correction term is returned as `C - C.detach()`: exactly 0 in
+/// value (so the output is `x` bit for bit, not `x` plus f32 rounding noise of ~1e-7), with
+/// the same gradient as `C`. This keeps the identity at init exact: with bf16 products the
+/// noise would flip bf16 roundings of the policy's activations against the reference's and
+/// move the step-0 log-probs by ~0.1 nats (measured), so the step-0 loss would not be ln 2.
+pub fn reflect(x: &Tensor, u: &Tensor) -> Result<Tensor> {
+    let r = check(x, u)?;
     if r == 0 {
         return Ok(x.clone());
     }
@@ -87,7 +95,22 @@ pub fn reflect(x: &Tensor, u: &Tensor) -> Result<Tensor> {    let r = check(x, u
     let t_inv = wy_t_inv(u)?; // (r, r)
     let a = xf.matmul(&u.t()?)?; // (N, r)
     let b = a.matmul(&t_inv)?; // (N, r)
-    from_rows(&(xf - b.matmul(u)?)?, &dims)
+    let mut c = b.matmul(u)?; // (N, d)
+    if is_exactly_paired(u)? {
+        c = (&c - c.detach())?;
+    }
+    from_rows(&(xf - c)?, &dims)
+}
+
+/// Whether `u (r, d)` has an even number of rows and rows `2j`, `2j + 1` equal bit for bit
+/// (then `H_{2j+1} H_{2j+2} = I` exactly for every pair and `H = I`).
+pub fn is_exactly_paired(u: &Tensor) -> Result<bool> {
+    let (r, d) = u.dims2()?;
+    if r == 0 || r % 2 != 0 {
+        return Ok(false);
+    }
+    let v = u.detach().to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    Ok((0..r / 2).all(|j| v[2 * j * d..(2 * j + 1) * d].iter().zip(&v[(2 * j + 1) * d..(2 * j + 2) * d]).all(|(a, b)| a.to_bits() == b.to_bits())))
 }
 
 /// The dense `H = H_1 ··· H_r`, `(d, d)`, for merging only (never in training).
@@ -159,6 +182,35 @@ mod tests {
                 assert!(max_abs(gax, gbx) < 1e-12, "{name} dx r={r} d={d}: {}", max_abs(gax, gbx));
             }
         }
+    }
+
+    // At exactly paired u (the init) the output is x bit for bit, in f32 and f64, and the
+    // gradients are those of the rank-1 reference path (finite in u, identity in x); one bit
+    // of difference between a pair's rows takes the ordinary path again.
+    #[test]
+    fn paired_u_gives_x_exactly_with_the_same_gradients() {
+        let mut rng = ChaCha20Rng::seed_from_u64(9);
+        for dtype in [DType::F64, DType::F32] {
+            let u0 = paired_init(4, 24, &mut rng, dtype, &Device::Cpu).unwrap();
+            assert!(is_exactly_paired(&u0).unwrap());
+            let u = Var::from_tensor(&u0).unwrap();
+            let xv = Var::from_tensor(&randn((5, 24), 10).to_dtype(dtype).unwrap()).unwrap();
+            let proj = randn((5, 24), 11).to_dtype(dtype).unwrap();
+            let y = reflect(xv.as_tensor(), u.as_tensor()).unwrap();
+            assert_eq!(y.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap(), xv.as_tensor().to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap(), "{dtype:?}");
+            let g = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+            let r = reflect_rank1(xv.as_tensor(), u.as_tensor()).unwrap();
+            let gr = (&r * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+            let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+            let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+            assert!(max_abs(&f(g.get(&u).unwrap()), &f(gr.get(&u).unwrap())) < tol, "{dtype:?} du");
+            assert!(f(g.get(&u).unwrap()).abs().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap() > 1e-3, "du is not zero");
+            assert!(max_abs(&f(g.get(&xv).unwrap()), &f(gr.get(&xv).unwrap())) < tol, "{dtype:?} dx");
+        }
+        let mut v = paired_init(2, 8, &mut rng, DType::F64, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        v[3] = f64::from_bits(v[3].to_bits() ^ 1);
+        assert!(!is_exactly_paired(&Tensor::from_vec(v, (2, 8), &Device::Cpu).unwrap()).unwrap());
+        assert!(!is_exactly_paired(&randn((3, 8), 12)).unwrap());
     }
 
     // Each H_k is orthogonal, so the product is: H^T H = I.

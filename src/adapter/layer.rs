@@ -71,7 +71,7 @@ impl RopoAdapter {
     /// Errors: odd `r`.
     pub fn init(base: &Linear, householder_reflections: usize, givens_stages: usize, magnitude: bool, seed: u64) -> Result<Self> {
         let (_, d) = base.dims();
-        let (dtype, dev) = (base.weight.dtype(), base.weight.device());
+        let (dtype, dev) = (base.dtype(), base.weight.device());
         let u = if householder_reflections > 0 {
             let mut rng = layer_rng(seed, &base.path);
             Some(householder::paired_init(householder_reflections, d, &mut rng, dtype, dev)?)
@@ -80,7 +80,7 @@ impl RopoAdapter {
         };
         let a = givens::num_angles(d, givens_stages);
         let theta = if a > 0 { Some(Tensor::zeros(a, dtype, dev)?) } else { None };
-        let rho = row_norms(&base.weight)?;
+        let rho = row_norms(&base.weight_in_compute_dtype()?)?;
         let m = if magnitude { Some(rho.copy()?) } else { None };
         Self::from_tensors(base, householder_reflections, givens_stages, u, theta, m)
     }
@@ -128,7 +128,7 @@ impl RopoAdapter {
             u,
             theta,
             magnitude,
-            rho: row_norms(&base.weight)?,
+            rho: row_norms(&base.weight_in_compute_dtype()?)?,
         })
     }
 
@@ -289,7 +289,7 @@ impl Adapter for RopoAdapter {
     /// `W' = diag(m / rho) W R^T` (row i: `(m_i / rho_i) R w_i`), bias unchanged; computed in
     /// f64 and returned in `W`'s dtype.
     fn merged(&self, base: &Linear) -> Result<(Tensor, Option<Tensor>)> {
-        let dtype = base.weight.dtype();
+        let dtype = base.dtype();
         let f = self.to(base, DType::F64, base.weight.device())?;
         let w = base.weight.to_dtype(DType::F64)?;
         let r = f.dense_r()?;

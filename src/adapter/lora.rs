@@ -100,7 +100,7 @@ impl LoraAdapter {
         let bound = 1.0 / (d as f64).sqrt();
         let mut rng = layer_rng(seed, &base.path);
         let vals: Vec<f64> = (0..r * d).map(|_| rng.random_range(-bound..bound)).collect();
-        let (dt, dev) = (base.weight.dtype(), base.weight.device());
+        let (dt, dev) = (base.dtype(), base.weight.device());
         let a = Tensor::from_vec(vals, (r, d), dev)?.to_dtype(dt)?;
         let b = Tensor::zeros((n, r), dt, dev)?;
         Self::from_tensors(base, a, b, lora_alpha)
@@ -150,7 +150,7 @@ impl Adapter for LoraAdapter {
 
     /// `W' = W + (alpha / r) B A` (in f64, stored in W's dtype), bias unchanged (PEFT `merge`).
     fn merged(&self, base: &Linear) -> CResult<(Tensor, Option<Tensor>)> {
-        let w = (base.weight.to_dtype(DType::F64)? + self.delta_w()?)?.to_dtype(base.weight.dtype())?;
+        let w = (base.weight.to_dtype(DType::F64)? + self.delta_w()?)?.to_dtype(base.dtype())?;
         Ok((w, base.bias.clone()))
     }
 

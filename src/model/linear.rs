@@ -12,6 +12,7 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, Var};
 
+use crate::model::bf16_gemm::{self, Product};
 use crate::model::ops::{from_rows, to_rows};
 
 /// A trainable modification of a frozen [`Linear`].
@@ -45,6 +46,22 @@ impl Linear {
     /// A plain layer with no adapter.
     pub fn new(path: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
         Self { path: path.into(), weight, bias, adapter: None }
+    }
+
+    /// The dtype the layer computes in: f32 for a bf16 weight (`model.dtype = "bf16"`: bf16
+    /// products, f32 activations, see [`frozen_matmul`]), else the weight's own dtype. Adapter
+    /// parameters, their gradients and the optimiser state take this dtype.
+    pub fn dtype(&self) -> DType {
+        match self.weight.dtype() {
+            DType::BF16 => DType::F32,
+            d => d,
+        }
+    }
+
+    /// The frozen weight `(out, in)` in [`Self::dtype`] (a copy for a bf16 weight: its values
+    /// widened exactly to f32).
+    pub fn weight_in_compute_dtype(&self) -> Result<Tensor> {
+        self.weight.to_dtype(self.dtype())
     }
 
     /// `(out_features, in_features)`.
@@ -112,6 +129,10 @@ pub fn fast_frozen_matmul_enabled() -> bool {
 /// gradient is still computed. Both paths run the same gemm kernel on the same operands, so the
 /// forward values are bitwise equal; see [`plain_frozen_matmul`] for the plain path.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.dtype() == DType::BF16 && x.dtype() == DType::F32 && !w.track_op() && x.device().is_cpu() && w.rank() == 2 {
+        let (x2, dims) = to_rows(x)?;
+        return from_rows(&x2.contiguous()?.apply_op2(&w.contiguous()?, Bf16Matmul(Product::XWt))?, &dims);
+    }
     let fast = fast_frozen_matmul_enabled()
         && !w.track_op()
         && x.device().is_cpu()
@@ -162,6 +183,57 @@ impl CustomOp2 for FrozenMatmul {
 
     fn bwd(&self, _x: &Tensor, w: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some(grad_res.contiguous()?.matmul(&w.detach())?), None))
+    }
+}
+
+/// A frozen bf16 weight times f32 activations, f32 result ([`bf16_gemm`]): the op of
+/// [`frozen_matmul`] for a bf16 weight (`model.dtype = "bf16"`).
+///
+/// Operands: `x (rows, k)` f32 contiguous, `W (out, in)` bf16 contiguous (untracked);
+/// [`Product::XWt`] gives `x W^T (rows, out)`, [`Product::XW`] gives `x W (rows, in)`.
+/// Backward: the input gradient only, by the other product (`dL/dx = dL/dy W` for `XWt`,
+/// `dL/dy W^T` for `XW`), on the same kernel; no gradient for `W`.
+#[derive(Debug, Clone, Copy)]
+pub struct Bf16Matmul(pub Product);
+
+impl CustomOp2 for Bf16Matmul {
+    fn name(&self) -> &'static str {
+        "ropo-bf16-matmul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, k) = l1.shape().dims2()?;
+        let (out_f, in_f) = l2.shape().dims2()?;
+        let (kw, n) = self.0.kn(out_f, in_f);
+        if kw != k {
+            candle_core::bail!("bf16 matmul ({:?}): x ({rows}, {k}) does not fit W ({out_f}, {in_f})", self.0);
+        }
+        let x = match s1 {
+            CpuStorage::F32(v) => contiguous(v, l1, "x")?,
+            other => candle_core::bail!("bf16 matmul: x must be f32 (got {:?})", other.dtype()),
+        };
+        let w = match s2 {
+            CpuStorage::BF16(v) => contiguous(v, l2, "W")?,
+            other => candle_core::bail!("bf16 matmul: W must be bf16 (got {:?})", other.dtype()),
+        };
+        let y = bf16_gemm::matmul(x, rows, w, out_f, in_f, self.0);
+        Ok((CpuStorage::F32(y), Shape::from((rows, n))))
+    }
+
+    fn bwd(&self, _x: &Tensor, w: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let other = match self.0 {
+            Product::XWt => Product::XW,
+            Product::XW => Product::XWt,
+        };
+        Ok((Some(grad_res.contiguous()?.apply_op2(&w.detach(), Bf16Matmul(other))?), None))
+    }
+}
+
+/// The contiguous slice of a storage under `l`, or an error naming the operand.
+fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("bf16 matmul: {what} is not contiguous"),
     }
 }
 
@@ -225,6 +297,34 @@ mod tests {
             let fd = (f(eps)? - f(-eps)?) / (2.0 * eps);
             assert!((fd - gx[i]).abs() < 1e-8, "dx[{i}]: analytic {} fd {fd}", gx[i]);
         }
+        Ok(())
+    }
+
+    // A bf16 weight takes the bf16 kernel: values equal the f32 product of the bf16-rounded
+    // operands, and dL/dx equals dL/dy (rounded to bf16, as the kernel rounds its input) times
+    // W, both to f32 summation-order rounding; no gradient for W. The tolerance is relative to
+    // sum |a||b| over the contraction (k = 13 or 5 terms, 2^-20 per term covers f32 reordering).
+    #[test]
+    fn bf16_weight_matches_rounded_f32_product_values_and_input_gradients() -> Result<()> {
+        let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+        let x = Var::from_tensor(&randn(&[2, 7, 13], 11, DType::F32))?;
+        let w32 = randn(&[5, 13], 12, DType::F32);
+        let w = w32.to_dtype(DType::BF16)?;
+        let proj = randn(&[2, 7, 5], 13, DType::F32);
+        let y = frozen_matmul(x.as_tensor(), &w)?;
+        assert_eq!(y.dims(), &[2, 7, 5]);
+        assert_eq!(y.dtype(), DType::F32);
+        let want = plain_frozen_matmul(&round(x.as_tensor())?, &round(&w32)?)?;
+        let bound = plain_frozen_matmul(&round(x.as_tensor())?.abs()?, &round(&w32)?.abs()?)?;
+        let excess = ((&y - &want)?.abs()? - (bound * 1e-6)?)?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(excess <= 0.0, "values off by more than the bound: {excess}");
+        let g = (y * &proj)?.sum_all()?.backward()?;
+        let dx = g.get(x.as_tensor()).expect("dx");
+        let want_dx = round(&proj)?.reshape((14, 5))?.matmul(&round(&w32)?)?.reshape((2, 7, 13))?;
+        let bound_dx = round(&proj)?.abs()?.reshape((14, 5))?.matmul(&round(&w32)?.abs()?)?.reshape((2, 7, 13))?;
+        let excess = ((dx - &want_dx)?.abs()? - (bound_dx * 1e-6)?)?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(excess <= 0.0, "dx off by more than the bound: {excess}");
+        assert!(g.get(&w).is_none(), "no gradient for the frozen bf16 weight");
         Ok(())
     }
 

@@ -384,6 +384,22 @@ impl Model {
         self.lm_head(&hidden, use_adapters)
     }
 
+    /// Stores every projection weight (q, k, v, o, gate, up, down, and the LM head, a bf16
+    /// copy of the tied embedding) in bf16, rounded to nearest even: `model.dtype = "bf16"`.
+    /// The embedding, the norms and every activation stay f32; the projections then run the
+    /// bf16 kernel with f32 accumulation ([`crate::model::linear::frozen_matmul`]).
+    ///
+    /// Errors: a model not in f32.
+    pub fn narrow_projections_to_bf16(&mut self) -> Result<()> {
+        if self.dtype() != DType::F32 {
+            candle_core::bail!("bf16 projections need an f32 model (got {:?})", self.dtype());
+        }
+        for l in self.linears_mut() {
+            l.weight = l.weight.to_dtype(DType::BF16)?;
+        }
+        Ok(())
+    }
+
     /// Every [`Linear`] in a fixed order: layer by layer q, k, v, o, gate, up, down; `lm_head` last.
     pub fn linears(&self) -> Vec<&Linear> {
         let mut out = Vec::with_capacity(7 * self.layers.len() + 1);

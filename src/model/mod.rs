@@ -4,6 +4,7 @@
 //! model with its tokenizer; [`load_parts`] stops before building the model (config, tensors by
 //! HF name, tokenizer).
 
+pub mod bf16_gemm;
 pub mod config;
 pub mod export;
 pub mod gguf;
@@ -53,7 +54,9 @@ impl ModelParts {
 pub struct LoadOptions {
     /// Hub revision (branch, tag or commit); `None` = `main`. Ignored for local paths.
     pub revision: Option<String>,
-    /// The dtype of the model's weights (F32 for training and parity).
+    /// The dtype of the model's weights: F32 (training and parity), BF16 (projection weights
+    /// in bf16 with f32 accumulation, everything else f32: [`llama::Model::narrow_projections_to_bf16`])
+    /// or F64 (finite-difference checks).
     pub dtype: DType,
     /// Where the weights live.
     pub device: Device,
@@ -133,9 +136,19 @@ pub struct LoadedModel {
 ///
 /// Errors: everything [`load_parts`] reports, plus a missing or mis-shaped tensor (named).
 pub fn load(source: &str, opts: &LoadOptions) -> Result<LoadedModel> {
+    if !matches!(opts.dtype, DType::F32 | DType::F64 | DType::BF16) {
+        return Err(Error::Config(format!("{source}: model dtype {:?} is not supported (f32, bf16, or f64 for checks)", opts.dtype)));
+    }
     let parts = load_parts(source, opts)?;
-    let vb = parts.var_builder(opts.dtype, &opts.device);
-    let model = llama::Model::load(vb, &parts.config).map_err(|e| Error::Msg(format!("{source}: {e}")))?;
+    // bf16: the model is built in f32 and only the projection weights are narrowed (bf16
+    // products with f32 accumulation; activations, norms, attention and adapters stay f32).
+    let build = if opts.dtype == DType::BF16 { DType::F32 } else { opts.dtype };
+    let vb = parts.var_builder(build, &opts.device);
+    let mut model = llama::Model::load(vb, &parts.config).map_err(|e| Error::Msg(format!("{source}: {e}")))?;
+    drop(parts.tensors);
+    if opts.dtype == DType::BF16 {
+        model.narrow_projections_to_bf16().map_err(|e| Error::Msg(format!("{source}: {e}")))?;
+    }
     Ok(LoadedModel { model, tokenizer: parts.tokenizer, config: parts.config, source: source.to_string() })
 }
 
