@@ -92,3 +92,100 @@ fn bf16_logps_and_step0_gradients_track_f32() {
     }
     eprintln!("lowest gradient cosine bf16 vs f32: {:.5} ({}); largest |norm ratio - 1|: {worst_ratio:.4}", worst.0, worst.1);
 }
+
+fn ropo(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ropo")).args(args).output().expect("running ropo")
+}
+
+fn repo(rel: &str) -> String {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel).to_str().unwrap().to_string()
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `ropo train` with `model.dtype = "bf16"` (exact ln 2 at step 1, the loss moves), then the
+/// bf16 adapter through `ropo eval --dtype bf16`, `ropo generate --dtype bf16` and `ropo merge`.
+#[test]
+fn bf16_train_eval_generate_merge_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let gguf = common::smollm2_gguf();
+    let config = format!(
+        r#"[model]
+path_or_id = "{model}"
+dtype = "bf16"
+
+[data]
+train_files = ["{train}"]
+train_rows = ":8"
+max_length = 128
+
+[training]
+output_dir = "{out}"
+learning_rate = 3e-3
+per_device_train_batch_size = 2
+max_steps = 3
+threads = 1
+save_total_limit = 0
+"#,
+        model = gguf.display(),
+        train = repo("data/concise_prefs/train.jsonl"),
+        out = out.display(),
+    );
+    let cfg = tmp.path().join("bf16.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let o = ropo(&["train", "--config", cfg.to_str().unwrap()]);
+    assert!(o.status.success(), "train: {}", stderr(&o));
+    let records = ropo::metrics::read_records(&out.join("metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = records.iter().filter_map(|r| r.get("loss").and_then(|v| v.as_f64())).collect();
+    assert_eq!(losses.len(), 3, "{records:?}");
+    assert!((losses[0] - std::f64::consts::LN_2).abs() < 1e-6, "step-1 loss {}", losses[0]);
+    assert!(losses[2] < losses[0], "the loss moves: {losses:?}");
+    assert!(out.join("adapter_model.safetensors").is_file());
+
+    let report = tmp.path().join("report.json");
+    let o = ropo(&[
+        "eval", "--model", gguf.to_str().unwrap(), "--adapter", out.to_str().unwrap(), "--dtype", "bf16", "--prefs",
+        &repo("data/concise_prefs/eval.jsonl"), "--limit", "4", "--out", report.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "eval: {}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert!(r.to_string().contains("rewards/margins"), "{r}");
+
+    let o = ropo(&["generate", "--model", gguf.to_str().unwrap(), "--dtype", "bf16", "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "20"]);
+    assert!(o.status.success(), "generate: {}", stderr(&o));
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert!(text.contains("Paris"), "{text:?}");
+
+    let merged = tmp.path().join("merged");
+    let o = ropo(&["merge", "--model", gguf.to_str().unwrap(), "--adapter", out.to_str().unwrap(), "--out", merged.to_str().unwrap()]);
+    assert!(o.status.success(), "merge: {}", stderr(&o));
+    assert!(merged.join("config.json").is_file());
+}
+
+/// `model.dtype = "f16"`, and bf16 with full fine-tuning, are refused before any work, naming
+/// the key.
+#[test]
+fn f16_and_full_with_bf16_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (dtype, kind, want) in [("f16", "ropo", "model.dtype = \"f16\" is not supported"), ("bf16", "full", "adapter.type = \"full\"")] {
+        let cfg = tmp.path().join(format!("{dtype}-{kind}.toml"));
+        let out = tmp.path().join(format!("out-{dtype}-{kind}"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[model]\npath_or_id = \"{}\"\ndtype = \"{dtype}\"\n[data]\ntrain_files = [\"{}\"]\n[adapter]\ntype = \"{kind}\"\n[training]\noutput_dir = \"{}\"\n",
+                common::smollm2_gguf().display(),
+                repo("data/concise_prefs/train.jsonl"),
+                out.display()
+            ),
+        )
+        .unwrap();
+        let o = ropo(&["train", "--config", cfg.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains(want) && !stderr(&o).contains("panicked"), "{}", stderr(&o));
+        assert!(!out.exists(), "nothing written");
+    }
+}

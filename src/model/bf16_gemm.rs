@@ -12,7 +12,8 @@
 //! - [`Product::XW`]: `dx = dy W`, `dy (rows, out)` -> `(rows, in)` (the input gradient).
 //!
 //! Blocking (BLIS-style, no stored repacked weights): the output is cut into tasks of
-//! [`NR`] = 32 columns x up to [`ROWS_PER_TASK`] rows, run in parallel with rayon. A task packs
+//! [`NR`] = 32 columns x a block of rows (all rows when there are enough column blocks to keep
+//! every thread busy, [`row_blocks`]), run in parallel with rayon. A task packs
 //! its 32 columns of the weight into k-pair-interleaved order (`panel[p][j] = (B[2p][j],
 //! B[2p+1][j])`, a thread-local buffer of `K x 32` bf16) and runs an [`MR`] x 32 microkernel
 //! (16 zmm accumulators) over the whole contraction for every block of rows. Each output
@@ -32,8 +33,18 @@ use rayon::prelude::*;
 pub const NR: usize = 32;
 /// Output rows of one microkernel call.
 pub const MR: usize = 8;
-/// Rows of one parallel task (a multiple of [`MR`]).
-pub const ROWS_PER_TASK: usize = 128;
+/// Parallel tasks per thread the row split aims for ([`row_blocks`]).
+pub const TASKS_PER_THREAD: usize = 4;
+
+/// `(row blocks, rows per block)` of an output `(rows, n)`: rows are split only as far as needed
+/// for [`TASKS_PER_THREAD`] tasks per thread, since every task packs its weight panel anew;
+/// blocks are a multiple of [`MR`] rows.
+pub fn row_blocks(rows: usize, n: usize, threads: usize) -> (usize, usize) {
+    let col_blocks = n.div_ceil(NR);
+    let want = (TASKS_PER_THREAD * threads.max(1)).div_ceil(col_blocks).clamp(1, rows.div_ceil(MR).max(1));
+    let per = rows.div_ceil(want).div_ceil(MR) * MR;
+    (rows.div_ceil(per.max(1)).max(1), per.max(MR))
+}
 
 /// Which product of the weight `W (out, in)` to form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,7 +193,7 @@ fn pack_panel(panel: &mut Vec<u32>, w: &[bf16], out: usize, inp: usize, product:
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{bf16, pack_panel, round_rows, OutPtr, Product, MR, NR, PANEL, ROWS_PER_TASK};
+    use super::{bf16, pack_panel, round_rows, row_blocks, OutPtr, Product, MR, NR, PANEL};
     use rayon::prelude::*;
     use std::arch::x86_64::{
         __m512bh, __mmask16, _mm512_dpbf16_ps, _mm512_loadu_si512, _mm512_mask_storeu_ps, _mm512_set1_epi32, _mm512_setzero_ps,
@@ -199,13 +210,13 @@ mod avx512 {
         let a = round_rows(x, rows, k);
         let mut y = vec![0f32; rows * n];
         let col_blocks = n.div_ceil(NR);
-        let row_blocks = rows.div_ceil(ROWS_PER_TASK);
+        let (row_blocks, per) = row_blocks(rows, n, rayon::current_num_threads());
         let ptr = OutPtr(y.as_mut_ptr());
         (0..col_blocks * row_blocks).into_par_iter().for_each(|t| {
             let (cb, rb) = (t / row_blocks, t % row_blocks);
             let n0 = cb * NR;
             let cols = NR.min(n - n0);
-            let (r0, r1) = (rb * ROWS_PER_TASK, (rb * ROWS_PER_TASK + ROWS_PER_TASK).min(rows));
+            let (r0, r1) = (rb * per, (rb * per + per).min(rows));
             PANEL.with(|panel| {
                 let mut panel = panel.borrow_mut();
                 pack_panel(&mut panel, w, out, inp, product, n0);
@@ -335,6 +346,17 @@ mod tests {
             let a = one.install(|| matmul(x, rows, &w, out, inp, product));
             let b = three.install(|| matmul(x, rows, &w, out, inp, product));
             assert_eq!(a, b);
+        }
+    }
+
+    // Row blocks cover the rows exactly once, in MR multiples, and give every thread work.
+    #[test]
+    fn row_blocks_cover_the_rows() {
+        for &(rows, n, threads) in &[(940, 576, 2), (940, 192, 2), (1, 32, 16), (500, 49152, 2), (37, 32, 8), (8, 16, 3)] {
+            let (blocks, per) = row_blocks(rows, n, threads);
+            assert_eq!(per % MR, 0);
+            assert!(blocks * per >= rows && (blocks - 1) * per < rows, "({rows}, {n}, {threads}): {blocks} x {per}");
+            assert!(blocks * n.div_ceil(NR) >= threads.min(rows.div_ceil(MR) * n.div_ceil(NR)));
         }
     }
 
