@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
 # Side-by-side speed and memory against TRL DPOTrainer + PEFT on this machine (the issue's
 # "measured side by side, same model, same data"): ../shared/anchors/trl_anchor.py (HRA r=8 and
-# LoRA r=8 on q,k,v,o) and `ropo train --config configs/bench/anchor.toml` (precomputed
-# reference, and the reference forward in every step), one process each, interleaved for
-# ROUNDS rounds, then a table (scripts/anchor_table.py): median real tokens/s of steps 2-6 and
-# peak RSS (/usr/bin/time -v).
+# LoRA r=8 on q,k,v,o; f32 and bf16 autocast; reference forward each step and
+# precompute_ref_log_probs) and `ropo train --config configs/bench/anchor.toml` (f32 and
+# model.dtype = "bf16"; precomputed reference, and the reference forward in every step), one
+# process each, interleaved for ROUNDS rounds, then a table (scripts/anchor_table.py): median
+# real tokens/s of steps 2-6, peak RSS (/usr/bin/time -v), and each ropo mode's ratio against
+# the fastest TRL configuration of the same reference mode.
 #
 # Sets up TRL once (a venv in $ANCHOR_WORK with torch, transformers, trl, peft from PyPI: ~6 GB)
 # and the HF folder of the GGUF model (../shared/anchors/convert_gguf_to_hf.py).
 #
 #   ROUNDS        rounds (default 2)
 #   ANCHOR_WORK   work folder (default ~/.cache/ropo/anchor)
-#   TRL_CONFIGS   TRL configurations (default "hra_qkvo lora_qkvo")
+#   TRL_CONFIGS   TRL configurations (default: every configuration of the speed targets,
+#                 "lora_qkvo lora_qkvo_bf16 hra_qkvo hra_qkvo_bf16 lora_qkvo_pre lora_qkvo_pre_bf16")
+#   ROPO_DTYPES   ropo's model.dtype values (default "f32 bf16")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds="${ROUNDS:-2}"
 work="${ANCHOR_WORK:-${XDG_CACHE_HOME:-$HOME/.cache}/ropo/anchor}"
 shared="$(cd ../shared && pwd)"
 venv="$work/venv"
-trl_configs="${TRL_CONFIGS:-hra_qkvo lora_qkvo}"
+trl_configs="${TRL_CONFIGS:-lora_qkvo lora_qkvo_bf16 hra_qkvo hra_qkvo_bf16 lora_qkvo_pre lora_qkvo_pre_bf16}"
+ropo_dtypes="${ROPO_DTYPES:-f32 bf16}"
 mkdir -p "$work" runs/bench
 gguf="$(bash scripts/fetch-model.sh)"
 
@@ -40,12 +45,14 @@ for round in $(seq 1 "$rounds"); do
     (cd "$work" && SMOLLM2_HF=smollm2-hf ORCA="$shared/data/orca_dpo_pairs/validation.jsonl" OMP_NUM_THREADS=2 \
       /usr/bin/time -v -o "time_${cfg}_r$round.txt" "$venv/bin/python" "$shared/anchors/trl_anchor.py" "$cfg" "r$round" > "log_${cfg}_r$round.txt" 2>&1)
   done
-  for pre in true false; do
-    echo "round $round: ropo (precompute_ref_log_probs = $pre)" >&2
-    out="runs/bench/anchor-precompute-$pre-r$round"
-    /usr/bin/time -v -o "$out.time.txt" ./target/release/ropo train --config configs/bench/anchor.toml \
-      --set "model.path_or_id=\"$gguf\"" --set "training.precompute_ref_log_probs=$pre" \
-      --set "training.output_dir=\"$out\"" --overwrite > "$out.log.txt" 2>&1
+  for dtype in $ropo_dtypes; do
+    for pre in true false; do
+      echo "round $round: ropo $dtype (precompute_ref_log_probs = $pre)" >&2
+      out="runs/bench/anchor-$dtype-precompute-$pre-r$round"
+      /usr/bin/time -v -o "$out.time.txt" ./target/release/ropo train --config configs/bench/anchor.toml \
+        --set "model.path_or_id=\"$gguf\"" --set "model.dtype=\"$dtype\"" --set "training.precompute_ref_log_probs=$pre" \
+        --set "training.output_dir=\"$out\"" --overwrite > "$out.log.txt" 2>&1
+    done
   done
 done
-python3 scripts/anchor_table.py "$work" runs/bench "$rounds" "$trl_configs" | tee runs/bench/anchor_table.md
+python3 scripts/anchor_table.py "$work" runs/bench "$rounds" "$trl_configs" "$ropo_dtypes" | tee runs/bench/anchor_table.md
