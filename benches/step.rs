@@ -150,20 +150,31 @@ fn print_flops(cfg: &ModelConfig, b: &Batch) {
 /// reference log-probs, as both the criterion and the interleaved runs use them.
 struct Setup {
     model: Model,
-    /// The same model (same adapters) with bf16 projection weights, for `step/bf16`.
-    model_bf16: Model,
+    /// The same model (same adapters) with bf16 projection weights, for `step/bf16` (built
+    /// only when a bf16 configuration runs; the f32 weights are then dropped if no f32
+    /// configuration runs, so that a process's peak RSS is its configuration's own).
+    model_bf16: Option<Model>,
     b: Batch,
     reference: (Tensor, Tensor),
 }
 
-fn setup() -> Setup {
+fn setup(f32_paths: bool, bf16_paths: bool) -> Setup {
     let cfg = common::smollm2_135m();
     let dev = Device::Cpu;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut model = common::random_model(&cfg, &mut rng);
     let set = inject::inject(&mut model, &AdapterConfig::default(), "bench").unwrap();
-    let mut model_bf16 = model.clone();
-    model_bf16.narrow_projections_to_bf16().unwrap();
+    let model_bf16 = bf16_paths.then(|| {
+        let mut m = model.clone();
+        m.narrow_projections_to_bf16().unwrap();
+        m
+    });
+    if !f32_paths {
+        // keep only the embedding (shared by both) and the bf16 projections
+        for l in model.linears_mut() {
+            l.weight = Tensor::zeros((1, 1), candle_core::DType::F32, &dev).unwrap();
+        }
+    }
     let b = batch(&mut rng, cfg.vocab_size as u32, &dev);
     let reference = (Tensor::new(&[-200f32, -180.0], &dev).unwrap(), Tensor::new(&[-150f32, -220.0], &dev).unwrap());
     eprintln!("step bench: {} trainable", set.report.trainable);
@@ -182,7 +193,8 @@ fn switch(path: Path) {
 }
 
 fn bench_step(c: &mut Criterion) {
-    let Setup { model, model_bf16, b, reference } = setup();
+    let Setup { model, model_bf16, b, reference } = setup(true, true);
+    let model_bf16 = model_bf16.expect("built");
     let mut g = c.benchmark_group("step");
     g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(30));
     g.throughput(Throughput::Elements(b.real_tokens as u64));
@@ -202,17 +214,19 @@ fn bench_step(c: &mut Criterion) {
 /// and print each step's wall time, so that a noisy shared machine's load drifts affect both
 /// alike.
 fn interleaved(names: &str) {
-    let Setup { model, model_bf16, b, reference } = setup();
     let rounds: usize = std::env::var("STEP_AB_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
     let paths: Vec<(&str, Path)> = names
         .split(',')
         .map(|n| *PATHS.iter().find(|(id, _)| *id == n).unwrap_or_else(|| panic!("STEP_AB: unknown configuration {n}")))
         .collect();
+    let bf16 = paths.iter().any(|(_, p)| matches!(p, Path::Bf16));
+    let f32 = paths.iter().any(|(_, p)| !matches!(p, Path::Bf16));
+    let Setup { model, model_bf16, b, reference } = setup(f32, bf16);
     for round in 0..rounds {
         for &(name, path) in &paths {
             switch(path);
             let t0 = std::time::Instant::now();
-            let m = if matches!(path, Path::Bf16) { &model_bf16 } else { &model };
+            let m = if matches!(path, Path::Bf16) { model_bf16.as_ref().expect("built") } else { &model };
             let loss = step(m, &b, path, &reference);
             let s = t0.elapsed().as_secs_f64();
             eprintln!("AB round {round} {name}: {s:.2} s, {:.1} tok/s (loss {loss:.5})", b.real_tokens as f64 / s);

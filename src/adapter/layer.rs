@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use super::{add_acc, cpu_slice, givens, householder};
 use crate::model::grad::param;
 use crate::model::ops::{from_rows, to_rows};
-use crate::model::linear::{frozen_matmul, Adapter, Linear};
+use crate::model::linear::{Adapter, Linear};
 
 /// Name suffix of the Householder vectors: `<module path>.ropo_u`, `(r, d)`.
 pub const U_SUFFIX: &str = "ropo_u";
@@ -276,7 +276,7 @@ impl Adapter for RopoAdapter {
     /// `y = (m / rho) ⊙ (W (R^T x)) + b` for `x (..., d)`; returns `(..., n)`.
     fn forward(&self, base: &Linear, x: &Tensor) -> Result<Tensor> {
         let xr = self.rotate_t(x)?;
-        let mut y = frozen_matmul(&xr, &base.weight)?;
+        let mut y = base.frozen_product(&xr)?;
         if let Some(s) = self.scale()? {
             y = scale_cols(&y, &s)?;
         }

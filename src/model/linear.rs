@@ -12,7 +12,7 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, Var};
 
-use crate::model::bf16_gemm::{self, Product};
+use crate::model::bf16_gemm::{self, PackedXWt, Product};
 use crate::model::ops::{from_rows, to_rows};
 
 /// A trainable modification of a frozen [`Linear`].
@@ -40,12 +40,44 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     /// The attached adapter, if any.
     pub adapter: Option<Arc<dyn Adapter>>,
+    /// With a bf16 `weight`: its forward panels packed once ([`Self::pack_bf16`]), used by
+    /// [`Self::frozen_product`]; must describe `weight` (set only through `pack_bf16`).
+    pub packed: Option<Arc<PackedXWt>>,
 }
 
 impl Linear {
     /// A plain layer with no adapter.
     pub fn new(path: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { path: path.into(), weight, bias, adapter: None }
+        Self { path: path.into(), weight, bias, adapter: None, packed: None }
+    }
+
+    /// Stores the weight in bf16 (rounded to nearest even) with its forward panels packed
+    /// ([`PackedXWt`]): `model.dtype = "bf16"`. Holds bf16 `(out, in)` plus the panels, the
+    /// bytes of the f32 weight it replaces.
+    ///
+    /// Errors: a weight that is not f32 or bf16, or not 2-D.
+    pub fn pack_bf16(&mut self) -> Result<()> {
+        if !matches!(self.weight.dtype(), DType::F32 | DType::BF16) {
+            candle_core::bail!("{}: bf16 projections need an f32 weight (got {:?})", self.path, self.weight.dtype());
+        }
+        let w = self.weight.to_dtype(DType::BF16)?.contiguous()?;
+        let (out, inp) = w.dims2()?;
+        let v = w.flatten_all()?.to_vec1::<half::bf16>()?;
+        self.packed = Some(Arc::new(PackedXWt::new(&v, out, inp)));
+        self.weight = w;
+        Ok(())
+    }
+
+    /// `x W^T` (no bias) for `x (..., in)`: [`frozen_matmul`], from the packed panels when the
+    /// weight is bf16 and packed.
+    pub fn frozen_product(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.packed {
+            Some(p) if self.weight.dtype() == DType::BF16 && x.dtype() == DType::F32 && x.device().is_cpu() => {
+                let (x2, dims) = to_rows(x)?;
+                from_rows(&x2.contiguous()?.apply_op2(&self.weight, Bf16Matmul::packed(p.clone()))?, &dims)
+            }
+            _ => frozen_matmul(x, &self.weight),
+        }
     }
 
     /// The dtype the layer computes in: f32 for a bf16 weight (`model.dtype = "bf16"`: bf16
@@ -93,7 +125,7 @@ impl Linear {
 
     /// The frozen base projection `x W^T + b` for `x` of shape `(..., in)`.
     pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
-        let y = frozen_matmul(x, &self.weight)?;
+        let y = self.frozen_product(x)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -131,7 +163,7 @@ pub fn fast_frozen_matmul_enabled() -> bool {
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if w.dtype() == DType::BF16 && x.dtype() == DType::F32 && !w.track_op() && x.device().is_cpu() && w.rank() == 2 {
         let (x2, dims) = to_rows(x)?;
-        return from_rows(&x2.contiguous()?.apply_op2(&w.contiguous()?, Bf16Matmul(Product::XWt))?, &dims);
+        return from_rows(&x2.contiguous()?.apply_op2(&w.contiguous()?, Bf16Matmul::new(Product::XWt))?, &dims);
     }
     let fast = fast_frozen_matmul_enabled()
         && !w.track_op()
@@ -193,8 +225,24 @@ impl CustomOp2 for FrozenMatmul {
 /// [`Product::XWt`] gives `x W^T (rows, out)`, [`Product::XW`] gives `x W (rows, in)`.
 /// Backward: the input gradient only, by the other product (`dL/dx = dL/dy W` for `XWt`,
 /// `dL/dy W^T` for `XW`), on the same kernel; no gradient for `W`.
-#[derive(Debug, Clone, Copy)]
-pub struct Bf16Matmul(pub Product);
+#[derive(Debug, Clone)]
+pub struct Bf16Matmul {
+    product: Product,
+    /// The weight's packed panels (forward `XWt` only).
+    packed: Option<Arc<PackedXWt>>,
+}
+
+impl Bf16Matmul {
+    /// The op for `product`, packing the weight on each call.
+    pub fn new(product: Product) -> Self {
+        Self { product, packed: None }
+    }
+
+    /// The forward `x W^T` from panels packed once (the second operand must be their weight).
+    pub fn packed(p: Arc<PackedXWt>) -> Self {
+        Self { product: Product::XWt, packed: Some(p) }
+    }
+}
 
 impl CustomOp2 for Bf16Matmul {
     fn name(&self) -> &'static str {
@@ -204,9 +252,14 @@ impl CustomOp2 for Bf16Matmul {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (rows, k) = l1.shape().dims2()?;
         let (out_f, in_f) = l2.shape().dims2()?;
-        let (kw, n) = self.0.kn(out_f, in_f);
+        let (kw, n) = self.product.kn(out_f, in_f);
         if kw != k {
-            candle_core::bail!("bf16 matmul ({:?}): x ({rows}, {k}) does not fit W ({out_f}, {in_f})", self.0);
+            candle_core::bail!("bf16 matmul ({:?}): x ({rows}, {k}) does not fit W ({out_f}, {in_f})", self.product);
+        }
+        if let Some(p) = &self.packed {
+            if p.dims() != (out_f, in_f) {
+                candle_core::bail!("bf16 matmul: packed panels {:?} do not describe W ({out_f}, {in_f})", p.dims());
+            }
         }
         let x = match s1 {
             CpuStorage::F32(v) => contiguous(v, l1, "x")?,
@@ -216,16 +269,19 @@ impl CustomOp2 for Bf16Matmul {
             CpuStorage::BF16(v) => contiguous(v, l2, "W")?,
             other => candle_core::bail!("bf16 matmul: W must be bf16 (got {:?})", other.dtype()),
         };
-        let y = bf16_gemm::matmul(x, rows, w, out_f, in_f, self.0);
+        let y = match &self.packed {
+            Some(p) => bf16_gemm::matmul_packed(x, rows, w, p),
+            None => bf16_gemm::matmul(x, rows, w, out_f, in_f, self.product),
+        };
         Ok((CpuStorage::F32(y), Shape::from((rows, n))))
     }
 
     fn bwd(&self, _x: &Tensor, w: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let other = match self.0 {
+        let other = match self.product {
             Product::XWt => Product::XW,
             Product::XW => Product::XWt,
         };
-        Ok((Some(grad_res.contiguous()?.apply_op2(&w.detach(), Bf16Matmul(other))?), None))
+        Ok((Some(grad_res.contiguous()?.apply_op2(&w.detach(), Bf16Matmul::new(other))?), None))
     }
 }
 

@@ -395,7 +395,7 @@ impl Model {
             candle_core::bail!("bf16 projections need an f32 model (got {:?})", self.dtype());
         }
         for l in self.linears_mut() {
-            l.weight = l.weight.to_dtype(DType::BF16)?;
+            l.pack_bf16()?;
         }
         Ok(())
     }
