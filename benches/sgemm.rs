@@ -1,5 +1,6 @@
 //! The machine's matmul limit as candle sees it: 2048 x 2048 f32 sgemm (candle's gemm, the same
-//! kernel the model's matmuls use), 2 threads by default (`RAYON_NUM_THREADS`). Throughput is
+//! kernel the model's matmuls use), and ropo's bf16 kernel (`model::bf16_gemm`, f32
+//! accumulation) at the same size and at the step's shapes; 2 threads by default (`RAYON_NUM_THREADS`). Throughput is
 //! in FLOP (`elem/s` = FLOP/s, `2 N^3` per product). Run it next to `benches/step.rs` to put a
 //! step's GFLOP/s against the sgemm rate measured under the same machine load.
 
@@ -34,6 +35,15 @@ fn bench_sgemm(c: &mut Criterion) {
     // The same shapes on the bf16 kernel (`model.dtype = "bf16"`: f32 activations rounded to
     // bf16, bf16 weights, f32 accumulation), forward x W^T and input-gradient dy W; and the LM
     // head at ~500 completion positions.
+    // ropo's bf16 kernel at the same 2048^3 (the bf16 peak beside candle's f32 sgemm)
+    let mut g = c.benchmark_group("bf16_gemm");
+    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
+    g.throughput(Throughput::Elements(2 * (N as u64).pow(3)));
+    let x: Vec<f32> = (0..N * N).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let w: Vec<half::bf16> = (0..N * N).map(|i| half::bf16::from_f32(((i * 104729) % 1000) as f32 / 1000.0 - 0.5)).collect();
+    let packed = bf16_gemm::PackedXWt::new(&w, N, N);
+    g.bench_function("2048_bf16_packed", |bch| bch.iter(|| bf16_gemm::matmul_packed(&x, N, &w, &packed).len()));
+    g.finish();
     let mut g = c.benchmark_group("bf16_step_shapes");
     g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
     let mut shapes: Vec<(usize, usize, usize, Product)> = vec![];

@@ -6,7 +6,9 @@
 # model.dtype = "bf16"; precomputed reference, and the reference forward in every step), one
 # process each, interleaved for ROUNDS rounds, then a table (scripts/anchor_table.py): median
 # real tokens/s of steps 2-6, peak RSS (/usr/bin/time -v), and each ropo mode's ratio against
-# the fastest TRL configuration of the same reference mode.
+# the fastest TRL configuration of the same reference mode; then the matrix-multiply peaks of
+# the same hour (runs/bench/sgemm_peak.json: torch f32 and bf16, numpy; runs/bench/sgemm_ropo.txt:
+# candle f32 and ropo's bf16 kernel).
 #
 # Sets up TRL once (a venv in $ANCHOR_WORK with torch, transformers, trl, peft from PyPI: ~6 GB)
 # and the HF folder of the GGUF model (../shared/anchors/convert_gguf_to_hf.py).
@@ -55,4 +57,9 @@ for round in $(seq 1 "$rounds"); do
     done
   done
 done
+# the machine's matrix-multiply peaks, the same hour: torch f32 / bf16 and numpy (sgemm_peak.py),
+# candle's f32 sgemm and ropo's bf16 kernel at 2048^3 (benches/sgemm.rs)
+echo "matrix-multiply peaks" >&2
+(cd "$work" && OMP_NUM_THREADS=2 "$venv/bin/python" "$shared/anchors/sgemm_peak.py") > runs/bench/sgemm_peak.json 2>&1 || true
+RAYON_NUM_THREADS=2 cargo bench --locked --bench sgemm -- 2048 2>&1 | grep -E '^(sgemm|bf16_gemm)/|thrpt' > runs/bench/sgemm_ropo.txt || true
 python3 scripts/anchor_table.py "$work" runs/bench "$rounds" "$trl_configs" "$ropo_dtypes" | tee runs/bench/anchor_table.md
