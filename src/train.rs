@@ -499,6 +499,7 @@ fn add_metrics(acc: &mut RewardMetrics, m: &RewardMetrics, w: f64) {
     acc.rewards_chosen += w * m.rewards_chosen;
     acc.rewards_rejected += w * m.rewards_rejected;
     acc.rewards_accuracies += w * m.rewards_accuracies;
+    acc.rewards_ties += w * m.rewards_ties;
     acc.rewards_margins += w * m.rewards_margins;
     acc.logps_chosen += w * m.logps_chosen;
     acc.logps_rejected += w * m.logps_rejected;
@@ -694,7 +695,7 @@ pub fn run(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     if resume_from.is_none() {
         if let Some(mut e) = run_eval(0, 0.0)? {
             e.elapsed_seconds = elapsed();
-            progress.println(&format!("eval at step 0: loss {:.4}, rewards/accuracies {:.3}, rewards/margins {:.4}", e.loss, e.rewards.rewards_accuracies, e.rewards.rewards_margins));
+            progress.println(&format!("eval at step 0: loss {:.4}, rewards/accuracies {:.3}, rewards/ties {:.3}, rewards/margins {:.4}", e.loss, e.rewards.rewards_accuracies, e.rewards.rewards_ties, e.rewards.rewards_margins));
             log(&mut logger, &mut state, e.record())?;
             first_eval = Some(e);
             last_eval = first_eval;
@@ -759,7 +760,7 @@ pub fn run(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         if t.eval_steps > 0 && step % t.eval_steps as u64 == 0 && step < total_steps {
             if let Some(mut e) = run_eval(step, state.epoch)? {
                 e.elapsed_seconds = elapsed();
-                progress.println(&format!("eval at step {step}: loss {:.4}, rewards/accuracies {:.3}, rewards/margins {:.4}", e.loss, e.rewards.rewards_accuracies, e.rewards.rewards_margins));
+                progress.println(&format!("eval at step {step}: loss {:.4}, rewards/accuracies {:.3}, rewards/ties {:.3}, rewards/margins {:.4}", e.loss, e.rewards.rewards_accuracies, e.rewards.rewards_ties, e.rewards.rewards_margins));
                 log(&mut logger, &mut state, e.record())?;
                 last_eval = Some(e);
             }
@@ -791,7 +792,7 @@ pub fn run(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         progress.finish();
         if let Some(mut e) = run_eval(step, state.epoch)? {
             e.elapsed_seconds = elapsed();
-            say(&format!("eval at step {step}: loss {:.4}, rewards/accuracies {:.3}, rewards/margins {:.4}", e.loss, e.rewards.rewards_accuracies, e.rewards.rewards_margins));
+            say(&format!("eval at step {step}: loss {:.4}, rewards/accuracies {:.3}, rewards/ties {:.3}, rewards/margins {:.4}", e.loss, e.rewards.rewards_accuracies, e.rewards.rewards_ties, e.rewards.rewards_margins));
             log(&mut logger, &mut state, e.record())?;
             last_eval = Some(e);
         }
