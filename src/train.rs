@@ -309,7 +309,14 @@ fn tokenize_rows(pt: &PairTokenizer, files: &[Loaded], rows: &[(usize, Preferenc
 /// Errors: tokenization errors (named `file:line`), no training pair left.
 pub fn tokenize(cfg: &RunConfig, rows: &Rows, tokenizer: &crate::model::tokenizer::Tokenizer) -> Result<Splits> {
     let template = template_override(cfg)?;
-    let pt = PairTokenizer::new(tokenizer, template.as_deref(), tokenize_options(cfg))?;
+    let on_identical = match cfg.data.on_identical {
+        crate::config::OnIdentical::Skip => crate::data::OnIdentical::Skip,
+        crate::config::OnIdentical::Error => crate::data::OnIdentical::Error,
+    };
+    let mut pt = PairTokenizer::new(tokenizer, template.as_deref(), tokenize_options(cfg))?.with_on_identical(on_identical);
+    if let Some(TemplateSource::File(p)) = cfg.data.chat_template_source() {
+        pt = pt.with_template_name(format!("the chat template {}", p.display()));
+    }
     let mut train_report = DataReport::default();
     let mut eval_report = DataReport::default();
     let train = tokenize_rows(&pt, &rows.files, &rows.train, &mut train_report)?;
