@@ -430,3 +430,95 @@ fn synthetic_gguf_loads_back_to_the_hf_tensors() {
         assert_eq!(m.forward(&x, None, false).unwrap().dims(), [1, 3, 49152]);
     }
 }
+
+/// An `HF_TOKEN` never appears in an error: a hub lookup that fails (offline, so no network),
+/// and an error that echoes the token itself (a model id holding it) print `<HF_TOKEN>`.
+#[test]
+fn hf_token_never_appears_in_errors() {
+    let token = "hf_fuzzSecretToken0123456789";
+    let home = tempfile::tempdir().unwrap();
+    let data = home.path().join("d.jsonl");
+    std::fs::write(&data, "{\"prompt\": \"p\", \"chosen\": \"a\", \"rejected\": \"b\"}\n").unwrap();
+    for model in ["nobody-here/no-such-model".to_string(), format!("{token}/x")] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ropo"))
+            .args(["data", "inspect", data.to_str().unwrap(), "--model", &model])
+            .env("HF_TOKEN", token)
+            .env("HF_HOME", home.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!stderr.contains(token) && !stdout.contains(token), "{model}: {stderr}");
+        assert!(stderr.starts_with("ropo: "), "{stderr}");
+    }
+}
+
+/// A GGUF file written by hand: `kvs` as (key, value type, value bytes), `tensors` as (name,
+/// dims, ggml dtype, offset); no tensor data unless `data` is given.
+fn raw_gguf(kvs: &[(&str, u32, Vec<u8>)], tensors: &[(&str, &[u64], u32, u64)], data: &[u8]) -> Vec<u8> {
+    let s = |out: &mut Vec<u8>, t: &str| {
+        out.extend((t.len() as u64).to_le_bytes());
+        out.extend(t.as_bytes());
+    };
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((kvs.len() as u64).to_le_bytes());
+    for (k, ty, v) in kvs {
+        s(&mut out, k);
+        out.extend(ty.to_le_bytes());
+        out.extend(v);
+    }
+    for (name, dims, dtype, offset) in tensors {
+        s(&mut out, name);
+        out.extend((dims.len() as u32).to_le_bytes());
+        for d in *dims {
+            out.extend(d.to_le_bytes());
+        }
+        out.extend(dtype.to_le_bytes());
+        out.extend(offset.to_le_bytes());
+    }
+    while out.len() % 32 != 0 {
+        out.push(0);
+    }
+    out.extend(data);
+    out
+}
+
+fn gguf_string(v: &str) -> Vec<u8> {
+    [(v.len() as u64).to_le_bytes().to_vec(), v.as_bytes().to_vec()].concat()
+}
+
+/// Fuzzing the GGUF reader (fuzz/fuzz_targets/gguf.rs): `general.alignment = 0` made candle's
+/// reader divide by zero (a panic); it is refused with the file named.
+#[test]
+fn fuzz_gguf_alignment_zero_is_refused_not_a_panic() {
+    let arch = ("general.architecture", 8, gguf_string("llama"));
+    for (ty, value) in [(4u32, 0u32.to_le_bytes().to_vec()), (0, vec![0u8]), (5, 0i32.to_le_bytes().to_vec())] {
+        let bytes = raw_gguf(&[arch.clone(), ("general.alignment", ty, value)], &[], &[]);
+        let e = gguf::load_bytes(&bytes, Path::new("a.gguf"), &Device::Cpu).map(|p| p.tensors.len()).unwrap_err().to_string();
+        assert_eq!(e, "a.gguf: not a valid GGUF file: general.alignment is 0");
+    }
+    // a positive alignment reads on (and fails later, on the missing metadata, with the file)
+    let bytes = raw_gguf(&[arch, ("general.alignment", 4, 64u32.to_le_bytes().to_vec())], &[], &[]);
+    let e = gguf::load_bytes(&bytes, Path::new("a.gguf"), &Device::Cpu).map(|p| p.tensors.len()).unwrap_err().to_string();
+    assert!(e.starts_with("a.gguf: ") && !e.contains("alignment"), "{e}");
+}
+
+/// Absurd tensor sizes (dimensions whose product overflows, or bytes past the end of the file)
+/// are refused before anything is allocated for them.
+#[test]
+fn fuzz_gguf_absurd_tensor_sizes_are_refused_before_allocating() {
+    let arch = ("general.architecture", 8, gguf_string("llama"));
+    let cases: [(&[u64], u64, &str); 3] = [
+        (&[1 << 40, 1 << 40], 0, "token_embd.weight: dimensions [1099511627776, 1099511627776] overflow"),
+        (&[1 << 30, 1 << 20], 0, "lies past the end of the file"),
+        (&[4], u64::MAX - 8, "lies past the end of the file"),
+    ];
+    for (dims, offset, want) in cases {
+        let bytes = raw_gguf(&[arch.clone()], &[("token_embd.weight", dims, 0, offset)], &[0u8; 16]);
+        let e = gguf::load_bytes(&bytes, Path::new("t.gguf"), &Device::Cpu).map(|p| p.tensors.len()).unwrap_err().to_string();
+        assert!(e.starts_with("t.gguf: not a valid GGUF file (truncated or corrupt): tensor ") && e.contains(want), "{e}");
+    }
+}
