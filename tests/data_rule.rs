@@ -356,7 +356,7 @@ fn content() -> impl Strategy<Value = String> {
 }
 
 fn role() -> impl Strategy<Value = &'static str> {
-    prop_oneof![8 => Just("user"), 4 => Just("assistant"), 2 => Just("system"), 1 => Just("robot")]
+    prop_oneof![12 => Just("user"), 4 => Just("assistant"), 2 => Just("system"), 1 => Just("robot")]
 }
 
 fn messages(n: std::ops::Range<usize>) -> impl Strategy<Value = Vec<(&'static str, String)>> {
@@ -369,13 +369,15 @@ fn json_messages(m: &[(&str, String)]) -> serde_json::Value {
 
 /// A row of one of the six formats, sometimes ill-formed in the ways the rule refuses.
 fn row() -> impl Strategy<Value = serde_json::Value> {
-    let answers = || messages(1..3).prop_map(|mut m| {
-        // mostly assistant answers, sometimes not
-        if m.len() == 1 && m[0].0 != "robot" {
-            m[0].0 = "assistant";
-        }
-        m
-    });
+    // mostly assistant answers; sometimes the roles are left as drawn (user, system, robot)
+    let answers = || {
+        (messages(1..3), proptest::bool::weighted(0.15)).prop_map(|(mut m, keep_roles)| {
+            if !keep_roles {
+                m.iter_mut().for_each(|(r, _)| *r = "assistant");
+            }
+            m
+        })
+    };
     let standard = (content(), content(), content()).prop_map(|(p, c, r)| serde_json::json!({"prompt": p, "chosen": c, "rejected": r}));
     let implicit_text = (content(), content(), content()).prop_map(|(p, c, r)| serde_json::json!({"chosen": format!("{p}{c}"), "rejected": format!("{p}{r}")}));
     let implicit_chat = (messages(0..3), answers(), answers())
