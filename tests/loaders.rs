@@ -490,10 +490,10 @@ fn gguf_string(v: &str) -> Vec<u8> {
     [(v.len() as u64).to_le_bytes().to_vec(), v.as_bytes().to_vec()].concat()
 }
 
-/// Fuzzing the GGUF reader (fuzz/fuzz_targets/gguf.rs): `general.alignment = 0` made candle's
-/// reader divide by zero (a panic); it is refused with the file named.
+/// `general.alignment = 0` made candle's reader divide by zero (a panic; found reading it for
+/// the GGUF fuzz target, fuzz/fuzz_targets/gguf.rs); it is refused with the file named.
 #[test]
-fn fuzz_gguf_alignment_zero_is_refused_not_a_panic() {
+fn gguf_alignment_zero_is_refused_not_a_panic() {
     let arch = ("general.architecture", 8, gguf_string("llama"));
     for (ty, value) in [(4u32, 0u32.to_le_bytes().to_vec()), (0, vec![0u8]), (5, 0i32.to_le_bytes().to_vec())] {
         let bytes = raw_gguf(&[arch.clone(), ("general.alignment", ty, value)], &[], &[]);
@@ -509,7 +509,7 @@ fn fuzz_gguf_alignment_zero_is_refused_not_a_panic() {
 /// Absurd tensor sizes (dimensions whose product overflows, or bytes past the end of the file)
 /// are refused before anything is allocated for them.
 #[test]
-fn fuzz_gguf_absurd_tensor_sizes_are_refused_before_allocating() {
+fn gguf_absurd_tensor_sizes_are_refused_before_allocating() {
     let arch = ("general.architecture", 8, gguf_string("llama"));
     let cases: [(&[u64], u64, &str); 3] = [
         (&[1 << 40, 1 << 40], 0, "token_embd.weight: dimensions [1099511627776, 1099511627776] overflow"),

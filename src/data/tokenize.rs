@@ -659,6 +659,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn split_specials_is_leftmost_then_longest() {
+        let specials = vec![("<|im_end|>".to_string(), 2), ("<|im".to_string(), 9), ("<s>".to_string(), 1)];
+        let mut sorted = specials.clone();
+        sorted.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        assert_eq!(
+            split_specials("a<|im_end|>\n<s>b<|imx", &sorted),
+            vec![Part::Text("a"), Part::Special(2), Part::Text("\n"), Part::Special(1), Part::Text("b"), Part::Special(9), Part::Text("x")]
+        );
+        assert_eq!(split_specials("", &sorted), vec![]);
+        assert_eq!(split_specials("plain", &sorted), vec![Part::Text("plain")]);
+    }
+
+    #[test]
     fn common_prefix_lengths() {
         assert_eq!(common_prefix(&[1, 2, 3], &[1, 2, 4]), 2);
         assert_eq!(common_prefix(&[1, 2], &[1, 2, 4]), 2);
