@@ -4,8 +4,9 @@
 //! line (an error naming `f.jsonl:1`, or a counted skip); never a panic.
 #![no_main]
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
@@ -21,6 +22,17 @@ fn tokenizer() -> &'static Tokenizer {
             format!("{}/.cache/ropo/models/SmolLM2-135M-Instruct.Q4_1.gguf", std::env::var("HOME").unwrap_or_default())
         });
         ropo::model::gguf::load_tokenizer(Path::new(&path)).expect("the SmolLM2 GGUF (scripts/fetch-model.sh; or ROPO_FUZZ_GGUF)")
+    })
+}
+
+/// One tokenizer per `max_length` (building one clones the tokenizer and compiles the template:
+/// too slow to do per input).
+fn pair_tokenizer(max_length: usize) -> &'static PairTokenizer<'static> {
+    static CACHE: OnceLock<Mutex<HashMap<usize, &'static PairTokenizer<'static>>>> = OnceLock::new();
+    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap();
+    cache.entry(max_length).or_insert_with(|| {
+        let opts = TokenizeOptions { max_length: Some(max_length), max_prompt_length: None };
+        Box::leak(Box::new(PairTokenizer::new(tokenizer(), None, opts).unwrap()))
     })
 }
 
@@ -103,8 +115,8 @@ fuzz_target!(|r: Row| {
             return;
         }
     };
-    let max_length = 2 + r.max_length as usize;
-    let pt = PairTokenizer::new(tok, None, TokenizeOptions { max_length: Some(max_length), max_prompt_length: None }).unwrap();
+    let max_length = [3, 8, 16, 24, 40, 64, 128, 512][r.max_length as usize % 8];
+    let pt = pair_tokenizer(max_length);
     let mut report = loaded.report.clone();
     let pairs = match pt.tokenize_all(&loaded.examples, Path::new("f.jsonl"), &mut report) {
         Ok(p) => p,
