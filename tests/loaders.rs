@@ -522,3 +522,64 @@ fn gguf_absurd_tensor_sizes_are_refused_before_allocating() {
         assert!(e.starts_with("t.gguf: not a valid GGUF file (truncated or corrupt): tensor ") && e.contains(want), "{e}");
     }
 }
+
+/// A 1-layer llama GGUF (hidden 8, 2 heads, 1 KV head, a 40-token byte-level BPE tokenizer)
+/// with `head_count` as its `llama.attention.head_count`: the base file of the gguf fuzz target.
+fn tiny_llama_gguf(head_count: u32) -> Vec<u8> {
+    use candle_core::quantized::gguf_file::{self, Value};
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let t = |shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        QTensor::quantize(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap()
+    };
+    let (v, h, f) = (40usize, 8usize, 12usize);
+    let tensors: Vec<(&str, QTensor)> = vec![
+        ("token_embd.weight", t(&[v, h])),
+        ("output_norm.weight", t(&[h])),
+        ("blk.0.attn_norm.weight", t(&[h])),
+        ("blk.0.ffn_norm.weight", t(&[h])),
+        ("blk.0.attn_q.weight", t(&[h, h])),
+        ("blk.0.attn_k.weight", t(&[4, h])),
+        ("blk.0.attn_v.weight", t(&[4, h])),
+        ("blk.0.attn_output.weight", t(&[h, h])),
+        ("blk.0.ffn_gate.weight", t(&[f, h])),
+        ("blk.0.ffn_up.weight", t(&[f, h])),
+        ("blk.0.ffn_down.weight", t(&[h, f])),
+    ];
+    let mut tokens: Vec<Value> = (b'a'..=b'z').map(|c| Value::String((c as char).to_string())).collect();
+    tokens.extend(["Ġ", "Ċ", "ab", "ba", "<|im_start|>", "<|im_end|>", "<|endoftext|>"].map(|s| Value::String(s.into())));
+    while tokens.len() < v {
+        tokens.push(Value::String(format!("x{}", tokens.len())));
+    }
+    let types: Vec<Value> = (0..v).map(|i| Value::I32(if (30..33).contains(&i) { 3 } else { 1 })).collect();
+    let meta: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.block_count", Value::U32(1)),
+        ("llama.context_length", Value::U32(64)),
+        ("llama.embedding_length", Value::U32(h as u32)),
+        ("llama.feed_forward_length", Value::U32(f as u32)),
+        ("llama.attention.head_count", Value::U32(head_count)),
+        ("llama.attention.head_count_kv", Value::U32(1)),
+        ("tokenizer.ggml.model", Value::String("gpt2".into())),
+        ("tokenizer.ggml.tokens", Value::Array(tokens)),
+        ("tokenizer.ggml.token_type", Value::Array(types)),
+        ("tokenizer.ggml.bos_token_id", Value::U32(30)),
+        ("tokenizer.ggml.eos_token_id", Value::U32(31)),
+    ];
+    let mut out = std::io::Cursor::new(Vec::new());
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (*k, v)).collect();
+    gguf_file::write(&mut out, &meta_refs, &t_refs).unwrap();
+    out.into_inner()
+}
+
+/// Fuzz finding (gguf target, crash-02e884a9a64644d7355975dad33867c2b08b4613: a patched
+/// `llama.attention.head_count` of 35329): the error of a head count that does not divide the
+/// q/k rows did not name the file. It names the file, the tensor and the key now.
+#[test]
+fn fuzz_gguf_head_count_not_dividing_q_rows_names_the_file() {
+    assert_eq!(gguf::load_bytes(&tiny_llama_gguf(2), Path::new("t.gguf"), &Device::Cpu).unwrap().tensors.len(), 11);
+    let e = gguf::load_bytes(&tiny_llama_gguf(3), Path::new("t.gguf"), &Device::Cpu).map(|p| p.tensors.len()).unwrap_err().to_string();
+    assert_eq!(e, "t.gguf: tensor blk.0.attn_q.weight: cannot un-permute a (8, 8) weight over 3 heads (llama.attention.head_count)");
+}

@@ -64,11 +64,17 @@ pub fn load_bytes(data: &[u8], path: &Path, device: &Device) -> Result<ModelPart
         let hf = hf_name(&name).ok_or_else(|| err(format!("unsupported tensor {name}")))?;
         let t = match (config.arch, hf.rsplit('.').nth(1)) {
             // convert_hf_to_gguf.py permutes q/k rows for the llama architecture only.
-            (Arch::Llama, Some("q_proj")) if hf.ends_with(".weight") => unpermute(&t, config.num_attention_heads)?,
-            (Arch::Llama, Some("k_proj")) if hf.ends_with(".weight") => unpermute(&t, config.num_key_value_heads)?,
+            // (a head count that does not divide the rows is an error naming the file and tensor)
+            (Arch::Llama, Some("q_proj")) if hf.ends_with(".weight") => {
+                unpermute(&t, config.num_attention_heads).map_err(|e| err(format!("tensor {name}: {e} (llama.attention.head_count)")))?
+            }
+            (Arch::Llama, Some("k_proj")) if hf.ends_with(".weight") => {
+                unpermute(&t, config.num_key_value_heads).map_err(|e| err(format!("tensor {name}: {e} (llama.attention.head_count_kv)")))?
+            }
             _ => t,
         };
-        tensors.insert(hf, t.to_dtype(DType::F32)?.to_device(device)?);
+        let t = t.to_dtype(DType::F32).and_then(|t| t.to_device(device)).map_err(|e| err(format!("tensor {name}: {e}")))?;
+        tensors.insert(hf, t);
     }
     Ok(ModelParts { config, tensors, tokenizer })
 }
