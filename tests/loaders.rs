@@ -583,3 +583,18 @@ fn fuzz_gguf_head_count_not_dividing_q_rows_names_the_file() {
     let e = gguf::load_bytes(&tiny_llama_gguf(3), Path::new("t.gguf"), &Device::Cpu).map(|p| p.tensors.len()).unwrap_err().to_string();
     assert_eq!(e, "t.gguf: tensor blk.0.attn_q.weight: cannot un-permute a (8, 8) weight over 3 heads (llama.attention.head_count)");
 }
+
+/// Fuzz finding (gguf target, crash-db577307c3ccbecd7ff60a72698973210acbfdea: a patched
+/// dimension of 0): candle read the empty tensor through a dangling, misaligned pointer
+/// (`slice::from_raw_parts`' precondition, undefined behaviour; a panic with debug assertions).
+/// A tensor with no elements is refused before it is read.
+#[test]
+fn fuzz_gguf_tensor_with_a_zero_dimension_is_refused() {
+    let arch = ("general.architecture", 8, gguf_string("llama"));
+    for dtype in [0u32, 1, 2] {
+        // F32, F16, Q4_0
+        let bytes = raw_gguf(&[arch.clone()], &[("token_embd.weight", &[0, 8], dtype, 0)], &[0u8; 64]);
+        let e = gguf::load_bytes(&bytes, Path::new("t.gguf"), &Device::Cpu).map(|p| p.tensors.len()).unwrap_err().to_string();
+        assert_eq!(e, "t.gguf: not a valid GGUF file (truncated or corrupt): tensor token_embd.weight: dimensions [8, 0] hold no elements"); // candle reverses ggml's dimension order
+    }
+}

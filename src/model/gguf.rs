@@ -113,8 +113,9 @@ fn check_alignment(data: &[u8]) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// Every tensor's element count (the product of its dimensions, without overflow), a multiple of
-/// its type's block size, and its bytes inside the file, before anything is allocated for it.
+/// Every tensor's element count (the product of its dimensions, without overflow) positive and a
+/// multiple of its type's block size, and its bytes inside the file, before anything is
+/// allocated for it.
 fn check_tensor_sizes(content: &Content, file_len: usize) -> std::result::Result<(), String> {
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
@@ -122,6 +123,10 @@ fn check_tensor_sizes(content: &Content, file_len: usize) -> std::result::Result
         let info = &content.tensor_infos[name];
         let dims = info.shape.dims();
         let elems = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| format!("tensor {name}: dimensions {dims:?} overflow"))?;
+        // (no tensor of a model is empty; candle would read one through a dangling pointer)
+        if elems == 0 {
+            return Err(format!("tensor {name}: dimensions {dims:?} hold no elements"));
+        }
         let block = info.ggml_dtype.block_size();
         if block == 0 || elems % block != 0 {
             return Err(format!("tensor {name}: {elems} elements are not a multiple of the block size {block}"));
