@@ -501,27 +501,55 @@ pub fn sft_loss(policy_chosen: &Tensor, chosen_tokens: &Tensor) -> Result<Tensor
 // The batch loss and its metrics
 // ------------------------------------------------------------------------------------------
 
-/// Rounding tolerance of the rewards for `rewards/accuracies`, in reward units (β times nats):
-/// 1e-4. An identity adapter's float noise in f32 moves a reward by up to ~1e-5 (measured: 7.6e-6,
-/// 10 f32 ulps of a -127-nat sequence log-prob times β = 0.1, in `ropo train`'s first step on
-/// SmolLM2-135M with 128-token pairs; 1e-5 was too tight for it); a trained adapter's rewards are
-/// ~1e-2 and up. Used by the training metrics ([`RewardMetrics`]) and by `ropo eval`
-/// ([`crate::eval::preference`]).
+/// Tolerance of `rewards/accuracies` and `rewards/ties`, in reward units (β times nats): 1e-4.
+/// A pair counts as accurate when its reward gap `β c - β r` exceeds it, as a tie when the gap
+/// is within it ([`reward_outcome`]).
+///
+/// Why 1e-4: at step 0 the identity adapter makes policy = reference up to float noise, and that
+/// noise moves a reward by up to ~1e-5 (measured: 7.6e-6, 10 f32 ulps of a -127-nat sequence
+/// log-prob times β = 0.1, in `ropo train`'s first step on SmolLM2-135M with 128-token pairs), so
+/// a gap of noise is below ~2e-5; a trained adapter's reward gaps are ~1e-2 and up. With 1e-4
+/// every step-0 pair is a tie (accuracy 0, ties 1) and every real preference counts. Used by the
+/// training metrics ([`RewardMetrics`]) and by `ropo eval` ([`crate::eval::preference`]).
 pub const REWARD_TOLERANCE: f64 = 1e-4;
 
-/// Whether a pair counts toward `rewards/accuracies`: its chosen reward `β c` beats its rejected
-/// reward `β r` once both are rounded to multiples of `tolerance`,
-/// `round(β c / tol) > round(β r / tol)` (f64, [`f64::round`]).
+/// How the chosen reward of one pair compares with its rejected reward, at a tolerance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RewardOutcome {
+    /// `β c - β r > tolerance`: the pair counts toward `rewards/accuracies`.
+    Chosen,
+    /// `|β c - β r| <= tolerance`: the pair counts toward `rewards/ties`.
+    Tie,
+    /// `β c - β r < -tolerance` (or a NaN gap): neither.
+    Rejected,
+}
+
+/// Compare a pair's rewards (`chosen = β c`, `rejected = β r`, f64) by their gap:
+/// `chosen - rejected > tolerance` is [`RewardOutcome::Chosen`], `|chosen - rejected| <= tolerance`
+/// a [`RewardOutcome::Tie`], anything else (including a NaN gap) [`RewardOutcome::Rejected`].
 ///
-/// TRL computes `(chosen_rewards > rejected_rewards).float()` on the raw rewards, so at step 0,
-/// where the identity adapter makes policy = reference up to float noise, the noise decides each
-/// pair and the accuracy comes out near 0.5. Rounded, such a near-tie is a tie, and a tie is not
-/// a win (strict `>`, as TRL's). The two rules agree whenever `|β c - β r| > tolerance`; they
-/// can differ only on pairs whose reward gap is within the tolerance.
-///
-/// `tolerance` must be > 0 (callers check it; with 0 every comparison is NaN, hence false).
+/// TRL computes `(chosen_rewards > rejected_rewards).float()`, i.e. tolerance 0: at step 0, where
+/// the identity adapter makes policy = reference up to float noise, the noise decides each pair
+/// and the accuracy comes out near 0.5. Thresholding the gap makes such a near-tie a tie; the
+/// two rules agree on every pair whose gap exceeds the tolerance. (Rounding each reward to a
+/// multiple of the tolerance instead, as this function did before, lets a gap of 1e-7 that
+/// straddles a rounding boundary count as a win and a gap just under twice the tolerance count
+/// as a tie.)
+pub fn reward_outcome(chosen: f64, rejected: f64, tolerance: f64) -> RewardOutcome {
+    let gap = chosen - rejected;
+    if gap > tolerance {
+        RewardOutcome::Chosen
+    } else if gap.abs() <= tolerance {
+        RewardOutcome::Tie
+    } else {
+        RewardOutcome::Rejected
+    }
+}
+
+/// Whether a pair counts toward `rewards/accuracies`: `chosen - rejected > tolerance`
+/// ([`reward_outcome`] is [`RewardOutcome::Chosen`]).
 pub fn reward_accurate(chosen: f64, rejected: f64, tolerance: f64) -> bool {
-    (chosen / tolerance).round() > (rejected / tolerance).round()
+    reward_outcome(chosen, rejected, tolerance) == RewardOutcome::Chosen
 }
 
 /// TRL's reward metrics of a batch (batch means, f64).
@@ -531,11 +559,15 @@ pub struct RewardMetrics {
     pub rewards_chosen: f64,
     /// `rewards/rejected = mean(β r)`.
     pub rewards_rejected: f64,
-    /// `rewards/accuracies = mean(reward_accurate(β c, β r, REWARD_TOLERANCE))`: TRL's strict
-    /// `β c > β r` on rewards rounded at [`REWARD_TOLERANCE`] (see [`reward_accurate`]), so the
-    /// step-0 accuracy of an identity adapter is 0, not float noise; TRL's value whenever every
-    /// reward gap exceeds the tolerance.
+    /// `rewards/accuracies = mean(β c - β r > REWARD_TOLERANCE)` ([`reward_accurate`]): TRL's
+    /// `β c > β r` with the gap thresholded at [`REWARD_TOLERANCE`], so the step-0 accuracy of an
+    /// identity adapter is 0, not float noise; TRL's value whenever every reward gap exceeds the
+    /// tolerance.
     pub rewards_accuracies: f64,
+    /// `rewards/ties = mean(|β c - β r| <= REWARD_TOLERANCE)` ([`reward_outcome`]): the share of
+    /// pairs neither side wins (1 at step 0). Not a TRL metric; named in its style.
+    #[serde(default)]
+    pub rewards_ties: f64,
     /// `rewards/margins = mean(β (c - r))`.
     pub rewards_margins: f64,
     /// `logps/chosen = mean(log π(y_w|x))`.
@@ -557,7 +589,11 @@ impl RewardMetrics {
             let (wc, wr) = (beta * (pc[i] - rc[i]), beta * (pr[i] - rr[i]));
             m.rewards_chosen += wc / b;
             m.rewards_rejected += wr / b;
-            m.rewards_accuracies += if reward_accurate(wc, wr, REWARD_TOLERANCE) { 1.0 } else { 0.0 } / b;
+            match reward_outcome(wc, wr, REWARD_TOLERANCE) {
+                RewardOutcome::Chosen => m.rewards_accuracies += 1.0 / b,
+                RewardOutcome::Tie => m.rewards_ties += 1.0 / b,
+                RewardOutcome::Rejected => {}
+            }
             m.rewards_margins += (wc - wr) / b;
             m.logps_chosen += pc[i] / b;
             m.logps_rejected += pr[i] / b;
@@ -565,12 +601,13 @@ impl RewardMetrics {
         Ok(m)
     }
 
-    /// `(TRL name, value)` pairs, in TRL's order.
-    pub fn named(&self) -> [(&'static str, f64); 6] {
+    /// `(TRL name, value)` pairs, in TRL's order, `rewards/ties` right after `rewards/accuracies`.
+    pub fn named(&self) -> [(&'static str, f64); 7] {
         [
             ("rewards/chosen", self.rewards_chosen),
             ("rewards/rejected", self.rewards_rejected),
             ("rewards/accuracies", self.rewards_accuracies),
+            ("rewards/ties", self.rewards_ties),
             ("rewards/margins", self.rewards_margins),
             ("logps/chosen", self.logps_chosen),
             ("logps/rejected", self.logps_rejected),
@@ -711,8 +748,8 @@ mod tests {
     }
 
     // rewards/* from the golden file (TRL's raw `>` for accuracies: every golden reward gap
-    // exceeds REWARD_TOLERANCE, so the rounded rule must give TRL's number exactly); logps/* are
-    // the plain means of the policy log-probs.
+    // exceeds REWARD_TOLERANCE, so the thresholded rule must give TRL's number exactly, and no
+    // pair is a tie); logps/* are the plain means of the policy log-probs.
     #[test]
     fn reward_metrics_match_golden() {
         let g = golden();
@@ -731,27 +768,37 @@ mod tests {
             let w = match name {
                 "logps/chosen" => vecf(&g["policy_chosen_logps"]).iter().sum::<f64>() / 4.0,
                 "logps/rejected" => vecf(&g["policy_rejected_logps"]).iter().sum::<f64>() / 4.0,
+                "rewards/ties" => 0.0,
                 _ => want[name].as_f64().unwrap_or_else(|| panic!("golden has no {name}")),
             };
             assert!((got - w).abs() < 1e-12, "{name}: got {got}, want {w}");
         }
     }
 
-    // rewards/accuracies rounds the rewards at REWARD_TOLERANCE: noise-level gaps are ties (TRL's
-    // raw `>` would count about half of them), gaps beyond the tolerance give TRL's answer.
+    // rewards/accuracies thresholds the reward gap at REWARD_TOLERANCE: noise-level gaps are
+    // ties (TRL's raw `>` would count about half of them), gaps beyond the tolerance give TRL's
+    // answer.
     #[test]
-    fn reward_accuracy_rounds_noise_to_ties() {
+    fn reward_accuracy_thresholds_noise_to_ties() {
         let tol = REWARD_TOLERANCE;
-        // float noise of an identity adapter: TRL's raw comparison says "win", the rounded one "tie"
+        // float noise of an identity adapter: TRL's raw comparison says "win", ours "tie"
         assert!(3e-7 > -2e-7 && !reward_accurate(3e-7, -2e-7, tol));
+        assert_eq!(reward_outcome(3e-7, -2e-7, tol), RewardOutcome::Tie);
         assert!(0.0 > -7.6e-6 && !reward_accurate(0.0, -7.6e-6, tol));
         assert!(!reward_accurate(0.0, 0.0, tol) && !reward_accurate(-4e-6, 4e-6, tol));
+        assert_eq!(reward_outcome(0.0, 0.0, tol), RewardOutcome::Tie);
+        assert_eq!(reward_outcome(f64::NAN, 0.0, tol), RewardOutcome::Rejected);
         // every gap beyond the tolerance, at rewards from -10 to 10: the same answer as TRL's
         for k in -200..=200 {
             let r = k as f64 * 0.05 + 1.234567e-6;
             for gap in [1.0001 * tol, 1.5 * tol, 3.7 * tol, 1e-3, 0.25, 7.0] {
                 assert!(reward_accurate(r + gap, r, tol), "{r} + {gap} vs {r}");
-                assert!(!reward_accurate(r - gap, r, tol), "{r} - {gap} vs {r}");
+                assert_eq!(reward_outcome(r - gap, r, tol), RewardOutcome::Rejected, "{r} - {gap} vs {r}");
+            }
+            // and every gap within it is a tie, wherever the rewards sit
+            for gap in [0.0, 1e-7, 0.5 * tol, 0.9999 * tol] {
+                assert_eq!(reward_outcome(r + gap, r, tol), RewardOutcome::Tie, "{r} + {gap} vs {r}");
+                assert_eq!(reward_outcome(r - gap, r, tol), RewardOutcome::Tie, "{r} - {gap} vs {r}");
             }
         }
         // RewardMetrics uses the same rule: logps off by f32 noise (up to 7.6e-5 nats, as measured
@@ -769,10 +816,38 @@ mod tests {
         };
         let m = RewardMetrics::compute(&logps, 0.1).unwrap();
         assert_eq!(m.rewards_accuracies, 0.0, "{m:?}");
+        assert_eq!(m.rewards_ties, 1.0, "{m:?}");
         assert!(m.rewards_margins > 0.0, "the raw gaps favour chosen: {m:?}");
         let logps = PairLogps { policy_chosen: (&logps.policy_chosen + t64(&[0.0, 0.0, 0.5])).unwrap(), ..logps };
         let m = RewardMetrics::compute(&logps, 0.1).unwrap();
         assert!((m.rewards_accuracies - 1.0 / 3.0).abs() < 1e-15, "{m:?}");
+        assert!((m.rewards_ties - 2.0 / 3.0).abs() < 1e-15, "{m:?}");
+    }
+
+    // Issue 15, case 7: accuracy rounded each reward to a multiple of 1e-4 and compared the
+    // rounded values, so a gap of 1e-7 straddling a rounding boundary (0.5e-4 ± 0.5e-7 round to 1
+    // and 0) counted as a win. The rule is now the gap against the tolerance: a tie.
+    #[test]
+    fn case7_accuracy_thresholds_the_gap_not_rounded_rewards() {
+        let tol = REWARD_TOLERANCE;
+        let (c, r) = (0.5e-4 + 0.5e-7, 0.5e-4 - 0.5e-7);
+        assert!((c / tol).round() > (r / tol).round(), "the old rule calls this a win");
+        assert!(!reward_accurate(c, r, tol));
+        assert_eq!(reward_outcome(c, r, tol), RewardOutcome::Tie);
+        // a gap just under the tolerance, not straddling: a tie under both rules; just over: a win
+        assert_eq!(reward_outcome(0.0, -0.99e-4, tol), RewardOutcome::Tie);
+        assert_eq!(reward_outcome(0.0, -1.01e-4, tol), RewardOutcome::Chosen);
+        // through RewardMetrics (the training metrics): beta 1, the straddling gap is a tie
+        let logps = PairLogps {
+            policy_chosen: t64(&[c]),
+            policy_rejected: t64(&[r]),
+            reference_chosen: t64(&[0.0]),
+            reference_rejected: t64(&[0.0]),
+            chosen_tokens: t64(&[1.0]),
+            rejected_tokens: t64(&[1.0]),
+        };
+        let m = RewardMetrics::compute(&logps, 1.0).unwrap();
+        assert_eq!((m.rewards_accuracies, m.rewards_ties), (0.0, 1.0), "{m:?}");
     }
 
     // Step 0: policy = reference, so c = r = 0. Each loss takes the closed form of
@@ -814,6 +889,7 @@ mod tests {
             assert_eq!(out.metrics.rewards_chosen, 0.0);
             assert_eq!(out.metrics.rewards_margins, 0.0);
             assert_eq!(out.metrics.rewards_accuracies, 0.0, "ties are not accurate (strict >)");
+            assert_eq!(out.metrics.rewards_ties, 1.0, "every step-0 pair is a tie");
         }
         // sigmoid's gradient at step 0 is -β/2 per pair, over B pairs: d/dc = -0.1 * 0.5 / 3.
         let pc = Var::from_tensor(&same).unwrap();

@@ -14,7 +14,8 @@ fn main() -> ExitCode {
     match ropo::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("ropo: {err:#}");
+            // an HF token never reaches the terminal, whatever echoed it
+            eprintln!("ropo: {}", ropo::model::hub::redact_token(&format!("{err:#}")));
             ExitCode::from(2)
         }
     }

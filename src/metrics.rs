@@ -280,6 +280,7 @@ mod tests {
             "rewards/chosen",
             "rewards/rejected",
             "rewards/accuracies",
+            "rewards/ties",
             "rewards/margins",
             "logps/chosen",
             "logps/rejected",
@@ -295,7 +296,7 @@ mod tests {
         assert_eq!(r["step"], Value::from(3u64));
         assert_eq!(r["logps/chosen"].as_f64(), Some(-255.75));
         let e = EvalStats { step: 3, epoch: 0.03, loss: 0.5, rewards: RewardMetrics::default(), tokens_per_second: 1.0, elapsed_seconds: 2.0 }.record();
-        for k in ["eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/rejected", "step", "epoch"] {
+        for k in ["eval/loss", "eval/rewards/accuracies", "eval/rewards/ties", "eval/rewards/margins", "eval/logps/rejected", "step", "epoch"] {
             assert!(e.contains_key(k), "eval record lacks {k}");
         }
         assert!(!e.contains_key("loss"));

@@ -309,7 +309,14 @@ fn tokenize_rows(pt: &PairTokenizer, files: &[Loaded], rows: &[(usize, Preferenc
 /// Errors: tokenization errors (named `file:line`), no training pair left.
 pub fn tokenize(cfg: &RunConfig, rows: &Rows, tokenizer: &crate::model::tokenizer::Tokenizer) -> Result<Splits> {
     let template = template_override(cfg)?;
-    let pt = PairTokenizer::new(tokenizer, template.as_deref(), tokenize_options(cfg))?;
+    let on_identical = match cfg.data.on_identical {
+        crate::config::OnIdentical::Skip => crate::data::OnIdentical::Skip,
+        crate::config::OnIdentical::Error => crate::data::OnIdentical::Error,
+    };
+    let mut pt = PairTokenizer::new(tokenizer, template.as_deref(), tokenize_options(cfg))?.with_on_identical(on_identical);
+    if let Some(TemplateSource::File(p)) = cfg.data.chat_template_source() {
+        pt = pt.with_template_name(format!("the chat template {}", p.display()));
+    }
     let mut train_report = DataReport::default();
     let mut eval_report = DataReport::default();
     let train = tokenize_rows(&pt, &rows.files, &rows.train, &mut train_report)?;
@@ -499,6 +506,7 @@ fn add_metrics(acc: &mut RewardMetrics, m: &RewardMetrics, w: f64) {
     acc.rewards_chosen += w * m.rewards_chosen;
     acc.rewards_rejected += w * m.rewards_rejected;
     acc.rewards_accuracies += w * m.rewards_accuracies;
+    acc.rewards_ties += w * m.rewards_ties;
     acc.rewards_margins += w * m.rewards_margins;
     acc.logps_chosen += w * m.logps_chosen;
     acc.logps_rejected += w * m.logps_rejected;
@@ -694,7 +702,7 @@ pub fn run(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     if resume_from.is_none() {
         if let Some(mut e) = run_eval(0, 0.0)? {
             e.elapsed_seconds = elapsed();
-            progress.println(&format!("eval at step 0: loss {:.4}, rewards/accuracies {:.3}, rewards/margins {:.4}", e.loss, e.rewards.rewards_accuracies, e.rewards.rewards_margins));
+            progress.println(&format!("eval at step 0: loss {:.4}, rewards/accuracies {:.3}, rewards/ties {:.3}, rewards/margins {:.4}", e.loss, e.rewards.rewards_accuracies, e.rewards.rewards_ties, e.rewards.rewards_margins));
             log(&mut logger, &mut state, e.record())?;
             first_eval = Some(e);
             last_eval = first_eval;
@@ -759,7 +767,7 @@ pub fn run(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         if t.eval_steps > 0 && step % t.eval_steps as u64 == 0 && step < total_steps {
             if let Some(mut e) = run_eval(step, state.epoch)? {
                 e.elapsed_seconds = elapsed();
-                progress.println(&format!("eval at step {step}: loss {:.4}, rewards/accuracies {:.3}, rewards/margins {:.4}", e.loss, e.rewards.rewards_accuracies, e.rewards.rewards_margins));
+                progress.println(&format!("eval at step {step}: loss {:.4}, rewards/accuracies {:.3}, rewards/ties {:.3}, rewards/margins {:.4}", e.loss, e.rewards.rewards_accuracies, e.rewards.rewards_ties, e.rewards.rewards_margins));
                 log(&mut logger, &mut state, e.record())?;
                 last_eval = Some(e);
             }
@@ -791,7 +799,7 @@ pub fn run(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         progress.finish();
         if let Some(mut e) = run_eval(step, state.epoch)? {
             e.elapsed_seconds = elapsed();
-            say(&format!("eval at step {step}: loss {:.4}, rewards/accuracies {:.3}, rewards/margins {:.4}", e.loss, e.rewards.rewards_accuracies, e.rewards.rewards_margins));
+            say(&format!("eval at step {step}: loss {:.4}, rewards/accuracies {:.3}, rewards/ties {:.3}, rewards/margins {:.4}", e.loss, e.rewards.rewards_accuracies, e.rewards.rewards_ties, e.rewards.rewards_margins));
             log(&mut logger, &mut state, e.record())?;
             last_eval = Some(e);
         }

@@ -389,7 +389,7 @@ fn text_rows_get_eos_and_no_template() {
 fn prompt_reaching_max_length_is_dropped_and_counted() {
     let tok = small_tokenizer(true);
     let ex = chat_example(vec![Message::new("user", "hello there")], "a", "b");
-    let n_prompt = PairTokenizer::new(&tok, None, TokenizeOptions::default()).unwrap().encode(&ex, Path::new("t")).unwrap().prompt_ids.len();
+    let n_prompt = PairTokenizer::new(&tok, None, TokenizeOptions::default()).unwrap().encode(&ex, Path::new("t")).unwrap().unwrap().prompt_ids.len();
     let mut report = Default::default();
     let pt = PairTokenizer::new(&tok, None, TokenizeOptions { max_length: Some(n_prompt), max_prompt_length: None }).unwrap();
     assert!(pt.tokenize(&ex, Path::new("t"), &mut report).unwrap().is_none());
@@ -543,7 +543,7 @@ fn golden_orca_pairs_tokenize_exactly_as_trl() {
             assert_eq!(completion.len(), gs["n_completion_tokens_scored"].as_u64().unwrap() as usize, "row {row} {side}");
         }
         // untruncated completion lengths, and the <|im_end|>\n tail
-        let e = pt.encode(&data.examples[row], &path).unwrap();
+        let e = pt.encode(&data.examples[row], &path).unwrap().unwrap();
         assert_eq!(e.chosen_ids.len(), g["chosen"]["completion_ids_untruncated_n"].as_u64().unwrap() as usize);
         assert_eq!(e.rejected_ids.len(), g["rejected"]["completion_ids_untruncated_n"].as_u64().unwrap() as usize);
         assert_eq!(&e.chosen_ids[e.chosen_ids.len() - 2..], &[2, 198]);

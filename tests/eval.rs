@@ -161,6 +161,7 @@ fn preference_logps_match_golden_and_base_is_its_own_reference() {
     // without an adapter the policy is the reference: rewards exactly 0, loss ln 2, no win
     let m = ropo::eval::preference_metrics(&lp, 0.1, ropo::eval::preference::DEFAULT_TOLERANCE).unwrap();
     assert_eq!((m.rewards_chosen, m.rewards_rejected, m.rewards_margins, m.rewards_accuracies), (0.0, 0.0, 0.0, 0.0));
+    assert_eq!((m.ties, m.rewards_ties), (3, 1.0), "every pair is a tie");
     assert!((m.loss - std::f64::consts::LN_2).abs() < 1e-12);
 }
 
@@ -280,8 +281,8 @@ fn eval_identity_adapter_equals_base() {
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let (base, adapted) = (&r["base"], &r["adapted"]);
     let f = |v: &serde_json::Value| v.as_f64().unwrap();
-    // rewards and margins within 1e-5 of 0; accuracies strict on rewards rounded at
-    // REWARD_TOLERANCE (1e-4): no pair wins. Run in f64: in f32 the identity rotation's rounding (~1e-7 a layer, 30 layers,
+    // rewards and margins within 1e-5 of 0; accuracies count reward gaps above
+    // REWARD_TOLERANCE (1e-4): no pair wins, every pair is a tie. Run in f64: in f32 the identity rotation's rounding (~1e-7 a layer, 30 layers,
     // summed over ~200 completion tokens) gave a margin of -1.3e-5 on these 3 pairs, at the
     // edge of the 1e-5 the acceptance asks for.
     let p = &adapted["preference"];
@@ -289,6 +290,7 @@ fn eval_identity_adapter_equals_base() {
         assert!(f(&p[k]).abs() < 1e-5, "{k} = {}", p[k]);
     }
     assert_eq!(f(&p["rewards/accuracies"]), 0.0);
+    assert_eq!((f(&p["rewards/ties"]), p["ties"].as_u64()), (1.0, Some(3)));
     assert!((f(&p["loss"]) - std::f64::consts::LN_2).abs() < 1e-5);
     // logps within 1e-6 of the base's (sums of ~200 f64 terms)
     for k in ["logps/chosen", "logps/rejected"] {

@@ -430,3 +430,171 @@ fn synthetic_gguf_loads_back_to_the_hf_tensors() {
         assert_eq!(m.forward(&x, None, false).unwrap().dims(), [1, 3, 49152]);
     }
 }
+
+/// An `HF_TOKEN` never appears in an error: a hub lookup that fails (offline, so no network),
+/// and an error that echoes the token itself (a model id holding it) print `<HF_TOKEN>`.
+#[test]
+fn hf_token_never_appears_in_errors() {
+    let token = "hf_fuzzSecretToken0123456789";
+    let home = tempfile::tempdir().unwrap();
+    let data = home.path().join("d.jsonl");
+    std::fs::write(&data, "{\"prompt\": \"p\", \"chosen\": \"a\", \"rejected\": \"b\"}\n").unwrap();
+    for model in ["nobody-here/no-such-model".to_string(), format!("{token}/x")] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ropo"))
+            .args(["data", "inspect", data.to_str().unwrap(), "--model", &model])
+            .env("HF_TOKEN", token)
+            .env("HF_HOME", home.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!stderr.contains(token) && !stdout.contains(token), "{model}: {stderr}");
+        assert!(stderr.starts_with("ropo: "), "{stderr}");
+    }
+}
+
+/// A GGUF file written by hand: `kvs` as (key, value type, value bytes), `tensors` as (name,
+/// dims, ggml dtype, offset); no tensor data unless `data` is given.
+fn raw_gguf(kvs: &[(&str, u32, Vec<u8>)], tensors: &[(&str, &[u64], u32, u64)], data: &[u8]) -> Vec<u8> {
+    let s = |out: &mut Vec<u8>, t: &str| {
+        out.extend((t.len() as u64).to_le_bytes());
+        out.extend(t.as_bytes());
+    };
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((kvs.len() as u64).to_le_bytes());
+    for (k, ty, v) in kvs {
+        s(&mut out, k);
+        out.extend(ty.to_le_bytes());
+        out.extend(v);
+    }
+    for (name, dims, dtype, offset) in tensors {
+        s(&mut out, name);
+        out.extend((dims.len() as u32).to_le_bytes());
+        for d in *dims {
+            out.extend(d.to_le_bytes());
+        }
+        out.extend(dtype.to_le_bytes());
+        out.extend(offset.to_le_bytes());
+    }
+    while out.len() % 32 != 0 {
+        out.push(0);
+    }
+    out.extend(data);
+    out
+}
+
+fn gguf_string(v: &str) -> Vec<u8> {
+    [(v.len() as u64).to_le_bytes().to_vec(), v.as_bytes().to_vec()].concat()
+}
+
+/// `general.alignment = 0` made candle's reader divide by zero (a panic; found reading it for
+/// the GGUF fuzz target, fuzz/fuzz_targets/gguf.rs); it is refused with the file named.
+#[test]
+fn gguf_alignment_zero_is_refused_not_a_panic() {
+    let arch = ("general.architecture", 8, gguf_string("llama"));
+    for (ty, value) in [(4u32, 0u32.to_le_bytes().to_vec()), (0, vec![0u8]), (5, 0i32.to_le_bytes().to_vec())] {
+        let bytes = raw_gguf(&[arch.clone(), ("general.alignment", ty, value)], &[], &[]);
+        let e = gguf::load_bytes(&bytes, Path::new("a.gguf"), &Device::Cpu).map(|p| p.tensors.len()).unwrap_err().to_string();
+        assert_eq!(e, "a.gguf: not a valid GGUF file: general.alignment is 0");
+    }
+    // a positive alignment reads on (and fails later, on the missing metadata, with the file)
+    let bytes = raw_gguf(&[arch, ("general.alignment", 4, 64u32.to_le_bytes().to_vec())], &[], &[]);
+    let e = gguf::load_bytes(&bytes, Path::new("a.gguf"), &Device::Cpu).map(|p| p.tensors.len()).unwrap_err().to_string();
+    assert!(e.starts_with("a.gguf: ") && !e.contains("alignment"), "{e}");
+}
+
+/// Absurd tensor sizes (dimensions whose product overflows, or bytes past the end of the file)
+/// are refused before anything is allocated for them.
+#[test]
+fn gguf_absurd_tensor_sizes_are_refused_before_allocating() {
+    let arch = ("general.architecture", 8, gguf_string("llama"));
+    let cases: [(&[u64], u64, &str); 3] = [
+        (&[1 << 40, 1 << 40], 0, "token_embd.weight: dimensions [1099511627776, 1099511627776] overflow"),
+        (&[1 << 30, 1 << 20], 0, "lies past the end of the file"),
+        (&[4], u64::MAX - 8, "lies past the end of the file"),
+    ];
+    for (dims, offset, want) in cases {
+        let bytes = raw_gguf(&[arch.clone()], &[("token_embd.weight", dims, 0, offset)], &[0u8; 16]);
+        let e = gguf::load_bytes(&bytes, Path::new("t.gguf"), &Device::Cpu).map(|p| p.tensors.len()).unwrap_err().to_string();
+        assert!(e.starts_with("t.gguf: not a valid GGUF file (truncated or corrupt): tensor ") && e.contains(want), "{e}");
+    }
+}
+
+/// A 1-layer llama GGUF (hidden 8, 2 heads, 1 KV head, a 40-token byte-level BPE tokenizer)
+/// with `head_count` as its `llama.attention.head_count`: the base file of the gguf fuzz target.
+fn tiny_llama_gguf(head_count: u32) -> Vec<u8> {
+    use candle_core::quantized::gguf_file::{self, Value};
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let t = |shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        QTensor::quantize(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap()
+    };
+    let (v, h, f) = (40usize, 8usize, 12usize);
+    let tensors: Vec<(&str, QTensor)> = vec![
+        ("token_embd.weight", t(&[v, h])),
+        ("output_norm.weight", t(&[h])),
+        ("blk.0.attn_norm.weight", t(&[h])),
+        ("blk.0.ffn_norm.weight", t(&[h])),
+        ("blk.0.attn_q.weight", t(&[h, h])),
+        ("blk.0.attn_k.weight", t(&[4, h])),
+        ("blk.0.attn_v.weight", t(&[4, h])),
+        ("blk.0.attn_output.weight", t(&[h, h])),
+        ("blk.0.ffn_gate.weight", t(&[f, h])),
+        ("blk.0.ffn_up.weight", t(&[f, h])),
+        ("blk.0.ffn_down.weight", t(&[h, f])),
+    ];
+    let mut tokens: Vec<Value> = (b'a'..=b'z').map(|c| Value::String((c as char).to_string())).collect();
+    tokens.extend(["Ġ", "Ċ", "ab", "ba", "<|im_start|>", "<|im_end|>", "<|endoftext|>"].map(|s| Value::String(s.into())));
+    while tokens.len() < v {
+        tokens.push(Value::String(format!("x{}", tokens.len())));
+    }
+    let types: Vec<Value> = (0..v).map(|i| Value::I32(if (30..33).contains(&i) { 3 } else { 1 })).collect();
+    let meta: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.block_count", Value::U32(1)),
+        ("llama.context_length", Value::U32(64)),
+        ("llama.embedding_length", Value::U32(h as u32)),
+        ("llama.feed_forward_length", Value::U32(f as u32)),
+        ("llama.attention.head_count", Value::U32(head_count)),
+        ("llama.attention.head_count_kv", Value::U32(1)),
+        ("tokenizer.ggml.model", Value::String("gpt2".into())),
+        ("tokenizer.ggml.tokens", Value::Array(tokens)),
+        ("tokenizer.ggml.token_type", Value::Array(types)),
+        ("tokenizer.ggml.bos_token_id", Value::U32(30)),
+        ("tokenizer.ggml.eos_token_id", Value::U32(31)),
+    ];
+    let mut out = std::io::Cursor::new(Vec::new());
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (*k, v)).collect();
+    gguf_file::write(&mut out, &meta_refs, &t_refs).unwrap();
+    out.into_inner()
+}
+
+/// Fuzz finding (gguf target, crash-02e884a9a64644d7355975dad33867c2b08b4613: a patched
+/// `llama.attention.head_count` of 35329): the error of a head count that does not divide the
+/// q/k rows did not name the file. It names the file, the tensor and the key now.
+#[test]
+fn fuzz_gguf_head_count_not_dividing_q_rows_names_the_file() {
+    assert_eq!(gguf::load_bytes(&tiny_llama_gguf(2), Path::new("t.gguf"), &Device::Cpu).unwrap().tensors.len(), 11);
+    let e = gguf::load_bytes(&tiny_llama_gguf(3), Path::new("t.gguf"), &Device::Cpu).map(|p| p.tensors.len()).unwrap_err().to_string();
+    assert_eq!(e, "t.gguf: tensor blk.0.attn_q.weight: cannot un-permute a (8, 8) weight over 3 heads (llama.attention.head_count)");
+}
+
+/// Fuzz finding (gguf target, crash-db577307c3ccbecd7ff60a72698973210acbfdea: a patched
+/// dimension of 0): candle read the empty tensor through a dangling, misaligned pointer
+/// (`slice::from_raw_parts`' precondition, undefined behaviour; a panic with debug assertions).
+/// A tensor with no elements is refused before it is read.
+#[test]
+fn fuzz_gguf_tensor_with_a_zero_dimension_is_refused() {
+    let arch = ("general.architecture", 8, gguf_string("llama"));
+    for dtype in [0u32, 1, 2] {
+        // F32, F16, Q4_0
+        let bytes = raw_gguf(&[arch.clone()], &[("token_embd.weight", &[0, 8], dtype, 0)], &[0u8; 64]);
+        let e = gguf::load_bytes(&bytes, Path::new("t.gguf"), &Device::Cpu).map(|p| p.tensors.len()).unwrap_err().to_string();
+        assert_eq!(e, "t.gguf: not a valid GGUF file (truncated or corrupt): tensor token_embd.weight: dimensions [8, 0] hold no elements"); // candle reverses ggml's dimension order
+    }
+}

@@ -102,8 +102,9 @@ fn step0_losses_rewards_and_golden_logps() {
     let ln2 = std::f64::consts::LN_2;
     assert!((loss - ln2).abs() < 1e-5, "step-0 sigmoid loss {loss}, want ln 2");
     assert!(metrics.rewards_chosen.abs() < 1e-5 && metrics.rewards_rejected.abs() < 1e-5, "{metrics:?}");
-    // rewards within float noise of 0 are ties (rounded at REWARD_TOLERANCE), not wins decided by noise
+    // reward gaps within float noise of 0 are ties (|gap| <= REWARD_TOLERANCE), not wins decided by noise
     assert_eq!(metrics.rewards_accuracies, 0.0, "step-0 accuracy of an identity adapter: {metrics:?}");
+    assert!((metrics.rewards_ties - 1.0).abs() < 1e-12, "every step-0 pair is a tie: {metrics:?}");
 
     // golden summed completion log-probs, per sequence (the base model's full logits, as the
     // golden procedure; and the training path's completion-position log-probs, adapters on)
@@ -306,13 +307,15 @@ fn cli_short_training_moves_the_loss_and_writes_a_loadable_adapter() {
     assert!((loss(train[0], "loss") - std::f64::consts::LN_2).abs() < 1e-4, "first step loss {}", loss(train[0], "loss"));
     assert!((loss(evals[0], "eval/loss") - std::f64::consts::LN_2).abs() < 1e-4);
     // identity adapter: every reward is float noise around 0, a tie, so no pair is accurate
-    // (the rule of `ropo eval`, `ropo::loss::reward_accurate`)
+    // (the rule of `ropo eval`, `ropo::loss::reward_outcome`)
     assert_eq!(loss(evals[0], "eval/rewards/accuracies"), 0.0, "step-0 eval record: {:?}", evals[0]);
+    assert!((loss(evals[0], "eval/rewards/ties") - 1.0).abs() < 1e-12, "step-0 eval record: {:?}", evals[0]);
     assert_eq!(loss(train[0], "rewards/accuracies"), 0.0, "first step (identity adapter): {:?}", train[0]);
+    assert!((loss(train[0], "rewards/ties") - 1.0).abs() < 1e-12, "first step (identity adapter): {:?}", train[0]);
     assert!(loss(train[3], "loss") != loss(train[0], "loss"), "the loss did not move");
     assert!(loss(evals[2], "eval/loss") != loss(evals[0], "eval/loss"), "eval loss did not move: {evals:?}");
     assert!(loss(evals[2], "eval/rewards/margins") > 0.0, "held-out margins did not grow: {evals:?}");
-    for k in ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "epoch", "tokens_per_second", "elapsed_seconds"] {
+    for k in ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/ties", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "epoch", "tokens_per_second", "elapsed_seconds"] {
         assert!(train[0].contains_key(k), "missing {k}");
     }
     // the adapter loads onto a fresh model and changes its output

@@ -226,7 +226,8 @@ fn prompts(args: &EvalArgs, path: &Path, tok: &Tokenizer, template: Option<&str>
         let pt = PairTokenizer::new(tok, template, TokenizeOptions::default())?;
         let mut v = Vec::new();
         for ex in loaded.examples.iter().take(args.samples) {
-            let e = pt.encode(ex, path)?;
+            // a row the tokenizer refuses is no prompt either
+            let Ok(e) = pt.encode(ex, path)? else { continue };
             v.push((pt.render_prompt(ex, path)?, e.prompt_ids));
         }
         v

@@ -54,8 +54,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let summary = train::run(&cfg, &opts)?;
     if let (Some(a), Some(b)) = (&summary.first_eval, &summary.last_eval) {
         eprintln!(
-            "eval before -> after: loss {:.4} -> {:.4}, rewards/accuracies {:.3} -> {:.3}, rewards/margins {:.4} -> {:.4}",
-            a.loss, b.loss, a.rewards.rewards_accuracies, b.rewards.rewards_accuracies, a.rewards.rewards_margins, b.rewards.rewards_margins
+            "eval before -> after: loss {:.4} -> {:.4}, rewards/accuracies {:.3} -> {:.3}, rewards/ties {:.3} -> {:.3}, rewards/margins {:.4} -> {:.4}",
+            a.loss,
+            b.loss,
+            a.rewards.rewards_accuracies,
+            b.rewards.rewards_accuracies,
+            a.rewards.rewards_ties,
+            b.rewards.rewards_ties,
+            a.rewards.rewards_margins,
+            b.rewards.rewards_margins
         );
     }
     if let Outcome::Interrupted { step, .. } = summary.outcome {

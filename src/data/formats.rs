@@ -162,23 +162,26 @@ fn standard(obj: &Map<String, Value>) -> Result<Normalized, RowError> {
 
 fn conversational(obj: &Map<String, Value>) -> Result<Normalized, RowError> {
     let prompt = messages(field(obj, "prompt")?, "prompt")?;
-    let chosen = messages(field(obj, "chosen")?, "chosen")?;
-    let rejected = messages(field(obj, "rejected")?, "rejected")?;
+    let chosen = completion(field(obj, "chosen")?, "chosen")?;
+    let rejected = completion(field(obj, "rejected")?, "rejected")?;
     Ok(checked(Pair::Chat { prompt, chosen, rejected }))
 }
 
 fn openai(obj: &Map<String, Value>) -> Result<Normalized, RowError> {
     let input = object_field(field(obj, "input")?, "input")?;
     let prompt = messages(input.get("messages").ok_or_else(|| missing("input.messages"))?, "input.messages")?;
-    let chosen = messages(field(obj, "preferred_output")?, "preferred_output")?;
-    let rejected = messages(field(obj, "non_preferred_output")?, "non_preferred_output")?;
+    let chosen = completion(field(obj, "preferred_output")?, "preferred_output")?;
+    let rejected = completion(field(obj, "non_preferred_output")?, "non_preferred_output")?;
     Ok(checked(Pair::Chat { prompt, chosen, rejected }))
 }
 
 /// Implicit prompt (TRL `extract_prompt`): the prompt is the shared beginning of `chosen` and
-/// `rejected`. Conversations: the shared leading messages. Text: the longest common prefix, cut
-/// right after the last [`ASSISTANT_MARKERS`] marker inside it when there is one, otherwise (as
-/// TRL) moved back one character when the first differing character follows a space.
+/// `rejected`. Conversations: the shared leading messages; what follows on each side must be
+/// assistant messages only, otherwise the row is skipped ([`SkipReason::CompletionNotAssistant`]:
+/// the lists end in a user turn, or diverge before their final assistant turn). Text: the
+/// longest common prefix, cut right after the last [`ASSISTANT_MARKERS`] marker inside it when
+/// there is one, otherwise (as TRL) moved back one character when the first differing character
+/// follows a space.
 fn implicit(obj: &Map<String, Value>) -> Result<Normalized, RowError> {
     let chosen = field(obj, "chosen")?;
     let rejected = field(obj, "rejected")?;
@@ -199,6 +202,10 @@ fn implicit(obj: &Map<String, Value>) -> Result<Normalized, RowError> {
             }
             let k = c.iter().zip(&r).take_while(|(a, b)| a == b).count();
             let prompt = c[..k].to_vec();
+            let answers_only = |m: &[Message]| m.iter().all(|m| m.role == "assistant");
+            if !answers_only(&c[k..]) || !answers_only(&r[k..]) {
+                return Ok(Normalized::Skip(SkipReason::CompletionNotAssistant));
+            }
             Ok(checked(Pair::Chat { prompt, chosen: c[k..].to_vec(), rejected: r[k..].to_vec() }))
         }
         other => Err(wrong_type("chosen", "a string or a list of messages", other)),
@@ -357,8 +364,25 @@ fn object_field<'a>(v: &'a Value, path: &str) -> Result<&'a Map<String, Value>, 
     v.as_object().ok_or_else(|| wrong_type(path, "an object", v))
 }
 
+/// The message roles a row may use: what chat templates know (a template renders any other
+/// role as it likes, or not at all, so a row using one is refused).
+pub const ROLES: [&str; 3] = ["system", "user", "assistant"];
+
+/// A completion (`chosen`, `rejected`, `preferred_output`, ...): [`messages`], all of them
+/// `assistant` messages. Errors name the first other role.
+fn completion(v: &Value, path: &str) -> Result<Vec<Message>, RowError> {
+    let list = messages(v, path)?;
+    if let Some((i, m)) = list.iter().enumerate().find(|(_, m)| m.role != "assistant") {
+        return Err(RowError(format!(
+            "field \"{path}[{i}].role\": a completion holds assistant messages only, got {:?}",
+            m.role
+        )));
+    }
+    Ok(list)
+}
+
 /// A list of `{role, content}` messages; `content` is a string or a list of
-/// `{"type": "text", "text": ...}` parts (OpenAI), joined.
+/// `{"type": "text", "text": ...}` parts (OpenAI), joined. Roles must be one of [`ROLES`].
 fn messages(v: &Value, path: &str) -> Result<Vec<Message>, RowError> {
     let list = v.as_array().ok_or_else(|| wrong_type(path, "a list of messages", v))?;
     list.iter()
@@ -368,6 +392,9 @@ fn messages(v: &Value, path: &str) -> Result<Vec<Message>, RowError> {
             let obj = object_field(m, &p)?;
             let role_path = format!("{p}.role");
             let role = string(obj.get("role").ok_or_else(|| missing(&role_path))?, &role_path)?;
+            if !ROLES.contains(&role) {
+                return Err(RowError(format!("field \"{role_path}\": unknown role {role:?} (expected system, user or assistant)")));
+            }
             let content_path = format!("{p}.content");
             let content = obj.get("content").ok_or_else(|| missing(&content_path))?;
             Ok(Message::new(role, content_text(content, &content_path)?))

@@ -58,7 +58,7 @@ pub struct InspectReport {
     pub report: DataReport,
     /// Pairs left after every check and limit.
     pub pairs: usize,
-    /// Prompt tokens before truncation, over every loaded row.
+    /// Prompt tokens before truncation, over every loaded row the tokenizer did not refuse.
     pub prompt: LengthStats,
     /// Chosen completion tokens before truncation.
     pub chosen: LengthStats,
@@ -82,20 +82,26 @@ pub fn inspect(
     options: TokenizeOptions,
 ) -> Result<InspectReport> {
     let loaded = load(path, load_opts)?;
-    let tok = PairTokenizer::new(tokenizer, template, options)?;
+    let tok = PairTokenizer::new(tokenizer, template, options)?.with_on_identical(load_opts.on_identical);
     let mut report = loaded.report.clone();
     tok.check_template(&loaded.examples, path)?;
     let (mut prompt, mut chosen, mut rejected) = (Vec::new(), Vec::new(), Vec::new());
     let mut kept: Vec<TokenizedPair> = Vec::new();
     for ex in &loaded.examples {
-        let e = tok.encode(ex, path)?;
+        let e = match tok.encode(ex, path)? {
+            Ok(e) => e,
+            Err(reason) => {
+                report.skip(reason, ex.line);
+                continue;
+            }
+        };
         if !e.prompt_is_prefix {
             report.prompt_mismatch.add(ex.line);
         }
         prompt.push(e.prompt_ids.len());
         chosen.push(e.chosen_ids.len());
         rejected.push(e.rejected_ids.len());
-        if let Some(t) = tok.truncate(ex.line, e, &mut report) {
+        if let Some(t) = tok.truncate(ex.line, e, path, &mut report)? {
             kept.push(t);
         }
     }

@@ -62,7 +62,7 @@ pub fn prepare(
 ) -> Result<Prepared> {
     let loaded = load(path, load_opts)?;
     let mut report = loaded.report;
-    let pt = tokenize::PairTokenizer::new(tokenizer, template, options)?;
+    let pt = tokenize::PairTokenizer::new(tokenizer, template, options)?.with_on_identical(load_opts.on_identical);
     let pairs = pt.tokenize_all(&loaded.examples, path, &mut report)?;
     Ok(Prepared { source: loaded.source, format: loaded.format, pairs, report })
 }
@@ -126,6 +126,26 @@ pub enum SkipReason {
     PromptTooLong,
     /// The tokenized prompt is longer than `max_prompt_length`.
     PromptOverMaxPromptLength,
+    /// An implicit-prompt conversation whose completion (what follows the shared messages) holds
+    /// a non-assistant message: the lists end in a user turn, or diverge before their final
+    /// assistant turn.
+    CompletionNotAssistant,
+    /// A text completion holding an EOS / end-of-turn token before its end (more than the final
+    /// answer: another turn, or a stray EOS).
+    EosInsideCompletion,
+    /// Chosen and rejected have the same ids after tokenization and truncation (e.g. they differ
+    /// only past `max_length`): loss ln 2 and no gradient. Skipped when `on_identical = skip`.
+    IdenticalAfterTruncation,
+    /// The rendered prompt (with its generation prompt) is not the start of the rendered
+    /// prompt + answer, so the prompt ids would not mark where the answer starts.
+    PromptNotPrefix,
+    /// No prompt token (and no BOS): the first completion token has nothing to be predicted from.
+    EmptyPrompt,
+    /// Message content holds special-token text and the template alters content (e.g. trims
+    /// it), so the content cannot be tokenized apart from the template's own tokens.
+    SpecialTokenInContent,
+    /// The prompt does not start with exactly one BOS although the tokenizer adds one.
+    BosNotOnce,
 }
 
 impl SkipReason {
@@ -138,6 +158,13 @@ impl SkipReason {
             SkipReason::NoSharedPrompt => "chosen and rejected do not share a prompt",
             SkipReason::PromptTooLong => "prompt alone reaches max_length",
             SkipReason::PromptOverMaxPromptLength => "prompt longer than max_prompt_length",
+            SkipReason::CompletionNotAssistant => "completion is not only the final assistant turn(s)",
+            SkipReason::EosInsideCompletion => "EOS / end-of-turn inside the completion",
+            SkipReason::IdenticalAfterTruncation => "chosen identical to rejected after tokenization and truncation",
+            SkipReason::PromptNotPrefix => "rendered prompt is not the start of prompt + answer",
+            SkipReason::EmptyPrompt => "empty prompt (no token before the completion)",
+            SkipReason::SpecialTokenInContent => "special-token text in message content (template alters content)",
+            SkipReason::BosNotOnce => "prompt does not start with exactly one BOS",
         }
     }
 }

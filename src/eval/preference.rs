@@ -7,10 +7,11 @@
 //! "The loss"), per pair:
 //!
 //! - `rewards/chosen = β c`, `rewards/rejected = β r`, `rewards/margins = β (c - r)`;
-//! - `rewards/accuracies = [chosen > rejected]`, strict as TRL's, but on the rewards rounded to
-//!   multiples of `tolerance` (`round(β c / tol) > round(β r / tol)`,
-//!   [`crate::loss::reward_accurate`], the training metrics' rule too), so float noise around a
-//!   tie (an identity adapter gives rewards ~1e-7 instead of 0) counts as a tie, not a win;
+//! - `rewards/accuracies = [β c - β r > tolerance]` (TRL's `chosen > rejected` with the gap
+//!   thresholded; [`crate::loss::reward_outcome`], the training metrics' rule too), so float
+//!   noise around a tie (an identity adapter gives rewards ~1e-7 instead of 0) is not a win;
+//! - `rewards/ties = [|β c - β r| <= tolerance]`, the pairs neither side wins (all of them for an
+//!   identity adapter), also as a count ([`PreferenceMetrics::ties`]);
 //! - `loss = -log σ(β (c - r))` (DPO, sigmoid; computed by [`crate::loss::per_pair_loss`] in
 //!   f64, the training loss's own code);
 //! - `logps/chosen = π_c`, `logps/rejected = π_r` (summed over completion tokens, nats).
@@ -30,12 +31,12 @@ use serde::{Deserialize, Serialize};
 use crate::data::batch::collate;
 use crate::data::tokenize::TokenizedPair;
 use crate::error::{Error, Result};
-use crate::loss::{per_pair_loss, reward_accurate, split_pairs, LossParams, LossType};
+use crate::loss::{per_pair_loss, reward_outcome, split_pairs, LossParams, LossType, RewardOutcome};
 use crate::model::llama::Model;
 
-/// Default rounding tolerance of the rewards for `rewards/accuracies`: the training metrics'
-/// own, [`crate::loss::REWARD_TOLERANCE`] (1e-4), so `ropo eval` and `ropo train`'s eval records
-/// count the same pairs as accurate.
+/// Default tolerance of the reward gap for `rewards/accuracies` and `rewards/ties`: the training
+/// metrics' own, [`crate::loss::REWARD_TOLERANCE`] (1e-4), so `ropo eval` and `ropo train`'s
+/// eval records count the same pairs as accurate and as ties.
 pub use crate::loss::REWARD_TOLERANCE as DEFAULT_TOLERANCE;
 
 /// Mean preference metrics, with TRL's names in JSON.
@@ -45,7 +46,7 @@ pub struct PreferenceMetrics {
     pub pairs: usize,
     /// β of the implicit reward.
     pub beta: f64,
-    /// Rounding tolerance used for `rewards/accuracies`.
+    /// Tolerance of the reward gap used for `rewards/accuracies` and `rewards/ties`.
     pub tolerance: f64,
     /// Mean DPO (sigmoid) loss.
     pub loss: f64,
@@ -55,9 +56,15 @@ pub struct PreferenceMetrics {
     /// Mean `β (π_r - ref_r)`.
     #[serde(rename = "rewards/rejected")]
     pub rewards_rejected: f64,
-    /// Share of pairs with rounded chosen reward > rounded rejected reward.
+    /// Share of pairs with `β c - β r > tolerance`.
     #[serde(rename = "rewards/accuracies")]
     pub rewards_accuracies: f64,
+    /// Share of pairs with `|β c - β r| <= tolerance`.
+    #[serde(rename = "rewards/ties", default)]
+    pub rewards_ties: f64,
+    /// Number of pairs with `|β c - β r| <= tolerance` (`rewards/ties` times `pairs`).
+    #[serde(default)]
+    pub ties: usize,
     /// Mean `β ((π_c - ref_c) - (π_r - ref_r))`.
     #[serde(rename = "rewards/margins")]
     pub rewards_margins: f64,
@@ -104,6 +111,8 @@ pub fn preference_metrics(lp: &PairLogprobs, beta: f64, tolerance: f64) -> Resul
         rewards_chosen: 0.0,
         rewards_rejected: 0.0,
         rewards_accuracies: 0.0,
+        rewards_ties: 0.0,
+        ties: 0,
         rewards_margins: 0.0,
         logps_chosen: 0.0,
         logps_rejected: 0.0,
@@ -118,8 +127,10 @@ pub fn preference_metrics(lp: &PairLogprobs, beta: f64, tolerance: f64) -> Resul
         m.rewards_chosen += chosen;
         m.rewards_rejected += rejected;
         m.rewards_margins += chosen - rejected;
-        if reward_accurate(chosen, rejected, tolerance) {
-            m.rewards_accuracies += 1.0;
+        match reward_outcome(chosen, rejected, tolerance) {
+            RewardOutcome::Chosen => m.rewards_accuracies += 1.0,
+            RewardOutcome::Tie => m.ties += 1,
+            RewardOutcome::Rejected => {}
         }
         m.logps_chosen += pc;
         m.logps_rejected += pr;
@@ -138,11 +149,13 @@ pub fn preference_metrics(lp: &PairLogprobs, beta: f64, tolerance: f64) -> Resul
     let params = LossParams { beta, ..Default::default() };
     m.loss = per_pair_loss(LossType::Sigmoid, &logps, &params)?.sum_all()?.to_scalar::<f64>()?;
     let nf = n as f64;
+    m.rewards_ties = m.ties as f64;
     for v in [
         &mut m.loss,
         &mut m.rewards_chosen,
         &mut m.rewards_rejected,
         &mut m.rewards_accuracies,
+        &mut m.rewards_ties,
         &mut m.rewards_margins,
         &mut m.logps_chosen,
         &mut m.logps_rejected,
@@ -220,6 +233,7 @@ mod tests {
         close(m.rewards_chosen, &gm["rewards/chosen"]);
         close(m.rewards_rejected, &gm["rewards/rejected"]);
         close(m.rewards_accuracies, &gm["rewards/accuracies"]);
+        assert_eq!((m.ties, m.rewards_ties), (0, 0.0), "every golden gap exceeds the tolerance");
         close(m.rewards_margins, &gm["rewards/margins"]);
         let sig = g["losses"].as_array().unwrap().iter().find(|l| l["loss_type"] == "sigmoid").unwrap();
         close(m.loss, &sig["mean_loss"]);
@@ -233,7 +247,7 @@ mod tests {
 
     #[test]
     fn identity_policy_is_a_tie() {
-        // policy = reference up to f32 noise: rewards ~1e-7 round to 0 -> no win; loss = ln 2
+        // policy = reference up to f32 noise: reward gaps ~1e-7 are ties, not wins; loss = ln 2
         let lp = PairLogprobs {
             policy_chosen: vec![-10.0 + 1e-6, -20.0],
             policy_rejected: vec![-11.0, -21.0 + 2e-6],
@@ -242,12 +256,14 @@ mod tests {
         };
         let m = preference_metrics(&lp, 0.1, DEFAULT_TOLERANCE).unwrap();
         assert_eq!(m.rewards_accuracies, 0.0);
+        assert_eq!((m.ties, m.rewards_ties), (2, 1.0));
         assert!((m.loss - std::f64::consts::LN_2).abs() < 1e-6);
         assert!(m.rewards_margins.abs() < 1e-6);
         // a real win of 1e-3 counts
         let mut lp2 = lp.clone();
         lp2.policy_chosen[0] += 1e-2;
-        assert_eq!(preference_metrics(&lp2, 0.1, DEFAULT_TOLERANCE).unwrap().rewards_accuracies, 0.5);
+        let m2 = preference_metrics(&lp2, 0.1, DEFAULT_TOLERANCE).unwrap();
+        assert_eq!((m2.rewards_accuracies, m2.ties, m2.rewards_ties), (0.5, 1, 0.5));
     }
 
     #[test]

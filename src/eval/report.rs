@@ -59,6 +59,7 @@ pub fn metric_rows(r: &ModelReport) -> Vec<(String, f64)> {
         rows.extend([
             ("dpo_loss", p.loss),
             ("rewards/accuracies", p.rewards_accuracies),
+            ("rewards/ties", p.rewards_ties),
             ("rewards/margins", p.rewards_margins),
             ("rewards/chosen", p.rewards_chosen),
             ("rewards/rejected", p.rewards_rejected),

@@ -27,10 +27,19 @@ use crate::model::ModelParts;
 /// Errors (each naming `path`): missing/unreadable file, truncated or corrupt GGUF, an
 /// unsupported architecture or tokenizer kind, an unknown tensor name.
 pub fn load(path: &Path, device: &Device) -> Result<ModelParts> {
+    let data = std::fs::read(path).map_err(|e| Error::input(path, None, format!("cannot read GGUF file: {e}")))?;
+    load_bytes(&data, path, device)
+}
+
+/// [`load`] from the bytes of a GGUF file (`path` names it in errors).
+///
+/// Errors: as [`load`], never a panic or an allocation larger than the data for any bytes.
+pub fn load_bytes(data: &[u8], path: &Path, device: &Device) -> Result<ModelParts> {
     let err = |msg: String| Error::input(path, None, msg);
-    let data = std::fs::read(path).map_err(|e| err(format!("cannot read GGUF file: {e}")))?;
+    check_alignment(data).map_err(|m| err(format!("not a valid GGUF file: {m}")))?;
     let content = Content::read(&mut Cursor::new(&data[..]))
         .map_err(|e| err(format!("not a valid GGUF file (truncated or corrupt): {e}")))?;
+    check_tensor_sizes(&content, data.len()).map_err(|m| err(format!("not a valid GGUF file (truncated or corrupt): {m}")))?;
     let md = Metadata { md: &content.metadata, path };
     let config = config_from_metadata(&md, &content)?;
     let tokenizer = tokenizer_from_metadata(&md)?;
@@ -55,13 +64,81 @@ pub fn load(path: &Path, device: &Device) -> Result<ModelParts> {
         let hf = hf_name(&name).ok_or_else(|| err(format!("unsupported tensor {name}")))?;
         let t = match (config.arch, hf.rsplit('.').nth(1)) {
             // convert_hf_to_gguf.py permutes q/k rows for the llama architecture only.
-            (Arch::Llama, Some("q_proj")) if hf.ends_with(".weight") => unpermute(&t, config.num_attention_heads)?,
-            (Arch::Llama, Some("k_proj")) if hf.ends_with(".weight") => unpermute(&t, config.num_key_value_heads)?,
+            // (a head count that does not divide the rows is an error naming the file and tensor)
+            (Arch::Llama, Some("q_proj")) if hf.ends_with(".weight") => {
+                unpermute(&t, config.num_attention_heads).map_err(|e| err(format!("tensor {name}: {e} (llama.attention.head_count)")))?
+            }
+            (Arch::Llama, Some("k_proj")) if hf.ends_with(".weight") => {
+                unpermute(&t, config.num_key_value_heads).map_err(|e| err(format!("tensor {name}: {e} (llama.attention.head_count_kv)")))?
+            }
             _ => t,
         };
-        tensors.insert(hf, t.to_dtype(DType::F32)?.to_device(device)?);
+        let t = t.to_dtype(DType::F32).and_then(|t| t.to_device(device)).map_err(|e| err(format!("tensor {name}: {e}")))?;
+        tensors.insert(hf, t);
     }
     Ok(ModelParts { config, tensors, tokenizer })
+}
+
+/// Refuse a `general.alignment` of 0 (or negative) before candle's reader divides by it: every
+/// place the key is stored (its length prefix, v1's u32 or v2/v3's u64, then the key, then an
+/// integer value type) must hold a positive value. A string that merely looks like such an
+/// entry can only make a file be refused, never let a zero through.
+fn check_alignment(data: &[u8]) -> std::result::Result<(), String> {
+    const KEY: &[u8] = b"general.alignment";
+    let mut from = 0;
+    while let Some(k) = data[from..].windows(KEY.len()).position(|w| w == KEY).map(|k| k + from) {
+        from = k + 1;
+        let len_u64 = k >= 8 && data[k - 8..k] == (KEY.len() as u64).to_le_bytes();
+        let len_u32 = k >= 4 && data[k - 4..k] == (KEY.len() as u32).to_le_bytes();
+        if !len_u64 && !len_u32 {
+            continue;
+        }
+        let at = k + KEY.len();
+        let Some(ty) = data.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])) else { continue };
+        let v = &data[(at + 4).min(data.len())..];
+        // GGUF value types: 0 u8, 1 i8, 2 u16, 3 i16, 4 u32, 5 i32 (what candle reads as an alignment)
+        let value: Option<i64> = match ty {
+            0 => v.first().map(|&b| b as i64),
+            1 => v.first().map(|&b| b as i8 as i64),
+            2 => v.get(..2).map(|b| u16::from_le_bytes([b[0], b[1]]) as i64),
+            3 => v.get(..2).map(|b| i16::from_le_bytes([b[0], b[1]]) as i64),
+            4 => v.get(..4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64),
+            5 => v.get(..4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64),
+            _ => None,
+        };
+        if value == Some(0) {
+            return Err("general.alignment is 0".into());
+        }
+    }
+    Ok(())
+}
+
+/// Every tensor's element count (the product of its dimensions, without overflow) positive and a
+/// multiple of its type's block size, and its bytes inside the file, before anything is
+/// allocated for it.
+fn check_tensor_sizes(content: &Content, file_len: usize) -> std::result::Result<(), String> {
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    for name in names {
+        let info = &content.tensor_infos[name];
+        let dims = info.shape.dims();
+        let elems = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| format!("tensor {name}: dimensions {dims:?} overflow"))?;
+        // (no tensor of a model is empty; candle would read one through a dangling pointer)
+        if elems == 0 {
+            return Err(format!("tensor {name}: dimensions {dims:?} hold no elements"));
+        }
+        let block = info.ggml_dtype.block_size();
+        if block == 0 || elems % block != 0 {
+            return Err(format!("tensor {name}: {elems} elements are not a multiple of the block size {block}"));
+        }
+        let bytes = (elems / block).checked_mul(info.ggml_dtype.type_size());
+        let start = content.tensor_data_offset.checked_add(info.offset);
+        let end = bytes.zip(start).and_then(|(b, s)| s.checked_add(b as u64));
+        if end.is_none_or(|e| e > file_len as u64) {
+            return Err(format!("tensor {name}: {dims:?} {:?} at offset {} lies past the end of the file ({file_len} bytes)", info.ggml_dtype, info.offset));
+        }
+    }
+    Ok(())
 }
 
 /// The HF name of a llama.cpp tensor name (`blk.3.attn_q.weight` ->
@@ -346,6 +423,17 @@ fn post_processor_json(md: &Metadata, tokens: &[&str]) -> Result<serde_json::Val
         "pair": [b, {"Sequence": {"id": "A", "type_id": 0}}, b, {"Sequence": {"id": "B", "type_id": 1}}],
         "special_tokens": special,
     }))
+}
+
+/// The tokenizer of the GGUF file at `path` (see [`tokenizer_json`]), reading only its header
+/// and metadata, not the tensors.
+///
+/// Errors (naming `path`): an unreadable or invalid file, an unsupported tokenizer.
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let file = std::fs::File::open(path).map_err(|e| Error::input(path, None, format!("cannot read GGUF file: {e}")))?;
+    let content = Content::read(&mut std::io::BufReader::new(file))
+        .map_err(|e| Error::input(path, None, format!("not a valid GGUF file (truncated or corrupt): {e}")))?;
+    tokenizer_from_metadata(&Metadata { md: &content.metadata, path })
 }
 
 /// The tokenizer bundle from GGUF metadata (see [`tokenizer_json`]) plus `tokenizer.chat_template`

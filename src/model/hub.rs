@@ -16,6 +16,21 @@ pub fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE").map(|v| matches!(v.trim().to_ascii_uppercase().as_str(), "1" | "ON" | "YES" | "TRUE")).unwrap_or(false)
 }
 
+/// `msg` with the value of `HF_TOKEN` (and `HUGGING_FACE_HUB_TOKEN`), should a client error
+/// echo it, replaced by `<HF_TOKEN>`: a token never reaches an error, a log record or a file.
+pub fn redact_token(msg: &str) -> String {
+    let mut out = msg.to_string();
+    for var in ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"] {
+        if let Ok(t) = std::env::var(var) {
+            let t = t.trim();
+            if t.len() >= 4 {
+                out = out.replace(t, "<HF_TOKEN>");
+            }
+        }
+    }
+    out
+}
+
 /// Whether `s` has the shape of a hub repo id: `name` or `owner/name`, each of
 /// `[A-Za-z0-9._-]`, not starting with `.` or `-`.
 pub fn looks_like_repo_id(s: &str) -> bool {
@@ -62,7 +77,7 @@ pub fn snapshot_with(repo_id: &str, revision: Option<&str>, settings: &HubSettin
         .cache_dir(settings.cache_dir.clone())
         .build()
         .and_then(HFClientSync::from_inner)
-        .map_err(|e| Error::Msg(format!("hub client for {repo_id}: {e}")))?;
+        .map_err(|e| Error::Msg(redact_token(&format!("hub client for {repo_id}: {e}"))))?;
     let (owner, name) = hf_hub::split_id(repo_id);
     let repo = client.model(owner, name);
     let offline = settings.offline;
@@ -77,7 +92,7 @@ pub fn snapshot_with(repo_id: &str, revision: Option<&str>, settings: &HubSettin
         match res {
             Ok(p) => Ok(Some(p)),
             Err(HFError::EntryNotFound { .. } | HFError::LocalEntryNotFound { .. }) => Ok(None),
-            Err(e) => Err(Error::Msg(format!("hub {}: {file}: {e}", where_()))),
+            Err(e) => Err(Error::Msg(redact_token(&format!("hub {}: {file}: {e}", where_())))),
         }
     };
     let required = |file: &str| -> Result<PathBuf> {
