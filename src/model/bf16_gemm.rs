@@ -11,11 +11,11 @@
 //! - [`Product::XWt`]: `y = x W^T`, `x (rows, in)` -> `(rows, out)` (the forward);
 //! - [`Product::XW`]: `dx = dy W`, `dy (rows, out)` -> `(rows, in)` (the input gradient).
 //!
-//! Blocking (BLIS-style, no stored repacked weights): the output is cut into tasks of
-//! [`NR`] = 32 columns x a block of rows (all rows when there are enough column blocks to keep
-//! every thread busy, [`row_blocks`]), run in parallel with rayon. A task packs
-//! its 32 columns of the weight into k-pair-interleaved order (`panel[p][j] = (B[2p][j],
-//! B[2p+1][j])`, a thread-local buffer of `K x 32` bf16) and runs an [`MR`] x 32 microkernel
+//! Blocking (BLIS-style): the output is cut into tasks of [`NR`] = 32 columns x a block of rows
+//! (all rows when there are enough column blocks to keep every thread busy, [`row_blocks`]), run
+//! in parallel with rayon. A task takes its 32 columns of the weight in k-pair-interleaved order
+//! (`panel[p][j] = (B[2p][j], B[2p+1][j])`, `K x 32` bf16): packed once per weight for the
+//! forward ([`PackedXWt`]), else packed by the task into a thread-local buffer. It runs an [`MR`] x 32 microkernel
 //! (16 zmm accumulators) over the whole contraction for every block of rows. Each output
 //! element is computed by one task in one fixed order, so results do not depend on the thread
 //! count.
@@ -101,11 +101,7 @@ impl PackedXWt {
         let kp = inp.div_ceil(2);
         let mut panels = vec![0u32; out.div_ceil(NR) * kp * NR];
         if kp > 0 {
-            panels.par_chunks_mut(kp * NR).enumerate().for_each(|(cb, dst)| {
-                let mut v = Vec::new();
-                pack_panel(&mut v, w, out, inp, Product::XWt, cb * NR);
-                dst.copy_from_slice(&v);
-            });
+            panels.par_chunks_mut(kp * NR).enumerate().for_each(|(cb, dst)| pack_panel(dst, w, out, inp, Product::XWt, cb * NR));
         }
         Self { out, inp, panels }
     }
@@ -125,17 +121,7 @@ impl PackedXWt {
 /// for bit, without packing. `w` (the same weight, row-major) serves the fallback.
 pub fn matmul_packed(x: &[f32], rows: usize, w: &[bf16], packed: &PackedXWt) -> Vec<f32> {
     let (out, inp) = packed.dims();
-    assert_eq!(x.len(), rows * inp, "bf16 matmul: x is not (rows, in)");
-    assert_eq!(w.len(), out * inp, "bf16 matmul: w is not (out, in)");
-    if rows == 0 || out == 0 {
-        return vec![0.0; rows * out];
-    }
-    #[cfg(target_arch = "x86_64")]
-    if has_bf16_kernel() {
-        // SAFETY: the CPU has avx512f + avx512bf16 (checked above).
-        return unsafe { avx512::run(x, rows, w, out, inp, Product::XWt, Some(&packed.panels)) };
-    }
-    reference(x, rows, w, out, inp, Product::XWt)
+    dispatch(x, rows, w, out, inp, Product::XWt, Some(&packed.panels))
 }
 
 /// `x (rows, k) · B` with `B (k, n)` taken from the row-major bf16 weight `w (out, in)` as
@@ -146,6 +132,12 @@ pub fn matmul_packed(x: &[f32], rows: usize, w: &[bf16], packed: &PackedXWt) -> 
 /// (as the instruction defines); the fallback keeps them. Panics if the slice lengths do not
 /// match the dimensions (the callers check shapes and report errors before).
 pub fn matmul(x: &[f32], rows: usize, w: &[bf16], out: usize, inp: usize, product: Product) -> Vec<f32> {
+    dispatch(x, rows, w, out, inp, product, None)
+}
+
+/// [`matmul`] on the kernel when the CPU has it (with `packed` panels for `XWt` when given),
+/// else [`reference`].
+fn dispatch(x: &[f32], rows: usize, w: &[bf16], out: usize, inp: usize, product: Product, packed: Option<&[u32]>) -> Vec<f32> {
     let (k, n) = product.kn(out, inp);
     assert_eq!(x.len(), rows * k, "bf16 matmul: x is not (rows, k)");
     assert_eq!(w.len(), out * inp, "bf16 matmul: w is not (out, in)");
@@ -155,7 +147,7 @@ pub fn matmul(x: &[f32], rows: usize, w: &[bf16], out: usize, inp: usize, produc
     #[cfg(target_arch = "x86_64")]
     if has_bf16_kernel() {
         // SAFETY: the CPU has avx512f + avx512bf16 (checked above).
-        return unsafe { avx512::run(x, rows, w, out, inp, product, None) };
+        return unsafe { avx512::run(x, rows, w, out, inp, product, packed) };
     }
     reference(x, rows, w, out, inp, product)
 }
@@ -210,12 +202,13 @@ fn round_rows(x: &[f32], rows: usize, k: usize) -> Vec<u32> {
 }
 
 /// Packs the columns `n0 .. n0 + NR` of `B (k, n)` (zero beyond `n`) into `panel[p * NR + j] =
-/// (B[2p][n0 + j], B[2p + 1][n0 + j])`, `B` read from `w (out, in)` as `product` says.
-fn pack_panel(panel: &mut Vec<u32>, w: &[bf16], out: usize, inp: usize, product: Product, n0: usize) {
+/// (B[2p][n0 + j], B[2p + 1][n0 + j])` (`panel`: `ceil(k/2) * NR` entries), `B` read from
+/// `w (out, in)` as `product` says.
+fn pack_panel(panel: &mut [u32], w: &[bf16], out: usize, inp: usize, product: Product, n0: usize) {
     let (k, n) = product.kn(out, inp);
     let kp = k.div_ceil(2);
-    panel.clear();
-    panel.resize(kp * NR, 0);
+    debug_assert_eq!(panel.len(), kp * NR);
+    panel.fill(0);
     let bits = |v: bf16| v.to_bits() as u32;
     let cols = NR.min(n - n0);
     match product {
@@ -283,6 +276,7 @@ mod avx512 {
                 let panel: &[u32] = match packed {
                     Some(p) => &p[cb * kp * NR..(cb + 1) * kp * NR],
                     None => {
+                        own.resize(kp * NR, 0);
                         pack_panel(&mut own, w, out, inp, product, n0);
                         &own
                     }

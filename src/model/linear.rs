@@ -13,7 +13,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, Var};
 
 use crate::model::bf16_gemm::{self, PackedXWt, Product};
-use crate::model::ops::{from_rows, to_rows};
+use crate::model::ops::{data, from_rows, to_rows};
 
 /// A trainable modification of a frozen [`Linear`].
 ///
@@ -73,8 +73,7 @@ impl Linear {
     pub fn frozen_product(&self, x: &Tensor) -> Result<Tensor> {
         match &self.packed {
             Some(p) if self.weight.dtype() == DType::BF16 && x.dtype() == DType::F32 && x.device().is_cpu() => {
-                let (x2, dims) = to_rows(x)?;
-                from_rows(&x2.contiguous()?.apply_op2(&self.weight, Bf16Matmul::packed(p.clone()))?, &dims)
+                bf16_product(x, &self.weight, Bf16Matmul::packed(p.clone()))
             }
             _ => frozen_matmul(x, &self.weight),
         }
@@ -162,8 +161,7 @@ pub fn fast_frozen_matmul_enabled() -> bool {
 /// forward values are bitwise equal; see [`plain_frozen_matmul`] for the plain path.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if w.dtype() == DType::BF16 && x.dtype() == DType::F32 && !w.track_op() && x.device().is_cpu() && w.rank() == 2 {
-        let (x2, dims) = to_rows(x)?;
-        return from_rows(&x2.contiguous()?.apply_op2(&w.contiguous()?, Bf16Matmul::new(Product::XWt))?, &dims);
+        return bf16_product(x, &w.contiguous()?, Bf16Matmul::new(Product::XWt));
     }
     let fast = fast_frozen_matmul_enabled()
         && !w.track_op()
@@ -262,11 +260,11 @@ impl CustomOp2 for Bf16Matmul {
             }
         }
         let x = match s1 {
-            CpuStorage::F32(v) => contiguous(v, l1, "x")?,
+            CpuStorage::F32(v) => data(v, l1, "bf16 matmul (x)")?,
             other => candle_core::bail!("bf16 matmul: x must be f32 (got {:?})", other.dtype()),
         };
         let w = match s2 {
-            CpuStorage::BF16(v) => contiguous(v, l2, "W")?,
+            CpuStorage::BF16(v) => data(v, l2, "bf16 matmul (W)")?,
             other => candle_core::bail!("bf16 matmul: W must be bf16 (got {:?})", other.dtype()),
         };
         let y = match &self.packed {
@@ -285,12 +283,10 @@ impl CustomOp2 for Bf16Matmul {
     }
 }
 
-/// The contiguous slice of a storage under `l`, or an error naming the operand.
-fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("bf16 matmul: {what} is not contiguous"),
-    }
+/// `op` on `x (..., k)` flattened to rows and the contiguous bf16 weight `w`, reshaped back.
+fn bf16_product(x: &Tensor, w: &Tensor, op: Bf16Matmul) -> Result<Tensor> {
+    let (x2, dims) = to_rows(x)?;
+    from_rows(&x2.contiguous()?.apply_op2(w, op)?, &dims)
 }
 
 #[cfg(test)]
