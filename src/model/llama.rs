@@ -27,10 +27,11 @@
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::model::attention::attention;
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::linear::Linear;
 use crate::model::heads::{from_heads, from_heads_composed, to_heads, to_heads_composed};
-use crate::model::ops::{attention_bias, from_rows, fused_layer_ops, masked_softmax, rms_norm, rope_inv_freq, rope_tables, swiglu, swiglu_composed, to_rows};
+use crate::model::ops::{attention_bias, from_rows, fused_layer_ops, rms_norm, rope_inv_freq, rope_tables, swiglu, swiglu_composed, to_rows};
 
 /// Loads `{path}.weight` `(out, inp)` (and `{path}.bias` `(out,)` when `bias`) into a [`Linear`].
 fn load_linear(vb: &VarBuilder, path: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
@@ -114,18 +115,14 @@ impl Attention {
             }
             None => (k, v),
         };
-        let tk = k.dim(2)?;
         // Grouped-query attention without materialising repeat_kv: query head h uses kv head
         // h / R (HF `repeat_kv` = repeat_interleave), so the R query heads of a group are
         // stacked along the row axis.
         // (N, H, T, hd) -> (N, Hkv, R*T, hd)
         let q = q.reshape((n, hkv, r * t, hd))?;
-        // (N, Hkv, R*T, Tk) -> (N, H, T, Tk)
-        let scores = q.matmul(&k.t()?)?.reshape((n, h, t, tk))?;
-        // softmax(scores + bias), fused: (N, H, T, Tk) -> (N, Hkv, R*T, Tk)
-        let probs = masked_softmax(&scores, bias)?.reshape((n, hkv, r * t, tk))?;
-        // (N, Hkv, R*T, hd) -> (N, H, T, hd) -> (N*T, H*hd)
-        let y = probs.matmul(&v)?.reshape((n, h, t, hd))?;
+        // softmax(q k^T + bias) v, the probabilities recomputed in the backward: (N, Hkv, R*T, hd)
+        // -> (N, H, T, hd) -> (N*T, H*hd)
+        let y = attention(&q, &k, &v, bias, t)?.reshape((n, h, t, hd))?;
         let y = if fused_layer_ops() { from_heads(&y)? } else { from_heads_composed(&y)? };
         let o = self.o_proj.forward(&y, use_adapters)?; // (N*T, D)
         o.reshape((n, t, o.dim(1)?))

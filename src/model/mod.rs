@@ -4,6 +4,7 @@
 //! model with its tokenizer; [`load_parts`] stops before building the model (config, tensors by
 //! HF name, tokenizer).
 
+pub mod attention;
 pub mod bf16_gemm;
 pub mod config;
 pub mod export;

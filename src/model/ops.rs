@@ -360,6 +360,7 @@ macro_rules! dispatch {
         }
     };
 }
+pub(crate) use dispatch;
 
 /// The bias rows and the map from a score row to its bias row.
 type BiasRows<'a, T> = (&'a [T], &'a (dyn Fn(usize) -> usize + Sync));
