@@ -20,11 +20,12 @@
 //!
 //! The dense `H` (d x d) is for merging only ([`dense`]).
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, D};
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
 
-use crate::model::ops::{from_rows, to_rows};
+use crate::model::ops::{data, dispatch, from_rows, fused_layer_ops, to_rows, Real};
+use crate::model::slice_gemm::{gemm_into, View};
 
 /// Check `u` is `(r, d)` with `d` = the last dim of `x`.
 fn check(x: &Tensor, u: &Tensor) -> Result<usize> {
@@ -91,6 +92,24 @@ pub fn reflect(x: &Tensor, u: &Tensor) -> Result<Tensor> {
     if r == 0 {
         return Ok(x.clone());
     }
+    let fused = fused_layer_ops() && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.dtype() == u.dtype();
+    if !fused {
+        return reflect_composed(x, u);
+    }
+    let (xf, dims) = to_rows(x)?;
+    let t_inv = wy_t_inv(u)?; // (r, r), differentiable in u
+    let op = ReflectWy { paired: is_exactly_paired(u)? };
+    from_rows(&xf.contiguous()?.apply_op3(&u.contiguous()?, &t_inv.contiguous()?, op)?, &dims)
+}
+
+/// [`reflect`] composed from candle ops (`matmul`, `sub`, and `C - C.detach()` at paired `u`):
+/// the path of other devices and dtypes and of the equivalence tests. It keeps `C (N, d)`
+/// (and at paired `u` its zero copy) in the graph beside the output.
+pub fn reflect_composed(x: &Tensor, u: &Tensor) -> Result<Tensor> {
+    let r = check(x, u)?;
+    if r == 0 {
+        return Ok(x.clone());
+    }
     let (xf, dims) = to_rows(x)?;
     let t_inv = wy_t_inv(u)?; // (r, r)
     let a = xf.matmul(&u.t()?)?; // (N, r)
@@ -100,6 +119,106 @@ pub fn reflect(x: &Tensor, u: &Tensor) -> Result<Tensor> {
         c = (&c - c.detach())?;
     }
     from_rows(&(xf - c)?, &dims)
+}
+
+/// The WY reflection `Y = X - ((X U^T) B) U` of [`reflect`] as one op: args `x (N, d)`,
+/// `u (r, d)`, `B = T^{-1} (r, r)` (whose own gradient flows on into `u` through
+/// [`wy_t_inv`]'s candle graph). The forward saves nothing; the backward recomputes
+/// `A = X U^T` and `AB` (thin products) and returns, with `E = G U^T`, `F = E B^T`:
+/// `dX = G - F U`, `dU = -((AB)^T G + F^T X)`, `dB = -A^T E`.
+/// With `paired` (exactly paired `u`, `H = I` exactly) the value is `X` bit for bit and the
+/// gradients those of the formula, as `C - C.detach()` in [`reflect_composed`].
+#[derive(Debug, Clone, Copy)]
+struct ReflectWy {
+    paired: bool,
+}
+
+/// `(A (N, r), AB (N, r))` of [`ReflectWy`].
+fn wy_coefficients<T: Real + 'static>(x: &[T], u: &[T], b: &[T], r: usize, d: usize) -> (Vec<T>, Vec<T>) {
+    let rows = x.len() / d;
+    let mut a = vec![T::zero(); rows * r];
+    gemm_into(rows, r, d, &mut a, 0.0, 1.0, View::rows(x, d), View::transposed(u, d), true);
+    let mut ab = vec![T::zero(); rows * r];
+    gemm_into(rows, r, r, &mut ab, 0.0, 1.0, View::rows(&a, r), View::rows(b, r), true);
+    (a, ab)
+}
+
+fn reflect_wy_fwd<T: Real + 'static>(x: &[T], u: &[T], b: &[T], r: usize, d: usize, paired: bool) -> Vec<T> {
+    let mut y = x.to_vec();
+    if !paired {
+        let (_, ab) = wy_coefficients(x, u, b, r, d);
+        gemm_into(x.len() / d, d, r, &mut y, 1.0, -1.0, View::rows(&ab, r), View::rows(u, d), true);
+    }
+    y
+}
+
+/// `[dx (N, d) ; du (r, d) ; dB (r, r)]`, flattened, of [`ReflectWy`] for the output gradient
+/// `g (N, d)`.
+fn reflect_wy_bwd<T: Real + 'static>(x: &[T], u: &[T], b: &[T], g: &[T], r: usize, d: usize) -> Vec<T> {
+    let rows = x.len() / d;
+    let mut out = vec![T::zero(); rows * d + r * d + r * r];
+    let (dx, rest) = out.split_at_mut(rows * d);
+    let (du, db) = rest.split_at_mut(r * d);
+    let (a, ab) = wy_coefficients(x, u, b, r, d);
+    let mut e = vec![T::zero(); rows * r];
+    gemm_into(rows, r, d, &mut e, 0.0, 1.0, View::rows(g, d), View::transposed(u, d), true);
+    let mut f = vec![T::zero(); rows * r];
+    gemm_into(rows, r, r, &mut f, 0.0, 1.0, View::rows(&e, r), View::transposed(b, r), true);
+    dx.copy_from_slice(g);
+    gemm_into(rows, d, r, dx, 1.0, -1.0, View::rows(&f, r), View::rows(u, d), true);
+    gemm_into(r, d, rows, du, 0.0, -1.0, View::transposed(&ab, r), View::rows(g, d), true);
+    gemm_into(r, d, rows, du, 1.0, -1.0, View::transposed(&f, r), View::rows(x, d), true);
+    gemm_into(r, r, rows, db, 0.0, -1.0, View::transposed(&a, r), View::rows(&e, r), true);
+    out
+}
+
+impl CustomOp3 for ReflectWy {
+    fn name(&self) -> &'static str {
+        "ropo-householder-wy"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (r, d) = l2.shape().dims2()?;
+        let y = dispatch!(self.name(), [(s1, l1, x), (s2, l2, u), (s3, l3, b)], reflect_wy_fwd(x, u, b, r, d, self.paired));
+        Ok((y, l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, u: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (r, d) = u.dims2()?;
+        let both = x.apply_op3_no_bwd(u, b, &ReflectWyBwd { g: g.contiguous()?, r, d })?;
+        let rows = x.dim(0)?;
+        let (n_x, n_u) = (rows * d, r * d);
+        Ok((
+            Some(both.narrow(0, 0, n_x)?.reshape((rows, d))?),
+            Some(both.narrow(0, n_x, n_u)?.reshape((r, d))?),
+            Some(both.narrow(0, n_x + n_u, r * r)?.reshape((r, r))?),
+        ))
+    }
+}
+
+/// `(x, u, B) -> [dx ; du ; dB]` flattened, for the output gradient `g` it holds ([`ReflectWy`]).
+struct ReflectWyBwd {
+    g: Tensor,
+    r: usize,
+    d: usize,
+}
+
+impl CustomOp3 for ReflectWyBwd {
+    fn name(&self) -> &'static str {
+        "ropo-householder-wy-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (guard, lg) = self.g.storage_and_layout();
+        let Storage::Cpu(sg) = &*guard else { candle_core::bail!("{}: the gradient must be on the CPU", self.name()) };
+        let (r, d) = (self.r, self.d);
+        let out = dispatch!(self.name(), [(s1, l1, x), (s2, l2, u), (s3, l3, b)], {
+            let g = data(sg.as_slice()?, lg, self.name())?;
+            reflect_wy_bwd(x, u, b, g, r, d)
+        });
+        let len = l1.shape().elem_count() + r * d + r * r;
+        Ok((out, Shape::from(len)))
+    }
 }
 
 /// Whether `u (r, d)` has an even number of rows and rows `2j`, `2j + 1` equal bit for bit
@@ -162,7 +281,8 @@ mod tests {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
     }
 
-    // The WY form and the rank-1 reference compute the same map, and the same gradients.
+    // The WY form (the fused op and its composed twin) and the rank-1 reference compute the same
+    // map, and the same gradients.
     #[test]
     fn fast_paths_match_rank1_values_and_gradients() {
         for (r, d) in [(1, 5), (2, 8), (4, 16), (6, 33)] {
@@ -174,7 +294,9 @@ mod tests {
             let ga = (&a * &proj).unwrap().sum_all().unwrap().backward().unwrap();
             let (gau, gax) = (ga.get(&u).unwrap(), ga.get(&xv).unwrap());
             assert!(gau.abs().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap() > 1e-3);
-            for (name, b) in [("wy", reflect(xv.as_tensor(), u.as_tensor()).unwrap())] {
+            let fused = reflect(xv.as_tensor(), u.as_tensor()).unwrap();
+            let composed = reflect_composed(xv.as_tensor(), u.as_tensor()).unwrap();
+            for (name, b) in [("wy fused", fused), ("wy composed", composed)] {
                 assert!(max_abs(&a, &b) < 1e-12, "{name} values r={r} d={d}: {}", max_abs(&a, &b));
                 let gb = (&b * &proj).unwrap().sum_all().unwrap().backward().unwrap();
                 let (gbu, gbx) = (gb.get(&u).unwrap(), gb.get(&xv).unwrap());
@@ -196,16 +318,19 @@ mod tests {
             let u = Var::from_tensor(&u0).unwrap();
             let xv = Var::from_tensor(&randn((5, 24), 10).to_dtype(dtype).unwrap()).unwrap();
             let proj = randn((5, 24), 11).to_dtype(dtype).unwrap();
-            let y = reflect(xv.as_tensor(), u.as_tensor()).unwrap();
-            assert_eq!(y.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap(), xv.as_tensor().to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap(), "{dtype:?}");
-            let g = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
-            let r = reflect_rank1(xv.as_tensor(), u.as_tensor()).unwrap();
-            let gr = (&r * &proj).unwrap().sum_all().unwrap().backward().unwrap();
-            let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
-            let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
-            assert!(max_abs(&f(g.get(&u).unwrap()), &f(gr.get(&u).unwrap())) < tol, "{dtype:?} du");
-            assert!(f(g.get(&u).unwrap()).abs().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap() > 1e-3, "du is not zero");
-            assert!(max_abs(&f(g.get(&xv).unwrap()), &f(gr.get(&xv).unwrap())) < tol, "{dtype:?} dx");
+            let paths: [(&str, fn(&Tensor, &Tensor) -> Result<Tensor>); 2] = [("fused", reflect), ("composed", reflect_composed)];
+            for (name, path) in paths {
+                let y = path(xv.as_tensor(), u.as_tensor()).unwrap();
+                assert_eq!(y.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap(), xv.as_tensor().to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap(), "{dtype:?} {name}");
+                let g = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+                let r = reflect_rank1(xv.as_tensor(), u.as_tensor()).unwrap();
+                let gr = (&r * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+                let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+                let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+                assert!(max_abs(&f(g.get(&u).unwrap()), &f(gr.get(&u).unwrap())) < tol, "{dtype:?} {name} du");
+                assert!(f(g.get(&u).unwrap()).abs().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap() > 1e-3, "{name}: du is not zero");
+                assert!(max_abs(&f(g.get(&xv).unwrap()), &f(gr.get(&xv).unwrap())) < tol, "{dtype:?} {name} dx");
+            }
         }
         let mut v = paired_init(2, 8, &mut rng, DType::F64, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
         v[3] = f64::from_bits(v[3].to_bits() ^ 1);

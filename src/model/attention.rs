@@ -25,6 +25,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Storage
 use rayon::prelude::*;
 
 use crate::model::ops::{data, dispatch, fused_layer_ops, masked_softmax, Real};
+use crate::model::slice_gemm::{matmul, View};
 
 /// `softmax(q k^T + bias) v` with grouped-query heads, `(N, Hkv, R*T, hd)`.
 ///
@@ -93,57 +94,6 @@ impl Geometry {
     }
     fn k_len(&self) -> usize {
         self.tk * self.hd
-    }
-}
-
-/// A row-major strided matrix view: element `(i, j)` at `data[i * rs + j * cs]`.
-#[derive(Clone, Copy)]
-struct View<'a, T> {
-    data: &'a [T],
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a, T> View<'a, T> {
-    fn rows(data: &'a [T], cols: usize) -> Self {
-        Self { data, rs: cols, cs: 1 }
-    }
-    /// The transpose of the row-major `(_, cols)` matrix in `data`.
-    fn transposed(data: &'a [T], cols: usize) -> Self {
-        Self { data, rs: 1, cs: cols }
-    }
-}
-
-/// `dst (m, n)`, row-major, `= a (m, kk) · b (kk, n)`; one thread (the slices run in parallel).
-fn matmul<T: Real + 'static>(m: usize, n: usize, kk: usize, dst: &mut [T], a: View<'_, T>, b: View<'_, T>) {
-    let last = |v: &View<'_, T>, r: usize, c: usize| (r - 1) * v.rs + (c - 1) * v.cs;
-    assert!(dst.len() >= m * n && (m == 0 || kk == 0 || last(&a, m, kk) < a.data.len()));
-    assert!(n == 0 || kk == 0 || last(&b, kk, n) < b.data.len());
-    // SAFETY: the asserts above keep every element gemm reads (`a`, `b`) and writes (`dst`,
-    // contiguous rows of n) inside its slice; T is f32 or f64 (Real's only implementations),
-    // types gemm supports.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            kk,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            T::zero(),
-            T::from_f64(1.0),
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
     }
 }
 

@@ -18,6 +18,7 @@ pub mod linear;
 pub mod llama;
 pub mod ops;
 pub mod prefix;
+pub(crate) mod slice_gemm;
 pub mod tokenizer;
 
 use std::collections::{BTreeMap, HashMap};
