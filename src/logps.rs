@@ -134,31 +134,36 @@ pub fn log_softmax_gather(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 
 /// Float types of the fused kernels.
 trait Float: WithDType + Send + Sync {
-    fn exp_(self) -> Self;
+    /// `exp` of every element in place (vectorised for f32, [`crate::model::vexp`]).
+    fn exp_slice(v: &mut [Self]);
 }
 impl Float for f32 {
-    fn exp_(self) -> Self {
-        self.exp()
+    fn exp_slice(v: &mut [Self]) {
+        crate::model::vexp::exp_in_place(v)
     }
 }
 impl Float for f64 {
-    fn exp_(self) -> Self {
-        self.exp()
+    fn exp_slice(v: &mut [Self]) {
+        v.iter_mut().for_each(|x| *x = x.exp());
     }
 }
 
-/// `(max, logsumexp)` of one row, the sum of `exp(z - max)` accumulated in f64.
-fn row_lse<T: Float>(z: &[T]) -> (T, f64) {
+/// `(max, logsumexp)` of one row, the sum of `exp(z - max)` accumulated in f64; `scratch`
+/// holds the row's exponentials afterwards (any length; resized).
+fn row_lse<T: Float>(z: &[T], scratch: &mut Vec<T>) -> (T, f64) {
     let m = z.iter().copied().fold(z[0], |a, b| if b > a { b } else { a });
-    let s: f64 = z.iter().map(|&x| (x - m).exp_().to_f64()).sum();
+    scratch.clear();
+    scratch.extend(z.iter().map(|&x| x - m));
+    T::exp_slice(scratch);
+    let s: f64 = scratch.iter().map(|&e| e.to_f64()).sum();
     (m, m.to_f64() + s.ln())
 }
 
 fn lsg_fwd<T: Float>(z: &[T], targets: &[u32], v: usize) -> Vec<T> {
     z.par_chunks(v)
         .zip(targets.par_iter())
-        .map(|(row, &t)| {
-            let (_, lse) = row_lse(row);
+        .map_init(Vec::new, |scratch, (row, &t)| {
+            let (_, lse) = row_lse(row, scratch);
             T::from_f64(row[t as usize].to_f64() - lse)
         })
         .collect()
@@ -166,11 +171,15 @@ fn lsg_fwd<T: Float>(z: &[T], targets: &[u32], v: usize) -> Vec<T> {
 
 fn lsg_bwd<T: Float>(z: &[T], targets: &[u32], g: &[T], v: usize) -> Vec<T> {
     let mut out = vec![T::zero(); z.len()];
-    out.par_chunks_mut(v).zip(z.par_chunks(v)).zip(targets.par_iter().zip(g.par_iter())).for_each(|((o, row), (&t, &g))| {
-        let (_, lse) = row_lse(row);
+    out.par_chunks_mut(v).zip(z.par_chunks(v)).zip(targets.par_iter().zip(g.par_iter())).for_each_init(Vec::new, |scratch, ((o, row), (&t, &g))| {
+        let (_, lse) = row_lse(row, scratch);
         let lse = T::from_f64(lse);
         for (o, &x) in o.iter_mut().zip(row) {
-            *o = T::zero() - g * (x - lse).exp_();
+            *o = x - lse;
+        }
+        T::exp_slice(o);
+        for o in o.iter_mut() {
+            *o = T::zero() - g * *o;
         }
         o[t as usize] += g;
     });

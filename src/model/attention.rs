@@ -113,7 +113,8 @@ fn probs<T: Real + 'static>(q: &[T], k: &[T], bias: Option<&[T]>, geo: &Geometry
     p
 }
 
-/// Row softmax in place: max, `exp(x - max)` and the sum, divide (as `ops::softmax_rows`).
+/// Row softmax in place: max, `exp(x - max)` (vectorised, [`Real::exp_slice`]), the sum,
+/// divide (as `ops::softmax_rows`).
 fn softmax_in_place<T: Real>(row: &mut [T]) {
     let mut m = row[0];
     for &v in row.iter() {
@@ -121,10 +122,11 @@ fn softmax_in_place<T: Real>(row: &mut [T]) {
             m = v;
         }
     }
+    row.iter_mut().for_each(|v| *v = *v - m);
+    T::exp_slice(row);
     let mut sum = T::zero();
-    for v in row.iter_mut() {
-        *v = (*v - m).exp();
-        sum = sum + *v;
+    for &v in row.iter() {
+        sum = sum + v;
     }
     for v in row.iter_mut() {
         *v = *v / sum;

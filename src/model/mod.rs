@@ -20,6 +20,7 @@ pub mod ops;
 pub mod prefix;
 pub(crate) mod slice_gemm;
 pub mod tokenizer;
+pub mod vexp;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

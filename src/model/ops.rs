@@ -288,11 +288,19 @@ pub(crate) trait Real:
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
     fn exp(self) -> Self;
+    /// `exp` of every element in place: vectorised for f32 ([`crate::model::vexp`]), `exp` a
+    /// value for f64 (the dtype of the gradient checks, kept exact).
+    fn exp_slice(v: &mut [Self]) {
+        v.iter_mut().for_each(|x| *x = x.exp());
+    }
 }
 
 impl Real for f32 {
     fn zero() -> Self {
         0.0
+    }
+    fn exp_slice(v: &mut [Self]) {
+        crate::model::vexp::exp_in_place(v)
     }
     fn from_f64(v: f64) -> Self {
         v as f32
@@ -385,10 +393,11 @@ fn softmax_rows<T: Real>(x: &[T], k: usize, bias: Option<BiasRows<'_, T>>) -> Ve
                 m = v;
             }
         }
+        o.iter_mut().for_each(|v| *v = *v - m);
+        T::exp_slice(o);
         let mut sum = T::zero();
-        for v in o.iter_mut() {
-            *v = (*v - m).exp();
-            sum = sum + *v;
+        for &v in o.iter() {
+            sum = sum + v;
         }
         for v in o.iter_mut() {
             *v = *v / sum;
