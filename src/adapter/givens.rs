@@ -19,7 +19,7 @@
 //!
 //! The dense `G` is for merging only ([`dense`]).
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType, D};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, WithDType, D};
 use rayon::prelude::*;
 
 use super::{add_acc, cpu_slice, rows_per_task};
@@ -192,8 +192,9 @@ fn givens_bwd<T: WithDType>(x: &[T], theta: &[T], g: &[T], d: usize, stages: usi
         .map(|(grows, xrows)| {
             let mut acc = vec![0f64; a];
             let mut outs = vec![T::zero(); stages * d]; // z'_s for s = 1..S
+            let mut z = vec![T::zero(); d];
             for (grow, xrow) in grows.chunks_mut(d).zip(xrows.chunks(d)) {
-                let mut z = xrow.to_vec();
+                z.copy_from_slice(xrow);
                 for (s, &(off, len, start)) in plan.iter().enumerate() {
                     rotate_row(&mut z, &cos[start..start + len], &sin[start..start + len], off, T::one());
                     outs[s * d..(s + 1) * d].copy_from_slice(&z);
@@ -239,10 +240,13 @@ impl CustomOp2 for GivensT {
     fn bwd(&self, x: &Tensor, theta: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         fn run<T: WithDType>(op: &GivensT, x: &Tensor, theta: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
             let (rows, d) = x.dims2()?;
-            let xv = x.flatten_all()?.to_vec1::<T>()?;
-            let tv = theta.to_vec1::<T>()?;
-            let gv = g.flatten_all()?.to_vec1::<T>()?;
-            let (gx, gt) = givens_bwd(&xv, &tv, &gv, d, op.stages);
+            let (x, theta, g) = (x.contiguous()?, theta.contiguous()?, g.contiguous()?);
+            // the storages read in place (no host copies of x and g)
+            let ((sx, lx), (st, lt), (sg, lg)) = (x.storage_and_layout(), theta.storage_and_layout(), g.storage_and_layout());
+            let (Storage::Cpu(sx), Storage::Cpu(st), Storage::Cpu(sg)) = (&*sx, &*st, &*sg) else {
+                candle_core::bail!("givens op: CPU tensors expected")
+            };
+            let (gx, gt) = givens_bwd(cpu_slice::<T>(sx, lx)?, cpu_slice::<T>(st, lt)?, cpu_slice::<T>(sg, lg)?, d, op.stages);
             let a = gt.len();
             Ok((Some(Tensor::from_vec(gx, (rows, d), x.device())?), Some(Tensor::from_vec(gt, a, x.device())?)))
         }
