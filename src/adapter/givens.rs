@@ -162,7 +162,7 @@ fn rotate_row<T: WithDType>(row: &mut [T], cos: &[T], sin: &[T], off: usize, sig
     }
 }
 
-fn givens_fwd<T: WithDType>(x: &[T], theta: &[T], d: usize, stages: usize) -> Vec<T> {
+pub(crate) fn givens_fwd<T: WithDType>(x: &[T], theta: &[T], d: usize, stages: usize) -> Vec<T> {
     let plan = plan(d, stages);
     let cos: Vec<T> = theta.iter().map(|t| T::from_f64(t.to_f64().cos())).collect();
     let sin: Vec<T> = theta.iter().map(|t| T::from_f64(t.to_f64().sin())).collect();
@@ -179,7 +179,7 @@ fn givens_fwd<T: WithDType>(x: &[T], theta: &[T], d: usize, stages: usize) -> Ve
 }
 
 /// Gradients of `sum(g ⊙ G^T x)`: `(dL/dx (rows*d), dL/dθ (A))`.
-fn givens_bwd<T: WithDType>(x: &[T], theta: &[T], g: &[T], d: usize, stages: usize) -> (Vec<T>, Vec<T>) {
+pub(crate) fn givens_bwd<T: WithDType>(x: &[T], theta: &[T], g: &[T], d: usize, stages: usize) -> (Vec<T>, Vec<T>) {
     let plan = plan(d, stages);
     let a = theta.len();
     let cos: Vec<T> = theta.iter().map(|t| T::from_f64(t.to_f64().cos())).collect();

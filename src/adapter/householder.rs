@@ -143,7 +143,7 @@ fn wy_coefficients<T: Real + 'static>(x: &[T], u: &[T], b: &[T], r: usize, d: us
     (a, ab)
 }
 
-fn reflect_wy_fwd<T: Real + 'static>(x: &[T], u: &[T], b: &[T], r: usize, d: usize, paired: bool) -> Vec<T> {
+pub(crate) fn reflect_wy_fwd<T: Real + 'static>(x: &[T], u: &[T], b: &[T], r: usize, d: usize, paired: bool) -> Vec<T> {
     let mut y = x.to_vec();
     if !paired {
         let (_, ab) = wy_coefficients(x, u, b, r, d);
@@ -154,7 +154,7 @@ fn reflect_wy_fwd<T: Real + 'static>(x: &[T], u: &[T], b: &[T], r: usize, d: usi
 
 /// `[dx (N, d) ; du (r, d) ; dB (r, r)]`, flattened, of [`ReflectWy`] for the output gradient
 /// `g (N, d)`.
-fn reflect_wy_bwd<T: Real + 'static>(x: &[T], u: &[T], b: &[T], g: &[T], r: usize, d: usize) -> Vec<T> {
+pub(crate) fn reflect_wy_bwd<T: Real + 'static>(x: &[T], u: &[T], b: &[T], g: &[T], r: usize, d: usize) -> Vec<T> {
     let rows = x.len() / d;
     let mut out = vec![T::zero(); rows * d + r * d + r * r];
     let (dx, rest) = out.split_at_mut(rows * d);

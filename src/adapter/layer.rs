@@ -14,7 +14,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use sha2::{Digest, Sha256};
 
-use super::{add_acc, cpu_slice, givens, householder};
+use super::{add_acc, cpu_slice, givens, householder, product};
 use crate::model::grad::param;
 use crate::model::ops::{from_rows, to_rows};
 use crate::model::linear::{Adapter, Linear};
@@ -158,6 +158,38 @@ impl RopoAdapter {
         }
     }
 
+    /// `(m / rho) ⊙ (W (R^T x))` for rows `x (rows, d)` as one op ([`product::RopoProduct`]:
+    /// nothing but the output kept for the backward). Same map and gradients as the composed
+    /// [`Self::rotate_t`], `Linear::frozen_product`, [`scale_cols`] (to rounding).
+    pub fn fused_product(&self, base: &Linear, x: &Tensor) -> Result<Tensor> {
+        let (dtype, dev) = (x.dtype(), x.device());
+        let mut parts = Vec::with_capacity(3);
+        let (r, paired) = match &self.u {
+            Some(u) => {
+                let u = param(u);
+                parts.push(u.flatten_all()?);
+                parts.push(householder::wy_t_inv(&u)?.flatten_all()?);
+                (u.dim(0)?, householder::is_exactly_paired(&u)?)
+            }
+            None => (0, false),
+        };
+        let angles = match &self.theta {
+            Some(t) => {
+                parts.push(param(t));
+                t.elem_count()
+            }
+            None => 0,
+        };
+        let params = if parts.is_empty() { Tensor::zeros(0, dtype, dev)? } else { Tensor::cat(&parts, 0)? };
+        let (scale, scaled) = match self.scale()? {
+            Some(s) => (s, true),
+            None => (Tensor::ones(self.d_out, dtype, dev)?, false),
+        };
+        let w = product::FrozenWeight { weight: base.weight.contiguous()?, packed: base.packed.clone() };
+        let op = product::RopoProduct { w, r, stages: self.givens_stages, angles, paired, scaled };
+        x.contiguous()?.apply_op3(&params.contiguous()?, &scale.contiguous()?, op)
+    }
+
     /// The dense `R = H G`, `(d, d)`, in the parameters' dtype (merge and tests only).
     ///
     /// Built as `rotate_t(I)`: row n is `(R^T e_n)^T`, i.e. row n of `R`.
@@ -275,6 +307,13 @@ impl CustomOp2 for ScaleCols {
 impl Adapter for RopoAdapter {
     /// `y = (m / rho) ⊙ (W (R^T x)) + b` for `x (..., d)`; returns `(..., n)`.
     fn forward(&self, base: &Linear, x: &Tensor) -> Result<Tensor> {
+        if crate::model::ops::fused_layer_ops() && x.rank() == 2 && product::fits(x, &base.weight) {
+            let y = self.fused_product(base, x)?;
+            return match &base.bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            };
+        }
         let xr = self.rotate_t(x)?;
         let mut y = base.frozen_product(&xr)?;
         if let Some(s) = self.scale()? {

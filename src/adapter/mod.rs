@@ -27,6 +27,7 @@ pub mod layer;
 pub mod lora;
 pub mod merge;
 pub mod peft;
+pub mod product;
 pub mod targets;
 
 pub use any::AnyAdapterSet;
