@@ -582,18 +582,16 @@ impl CustomOp3 for RmsNormBwdOp {
 /// Elements per parallel chunk of the element-wise kernels (64 KiB of f32).
 const CHUNK: usize = 16 * 1024;
 
-/// `σ(g)` for one element, as `1 / (1 + exp(-g))`.
-fn sigmoid<T: Real>(g: T) -> T {
-    let one = T::from_f64(1.0);
-    one / (one + (T::zero() - g).exp())
-}
-
 /// SwiGLU forward, element-wise: `y = g σ(g) u`.
 fn swiglu_rows<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
     let mut out = vec![T::zero(); g.len()];
+    let one = T::from_f64(1.0);
     out.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(o, (gc, uc))| {
+        // exp(-g) for the whole chunk first (vectorised, Real::exp_slice), then σ = 1 / (1 + e)
+        o.iter_mut().zip(gc).for_each(|(o, &g)| *o = T::zero() - g);
+        T::exp_slice(o);
         for ((o, &g), &u) in o.iter_mut().zip(gc).zip(uc) {
-            *o = g * sigmoid(g) * u;
+            *o = g * (one / (one + *o)) * u;
         }
     });
     out
@@ -608,8 +606,11 @@ fn swiglu_bwd_rows<T: Real>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
     let (dg, du) = out.split_at_mut(n);
     dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK))).for_each(
         |((dgc, duc), ((gc, uc), yc))| {
+            // exp(-g) for the chunk into du first (vectorised), then σ = 1 / (1 + e)
+            duc.iter_mut().zip(gc).for_each(|(d, &g)| *d = T::zero() - g);
+            T::exp_slice(duc);
             for ((((dg, du), &g), &u), &dy) in dgc.iter_mut().zip(duc.iter_mut()).zip(gc).zip(uc).zip(yc) {
-                let s = sigmoid(g);
+                let s = one / (one + *du);
                 *dg = dy * u * s * (one + g * (one - s));
                 *du = dy * g * s;
             }

@@ -53,13 +53,17 @@ fn exp1(x: f32) -> f32 {
     // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer (ties to even)
     const ROUND: f32 = 12_582_912.0;
     let xc = x.clamp(-87.0, 88.0);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
+    // the integer n from t's low mantissa bits (t = 1.5 * 2^23 + n exactly): a float-to-int
+    // cast would saturate lane by lane and keep the loop from vectorising
+    let ni = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     let r = (xc - n * C1) - n * C2;
     let z = r * r;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 5.000_000_1e-1;
     let er = p * z + r + 1.0;
     // 2^n from the exponent bits; n is in [-126, 127] after the clamp
-    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let two_n = f32::from_bits((ni.wrapping_add(127) as u32) << 23);
     let y = er * two_n;
     if x < -87.0 {
         0.0
