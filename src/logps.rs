@@ -169,11 +169,12 @@ fn lsg_fwd<T: Float>(z: &[T], targets: &[u32], v: usize) -> Vec<T> {
         .collect()
 }
 
-fn lsg_bwd<T: Float>(z: &[T], targets: &[u32], g: &[T], v: usize) -> Vec<T> {
+/// The backward of [`lsg_fwd`]; `y` its output, from which each row's log-sum-exp is read
+/// back as `z[t] - y` (no second pass over the row for it; exact to the rounding of `y`).
+fn lsg_bwd<T: Float>(z: &[T], targets: &[u32], g: &[T], y: &[T], v: usize) -> Vec<T> {
     let mut out = vec![T::zero(); z.len()];
-    out.par_chunks_mut(v).zip(z.par_chunks(v)).zip(targets.par_iter().zip(g.par_iter())).for_each_init(Vec::new, |scratch, ((o, row), (&t, &g))| {
-        let (_, lse) = row_lse(row, scratch);
-        let lse = T::from_f64(lse);
+    out.par_chunks_mut(v).zip(z.par_chunks(v)).zip(targets.par_iter().zip(g.par_iter().zip(y.par_iter()))).for_each(|((o, row), (&t, (&g, &y)))| {
+        let lse = T::from_f64(row[t as usize].to_f64() - y.to_f64());
         for (o, &x) in o.iter_mut().zip(row) {
             *o = x - lse;
         }
@@ -217,14 +218,17 @@ impl CustomOp2 for LogSoftmaxGather {
         Ok((out, Shape::from(k)))
     }
 
-    fn bwd(&self, z: &Tensor, t: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(z.apply_op3_no_bwd(t, &g.contiguous()?, &LogSoftmaxGatherBwd)?), None))
+    fn bwd(&self, z: &Tensor, t: &Tensor, res: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(z.apply_op3_no_bwd(t, &g.contiguous()?, &LogSoftmaxGatherBwd { y: res.contiguous()? })?), None))
     }
 }
 
-/// `(logits (K, V), targets (K,), g (K,)) -> g_k (onehot(t_k) - softmax(z_k))`, `(K, V)`.
-#[derive(Debug, Clone, Copy)]
-pub struct LogSoftmaxGatherBwd;
+/// `(logits (K, V), targets (K,), g (K,)) -> g_k (onehot(t_k) - softmax(z_k))`, `(K, V)`;
+/// `y (K,)` is the forward's output (each row's log-sum-exp is `z[t] - y`).
+#[derive(Debug, Clone)]
+pub struct LogSoftmaxGatherBwd {
+    y: Tensor,
+}
 
 impl CustomOp3 for LogSoftmaxGatherBwd {
     fn name(&self) -> &'static str {
@@ -242,12 +246,14 @@ impl CustomOp3 for LogSoftmaxGatherBwd {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (_, v) = l1.shape().dims2()?;
         let t = slice::<u32>(s2, l2, self.name())?;
+        let (gy, ly) = self.y.storage_and_layout();
+        let candle_core::Storage::Cpu(sy) = &*gy else { candle_core::bail!("log_softmax_gather backward: CPU tensors expected") };
         let out = match (s1, s3) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(lsg_bwd(slice::<f32>(s1, l1, self.name())?, t, slice::<f32>(s3, l3, self.name())?, v))
+                CpuStorage::F32(lsg_bwd(slice::<f32>(s1, l1, self.name())?, t, slice::<f32>(s3, l3, self.name())?, slice::<f32>(sy, ly, self.name())?, v))
             }
             (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(lsg_bwd(slice::<f64>(s1, l1, self.name())?, t, slice::<f64>(s3, l3, self.name())?, v))
+                CpuStorage::F64(lsg_bwd(slice::<f64>(s1, l1, self.name())?, t, slice::<f64>(s3, l3, self.name())?, slice::<f64>(sy, ly, self.name())?, v))
             }
             _ => candle_core::bail!("log_softmax_gather backward: logits and gradient of one float dtype expected"),
         };
