@@ -38,6 +38,14 @@ fn bench(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("ropo_wy", &id), |b| {
             b.iter(|| ad.forward(&base, x.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap())
         });
+        g.bench_function(BenchmarkId::new("ropo_wy_composed", &id), |b| {
+            // the chain the fused RopoProduct replaces: rotate_t, frozen product, magnitude
+            b.iter(|| {
+                let y = base.frozen_product(&ad.rotate_t(x.as_tensor()).unwrap()).unwrap();
+                let y = ropo::adapter::layer::scale_cols(&y, &ad.scale().unwrap().unwrap()).unwrap();
+                y.sum_all().unwrap().backward().unwrap()
+            })
+        });
         g.bench_function(BenchmarkId::new("ropo_reference_paths", &id), |b| {
             b.iter(|| {
                 let xr = ad.rotate_t_reference(x.as_tensor()).unwrap();
@@ -59,6 +67,10 @@ fn bench(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("householder_only", &id), |b| {
             let u = ad.u.as_ref().unwrap().as_tensor();
             b.iter(|| ropo::adapter::householder::reflect(x.as_tensor(), u).unwrap().sum_all().unwrap().backward().unwrap())
+        });
+        g.bench_function(BenchmarkId::new("householder_only_composed", &id), |b| {
+            let u = ad.u.as_ref().unwrap().as_tensor();
+            b.iter(|| ropo::adapter::householder::reflect_composed(x.as_tensor(), u).unwrap().sum_all().unwrap().backward().unwrap())
         });
         g.bench_function(BenchmarkId::new("givens_only", &id), |b| {
             let t = ad.theta.as_ref().unwrap().as_tensor();

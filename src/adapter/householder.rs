@@ -14,8 +14,10 @@
 //!   r x r), so for activations stored as rows `X (N, d)`:
 //!   `X H = X - ((X U^T) T^{-1}) U`. Two thin matmuls instead of r dependent rank-1 steps;
 //!   measured 1.5-2x faster in backward (`../shared/docs/candle-notes.md`); here ~1 ms vs
-//!   ~39 ms forward+backward at 512 x 576, r = 4, one thread. (A fused op with a hand-written
-//!   backward was tried and was slower than this: 13 ms.)
+//!   ~39 ms forward+backward at 512 x 576, r = 4, one thread. On the CPU it runs as one op
+//!   ([`ReflectWy`], thin gemms on slices, the backward written out, nothing saved but the
+//!   output): 1.15 ms vs 1.60 ms for the composed candle ops ([`reflect_composed`]) forward +
+//!   backward at 512 x 576, r = 4, 2 threads (`cargo bench --bench adapter -- householder`).
 //!   `T^{-1}` is formed by a finite Neumann series, exact because `D^{-1} N` is nilpotent.
 //!
 //! The dense `H` (d x d) is for merging only ([`dense`]).
