@@ -29,8 +29,8 @@
 //! Peak RSS: the process prints its `VmHWM` at exit; run one configuration a process:
 //! `cargo bench --bench step -- step/prefix`.
 //!
-//! Threads as `ropo train` sets them ([`ropo::train::single_threaded_elementwise`]: candle's
-//! spinning element-wise pool off, allocator tuned by [`ropo::train::keep_freed_memory`]);
+//! Threads as `ropo train` sets them ([`ropo::process::single_threaded_elementwise`]: candle's
+//! spinning element-wise pool off, allocator tuned by [`ropo::process::keep_freed_memory`]);
 //! `STEP_CANDLE_POOL=1` keeps candle's default pool, `STEP_GLIBC_MALLOC=1` glibc's default
 //! tuning (the states before), to compare in alternated processes (read once per process).
 
@@ -235,7 +235,7 @@ fn interleaved(names: &str) {
 }
 
 fn main() {
-    // threads as `ropo train` sets them (`train::configure_threads`: RAYON_NUM_THREADS, so that
+    // threads as `ropo train` sets them (`process::configure_threads`: RAYON_NUM_THREADS, so that
     // candle does not re-read /proc/cpuinfo at every matmul, and candle's element-wise barrier
     // pool off); STEP_CANDLE_POOL=1 keeps candle's default pool size (the state before), for A/B
     if std::env::var_os("STEP_CANDLE_POOL").is_some() {
@@ -243,12 +243,12 @@ fn main() {
         std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
     }
     if std::env::var_os("STEP_GLIBC_MALLOC").is_some() {
-        // glibc's default (dynamic) allocator tuning, the state before `train::keep_freed_memory`
-        ropo::train::single_threaded_elementwise();
+        // glibc's default (dynamic) allocator tuning, the state before `process::keep_freed_memory`
+        ropo::process::single_threaded_elementwise();
         let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     } else {
-        eprintln!("threads: {}", ropo::train::configure_threads(0));
+        eprintln!("threads: {}", ropo::process::configure_threads(0));
     }
     if let Ok(names) = std::env::var("STEP_AB") {
         interleaved(&names);

@@ -37,5 +37,7 @@ pub mod generate;
 pub mod plot;
 /// Small filesystem helpers: atomic writes (temporary file, then rename).
 pub mod fsutil;
+/// Process tuning for every subcommand (threads, candle's element-wise pool, allocator) and peak RSS.
+pub mod process;
 /// The command-line interface: one module per subcommand.
 pub mod cli;
