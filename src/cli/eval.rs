@@ -284,90 +284,17 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     };
     let cols = columns(&args);
     let mut reports: Vec<ModelReport> = cols.iter().map(|_| ModelReport::default()).collect();
-
-    // 1. preference metrics: one pass gives policy (adapted) and reference (base) log-probs
     if let Some(path) = &args.prefs {
-        let opts = TokenizeOptions { max_length: Some(args.max_length), max_prompt_length: None };
-        let mut prepared = crate::data::prepare(path, tok, template.as_deref(), &Default::default(), opts)?;
-        if let Some(n) = args.limit {
-            prepared.pairs.truncate(n);
-        }
-        anyhow::ensure!(
-            !prepared.pairs.is_empty(),
-            "{}: no usable preference pairs ({})",
-            path.display(),
-            prepared.report.to_string().lines().map(str::trim).collect::<Vec<_>>().join("; ")
-        );
-        let pad = crate::data::batch::pad_id(tok)?;
-        let b = bar(prepared.pairs.len(), "preference pairs");
-        let lp = score_pairs(model, &prepared.pairs, pad, args.batch_size, |k| b.inc(k as u64))?;
-        b.finish_and_clear();
-        for ((_, adapted), r) in cols.iter().zip(reports.iter_mut()) {
-            let lp = if *adapted {
-                lp.clone()
-            } else {
-                // the base model is its own reference
-                PairLogprobs { policy_chosen: lp.reference_chosen.clone(), policy_rejected: lp.reference_rejected.clone(), ..lp.clone() }
-            };
-            r.preference = Some(preference_metrics(&lp, args.beta, DEFAULT_TOLERANCE)?);
-        }
+        preference_section(&args, path, model, tok, template.as_deref(), &cols, &mut reports)?;
     }
-
-    // 2. generations, greedy and sampled (written at the end, with the report)
-    let mut generations: Option<(PathBuf, String)> = None;
-    if let Some(path) = &args.prompts {
-        let ps = prompts(&args, path, tok, template.as_deref())?;
-        let ids: Vec<Vec<u32>> = ps.iter().map(|p| p.1.clone()).collect();
-        let mut lines = String::new();
-        for ((name, adapted), r) in cols.iter().zip(reports.iter_mut()) {
-            for (mode, opts) in [("greedy", GenerateOptions { temperature: 0.0, ..sampled_options(&args) }), ("sampled", sampled_options(&args))] {
-                let b = bar(ids.len(), &format!("{name} {mode} generations"));
-                let gens = generate_all(model, tok, &ids, &opts, *adapted, || b.inc(1))?;
-                b.finish_and_clear();
-                for (i, g) in gens.iter().enumerate() {
-                    lines.push_str(&generation_record(name, mode, i, &ps[i].0, g).to_string());
-                    lines.push('\n');
-                }
-                let counted: Vec<Vec<u32>> = gens.iter().map(|g| counted_ids(g).to_vec()).collect();
-                let stats = generation_stats(&counted, args.max_new_tokens);
-                if mode == "greedy" {
-                    r.greedy = Some(stats);
-                } else {
-                    r.sampled = Some(stats);
-                }
-            }
-        }
-        let out = args.generations.clone().unwrap_or_else(|| match &args.out {
-            Some(o) => o.with_file_name("generations.jsonl"),
-            None => PathBuf::from("generations.jsonl"),
-        });
-        generations = Some((out, lines));
-    }
-
-    // 3. MMLU
-    if let Some(data) = &mmlu_data {
-        let n: usize = data.iter().map(|d| d.questions.len()).sum();
-        for ((name, adapted), r) in cols.iter().zip(reports.iter_mut()) {
-            let mut scorer = ModelScorer::new(model, tok, *adapted, Some(args.mmlu_max_tokens))?;
-            let b = bar(n, &format!("{name} MMLU questions"));
-            r.mmlu = Some(mmlu::score(data, args.shots, &mut scorer, || b.inc(1))?);
-            b.finish_and_clear();
-        }
-    }
-
-    // 4. energy of the adapted layers
-    let energy = if args.energy {
-        let linears = model.linears();
-        let n = linears.iter().filter(|l| l.adapter.is_some()).count();
-        anyhow::ensure!(n > 0, "--energy: the model has no adapted layer");
-        let b = bar(n, "energy of adapted layers");
-        let e = crate::eval::energy::adapted_energies(linears, |_| b.inc(1))?;
-        b.finish_and_clear();
-        Some(e)
-    } else {
-        None
+    let generations = match &args.prompts {
+        Some(path) => Some(generation_section(&args, path, model, tok, template.as_deref(), &cols, &mut reports)?),
+        None => None,
     };
-
+    if let Some(data) = &mmlu_data {
+        mmlu_section(&args, data, model, tok, &cols, &mut reports)?;
+    }
+    let energy = if args.energy { Some(energy_section(model)?) } else { None };
     let mut report = EvalReport {
         model: args.model.clone(),
         adapter: args.adapter.as_ref().map(|p| p.display().to_string()),
@@ -381,8 +308,112 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             report.adapted = Some(r);
         }
     }
+    write_outputs(&args, &report, generations.as_ref())
+}
+
+/// 1. Preference metrics: one pass gives policy (adapted) and reference (base) log-probs.
+fn preference_section(
+    args: &EvalArgs,
+    path: &Path,
+    model: &Model,
+    tok: &Tokenizer,
+    template: Option<&str>,
+    cols: &[(&'static str, bool)],
+    reports: &mut [ModelReport],
+) -> anyhow::Result<()> {
+    let opts = TokenizeOptions { max_length: Some(args.max_length), max_prompt_length: None };
+    let mut prepared = crate::data::prepare(path, tok, template, &Default::default(), opts)?;
+    if let Some(n) = args.limit {
+        prepared.pairs.truncate(n);
+    }
+    anyhow::ensure!(
+        !prepared.pairs.is_empty(),
+        "{}: no usable preference pairs ({})",
+        path.display(),
+        prepared.report.to_string().lines().map(str::trim).collect::<Vec<_>>().join("; ")
+    );
+    let pad = crate::data::batch::pad_id(tok)?;
+    let b = bar(prepared.pairs.len(), "preference pairs");
+    let lp = score_pairs(model, &prepared.pairs, pad, args.batch_size, |k| b.inc(k as u64))?;
+    b.finish_and_clear();
+    for ((_, adapted), r) in cols.iter().zip(reports.iter_mut()) {
+        let lp = if *adapted {
+            lp.clone()
+        } else {
+            // the base model is its own reference
+            PairLogprobs { policy_chosen: lp.reference_chosen.clone(), policy_rejected: lp.reference_rejected.clone(), ..lp.clone() }
+        };
+        r.preference = Some(preference_metrics(&lp, args.beta, DEFAULT_TOLERANCE)?);
+    }
+    Ok(())
+}
+
+/// 2. Generations, greedy and sampled: their statistics into `reports`; returns the
+/// `generations.jsonl` path and lines (written at the end, with the report).
+fn generation_section(
+    args: &EvalArgs,
+    path: &Path,
+    model: &Model,
+    tok: &Tokenizer,
+    template: Option<&str>,
+    cols: &[(&'static str, bool)],
+    reports: &mut [ModelReport],
+) -> anyhow::Result<(PathBuf, String)> {
+    let ps = prompts(args, path, tok, template)?;
+    let ids: Vec<Vec<u32>> = ps.iter().map(|p| p.1.clone()).collect();
+    let mut lines = String::new();
+    for ((name, adapted), r) in cols.iter().zip(reports.iter_mut()) {
+        for (mode, opts) in [("greedy", GenerateOptions { temperature: 0.0, ..sampled_options(args) }), ("sampled", sampled_options(args))] {
+            let b = bar(ids.len(), &format!("{name} {mode} generations"));
+            let gens = generate_all(model, tok, &ids, &opts, *adapted, || b.inc(1))?;
+            b.finish_and_clear();
+            for (i, g) in gens.iter().enumerate() {
+                lines.push_str(&generation_record(name, mode, i, &ps[i].0, g).to_string());
+                lines.push('\n');
+            }
+            let counted: Vec<Vec<u32>> = gens.iter().map(|g| counted_ids(g).to_vec()).collect();
+            let stats = generation_stats(&counted, args.max_new_tokens);
+            if mode == "greedy" {
+                r.greedy = Some(stats);
+            } else {
+                r.sampled = Some(stats);
+            }
+        }
+    }
+    let out = args.generations.clone().unwrap_or_else(|| match &args.out {
+        Some(o) => o.with_file_name("generations.jsonl"),
+        None => PathBuf::from("generations.jsonl"),
+    });
+    Ok((out, lines))
+}
+
+/// 3. MMLU, each column scored on `data`.
+fn mmlu_section(args: &EvalArgs, data: &[mmlu::SubjectData], model: &Model, tok: &Tokenizer, cols: &[(&'static str, bool)], reports: &mut [ModelReport]) -> anyhow::Result<()> {
+    let n: usize = data.iter().map(|d| d.questions.len()).sum();
+    for ((name, adapted), r) in cols.iter().zip(reports.iter_mut()) {
+        let mut scorer = ModelScorer::new(model, tok, *adapted, Some(args.mmlu_max_tokens))?;
+        let b = bar(n, &format!("{name} MMLU questions"));
+        r.mmlu = Some(mmlu::score(data, args.shots, &mut scorer, || b.inc(1))?);
+        b.finish_and_clear();
+    }
+    Ok(())
+}
+
+/// 4. Hyperspherical energy of the adapted layers.
+fn energy_section(model: &Model) -> anyhow::Result<crate::eval::EnergyReport> {
+    let linears = model.linears();
+    let n = linears.iter().filter(|l| l.adapter.is_some()).count();
+    anyhow::ensure!(n > 0, "--energy: the model has no adapted layer");
+    let b = bar(n, "energy of adapted layers");
+    let e = crate::eval::energy::adapted_energies(linears, |_| b.inc(1))?;
+    b.finish_and_clear();
+    Ok(e)
+}
+
+/// The table on stdout, then the generations and the JSON report (when asked for).
+fn write_outputs(args: &EvalArgs, report: &EvalReport, generations: Option<&(PathBuf, String)>) -> anyhow::Result<()> {
     print!("{}", report.table());
-    if let Some((out, lines)) = &generations {
+    if let Some((out, lines)) = generations {
         ensure_parent(out)?;
         crate::fsutil::write_atomic(out, lines.as_bytes())?;
         eprintln!("wrote {} generations to {}", lines.lines().count(), out.display());
