@@ -5,11 +5,11 @@
 //! optimisation to the previous:
 //!
 //! - `step/plain`: plain candle matmul for frozen weights, full `(N, T, V)` logits +
-//!   `loss::completion_logps` (the path before this work);
+//!   `logps::completion_logps` (the path before this work);
 //! - `step/frozen`: + `FrozenMatmul` (no weight gradients for frozen weights);
 //! - `step/lmhead`: + `logps::completion_logps_from_hidden` (LM head and log-softmax only at
 //!   completion positions, fused with the gather);
-//! - `step/prefix`: + `prefix::completion_logps_shared_prompt` (each prompt once for its pair);
+//! - `step/prefix`: + `logps::completion_logps_shared_prompt` (each prompt once for its pair);
 //! - `step/fused`: + the fused layer ops (`ops::set_fused_layer_ops`: SwiGLU, the attention
 //!   heads' layout + RoPE ops, no-op reshapes out of the graph, no gradient for constant norm
 //!   weights); the configurations before it run the composed candle ops;
@@ -44,13 +44,13 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use ropo::adapter::config::AdapterConfig;
 use ropo::adapter::inject;
-use ropo::logps::completion_logps_from_hidden;
-use ropo::loss::{completion_logps, preference_loss, LossParams, LossType, PairLogps};
+use ropo::logps::{completion_logps, completion_logps_from_hidden, completion_logps_shared_prompt};
+use ropo::loss::{preference_loss, LossParams, LossType, PairLogps};
 use ropo::model::config::ModelConfig;
 use ropo::model::linear::set_fast_frozen_matmul;
 use ropo::model::llama::Model;
 use ropo::model::ops::set_fused_layer_ops;
-use ropo::model::prefix::{completion_logps_shared_prompt, SharedPromptBatch};
+use ropo::model::prefix::SharedPromptBatch;
 
 /// (prompt, chosen, rejected) lengths of the two pairs.
 const PAIRS: [(usize, usize, usize); 2] = [(150, 100, 60), (140, 90, 110)];

@@ -53,7 +53,7 @@ fn bench_train_step(c: &mut Criterion) {
     g.throughput(Throughput::Elements((2 * PAIRS * T) as u64));
     g.bench_function("ropo/reference+policy_fwd_bwd+adamw_2x256", |b| {
         b.iter(|| {
-            let reference = ropo::reference::batch_logps_with(&model, &batch, false, t.share_prompt).expect("reference");
+            let reference = ropo::logps::batch_logps_detached(&model, &batch, false, t.share_prompt).expect("reference");
             let (out, grads) = ropo::train::micro_batch(&model, &batch, &reference, t).expect("step");
             let mut grads = Grads::from_store(&params, &grads).expect("grads");
             let norm = grads.clip_global_norm(t.max_grad_norm).expect("clip");

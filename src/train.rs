@@ -39,7 +39,8 @@ use crate::data::batch::{collate, epoch_batches, pad_id, Batch, SamplerConfig};
 use crate::data::splits::{read_rows, template_override, tokenize_options, tokenize_splits, Rows, Splits};
 use crate::data::tokenize::TokenizedPair;
 use crate::error::{Error, Result};
-use crate::loss::{completion_token_counts, preference_loss, split_pairs, LossOutput, PairLogps, RewardMetrics};
+use crate::logps::completion_token_counts;
+use crate::loss::{preference_loss, split_pairs, LossOutput, PairLogps, RewardMetrics};
 use crate::metrics::{EvalStats, MetricsLogger, Progress, TrainStats};
 use crate::model::llama::Model;
 use crate::optim::{AdamW, GradAccumulator, LrSchedule};
@@ -121,14 +122,14 @@ fn save_adapter(dir: &Path, set: &AnyAdapterSet) -> Result<()> {
 // ------------------------------------------------------------------------------------------
 
 /// The policy half of a training micro-batch: policy forward (adapters on), completion
-/// log-probs ([`reference::model_logps_with`]: LM head at completion positions only; with
+/// log-probs ([`crate::logps::batch_logps`]: LM head at completion positions only; with
 /// `t.share_prompt` each pair's prompt runs once), the loss of `t.loss_type` against `ref_logps`, and its backward.
 ///
 /// `batch`: `2B` rows in the concatenated layout; `ref_logps`: `(2B,)` f32 reference log-probs
 /// in the same layout. Returns the loss output (loss, per-pair losses, reward metrics) and the
 /// gradients.
 pub fn micro_batch(model: &Model, batch: &Batch, ref_logps: &Tensor, t: &TrainingSection) -> Result<(LossOutput, GradStore)> {
-    let logps = reference::model_logps_with(model, batch, true, t.share_prompt)?;
+    let logps = crate::logps::batch_logps(model, batch, true, t.share_prompt)?;
     let out = loss_of(&logps, ref_logps, &batch.completion_mask, t)?;
     let grads = out.loss.backward()?;
     Ok((out, grads))
@@ -153,7 +154,7 @@ pub fn evaluate(model: &Model, pairs: &[TokenizedPair], refs: &PairRefLogps, bat
         let refs_b: Vec<&TokenizedPair> = chunk.iter().collect();
         let batch = collate(&refs_b, pad, &dev)?;
         tokens += batch.attention_mask.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as usize;
-        let lp = reference::batch_logps_with(model, &batch, true, t.share_prompt)?;
+        let lp = crate::logps::batch_logps_detached(model, &batch, true, t.share_prompt)?;
         let idx: Vec<usize> = (k * batch_size.max(1)..k * batch_size.max(1) + chunk.len()).collect();
         let r = refs.gather(&idx, &dev)?;
         let counts = completion_token_counts(&batch.completion_mask)?;
@@ -406,7 +407,7 @@ fn optimiser_step(t: &TrainingSection, s: &Setup, refs: &Refs, st: &mut State, l
         done.tokens += batch.attention_mask.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as usize;
         let ref_lp = match &refs.train {
             Some(r) => r.gather(&idx, s.model.device())?,
-            None => reference::batch_logps_with(s.reference(), &batch, false, t.share_prompt)?,
+            None => crate::logps::batch_logps_detached(s.reference(), &batch, false, t.share_prompt)?,
         };
         let (out, grads) = micro_batch(&s.model, &batch, &ref_lp, t)?;
         acc.add(&s.params, &grads).map_err(|e| {

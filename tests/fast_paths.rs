@@ -5,7 +5,7 @@
 //! - completion-position LM head: `logps::completion_logps_from_hidden` (f64 tiny model with
 //!   RoPO adapters on q,k,v,o and the LM head: 1e-10 on values and every gradient; f32 on the
 //!   real SmolLM2-135M: 1e-3 nats on values, as the issue asks);
-//! - prefix sharing: `prefix::completion_logps_shared_prompt` (f64 tiny model, prompts of
+//! - prefix sharing: `logps::completion_logps_shared_prompt` (f64 tiny model, prompts of
 //!   different lengths, right padding; 1e-10), plus central finite differences of the shared path.
 //!
 //! Tolerances: the fast paths change only the order of floating-point sums (attention over a
@@ -23,11 +23,10 @@ use common::gradients::central_difference;
 use common::tiny::{max_abs, tiny_config};
 use ropo::adapter::config::{AdapterConfig, TargetModules};
 use ropo::adapter::inject;
-use ropo::logps::completion_logps_from_hidden;
-use ropo::loss::completion_logps;
+use ropo::logps::{completion_logps, completion_logps_from_hidden, completion_logps_shared_prompt};
 use ropo::model::config::{Arch, ModelConfig};
 use ropo::model::llama::{random_weights, Model};
-use ropo::model::prefix::{completion_logps_shared_prompt, SharedPromptBatch};
+use ropo::model::prefix::SharedPromptBatch;
 
 /// A tiny f64 model with RoPO adapters (r=2, S=2, magnitude) on q,k,v,o (+ lm_head), set to
 /// random non-identity values; returns the model and the adapters' Vars.

@@ -42,7 +42,7 @@ fn micro_batch_bits() -> Vec<String> {
     ];
     let refs: Vec<_> = pairs.iter().collect();
     let batch = collate(&refs, 0, &dev).unwrap();
-    let reference = ropo::reference::batch_logps_with(&model, &batch, false, true).unwrap();
+    let reference = ropo::logps::batch_logps_detached(&model, &batch, false, true).unwrap();
     let (out, grads) = ropo::train::micro_batch(&model, &batch, &reference, &run.training).unwrap();
     let grads = ropo::optim::Grads::from_store(&params, &grads).unwrap();
     let mut lines: Vec<String> = reference.to_vec1::<f32>().unwrap().iter().map(|x| format!("ref {:08x}", x.to_bits())).collect();

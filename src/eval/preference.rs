@@ -21,8 +21,8 @@
 //! [`score_pairs`] computes the four log-probs with the real model: each batch of pairs in
 //! TRL's `[chosen..; rejected..]` layout (right padding) goes through the model twice, adapters
 //! on (policy) and bypassed (reference), and the completion tokens' log-probs are summed
-//! ([`crate::loss::completion_logps`]'s definition, computed by
-//! [`crate::reference::model_logps_with`]: each pair's prompt once, the LM head at completion
+//! ([`crate::logps::completion_logps`]'s definition, computed by
+//! [`crate::logps::batch_logps`]: each pair's prompt once, the LM head at completion
 //! positions only). A model without adapters is its own reference (one pass).
 
 use candle_core::{DType, Device, Tensor};
@@ -188,8 +188,8 @@ pub fn score_pairs(
         let b = collate(&refs, pad_id, model.device())?;
         // detached right away: with adapter `Var`s in the graph, the intermediates would
         // otherwise stay alive as long as the result does. Each pair's prompt runs once (prefix
-        // sharing) and the LM head only at completion positions (`reference::model_logps_with`)
-        let logps = |use_adapters: bool| -> Result<Tensor> { crate::reference::batch_logps_with(model, &b, use_adapters, true) }; // (2B,)
+        // sharing) and the LM head only at completion positions (`logps::batch_logps`)
+        let logps = |use_adapters: bool| -> Result<Tensor> { crate::logps::batch_logps_detached(model, &b, use_adapters, true) }; // (2B,)
         let reference = logps(false)?;
         let policy = if adapted { logps(true)? } else { reference.clone() };
         let (rc, rr) = split_pairs(&reference)?;
