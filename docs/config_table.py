@@ -24,7 +24,7 @@ REQUIRED = {("model", "path_or_id"), ("data", "train_files")}
 ENUMS = {
     ("model", "dtype"): ("src/config.rs", "ModelDtype", []),
     ("data", "format"): ("src/data/formats.rs", "Format", ["auto"]),
-    ("data", "on_identical"): ("src/config.rs", "OnIdentical", []),
+    ("data", "on_identical"): ("src/data/load.rs", "OnIdentical", []),
     ("adapter", "type"): ("src/config.rs", "AdapterKind", []),
     ("training", "loss_type"): ("src/loss.rs", "LossType", []),
 }

@@ -13,6 +13,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::OnIdentical;
+use crate::data::FormatChoice;
 use crate::error::{Error, Result};
 use crate::loss::{LossParams, LossType};
 use crate::optim::{AdamWConfig, LrSchedule, LrScheduler};
@@ -75,7 +77,7 @@ pub struct DataSection {
     /// Fraction of the training rows held out for evaluation (the last ones), in (0, 1).
     pub eval_split: Option<f64>,
     /// Row format, or `"auto"` to detect it per file.
-    pub format: String,
+    pub format: FormatChoice,
     /// Longest prompt + completion, in tokens (TRL `max_length`).
     pub max_length: usize,
     /// Longest prompt, in tokens (TRL `max_prompt_length`); unset: only `max_length` applies.
@@ -98,7 +100,7 @@ impl Default for DataSection {
             train_files: Vec::new(),
             eval_file: None,
             eval_split: None,
-            format: "auto".into(),
+            format: FormatChoice::Auto,
             max_length: 1024,
             max_prompt_length: None,
             chat_template: None,
@@ -129,16 +131,6 @@ impl DataSection {
             }
         })
     }
-}
-
-/// What to do with a pair whose chosen and rejected completions are identical.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnIdentical {
-    /// Drop it, counted and reported.
-    Skip,
-    /// Stop with an error naming the file and line.
-    Error,
 }
 
 /// A Python-style slice of rows, `start:end` (half open; negative counts from the end; either
@@ -471,23 +463,9 @@ pub fn section_keys(section: &str) -> Option<&'static [&'static str]> {
     }
 }
 
-/// Levenshtein distance between two keys (for "did you mean").
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
-}
-
 /// The nearest candidate within a third of the key's length (at least 2 edits), if any.
 fn nearest<'a>(key: &str, candidates: &[&'a str]) -> Option<&'a str> {
-    let best = candidates.iter().map(|c| (edit_distance(key, c), *c)).min()?;
+    let best = candidates.iter().map(|c| (strsim::levenshtein(key, c), *c)).min()?;
     (best.0 <= (key.chars().count() / 3).max(2)).then_some(best.1)
 }
 
@@ -656,7 +634,6 @@ fn check_data(d: &DataSection, c: &mut Checks) {
         c.check(d.eval_file.is_none(), "data.eval_split and data.eval_file are exclusive".into());
         c.check(d.eval_rows.is_none(), "data.eval_split and data.eval_rows are exclusive".into());
     }
-    c.check(!d.format.trim().is_empty(), "data.format must not be empty (\"auto\" detects it)".into());
     c.check(d.max_length >= 2, format!("data.max_length must be >= 2 (got {})", d.max_length));
     if let Some(p) = d.max_prompt_length {
         c.check(p >= 1 && p < d.max_length, format!("data.max_prompt_length must be in [1, data.max_length = {}) (got {p})", d.max_length));
@@ -1081,9 +1058,9 @@ beta = 0.1
 
     #[test]
     fn edit_distance_and_nearest() {
-        assert_eq!(edit_distance("beta", "betta"), 1);
-        assert_eq!(edit_distance("", "abc"), 3);
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(strsim::levenshtein("beta", "betta"), 1);
+        assert_eq!(strsim::levenshtein("", "abc"), 3);
+        assert_eq!(strsim::levenshtein("kitten", "sitting"), 3);
         assert_eq!(nearest("lerning_rate", TRAINING_KEYS), Some("learning_rate"));
         assert_eq!(nearest("xyz", TRAINING_KEYS), None);
     }

@@ -36,7 +36,7 @@ pub mod eval;
 pub mod generate;
 /// Training-curve PNGs.
 pub mod plot;
-/// Small filesystem helpers: atomic writes (temporary file, then rename).
+/// Small filesystem helpers: atomic writes (temporary file, then rename), safetensors bytes.
 pub mod fsutil;
 /// Process tuning for every subcommand (threads, candle's element-wise pool, allocator) and peak RSS.
 pub mod process;

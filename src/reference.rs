@@ -131,7 +131,7 @@ pub fn save_cache(path: &Path, r: &PairRefLogps) -> Result<()> {
         ("reference_chosen_logps".to_string(), Tensor::new(r.chosen.as_slice(), &Device::Cpu)?),
         ("reference_rejected_logps".to_string(), Tensor::new(r.rejected.as_slice(), &Device::Cpu)?),
     ];
-    let bytes = crate::optim::safetensors_bytes(&tensors, None::<HashMap<String, String>>)?;
+    let bytes = crate::fsutil::safetensors_bytes(&tensors, None::<HashMap<String, String>>)?;
     crate::fsutil::write_atomic(path, &bytes).map_err(|e| Error::input(path, None, format!("writing: {e}")))?;
     Ok(())
 }

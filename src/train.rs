@@ -34,6 +34,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::adapter::AnyAdapterSet;
 use crate::checkpoint::{self, CheckpointData, CheckpointMeta, DataPosition, RngState, TrainerState};
+use crate::checkpoint::{CURVES_FILE, METRICS_FILE, REFERENCE_DIR, RUN_CONFIG_FILE, TRAINER_STATE_FILE};
 use crate::config::{ModelDtype, RunConfig, TrainingSection};
 use crate::data::batch::{collate, epoch_batches, pad_id, Batch, SamplerConfig};
 use crate::data::splits::{read_rows, template_override, tokenize_options, tokenize_splits, Rows, Splits};
@@ -50,13 +51,6 @@ use crate::reference::{self, PairRefLogps};
 /// of every optimiser step, writes a checkpoint and returns [`Outcome::Interrupted`]. The only
 /// global state of the trainer.
 pub static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
-
-/// Name of the resolved config at the top of the output folder.
-pub const CONFIG_FILE: &str = "config.toml";
-/// Name of the metrics file in the output folder.
-pub const METRICS_FILE: &str = "metrics.jsonl";
-/// Folder (in the output folder) of the precomputed reference log-probs.
-pub const REFERENCE_DIR: &str = "reference_logps";
 
 /// How `run` was asked to start.
 #[derive(Debug, Clone, Default)]
@@ -539,8 +533,8 @@ fn print_summary(cfg: &RunConfig, s: &Setup) {
 /// resolved config written at its top.
 fn start_output_dir(cfg: &RunConfig, output_dir: &Path) -> Result<()> {
     checkpoint::prepare_output_dir(output_dir, cfg.training.overwrite)?;
-    crate::fsutil::write_atomic(&output_dir.join(CONFIG_FILE), cfg.to_toml_string().as_bytes())
-        .map_err(|e| Error::input(output_dir.join(CONFIG_FILE), None, format!("writing: {e}")))
+    crate::fsutil::write_atomic(&output_dir.join(RUN_CONFIG_FILE), cfg.to_toml_string().as_bytes())
+        .map_err(|e| Error::input(output_dir.join(RUN_CONFIG_FILE), None, format!("writing: {e}")))
 }
 
 /// The reference log-probs computed before the loop.
@@ -705,7 +699,7 @@ fn save_checkpoint(cfg: &RunConfig, s: &Setup, st: &State) -> Result<PathBuf> {
     let data = CheckpointData { trainable: &s.params, optimizer: &st.opt, meta, config: cfg, trainer_state: &st.trainer };
     let dir = checkpoint::save(&s.output_dir, &data)?;
     checkpoint::prune(&s.output_dir, cfg.training.save_total_limit)?;
-    st.trainer.save(&s.output_dir.join(checkpoint::TRAINER_STATE_FILE))?;
+    st.trainer.save(&s.output_dir.join(TRAINER_STATE_FILE))?;
     Ok(dir)
 }
 
@@ -713,8 +707,8 @@ fn save_checkpoint(cfg: &RunConfig, s: &Setup, st: &State) -> Result<PathBuf> {
 /// (reported, never fatal).
 fn write_final(s: &Setup, st: &State) -> Result<()> {
     save_adapter(&s.output_dir, &s.adapter)?;
-    st.trainer.save(&s.output_dir.join(checkpoint::TRAINER_STATE_FILE))?;
-    let curves = s.output_dir.join("curves.png");
+    st.trainer.save(&s.output_dir.join(TRAINER_STATE_FILE))?;
+    let curves = s.output_dir.join(CURVES_FILE);
     match crate::plot::plot_metrics_file(&s.output_dir.join(METRICS_FILE), &curves) {
         Ok(_) => say(&format!("training curves written to {}", curves.display())),
         Err(e) => say(&format!("warning: training curves not written: {e}")),

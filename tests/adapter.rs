@@ -506,7 +506,7 @@ fn smollm2_merge_from_gguf_and_hf_folder() {
     files::save(&adapter_dir, &set).unwrap();
     for (source, name) in [(gguf.to_string(), "merged_from_gguf"), (base_hf.to_str().unwrap().to_string(), "merged_from_hf")] {
         let out = tmp.path().join(name);
-        assert_eq!(merge::merge_to_folder(&source, &adapter_dir, &out, DType::F32, false).unwrap(), 120);
+        assert_eq!(merge::merge_to_folder(&source, &Default::default(), &adapter_dir, &out, DType::F32, false).unwrap(), 120);
         for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
             assert!(out.join(f).is_file(), "{name}: {f} missing");
         }
@@ -521,11 +521,11 @@ fn smollm2_merge_from_gguf_and_hf_folder() {
     // OUT protection: non-empty without --force is refused and left as it was
     let out = tmp.path().join("merged_from_gguf");
     let before = std::fs::read(out.join("model.safetensors")).unwrap();
-    let e = merge::merge_to_folder(gguf, &adapter_dir, &out, DType::BF16, false).unwrap_err().to_string();
+    let e = merge::merge_to_folder(gguf, &Default::default(), &adapter_dir, &out, DType::BF16, false).unwrap_err().to_string();
     assert!(e.contains("is not empty") && e.contains("--force"), "{e}");
     assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), before);
     // with --force it is replaced (bf16 now: about half the bytes), and no temporary folder is left
-    merge::merge_to_folder(gguf, &adapter_dir, &out, DType::BF16, true).unwrap();
+    merge::merge_to_folder(gguf, &Default::default(), &adapter_dir, &out, DType::BF16, true).unwrap();
     let after = std::fs::metadata(out.join("model.safetensors")).unwrap().len() as f64;
     assert!((after / before.len() as f64 - 0.5).abs() < 0.05, "bf16 file is {after} bytes vs f32 {}", before.len());
     let leftovers: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().starts_with('.')).collect();

@@ -12,7 +12,7 @@ use std::path::Path;
 use candle_core::Var;
 
 use super::config::AdapterConfig;
-use super::files::{self, CONFIG_FILE};
+use super::files::{self, ADAPTER_CONFIG_FILE};
 use super::full::{self, FullConfig, FullSet};
 use super::inject::{self, AdapterSet, ParamReport};
 use super::lora::{self, LoraConfig, LoraSet};
@@ -65,7 +65,7 @@ pub fn full_config(section: &AdapterSection, model: &Model) -> Result<FullConfig
 /// Errors ([`Error::Input`] naming the file): unreadable, not JSON, neither
 /// `"adapter_type": "ROPO" | "FULL"` nor `"peft_type": "LORA"`.
 pub fn stored_kind(dir: &Path) -> Result<AdapterKind> {
-    let path = dir.join(CONFIG_FILE);
+    let path = dir.join(ADAPTER_CONFIG_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| Error::input(&path, None, e.to_string()))?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::input(&path, Some(e.line()), e.to_string()))?;
     let field = |k: &str| v.get(k).and_then(|x| x.as_str());

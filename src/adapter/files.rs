@@ -24,7 +24,7 @@ use crate::model::llama::Model;
 /// File name of the weights inside an adapter folder.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// File name of the configuration inside an adapter folder.
-pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
 
 /// Write `set` into the folder `dir` (created if missing): weights first, then the config,
 /// each atomically. Errors: I/O (path named), serialization.
@@ -37,13 +37,13 @@ pub fn save(dir: &Path, set: &AdapterSet) -> Result<()> {
         .map_err(|e| Error::Msg(format!("serializing {WEIGHTS_FILE}: {e}")))?;
     write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
     let json = serde_json::to_string_pretty(&set.file_config()).map_err(|e| Error::Msg(e.to_string()))?;
-    write_atomic(&dir.join(CONFIG_FILE), format!("{json}\n").as_bytes())?;
+    write_atomic(&dir.join(ADAPTER_CONFIG_FILE), format!("{json}\n").as_bytes())?;
     Ok(())
 }
 
 /// Read and check `dir/adapter_config.json`.
 pub fn read_config(dir: &Path) -> Result<AdapterFileConfig> {
-    let path = dir.join(CONFIG_FILE);
+    let path = dir.join(ADAPTER_CONFIG_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| Error::input(&path, None, e.to_string()))?;
     AdapterFileConfig::parse(&text, &path)
 }

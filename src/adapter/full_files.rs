@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::config::TargetModules;
-use super::files::{read_weights, CONFIG_FILE, WEIGHTS_FILE};
+use super::files::{read_weights, ADAPTER_CONFIG_FILE, WEIGHTS_FILE};
 use super::full::{attach, FullAdapter, FullConfig, FullSet};
 use super::inject::model_params;
 use super::peft::write_folder;
@@ -73,7 +73,7 @@ pub fn save(dir: &Path, set: &FullSet) -> Result<()> {
 
 /// Read and check `dir/adapter_config.json`.
 pub fn read_config(dir: &Path) -> Result<FullFileConfig> {
-    let path = dir.join(CONFIG_FILE);
+    let path = dir.join(ADAPTER_CONFIG_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| Error::input(&path, None, e.to_string()))?;
     FullFileConfig::parse(&text, &path)
 }

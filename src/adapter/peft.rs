@@ -18,7 +18,7 @@ use candle_core::Tensor;
 use serde_json::{json, Value};
 
 use super::config::TargetModules;
-use super::files::{read_weights, CONFIG_FILE, WEIGHTS_FILE};
+use super::files::{read_weights, ADAPTER_CONFIG_FILE, WEIGHTS_FILE};
 use super::inject::model_params;
 use super::lora::{attach, LoraAdapter, LoraConfig, LoraSet, A_SUFFIX, B_SUFFIX};
 use super::targets;
@@ -83,7 +83,7 @@ pub(crate) fn write_folder(dir: &Path, tensors: &BTreeMap<String, Tensor>, confi
         .map_err(|e| Error::Msg(format!("serializing {WEIGHTS_FILE}: {e}")))?;
     write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
     let json = serde_json::to_string_pretty(config).map_err(|e| Error::Msg(e.to_string()))?;
-    write_atomic(&dir.join(CONFIG_FILE), format!("{json}\n").as_bytes())?;
+    write_atomic(&dir.join(ADAPTER_CONFIG_FILE), format!("{json}\n").as_bytes())?;
     Ok(())
 }
 
@@ -151,7 +151,7 @@ pub fn parse_config(text: &str, path: &Path) -> Result<(LoraConfig, String)> {
 /// tensor of the wrong shape ([`Error::Shape`] with the PEFT key, the first in model order); a
 /// tensor no targeted module uses; no module matched.
 pub fn load_linears(dir: &Path, linears: Vec<&mut Linear>, base_params: usize) -> Result<LoraSet> {
-    let cfg_path = dir.join(CONFIG_FILE);
+    let cfg_path = dir.join(ADAPTER_CONFIG_FILE);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::input(&cfg_path, None, e.to_string()))?;
     let (cfg, base) = parse_config(&text, &cfg_path)?;
     let mut tensors = read_weights(dir)?;
@@ -184,7 +184,7 @@ pub fn load_linears(dir: &Path, linears: Vec<&mut Linear>, base_params: usize) -
 /// Load the PEFT LoRA adapter in `dir` onto `model`; see [`load_linears`]. Errors also: a tied
 /// `lm_head` among the targets. On error the model is unchanged.
 pub fn load(dir: &Path, model: &mut Model) -> Result<LoraSet> {
-    let cfg_path = dir.join(CONFIG_FILE);
+    let cfg_path = dir.join(ADAPTER_CONFIG_FILE);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::input(&cfg_path, None, e.to_string()))?;
     targets::check_tied(model, &parse_config(&text, &cfg_path)?.0.target_modules)?;
     let base_params = model_params(model);

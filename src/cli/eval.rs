@@ -14,17 +14,13 @@ use crate::eval::report::{EvalReport, ModelReport};
 use crate::generate::{GenerateOptions, Generation};
 use crate::model::llama::Model;
 use crate::model::tokenizer::Tokenizer;
-use crate::model::{load, LoadOptions};
+use crate::model::load;
 
 /// Arguments of `ropo eval`.
 #[derive(Debug, clap::Args)]
 pub struct EvalArgs {
-    /// The model: an HF model folder, a .gguf file or a hub repo id (org/name).
-    #[arg(long, value_name = "PATH_OR_ID")]
-    pub model: String,
-    /// Hub revision (branch, tag or commit) when --model is a repo id.
-    #[arg(long)]
-    pub revision: Option<String>,
+    #[command(flatten)]
+    pub model: super::ModelArgs,
     /// A trained adapter folder (adapter_config.json + adapter_model.safetensors).
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
@@ -272,8 +268,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         "bf16" => candle_core::DType::BF16,
         _ => candle_core::DType::F32,
     };
-    let load_opts = LoadOptions { revision: args.revision.clone(), dtype, ..Default::default() };
-    let mut lm = load(&args.model, &load_opts).with_context(|| format!("loading model {}", args.model))?;
+    let mut lm = load(&args.model.path_or_id, &args.model.load_options(dtype)).with_context(|| format!("loading model {}", args.model.path_or_id))?;
     if let Some(dir) = &args.adapter {
         attach_adapter(dir, &mut lm.model)?;
     }
@@ -296,7 +291,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     }
     let energy = if args.energy { Some(energy_section(model)?) } else { None };
     let mut report = EvalReport {
-        model: args.model.clone(),
+        model: args.model.path_or_id.clone(),
         adapter: args.adapter.as_ref().map(|p| p.display().to_string()),
         energy,
         ..Default::default()

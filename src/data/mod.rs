@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use crate::error::Result;
 use crate::model::tokenizer::Tokenizer;
 
-pub use formats::Format;
+pub use formats::{Format, FormatChoice};
 pub use load::{load, parse_reader, LoadOptions, Loaded, OnIdentical};
 pub use template::{ChatTemplate, Message};
 

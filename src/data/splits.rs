@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::model::tokenizer::Tokenizer;
 
 use super::tokenize::{PairTokenizer, TokenizeOptions, TokenizedPair};
-use super::{load, DataReport, Format, LoadOptions, Loaded, OnIdentical, PreferenceExample};
+use super::{load, DataReport, LoadOptions, Loaded, PreferenceExample};
 
 
 /// Rows read from the data files, before tokenization (no model needed: bad files fail fast).
@@ -37,18 +37,9 @@ fn slice<T: Clone>(v: &[T], s: Option<RowSlice>) -> Vec<T> {
 /// (sliced by `eval_rows`), else `eval_rows` of the train files, else the last `eval_split`
 /// fraction (rounded, at least 1) of the training rows, which are then left out of training.
 ///
-/// Errors: a missing or malformed file (named, with its line), an unknown `data.format`.
+/// Errors: a missing or malformed file (named, with its line).
 pub fn read_rows(d: &DataSection) -> Result<Rows> {
-        let format = if d.format == "auto" {
-        None
-    } else {
-        Some(d.format.parse::<Format>().map_err(|e| Error::Config(format!("data.format: {e}")))?)
-    };
-    let on_identical = match d.on_identical {
-        crate::config::OnIdentical::Skip => OnIdentical::Skip,
-        crate::config::OnIdentical::Error => OnIdentical::Error,
-    };
-    let opts = LoadOptions { format, on_identical };
+        let opts = LoadOptions { format: d.format.fixed(), on_identical: d.on_identical };
     let mut files = Vec::new();
     let mut all = Vec::new();
     for f in &d.train_files {
@@ -132,11 +123,7 @@ fn tokenize_rows(pt: &PairTokenizer, files: &[Loaded], rows: &[(usize, Preferenc
 /// Errors: tokenization errors (named `file:line`), no training pair left.
 pub fn tokenize_splits(d: &DataSection, rows: &Rows, tokenizer: &Tokenizer) -> Result<Splits> {
     let template = template_override(d)?;
-    let on_identical = match d.on_identical {
-        crate::config::OnIdentical::Skip => OnIdentical::Skip,
-        crate::config::OnIdentical::Error => OnIdentical::Error,
-    };
-    let mut pt = PairTokenizer::new(tokenizer, template.as_deref(), tokenize_options(d))?.with_on_identical(on_identical);
+    let mut pt = PairTokenizer::new(tokenizer, template.as_deref(), tokenize_options(d))?.with_on_identical(d.on_identical);
     if let Some(TemplateSource::File(p)) = d.chat_template_source() {
         pt = pt.with_template_name(format!("the chat template {}", p.display()));
     }
