@@ -15,15 +15,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// Split a `(2B,)` tensor in the concatenated layout into its chosen and rejected halves `(B,)`.
-pub fn split_pairs(x: &Tensor) -> Result<(Tensor, Tensor)> {
-    let n = x.dim(0)?;
-    if n % 2 != 0 {
-        return Err(Error::Msg(format!("expected [chosen; rejected] rows, got an odd count {n}")));
-    }
-    Ok((x.narrow(0, 0, n / 2)?, x.narrow(0, n / 2, n / 2)?))
-}
-
 // ------------------------------------------------------------------------------------------
 // Stable log-sigmoid
 // ------------------------------------------------------------------------------------------
@@ -483,34 +474,47 @@ pub fn reward_accurate(chosen: f64, rejected: f64, tolerance: f64) -> bool {
     reward_outcome(chosen, rejected, tolerance) == RewardOutcome::Chosen
 }
 
-/// TRL's reward metrics of a batch (batch means, f64).
+/// TRL's reward metrics of a set of pairs (means over the pairs, f64), with TRL's names in JSON:
+/// the training records, `ropo train`'s evaluations and `ropo eval` ([`crate::eval::preference`]).
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct RewardMetrics {
     /// `rewards/chosen = mean(β c)`.
+    #[serde(rename = "rewards/chosen")]
     pub rewards_chosen: f64,
     /// `rewards/rejected = mean(β r)`.
+    #[serde(rename = "rewards/rejected")]
     pub rewards_rejected: f64,
     /// `rewards/accuracies = mean(β c - β r > REWARD_TOLERANCE)` ([`reward_accurate`]): TRL's
     /// `β c > β r` with the gap thresholded at [`REWARD_TOLERANCE`], so the step-0 accuracy of an
     /// identity adapter is 0, not float noise; TRL's value whenever every reward gap exceeds the
     /// tolerance.
+    #[serde(rename = "rewards/accuracies")]
     pub rewards_accuracies: f64,
     /// `rewards/ties = mean(|β c - β r| <= REWARD_TOLERANCE)` ([`reward_outcome`]): the share of
     /// pairs neither side wins (1 at step 0). Not a TRL metric; named in its style.
-    #[serde(default)]
+    #[serde(rename = "rewards/ties", default)]
     pub rewards_ties: f64,
     /// `rewards/margins = mean(β (c - r))`.
+    #[serde(rename = "rewards/margins")]
     pub rewards_margins: f64,
     /// `logps/chosen = mean(log π(y_w|x))`.
+    #[serde(rename = "logps/chosen")]
     pub logps_chosen: f64,
     /// `logps/rejected = mean(log π(y_l|x))`.
+    #[serde(rename = "logps/rejected")]
     pub logps_rejected: f64,
 }
 
 impl RewardMetrics {
     /// The metrics of one batch (values only; nothing here is differentiated), from the summed
-    /// log-probs in `logps` (each `(B,)`, any float dtype; computed in f64).
+    /// log-probs in `logps` (each `(B,)`, any float dtype; computed in f64), wins and ties
+    /// decided at [`REWARD_TOLERANCE`].
     pub fn compute(logps: &PairLogps, beta: f64) -> Result<Self> {
+        Self::compute_with_tolerance(logps, beta, REWARD_TOLERANCE)
+    }
+
+    /// [`RewardMetrics::compute`] with wins and ties decided at `tolerance` ([`reward_outcome`]).
+    pub fn compute_with_tolerance(logps: &PairLogps, beta: f64, tolerance: f64) -> Result<Self> {
         let v = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?) };
         let (pc, pr, rc, rr) =
             (v(&logps.policy_chosen)?, v(&logps.policy_rejected)?, v(&logps.reference_chosen)?, v(&logps.reference_rejected)?);
@@ -520,7 +524,7 @@ impl RewardMetrics {
             let (wc, wr) = (beta * (pc[i] - rc[i]), beta * (pr[i] - rr[i]));
             m.rewards_chosen += wc / b;
             m.rewards_rejected += wr / b;
-            match reward_outcome(wc, wr, REWARD_TOLERANCE) {
+            match reward_outcome(wc, wr, tolerance) {
                 RewardOutcome::Chosen => m.rewards_accuracies += 1.0 / b,
                 RewardOutcome::Tie => m.rewards_ties += 1.0 / b,
                 RewardOutcome::Rejected => {}
@@ -572,7 +576,7 @@ pub fn preference_loss(loss_type: LossType, logps: &PairLogps, p: &LossParams, r
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::logps::{completion_logps, completion_token_counts};
+    use crate::logps::{completion_logps, completion_token_counts, split_pairs};
     use candle_core::{Device, Var};
     use serde_json::Value;
 

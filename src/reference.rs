@@ -19,10 +19,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
-use crate::data::batch::collate;
 use crate::data::tokenize::TokenizedPair;
 use crate::error::{Error, Result};
-use crate::logps::batch_logps_detached;
+use crate::logps::{score_pairs, Pass};
 use crate::model::llama::Model;
 
 /// Reference log-probs of each pair, indexed like the pairs they were computed for.
@@ -54,8 +53,8 @@ impl PairRefLogps {
 }
 
 /// The reference log-probs of every pair of `pairs`, in order, `batch_size` pairs per forward
-/// (file order, so the result does not depend on any sampler). `model` runs with adapters
-/// bypassed; `share_prompt` selects the prefix-shared path ([`crate::logps::batch_logps`]).
+/// ([`score_pairs`] with [`Pass::Reference`]: file order, so the result does not depend on any
+/// sampler; adapters bypassed; `share_prompt` selects the shared-prompt path).
 /// `on_batch(done, total)` is called after each batch (progress).
 pub fn compute_all(
     model: &Model,
@@ -65,18 +64,14 @@ pub fn compute_all(
     share_prompt: bool,
     mut on_batch: impl FnMut(usize, usize),
 ) -> Result<PairRefLogps> {
-    let mut out = PairRefLogps::default();
-    let bs = batch_size.max(1);
-    for chunk in pairs.chunks(bs) {
-        let refs: Vec<&TokenizedPair> = chunk.iter().collect();
-        let batch = collate(&refs, pad_id, model.device())?;
-        let lp = batch_logps_detached(model, &batch, false, share_prompt)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        let b = chunk.len();
-        out.chosen.extend_from_slice(&lp[..b]);
-        out.rejected.extend_from_slice(&lp[b..]);
-        on_batch(out.chosen.len(), pairs.len());
-    }
-    Ok(out)
+    let mut done = 0;
+    let scores = score_pairs(model, pairs, pad_id, batch_size.max(1), share_prompt, Pass::Reference, |k| {
+        done += k;
+        on_batch(done, pairs.len())
+    })?;
+    let (chosen, rejected) = scores.reference.expect("a reference pass");
+    let f32s = |t: Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.to_vec1::<f32>()?) };
+    Ok(PairRefLogps { chosen: f32s(chosen)?, rejected: f32s(rejected)? })
 }
 
 /// The cache key: hex sha256 over `parts` (model source, reference source, tokenization

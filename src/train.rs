@@ -40,8 +40,8 @@ use crate::data::batch::{collate, epoch_batches, pad_id, Batch, SamplerConfig};
 use crate::data::splits::{read_rows, template_override, tokenize_options, tokenize_splits, Rows, Splits};
 use crate::data::tokenize::TokenizedPair;
 use crate::error::{Error, Result};
-use crate::logps::completion_token_counts;
-use crate::loss::{preference_loss, split_pairs, LossOutput, PairLogps, RewardMetrics};
+use crate::logps::{completion_token_counts, score_pairs, split_pairs, Pass};
+use crate::loss::{preference_loss, LossOutput, PairLogps, RewardMetrics};
 use crate::metrics::{EvalStats, MetricsLogger, Progress, TrainStats};
 use crate::model::llama::Model;
 use crate::optim::{AdamW, GradAccumulator, LrSchedule};
@@ -138,44 +138,17 @@ fn loss_of(policy: &Tensor, reference: &Tensor, completion_mask: &Tensor, t: &Tr
 }
 
 /// Loss and reward metrics of the policy on `pairs` (file order, `batch_size` pairs a forward,
-/// no gradients), over all pairs at once (the loss is the mean over pairs). Returns
-/// `(loss, metrics, real tokens)`.
+/// no gradients: [`score_pairs`]), over all pairs at once (the loss is the mean over pairs),
+/// against the precomputed reference log-probs `refs`. Returns `(loss, metrics, real tokens)`.
 pub fn evaluate(model: &Model, pairs: &[TokenizedPair], refs: &PairRefLogps, batch_size: usize, pad: u32, t: &TrainingSection) -> Result<(f64, RewardMetrics, usize)> {
-    let dev = model.device().clone();
-    let (mut policy, mut reference, mut masks_c, mut masks_r) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut tokens = 0usize;
-    for (k, chunk) in pairs.chunks(batch_size.max(1)).enumerate() {
-        let refs_b: Vec<&TokenizedPair> = chunk.iter().collect();
-        let batch = collate(&refs_b, pad, &dev)?;
-        tokens += batch.attention_mask.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as usize;
-        let lp = crate::logps::batch_logps_detached(model, &batch, true, t.share_prompt)?;
-        let idx: Vec<usize> = (k * batch_size.max(1)..k * batch_size.max(1) + chunk.len()).collect();
-        let r = refs.gather(&idx, &dev)?;
-        let counts = completion_token_counts(&batch.completion_mask)?;
-        let (a, b) = split_pairs(&lp)?;
-        let (ra, rb) = split_pairs(&r)?;
-        let (ca, cb) = split_pairs(&counts)?;
-        policy.push((a, b));
-        reference.push((ra, rb));
-        masks_c.push(ca);
-        masks_r.push(cb);
-    }
-    if policy.is_empty() {
-        return Err(Error::Msg("evaluate: no pairs".into()));
-    }
-    let cat = |v: Vec<Tensor>| -> Result<Tensor> { Ok(Tensor::cat(&v, 0)?) };
-    let (pc, pr): (Vec<Tensor>, Vec<Tensor>) = policy.into_iter().unzip();
-    let (rc, rr): (Vec<Tensor>, Vec<Tensor>) = reference.into_iter().unzip();
-    let logps = PairLogps {
-        policy_chosen: cat(pc)?,
-        policy_rejected: cat(pr)?,
-        reference_chosen: cat(rc)?,
-        reference_rejected: cat(rr)?,
-        chosen_tokens: cat(masks_c)?,
-        rejected_tokens: cat(masks_r)?,
-    };
+    let scores = score_pairs(model, pairs, pad, batch_size.max(1), t.share_prompt, Pass::Policy, |_| {})?;
+    let (policy_chosen, policy_rejected) = scores.policy.expect("a policy pass");
+    let all: Vec<usize> = (0..pairs.len()).collect();
+    let (reference_chosen, reference_rejected) = split_pairs(&refs.gather(&all, model.device())?)?;
+    let (chosen_tokens, rejected_tokens) = scores.tokens;
+    let logps = PairLogps { policy_chosen, policy_rejected, reference_chosen, reference_rejected, chosen_tokens, rejected_tokens };
     let out = preference_loss(t.loss_type, &logps, &t.loss_params(), t.rpo_alpha)?;
-    Ok((out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, out.metrics, tokens))
+    Ok((out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, out.metrics, scores.real_tokens))
 }
 
 // ------------------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ use ropo::adapter::any::{stored_kind, AnyAdapterSet};
 use ropo::adapter::inject;
 use ropo::adapter::merge;
 use ropo::config::{AdapterKind, AdapterSection};
-use ropo::logps::completion_logps;
-use ropo::loss::{preference_loss, split_pairs, LossParams, LossType, PairLogps};
+use ropo::logps::{completion_logps, split_pairs};
+use ropo::loss::{preference_loss, LossParams, LossType, PairLogps};
 use ropo::model::config::{Arch, ModelConfig};
 use ropo::model::llama::Model;
 

@@ -149,19 +149,25 @@ fn preference_logps_match_golden_and_base_is_its_own_reference() {
     let pad = ropo::data::batch::pad_id(&lm.tokenizer).unwrap();
     let mut seen = 0;
     // batch of 2 then 1: right padding in the first batch must not change the sums
-    let lp = ropo::eval::preference::score_pairs(&lm.model, &pairs, pad, 2, |k| seen += k).unwrap();
+    let scores = ropo::logps::score_pairs(&lm.model, &pairs, pad, 2, true, ropo::logps::Pass::Reference, |k| seen += k).unwrap();
     assert_eq!(seen, 3);
+    let v = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F64).unwrap().to_vec1::<f64>().unwrap();
+    let (rc, rr) = scores.reference.clone().unwrap();
+    let (chosen, rejected) = (v(&rc), v(&rr));
     for (i, g) in gp.iter().enumerate() {
         let gc = g["chosen"]["sum_completion_logprob"].as_f64().unwrap();
         let gr = g["rejected"]["sum_completion_logprob"].as_f64().unwrap();
         // 1e-2: the tolerance of the train issue for the same figures (f32 forward, ~200 terms)
-        assert!((lp.policy_chosen[i] - gc).abs() < 1e-2, "pair {i} chosen {} vs {gc}", lp.policy_chosen[i]);
-        assert!((lp.policy_rejected[i] - gr).abs() < 1e-2, "pair {i} rejected {} vs {gr}", lp.policy_rejected[i]);
+        assert!((chosen[i] - gc).abs() < 1e-2, "pair {i} chosen {} vs {gc}", chosen[i]);
+        assert!((rejected[i] - gr).abs() < 1e-2, "pair {i} rejected {} vs {gr}", rejected[i]);
     }
     // without an adapter the policy is the reference: rewards exactly 0, loss ln 2, no win
+    let (nc, nr) = scores.tokens.clone();
+    let lp = ropo::loss::PairLogps { policy_chosen: rc.clone(), policy_rejected: rr.clone(), reference_chosen: rc, reference_rejected: rr, chosen_tokens: nc, rejected_tokens: nr };
     let m = ropo::eval::preference_metrics(&lp, 0.1, ropo::eval::preference::DEFAULT_TOLERANCE).unwrap();
-    assert_eq!((m.rewards_chosen, m.rewards_rejected, m.rewards_margins, m.rewards_accuracies), (0.0, 0.0, 0.0, 0.0));
-    assert_eq!((m.ties, m.rewards_ties), (3, 1.0), "every pair is a tie");
+    let r = &m.rewards;
+    assert_eq!((r.rewards_chosen, r.rewards_rejected, r.rewards_margins, r.rewards_accuracies), (0.0, 0.0, 0.0, 0.0));
+    assert_eq!((m.ties, r.rewards_ties), (3, 1.0), "every pair is a tie");
     assert!((m.loss - std::f64::consts::LN_2).abs() < 1e-12);
 }
 

@@ -19,8 +19,8 @@ use candle_core::{DType, Device, Tensor};
 use ropo::config::RunConfig;
 use ropo::data::batch::{collate, pad_id};
 use ropo::data::tokenize::{PairTokenizer, TokenizeOptions};
-use ropo::logps::completion_token_counts;
-use ropo::loss::{preference_loss, split_pairs, LossParams, LossType, PairLogps};
+use ropo::logps::{completion_token_counts, split_pairs};
+use ropo::loss::{preference_loss, LossParams, LossType, PairLogps};
 use ropo::metrics::{read_records, without_timing};
 
 fn ropo(args: &[&str]) -> Output {

@@ -9,9 +9,11 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::data::tokenize::{PairTokenizer, TokenizeOptions};
 use crate::eval::generation::{counted_ids, generate_all, generation_stats, load_prompts};
 use crate::eval::mmlu::{self, ModelScorer, Split};
-use crate::eval::preference::{preference_metrics, score_pairs, PairLogprobs, DEFAULT_TOLERANCE};
+use crate::eval::preference::{preference_metrics, DEFAULT_TOLERANCE};
 use crate::eval::report::{EvalReport, ModelReport};
 use crate::generate::{GenerateOptions, Generation};
+use crate::logps::{score_pairs, Pass};
+use crate::loss::PairLogps;
 use crate::model::llama::Model;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::load;
@@ -328,15 +330,27 @@ fn preference_section(
         prepared.report.to_string().lines().map(str::trim).collect::<Vec<_>>().join("; ")
     );
     let pad = crate::data::batch::pad_id(tok)?;
+    // a model without adapters is its own reference: one pass
+    let adapted = model.linears().iter().any(|l| l.adapter.is_some());
+    let pass = if adapted { Pass::Both } else { Pass::Reference };
     let b = bar(prepared.pairs.len(), "preference pairs");
-    let lp = score_pairs(model, &prepared.pairs, pad, args.batch_size, |k| b.inc(k as u64))?;
+    let scores = score_pairs(model, &prepared.pairs, pad, args.batch_size, true, pass, |k| b.inc(k as u64))?;
     b.finish_and_clear();
-    for ((_, adapted), r) in cols.iter().zip(reports.iter_mut()) {
-        let lp = if *adapted {
-            lp.clone()
-        } else {
-            // the base model is its own reference
-            PairLogprobs { policy_chosen: lp.reference_chosen.clone(), policy_rejected: lp.reference_rejected.clone(), ..lp.clone() }
+    let (reference_chosen, reference_rejected) = scores.reference.clone().expect("a reference pass");
+    let (chosen_tokens, rejected_tokens) = scores.tokens.clone();
+    for ((_, use_adapters), r) in cols.iter().zip(reports.iter_mut()) {
+        // the base model (adapters bypassed) is its own reference
+        let (policy_chosen, policy_rejected) = match (&scores.policy, *use_adapters) {
+            (Some(p), true) => p.clone(),
+            _ => (reference_chosen.clone(), reference_rejected.clone()),
+        };
+        let lp = PairLogps {
+            policy_chosen,
+            policy_rejected,
+            reference_chosen: reference_chosen.clone(),
+            reference_rejected: reference_rejected.clone(),
+            chosen_tokens: chosen_tokens.clone(),
+            rejected_tokens: rejected_tokens.clone(),
         };
         r.preference = Some(preference_metrics(&lp, args.beta, DEFAULT_TOLERANCE)?);
     }

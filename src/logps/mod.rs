@@ -11,21 +11,25 @@
 //! - [`shared_prompt`]: each pair's prompt once for both completions, then as [`fused`]
 //!   ([`completion_logps_shared_prompt`]).
 //!
+//! [`score`] is the one loop over a set of pairs (evaluation, the precomputed reference).
+//!
 //! Legend: N = 2B rows in the concatenated layout `[chosen_0..chosen_{B-1},
 //! rejected_0..rejected_{B-1}]`, T positions, V vocabulary.
 
 pub mod dense;
 pub mod fused;
+pub mod score;
 pub mod shared_prompt;
 
 use candle_core::Tensor;
 
 pub use dense::{completion_logps, completion_token_counts, selective_log_softmax};
 pub use fused::completion_logps_from_hidden;
+pub use score::{score_pairs, Pass, PairScores};
 pub use shared_prompt::completion_logps_shared_prompt;
 
 use crate::data::batch::Batch;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::grad::no_grad;
 use crate::model::llama::Model;
 use crate::model::prefix::SharedPromptBatch;
@@ -75,4 +79,13 @@ pub fn batch_logps(model: &Model, batch: &Batch, use_adapters: bool, share_promp
 /// inference forward).
 pub fn batch_logps_detached(model: &Model, batch: &Batch, use_adapters: bool, share_prompt: bool) -> Result<Tensor> {
     no_grad(|| Ok(batch_logps(model, batch, use_adapters, share_prompt)?.detach()))
+}
+
+/// Split a `(2B,)` tensor in the concatenated layout into its chosen and rejected halves `(B,)`.
+pub fn split_pairs(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let n = x.dim(0)?;
+    if n % 2 != 0 {
+        return Err(Error::Msg(format!("expected [chosen; rejected] rows, got an odd count {n}")));
+    }
+    Ok((x.narrow(0, 0, n / 2)?, x.narrow(0, n / 2, n / 2)?))
 }
