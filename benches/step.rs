@@ -42,8 +42,7 @@ use candle_core::{Device, Tensor};
 use criterion::{Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use ropo::adapter::config::AdapterConfig;
-use ropo::adapter::inject;
+use ropo::adapter::ropo::{self as ropo_adapter, RopoConfig};
 use ropo::logps::{completion_logps, completion_logps_from_hidden, completion_logps_shared_prompt};
 use ropo::loss::{preference_loss, LossParams, LossType, PairLogps};
 use ropo::model::config::ModelConfig;
@@ -163,7 +162,7 @@ fn setup(f32_paths: bool, bf16_paths: bool) -> Setup {
     let dev = Device::Cpu;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut model = common::random_model(&cfg, &mut rng);
-    let set = inject::inject(&mut model, &AdapterConfig::default(), "bench").unwrap();
+    let set = ropo_adapter::inject(&mut model, &RopoConfig::default(), "bench").unwrap();
     let model_bf16 = bf16_paths.then(|| {
         let mut m = model.clone();
         m.narrow_projections_to_bf16().unwrap();

@@ -36,7 +36,7 @@ pub const REFERENCE_DIR: &str = "reference_logps";
 /// Folder (in the output folder) of the checkpoints, `step-N/` each.
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
 /// The adapter weights, in a checkpoint folder and (final) at the top of the output folder.
-pub const ADAPTER_FILE: &str = crate::adapter::files::WEIGHTS_FILE;
+pub const ADAPTER_FILE: &str = crate::adapter::WEIGHTS_FILE;
 /// AdamW state.
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// [`CheckpointMeta`].
@@ -305,7 +305,7 @@ pub const RUN_ARTIFACTS: [&str; 7] = [
     TRAINER_STATE_FILE,
     RUN_CONFIG_FILE,
     ADAPTER_FILE,
-    crate::adapter::files::ADAPTER_CONFIG_FILE,
+    crate::adapter::ADAPTER_CONFIG_FILE,
     REFERENCE_DIR,
 ];
 

@@ -247,11 +247,11 @@ fn ropo_eval(args: &[&str]) -> std::process::Output {
 
 /// Save a fresh (identity) adapter of `cfg` for the real model into `dir`; with `randomize`,
 /// its Householder vectors and Givens angles are set to seeded N(0, 1) values first.
-fn save_adapter(dir: &Path, cfg: &ropo::adapter::config::AdapterConfig, randomize: bool) {
+fn save_adapter(dir: &Path, cfg: &ropo::adapter::ropo::RopoConfig, randomize: bool) {
     use rand::SeedableRng;
     use rand_distr::{Distribution, StandardNormal};
     let mut lm = smollm2();
-    let set = ropo::adapter::inject::inject(&mut lm.model, cfg, "smollm2").unwrap();
+    let set = ropo::adapter::ropo::inject(&mut lm.model, cfg, "smollm2").unwrap();
     if randomize {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
         for (name, var) in set.vars() {
@@ -261,7 +261,7 @@ fn save_adapter(dir: &Path, cfg: &ropo::adapter::config::AdapterConfig, randomiz
             var.set(&candle_core::Tensor::from_vec(v, var.dims(), var.device()).unwrap()).unwrap();
         }
     }
-    ropo::adapter::files::save(dir, &set).unwrap();
+    ropo::adapter::ropo::files::save(dir, &set).unwrap();
 }
 
 #[test]
@@ -325,7 +325,7 @@ fn eval_energy_unchanged_by_a_trained_rotation() {
     // angle between neurons: HE change 0 to float tolerance, by construction.
     let dir = tempfile::tempdir().unwrap();
     let adapter = dir.path().join("adapter");
-    let cfg = ropo::adapter::config::AdapterConfig { magnitude: false, ..Default::default() };
+    let cfg = ropo::adapter::ropo::RopoConfig { magnitude: false, ..Default::default() };
     save_adapter(&adapter, &cfg, true);
     let model = common::smollm2_gguf();
     let out = dir.path().join("report.json");

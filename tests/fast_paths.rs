@@ -21,8 +21,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use common::gradients::central_difference;
 use common::tiny::{max_abs, tiny_config};
-use ropo::adapter::config::{AdapterConfig, TargetModules};
-use ropo::adapter::inject;
+use ropo::adapter::ropo::{self as ropo_adapter, RopoConfig};
+use ropo::adapter::targets::TargetModules;
 use ropo::logps::{completion_logps, completion_logps_from_hidden, completion_logps_shared_prompt};
 use ropo::model::config::{Arch, ModelConfig};
 use ropo::model::llama::{random_weights, Model};
@@ -38,8 +38,8 @@ fn adapted_model(cfg: &ModelConfig, seed: u64, lm_head: bool) -> (Model, Vec<(St
     if lm_head {
         names.push("lm_head".into());
     }
-    let acfg = AdapterConfig { target_modules: TargetModules::Names(names), householder_reflections: 2, givens_stages: 2, magnitude: true, init_seed: 3 };
-    let set = inject::inject(&mut model, &acfg, "tiny").unwrap();
+    let acfg = RopoConfig { target_modules: TargetModules::Names(names), householder_reflections: 2, givens_stages: 2, magnitude: true, init_seed: 3 };
+    let set = ropo_adapter::inject(&mut model, &acfg, "tiny").unwrap();
     let vars = set.vars();
     for (name, v) in &vars {
         let n = v.elem_count();
@@ -175,7 +175,7 @@ fn shared_prompt_rejects_pairs_with_different_prompts() {
 fn smollm2_fast_paths_match_plain_f32() {
     let gguf = common::smollm2_gguf();
     let mut lm = ropo::model::load(gguf.to_str().unwrap(), &ropo::model::LoadOptions::default()).unwrap();
-    let set = inject::inject(&mut lm.model, &AdapterConfig::default(), "smollm2").unwrap();
+    let set = ropo_adapter::inject(&mut lm.model, &RopoConfig::default(), "smollm2").unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     for (name, v) in set.vars() {
         if name.ends_with("ropo_theta") {

@@ -17,11 +17,10 @@ use std::path::Path;
 use candle_core::Tensor;
 use serde_json::{json, Value};
 
-use super::config::TargetModules;
-use super::files::{read_weights, ADAPTER_CONFIG_FILE, WEIGHTS_FILE};
-use super::inject::model_params;
-use super::lora::{attach, LoraAdapter, LoraConfig, LoraSet, A_SUFFIX, B_SUFFIX};
-use super::targets;
+use super::{attach, LoraAdapter, LoraConfig, LoraSet, A_SUFFIX, B_SUFFIX};
+use crate::adapter::inject::model_params;
+use crate::adapter::targets::{self, TargetModules};
+use crate::adapter::{read_weights, ADAPTER_CONFIG_FILE, WEIGHTS_FILE};
 use crate::error::{Error, Result};
 use crate::fsutil::write_atomic;
 use crate::model::linear::Linear;

@@ -10,12 +10,11 @@ use std::path::Path;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::config::TargetModules;
-use super::files::{read_weights, ADAPTER_CONFIG_FILE, WEIGHTS_FILE};
-use super::full::{attach, FullAdapter, FullConfig, FullSet};
-use super::inject::model_params;
-use super::peft::write_folder;
-use super::targets;
+use super::{attach, FullAdapter, FullConfig, FullSet};
+use crate::adapter::inject::model_params;
+use crate::adapter::lora::files::write_folder;
+use crate::adapter::targets::{self, TargetModules};
+use crate::adapter::{read_weights, ADAPTER_CONFIG_FILE, WEIGHTS_FILE};
 use crate::error::{Error, Result};
 use crate::model::linear::Linear;
 use crate::model::llama::Model;

@@ -1,4 +1,4 @@
-//! Adapter files: `adapter_model.safetensors` + `adapter_config.json` (PEFT's layout).
+//! RoPO's adapter files: `adapter_model.safetensors` + `adapter_config.json` (PEFT's layout).
 //!
 //! Tensors are keyed by full module path + suffix (`model.layers.0.self_attn.q_proj.ropo_u`,
 //! `….ropo_theta`, `….ropo_magnitude`), stored in the parameters' dtype, with the layout of
@@ -12,23 +12,19 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 
-use super::config::AdapterFileConfig;
-use super::givens;
-use super::inject::{attach, build_adapters, model_params, AdapterSet};
+use super::config::RopoFileConfig;
 use super::layer::{RopoAdapter, MAGNITUDE_SUFFIX, THETA_SUFFIX, U_SUFFIX};
+use super::{attach, build_adapters, givens, RopoSet};
+use crate::adapter::inject::model_params;
+use crate::adapter::{read_weights, ADAPTER_CONFIG_FILE, WEIGHTS_FILE};
 use crate::error::{Error, Result};
 use crate::fsutil::write_atomic;
 use crate::model::linear::Linear;
 use crate::model::llama::Model;
 
-/// File name of the weights inside an adapter folder.
-pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
-/// File name of the configuration inside an adapter folder.
-pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
-
 /// Write `set` into the folder `dir` (created if missing): weights first, then the config,
 /// each atomically. Errors: I/O (path named), serialization.
-pub fn save(dir: &Path, set: &AdapterSet) -> Result<()> {
+pub fn save(dir: &Path, set: &RopoSet) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::input(dir, None, format!("creating folder: {e}")))?;
     let vars = set.vars();
     let tensors: BTreeMap<String, Tensor> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
@@ -42,16 +38,10 @@ pub fn save(dir: &Path, set: &AdapterSet) -> Result<()> {
 }
 
 /// Read and check `dir/adapter_config.json`.
-pub fn read_config(dir: &Path) -> Result<AdapterFileConfig> {
+pub fn read_config(dir: &Path) -> Result<RopoFileConfig> {
     let path = dir.join(ADAPTER_CONFIG_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| Error::input(&path, None, e.to_string()))?;
-    AdapterFileConfig::parse(&text, &path)
-}
-
-/// Read `dir/adapter_model.safetensors` (tensors on the CPU, stored dtype).
-pub fn read_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
-    let path = dir.join(WEIGHTS_FILE);
-    candle_core::safetensors::load(&path, &candle_core::Device::Cpu).map_err(|e| Error::input(&path, None, e.to_string()))
+    RopoFileConfig::parse(&text, &path)
 }
 
 /// Attach the adapter stored in `dir` to `linears` (the target modules recorded in its config).
@@ -60,7 +50,7 @@ pub fn read_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
 /// [`attach`]. On any error nothing is attached. Errors: bad config; a missing tensor ([`Error::MissingTensor`]); a tensor of
 /// the wrong shape ([`Error::Shape`], the first in model order, e.g. a model of other dimensions);
 /// a tensor left over that no targeted module uses; no module matched.
-pub fn load_linears(dir: &Path, linears: Vec<&mut Linear>, base_params: usize) -> Result<AdapterSet> {
+pub fn load_linears(dir: &Path, linears: Vec<&mut Linear>, base_params: usize) -> Result<RopoSet> {
     let file_cfg = read_config(dir)?;
     let cfg = file_cfg.adapter_config();
     let mut tensors = read_weights(dir)?;
@@ -99,8 +89,8 @@ pub fn load_linears(dir: &Path, linears: Vec<&mut Linear>, base_params: usize) -
 /// Errors: as [`load_linears`]; e.g. an adapter trained on a model of other dimensions gives
 /// `shape mismatch for model.layers.0.self_attn.q_proj.ropo_u: expected [4, 64], got [4, 576]`.
 /// On error the model is unchanged.
-pub fn load(dir: &Path, model: &mut Model) -> Result<AdapterSet> {
-    super::inject::check_tied(model, &read_config(dir)?.adapter_config())?;
+pub fn load(dir: &Path, model: &mut Model) -> Result<RopoSet> {
+    crate::adapter::targets::check_tied(model, &read_config(dir)?.target_modules)?;
     let base_params = model_params(model);
     load_linears(dir, model.linears_mut(), base_params)
 }
