@@ -1,8 +1,7 @@
 //! Adapters: what `ropo train` trains on a frozen model, one folder per method, all through the
 //! model's one [`Adapter`] hook (`crate::model::linear`).
 //!
-//! - [`ropo`]: RoPO rotation adapters, Householder x Givens x magnitude (spec:
-//!   `docs/ropo-method.md` in the shared folder; see the README's "Project layout"):
+//! - [`ropo`]: RoPO rotation adapters, Householder x Givens x magnitude (spec: `docs/ropo-method.md`):
 //!   [`ropo::householder`], [`ropo::givens`], [`ropo::layer`] (`y = (m / rho) ⊙ (W (R^T x)) + b`),
 //!   [`ropo::config`] (hyperparameters and `adapter_config.json`), [`ropo::files`].
 //! - [`lora`]: PEFT's LoRA baseline, `y = W x + b + (alpha / r) B A x`: [`lora::layer`],
@@ -28,8 +27,8 @@ pub mod targets;
 pub use any::AnyAdapterSet;
 pub use ropo::RopoAdapter;
 
-use std::collections::HashMap;
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, Layout, Tensor, Var, WithDType};
@@ -43,10 +42,61 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// File name of the configuration inside an adapter folder (every method).
 pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
 
-/// Read `dir/adapter_model.safetensors` (tensors on the CPU, stored dtype).
-pub fn read_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
-    let path = dir.join(WEIGHTS_FILE);
-    candle_core::safetensors::load(&path, &candle_core::Device::Cpu).map_err(|e| Error::input(&path, None, e.to_string()))
+/// `dir/adapter_config.json`: its path and text. Errors: unreadable (path named).
+pub(crate) fn read_config_text(dir: &Path) -> Result<(PathBuf, String)> {
+    let path = dir.join(ADAPTER_CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::input(&path, None, e.to_string()))?;
+    Ok((path, text))
+}
+
+/// The tensors of `dir/adapter_model.safetensors` (on the CPU, stored dtype), taken one by one
+/// as a method builds its layers; what no layer takes is an error ([`StoredTensors::finish`]).
+pub(crate) struct StoredTensors {
+    tensors: HashMap<String, Tensor>,
+    path: PathBuf,
+}
+
+impl StoredTensors {
+    /// Read the weights file of `dir`. Errors: unreadable or malformed (path named).
+    pub(crate) fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(WEIGHTS_FILE);
+        let tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).map_err(|e| Error::input(&path, None, e.to_string()))?;
+        Ok(Self { tensors, path })
+    }
+
+    /// Take the tensor `name`, of shape `want`, converted to `lin`'s dtype and device.
+    /// Errors: missing ([`Error::MissingTensor`]), another shape ([`Error::Shape`]).
+    pub(crate) fn take(&mut self, name: String, want: &[usize], lin: &Linear) -> Result<Tensor> {
+        let t = self.tensors.remove(&name).ok_or_else(|| Error::MissingTensor(format!("{name} in {}", self.path.display())))?;
+        if t.dims() != want {
+            return Err(Error::Shape { name, expected: want.to_vec(), got: t.dims().to_vec() });
+        }
+        Ok(t.to_device(lin.weight.device())?.to_dtype(lin.dtype())?)
+    }
+
+    /// Every tensor was taken. Errors: the first left over (sorted), with how many are.
+    pub(crate) fn finish(self) -> Result<()> {
+        let mut left: Vec<&String> = self.tensors.keys().collect();
+        left.sort();
+        match left.first() {
+            Some(k) => Err(Error::input(&self.path, None, format!("tensor {k} belongs to no targeted module of this model ({} such tensors)", left.len()))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Write an adapter folder (every method): the tensors (safetensors, `format = pt`) and the
+/// JSON config (pretty, its own key order) into `dir` (created if
+/// missing), each atomically, weights first. Errors: I/O (path named), serialization.
+pub(crate) fn write_folder(dir: &Path, tensors: &BTreeMap<String, Tensor>, config: &impl serde::Serialize) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::input(dir, None, format!("creating folder: {e}")))?;
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
+        .map_err(|e| Error::Msg(format!("serializing {WEIGHTS_FILE}: {e}")))?;
+    crate::fsutil::write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
+    let json = serde_json::to_string_pretty(config).map_err(|e| Error::Msg(e.to_string()))?;
+    crate::fsutil::write_atomic(&dir.join(ADAPTER_CONFIG_FILE), format!("{json}\n").as_bytes())?;
+    Ok(())
 }
 
 /// The adapters of one method attached to one model: `C` its hyperparameters, `A` its layer

@@ -2,7 +2,7 @@
 //! [`crate::config::AdapterSection`], by [`crate::adapter::any::ropo_config`]) and the
 //! `adapter_config.json` written next to the weights ([`RopoFileConfig`]).
 //!
-//! Spec: `../shared/docs/ropo-method.md`, "Options" and "Choices this project makes". Both are
+//! Spec: `docs/ropo-method.md`, "Options" and "Choices this project makes". Both are
 //! strict (`deny_unknown_fields`): they are our own files. The file records every choice the spec
 //! leaves open (Givens pairing, reflection order, angle layout) so a saved adapter means one thing;
 //! loading refuses a file whose recorded choices differ from this build's.

@@ -1,5 +1,5 @@
 //! RoPO (Weights-Rotated Preference Optimization): `y = (m / rho) ⊙ (W (R^T x)) + b`,
-//! `R = H_1 ··· H_r G_1 ··· G_S` (spec: `docs/ropo-method.md` in the shared folder).
+//! `R = H_1 ··· H_r G_1 ··· G_S` (spec: `docs/ropo-method.md`).
 //!
 //! - [`householder`]: `H_r ··· H_1 x` on activations (rank-1 reference and compact WY form).
 //! - [`givens`]: brick-wall Givens stages `G_S^T ··· G_1^T x` on activations.
