@@ -281,15 +281,16 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     };
     let cols = columns(&args);
     let mut reports: Vec<ModelReport> = cols.iter().map(|_| ModelReport::default()).collect();
+    let section = Section { args: &args, model, tok, template: template.as_deref(), cols: &cols };
     if let Some(path) = &args.prefs {
-        preference_section(&args, path, model, tok, template.as_deref(), &cols, &mut reports)?;
+        section.preference_section(path, &mut reports)?;
     }
     let generations = match &args.prompts {
-        Some(path) => Some(generation_section(&args, path, model, tok, template.as_deref(), &cols, &mut reports)?),
+        Some(path) => Some(section.generation_section(path, &mut reports)?),
         None => None,
     };
     if let Some(data) = &mmlu_data {
-        mmlu_section(&args, data, model, tok, &cols, &mut reports)?;
+        section.mmlu_section(data, &mut reports)?;
     }
     let energy = if args.energy { Some(energy_section(model)?) } else { None };
     let mut report = EvalReport {
@@ -308,104 +309,104 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     write_outputs(&args, &report, generations.as_ref())
 }
 
-/// 1. Preference metrics: one pass gives policy (adapted) and reference (base) log-probs.
-fn preference_section(
-    args: &EvalArgs,
-    path: &Path,
-    model: &Model,
-    tok: &Tokenizer,
-    template: Option<&str>,
-    cols: &[(&'static str, bool)],
-    reports: &mut [ModelReport],
-) -> anyhow::Result<()> {
-    let opts = TokenizeOptions { max_length: Some(args.max_length), max_prompt_length: None };
-    let mut prepared = crate::data::prepare(path, tok, template, &Default::default(), opts)?;
-    if let Some(n) = args.limit {
-        prepared.pairs.truncate(n);
-    }
-    anyhow::ensure!(
-        !prepared.pairs.is_empty(),
-        "{}: no usable preference pairs ({})",
-        path.display(),
-        prepared.report.to_string().lines().map(str::trim).collect::<Vec<_>>().join("; ")
-    );
-    let pad = crate::data::batch::pad_id(tok)?;
-    // a model without adapters is its own reference: one pass
-    let adapted = model.linears().iter().any(|l| l.adapter.is_some());
-    let pass = if adapted { Pass::Both } else { Pass::Reference };
-    let b = bar(prepared.pairs.len(), "preference pairs");
-    let scores = score_pairs(model, &prepared.pairs, pad, args.batch_size, true, pass, |k| b.inc(k as u64))?;
-    b.finish_and_clear();
-    let (reference_chosen, reference_rejected) = scores.reference.clone().expect("a reference pass");
-    let (chosen_tokens, rejected_tokens) = scores.tokens.clone();
-    for ((_, use_adapters), r) in cols.iter().zip(reports.iter_mut()) {
-        // the base model (adapters bypassed) is its own reference
-        let (policy_chosen, policy_rejected) = match (&scores.policy, *use_adapters) {
-            (Some(p), true) => p.clone(),
-            _ => (reference_chosen.clone(), reference_rejected.clone()),
-        };
-        let lp = PairLogps {
-            policy_chosen,
-            policy_rejected,
-            reference_chosen: reference_chosen.clone(),
-            reference_rejected: reference_rejected.clone(),
-            chosen_tokens: chosen_tokens.clone(),
-            rejected_tokens: rejected_tokens.clone(),
-        };
-        r.preference = Some(preference_metrics(&lp, args.beta, DEFAULT_TOLERANCE)?);
-    }
-    Ok(())
+/// What every section of `ropo eval` reads: the arguments, the model (with its adapter, when
+/// given), its tokenizer, the chat template override, the columns measured.
+#[derive(Clone, Copy)]
+struct Section<'a> {
+    args: &'a EvalArgs,
+    model: &'a Model,
+    tok: &'a Tokenizer,
+    template: Option<&'a str>,
+    cols: &'a [(&'static str, bool)],
 }
 
-/// 2. Generations, greedy and sampled: their statistics into `reports`; returns the
-/// `generations.jsonl` path and lines (written at the end, with the report).
-fn generation_section(
-    args: &EvalArgs,
-    path: &Path,
-    model: &Model,
-    tok: &Tokenizer,
-    template: Option<&str>,
-    cols: &[(&'static str, bool)],
-    reports: &mut [ModelReport],
-) -> anyhow::Result<(PathBuf, String)> {
-    let ps = prompts(args, path, tok, template)?;
-    let ids: Vec<Vec<u32>> = ps.iter().map(|p| p.1.clone()).collect();
-    let mut lines = String::new();
-    for ((name, adapted), r) in cols.iter().zip(reports.iter_mut()) {
-        for (mode, opts) in [("greedy", GenerateOptions { temperature: 0.0, ..sampled_options(args) }), ("sampled", sampled_options(args))] {
-            let b = bar(ids.len(), &format!("{name} {mode} generations"));
-            let gens = generate_all(model, tok, &ids, &opts, *adapted, || b.inc(1))?;
-            b.finish_and_clear();
-            for (i, g) in gens.iter().enumerate() {
-                lines.push_str(&generation_record(name, mode, i, &ps[i].0, g).to_string());
-                lines.push('\n');
-            }
-            let counted: Vec<Vec<u32>> = gens.iter().map(|g| counted_ids(g).to_vec()).collect();
-            let stats = generation_stats(&counted, args.max_new_tokens);
-            if mode == "greedy" {
-                r.greedy = Some(stats);
-            } else {
-                r.sampled = Some(stats);
+impl Section<'_> {
+    /// 1. Preference metrics: one pass gives policy (adapted) and reference (base) log-probs.
+    fn preference_section(&self, path: &Path, reports: &mut [ModelReport]) -> anyhow::Result<()> {
+        let Section { args, model, tok, template, cols } = *self;
+        let opts = TokenizeOptions { max_length: Some(args.max_length), max_prompt_length: None };
+        let mut prepared = crate::data::prepare(path, tok, template, &Default::default(), opts)?;
+        if let Some(n) = args.limit {
+            prepared.pairs.truncate(n);
+        }
+        anyhow::ensure!(
+            !prepared.pairs.is_empty(),
+            "{}: no usable preference pairs ({})",
+            path.display(),
+            prepared.report.to_string().lines().map(str::trim).collect::<Vec<_>>().join("; ")
+        );
+        let pad = crate::data::batch::pad_id(tok)?;
+        // a model without adapters is its own reference: one pass
+        let adapted = model.linears().iter().any(|l| l.adapter.is_some());
+        let pass = if adapted { Pass::Both } else { Pass::Reference };
+        let b = bar(prepared.pairs.len(), "preference pairs");
+        let scores = score_pairs(model, &prepared.pairs, pad, args.batch_size, true, pass, |k| b.inc(k as u64))?;
+        b.finish_and_clear();
+        let (reference_chosen, reference_rejected) = scores.reference.clone().expect("a reference pass");
+        let (chosen_tokens, rejected_tokens) = scores.tokens.clone();
+        for ((_, use_adapters), r) in cols.iter().zip(reports.iter_mut()) {
+            // the base model (adapters bypassed) is its own reference
+            let (policy_chosen, policy_rejected) = match (&scores.policy, *use_adapters) {
+                (Some(p), true) => p.clone(),
+                _ => (reference_chosen.clone(), reference_rejected.clone()),
+            };
+            let lp = PairLogps {
+                policy_chosen,
+                policy_rejected,
+                reference_chosen: reference_chosen.clone(),
+                reference_rejected: reference_rejected.clone(),
+                chosen_tokens: chosen_tokens.clone(),
+                rejected_tokens: rejected_tokens.clone(),
+            };
+            r.preference = Some(preference_metrics(&lp, args.beta, DEFAULT_TOLERANCE)?);
+        }
+        Ok(())
+    }
+
+    /// 2. Generations, greedy and sampled: their statistics into `reports`; returns the
+    /// `generations.jsonl` path and lines (written at the end, with the report).
+    fn generation_section(&self, path: &Path, reports: &mut [ModelReport]) -> anyhow::Result<(PathBuf, String)> {
+        let Section { args, model, tok, template, cols } = *self;
+        let ps = prompts(args, path, tok, template)?;
+        let ids: Vec<Vec<u32>> = ps.iter().map(|p| p.1.clone()).collect();
+        let mut lines = String::new();
+        for ((name, adapted), r) in cols.iter().zip(reports.iter_mut()) {
+            for (mode, opts) in [("greedy", GenerateOptions { temperature: 0.0, ..sampled_options(args) }), ("sampled", sampled_options(args))] {
+                let b = bar(ids.len(), &format!("{name} {mode} generations"));
+                let gens = generate_all(model, tok, &ids, &opts, *adapted, || b.inc(1))?;
+                b.finish_and_clear();
+                for (i, g) in gens.iter().enumerate() {
+                    lines.push_str(&generation_record(name, mode, i, &ps[i].0, g).to_string());
+                    lines.push('\n');
+                }
+                let counted: Vec<Vec<u32>> = gens.iter().map(|g| counted_ids(g).to_vec()).collect();
+                let stats = generation_stats(&counted, args.max_new_tokens);
+                if mode == "greedy" {
+                    r.greedy = Some(stats);
+                } else {
+                    r.sampled = Some(stats);
+                }
             }
         }
+        let out = args.generations.clone().unwrap_or_else(|| match &args.out {
+            Some(o) => o.with_file_name("generations.jsonl"),
+            None => PathBuf::from("generations.jsonl"),
+        });
+        Ok((out, lines))
     }
-    let out = args.generations.clone().unwrap_or_else(|| match &args.out {
-        Some(o) => o.with_file_name("generations.jsonl"),
-        None => PathBuf::from("generations.jsonl"),
-    });
-    Ok((out, lines))
-}
 
-/// 3. MMLU, each column scored on `data`.
-fn mmlu_section(args: &EvalArgs, data: &[mmlu::SubjectData], model: &Model, tok: &Tokenizer, cols: &[(&'static str, bool)], reports: &mut [ModelReport]) -> anyhow::Result<()> {
-    let n: usize = data.iter().map(|d| d.questions.len()).sum();
-    for ((name, adapted), r) in cols.iter().zip(reports.iter_mut()) {
-        let mut scorer = ModelScorer::new(model, tok, *adapted, Some(args.mmlu_max_tokens))?;
-        let b = bar(n, &format!("{name} MMLU questions"));
-        r.mmlu = Some(mmlu::score(data, args.shots, &mut scorer, || b.inc(1))?);
-        b.finish_and_clear();
+    /// 3. MMLU, each column scored on `data`.
+    fn mmlu_section(&self, data: &[mmlu::SubjectData], reports: &mut [ModelReport]) -> anyhow::Result<()> {
+        let Section { args, model, tok, cols, .. } = *self;
+        let n: usize = data.iter().map(|d| d.questions.len()).sum();
+        for ((name, adapted), r) in cols.iter().zip(reports.iter_mut()) {
+            let mut scorer = ModelScorer::new(model, tok, *adapted, Some(args.mmlu_max_tokens))?;
+            let b = bar(n, &format!("{name} MMLU questions"));
+            r.mmlu = Some(mmlu::score(data, args.shots, &mut scorer, || b.inc(1))?);
+            b.finish_and_clear();
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// 4. Hyperspherical energy of the adapted layers.
