@@ -13,8 +13,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::OnIdentical;
-use crate::data::FormatChoice;
+pub use crate::data::splits::{DataSection, RowSlice, TemplateSource};
 use crate::error::{Error, Result};
 use crate::loss::{LossParams, LossType};
 use crate::optim::{AdamWConfig, LrSchedule, LrScheduler};
@@ -65,123 +64,9 @@ pub enum ModelDtype {
     F16,
 }
 
-/// `[data]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DataSection {
-    /// Training files (`.jsonl`, `.json`, optionally `.gz`), read in this order.
-    pub train_files: Vec<String>,
-    /// A separate evaluation file. Unset: evaluation rows come from the training files, through
-    /// `eval_rows` or `eval_split`, or there is no evaluation.
-    pub eval_file: Option<String>,
-    /// Fraction of the training rows held out for evaluation (the last ones), in (0, 1).
-    pub eval_split: Option<f64>,
-    /// Row format, or `"auto"` to detect it per file.
-    pub format: FormatChoice,
-    /// Longest prompt + completion, in tokens (TRL `max_length`).
-    pub max_length: usize,
-    /// Longest prompt, in tokens (TRL `max_prompt_length`); unset: only `max_length` applies.
-    pub max_prompt_length: Option<usize>,
-    /// A chat template overriding the model's: a file path, or the template itself (a value
-    /// holding `{%` or `{{` is taken as the template).
-    pub chat_template: Option<String>,
-    /// Rows of the training files to train on, as a Python slice (`":200"`, `"100:300"`).
-    pub train_rows: Option<RowSlice>,
-    /// Rows for evaluation, as a Python slice (`"-84:"` = the last 84), of `eval_file` when set,
-    /// else of the training files.
-    pub eval_rows: Option<RowSlice>,
-    /// What to do with a pair whose chosen and rejected are identical.
-    pub on_identical: OnIdentical,
-}
-
-impl Default for DataSection {
-    fn default() -> Self {
-        Self {
-            train_files: Vec::new(),
-            eval_file: None,
-            eval_split: None,
-            format: FormatChoice::Auto,
-            max_length: 1024,
-            max_prompt_length: None,
-            chat_template: None,
-            train_rows: None,
-            eval_rows: None,
-            on_identical: OnIdentical::Skip,
-        }
-    }
-}
-
-/// Where a chat template override comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TemplateSource {
-    /// A file holding the template.
-    File(std::path::PathBuf),
-    /// The template text itself.
-    Inline(String),
-}
-
-impl DataSection {
-    /// The chat template override: inline when the value holds `{%` or `{{`, else a file path.
-    pub fn chat_template_source(&self) -> Option<TemplateSource> {
-        self.chat_template.as_ref().map(|c| {
-            if c.contains("{%") || c.contains("{{") {
-                TemplateSource::Inline(c.clone())
-            } else {
-                TemplateSource::File(c.into())
-            }
-        })
-    }
-}
-
-/// A Python-style slice of rows, `start:end` (half open; negative counts from the end; either
-/// side may be empty). Written as a string in TOML: `":200"`, `"-84:"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct RowSlice {
-    /// First row (negative: from the end); `None` = 0.
-    pub start: Option<i64>,
-    /// One past the last row (negative: from the end); `None` = all.
-    pub end: Option<i64>,
-}
-
-impl RowSlice {
-    /// The rows of a list of `len` rows, as Python's `rows[start:end]` (clamped; may be empty).
-    pub fn resolve(&self, len: usize) -> std::ops::Range<usize> {
-        let n = len as i64;
-        let fix = |i: i64| if i < 0 { (n + i).max(0) } else { i.min(n) };
-        let s = self.start.map(fix).unwrap_or(0);
-        let e = self.end.map(fix).unwrap_or(n);
-        (s as usize)..(e.max(s) as usize)
-    }
-}
-
-impl TryFrom<String> for RowSlice {
-    type Error = String;
-    fn try_from(s: String) -> std::result::Result<Self, String> {
-        let bad = || format!("invalid row slice {s:?}: expected \"start:end\" like \":200\", \"-84:\" or \"10:20\"");
-        let (a, b) = s.split_once(':').ok_or_else(bad)?;
-        let side = |x: &str| -> std::result::Result<Option<i64>, String> {
-            let x = x.trim();
-            if x.is_empty() {
-                Ok(None)
-            } else {
-                x.parse::<i64>().map(Some).map_err(|_| bad())
-            }
-        };
-        Ok(RowSlice { start: side(a)?, end: side(b)? })
-    }
-}
-
-impl From<RowSlice> for String {
-    fn from(r: RowSlice) -> String {
-        let f = |x: Option<i64>| x.map(|v| v.to_string()).unwrap_or_default();
-        format!("{}:{}", f(r.start), f(r.end))
-    }
-}
-
 /// `[adapter]`: which adapter to train and its options.
 ///
-/// `type = "ropo"` (default; `shared/docs/ropo-method.md`) uses `householder_reflections`,
+/// `type = "ropo"` (default; `docs/ropo-method.md`) uses `householder_reflections`,
 /// `givens_stages`, `magnitude`; `type = "lora"` (PEFT's LoRA) uses `lora_r`, `lora_alpha`,
 /// `lora_dropout`; `type = "full"` trains the selected weights themselves. `target_modules` and
 /// `init_seed` are shared; the options of the other kinds are ignored (but still type-checked).
