@@ -2,7 +2,7 @@
 //!
 //! The pipeline, in the order data flows through it:
 //! data -> tokenize -> model + adapter -> logps -> loss -> optimiser -> checkpoint.
-//! The method is specified in `../shared/docs/ropo-method.md` (Yang et al., EMNLP 2025,
+//! The method is specified in `docs/ropo-method.md` (Yang et al., EMNLP 2025,
 //! arXiv 2508.17637).
 
 /// Typed errors (file/line/field, tensor/expected/got) and the `Result` alias.

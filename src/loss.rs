@@ -432,7 +432,7 @@ pub fn sft_loss(policy_chosen: &Tensor, chosen_tokens: &Tensor) -> Result<Tensor
 /// log-prob times β = 0.1, in `ropo train`'s first step on SmolLM2-135M with 128-token pairs), so
 /// a gap of noise is below ~2e-5; a trained adapter's reward gaps are ~1e-2 and up. With 1e-4
 /// every step-0 pair is a tie (accuracy 0, ties 1) and every real preference counts. Used by the
-/// training metrics ([`RewardMetrics`]) and by `ropo eval` ([`crate::eval::preference`]).
+/// training metrics ([`RewardMetrics`]) and by `ropo eval` (`eval::preference`).
 pub const REWARD_TOLERANCE: f64 = 1e-4;
 
 /// How the chosen reward of one pair compares with its rejected reward, at a tolerance.
@@ -475,7 +475,7 @@ pub fn reward_accurate(chosen: f64, rejected: f64, tolerance: f64) -> bool {
 }
 
 /// TRL's reward metrics of a set of pairs (means over the pairs, f64), with TRL's names in JSON:
-/// the training records, `ropo train`'s evaluations and `ropo eval` ([`crate::eval::preference`]).
+/// the training records, `ropo train`'s evaluations and `ropo eval` (`eval::preference`).
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct RewardMetrics {
     /// `rewards/chosen = mean(β c)`.

@@ -8,7 +8,7 @@
 //! ```
 //!
 //! (Liu et al. 2018, "Learning towards Minimum Hyperspherical Energy", NeurIPS, with s = 1;
-//! used by the RoPO paper, arXiv 2508.17637, and `../shared/docs/ropo-method.md`, property 3.)
+//! used by the RoPO paper, arXiv 2508.17637, and `docs/ropo-method.md`, property 3.)
 //! A high energy means neurons crowd together ("neuron collapse"). A rotation `W -> W R^T`
 //! keeps every angle between rows, so it keeps HE exactly; only the magnitude vector of a RoPO
 //! adapter cannot change it either (it rescales rows, and rows are normalised), so RoPO's HE

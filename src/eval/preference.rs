@@ -3,7 +3,7 @@
 //!
 //! Inputs are four summed completion log-probs per pair (policy = adapters on, reference =
 //! the base model, adapters bypassed), `π_c, π_r, ref_c, ref_r`. With
-//! `c = π_c - ref_c` and `r = π_r - ref_r` (TRL `DPOTrainer`, `../shared/docs/ropo-method.md`
+//! `c = π_c - ref_c` and `r = π_r - ref_r` (TRL `DPOTrainer`, `docs/ropo-method.md`
 //! "The loss"), per pair:
 //!
 //! - `rewards/chosen = β c`, `rewards/rejected = β r`, `rewards/margins = β (c - r)`;
