@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use ropo::adapter::layer::RopoAdapter;
+use ropo::adapter::RopoAdapter;
 use ropo::model::linear::{frozen_matmul, Adapter, Linear};
 
 const TOKENS: usize = 512;
@@ -42,7 +42,7 @@ fn bench(c: &mut Criterion) {
             // the chain the fused RopoProduct replaces: rotate_t, frozen product, magnitude
             b.iter(|| {
                 let y = base.frozen_product(&ad.rotate_t(x.as_tensor()).unwrap()).unwrap();
-                let y = ropo::adapter::layer::scale_cols(&y, &ad.scale().unwrap().unwrap()).unwrap();
+                let y = ropo::adapter::ropo::layer::scale_cols(&y, &ad.scale().unwrap().unwrap()).unwrap();
                 y.sum_all().unwrap().backward().unwrap()
             })
         });
@@ -66,20 +66,20 @@ fn bench(c: &mut Criterion) {
         });
         g.bench_function(BenchmarkId::new("householder_only", &id), |b| {
             let u = ad.u.as_ref().unwrap().as_tensor();
-            b.iter(|| ropo::adapter::householder::reflect(x.as_tensor(), u).unwrap().sum_all().unwrap().backward().unwrap())
+            b.iter(|| ropo::adapter::ropo::householder::reflect(x.as_tensor(), u).unwrap().sum_all().unwrap().backward().unwrap())
         });
         g.bench_function(BenchmarkId::new("householder_only_composed", &id), |b| {
             let u = ad.u.as_ref().unwrap().as_tensor();
-            b.iter(|| ropo::adapter::householder::reflect_composed(x.as_tensor(), u).unwrap().sum_all().unwrap().backward().unwrap())
+            b.iter(|| ropo::adapter::ropo::householder::reflect_composed(x.as_tensor(), u).unwrap().sum_all().unwrap().backward().unwrap())
         });
         g.bench_function(BenchmarkId::new("givens_only", &id), |b| {
             let t = ad.theta.as_ref().unwrap().as_tensor();
-            b.iter(|| ropo::adapter::givens::rotate_t(x.as_tensor(), t, 2).unwrap().sum_all().unwrap().backward().unwrap())
+            b.iter(|| ropo::adapter::ropo::givens::rotate_t(x.as_tensor(), t, 2).unwrap().sum_all().unwrap().backward().unwrap())
         });
         g.bench_function(BenchmarkId::new("magnitude_only", &id), |b| {
             let s = ad.scale().unwrap().unwrap();
             b.iter(|| {
-                let y = ropo::adapter::layer::scale_cols(&base.forward_base(x.as_tensor()).unwrap(), &s).unwrap();
+                let y = ropo::adapter::ropo::layer::scale_cols(&base.forward_base(x.as_tensor()).unwrap(), &s).unwrap();
                 y.sum_all().unwrap().backward().unwrap()
             })
         });
@@ -94,10 +94,10 @@ fn bench(c: &mut Criterion) {
 /// forward+backward of `forward_hidden(..).sum()` with the gradient flowing to the embeddings
 /// (as for a layer inside a network), base vs RoPO on q, k, v, o (r = 4, S = 2, magnitude).
 fn bench_layer(c: &mut Criterion) {
-    use ropo::adapter::{config::AdapterConfig, inject};
+    use ropo::adapter::ropo::{self as ropo_adapter, RopoConfig};
     let dev = Device::Cpu;
     let mut model = common::decoder_layer_model();
-    let _set = inject::inject(&mut model, &AdapterConfig::default(), "bench").unwrap();
+    let _set = ropo_adapter::inject(&mut model, &RopoConfig::default(), "bench").unwrap();
     let ids: Vec<u32> = (0..TOKENS as u32).map(|i| (i * 7919) % 256).collect();
     let ids = Tensor::from_vec(ids, (1, TOKENS), &dev).unwrap();
     let mut g = c.benchmark_group("decoder_layer_fwd_bwd_512tok");

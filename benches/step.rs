@@ -5,11 +5,11 @@
 //! optimisation to the previous:
 //!
 //! - `step/plain`: plain candle matmul for frozen weights, full `(N, T, V)` logits +
-//!   `loss::completion_logps` (the path before this work);
+//!   `logps::completion_logps` (the path before this work);
 //! - `step/frozen`: + `FrozenMatmul` (no weight gradients for frozen weights);
 //! - `step/lmhead`: + `logps::completion_logps_from_hidden` (LM head and log-softmax only at
 //!   completion positions, fused with the gather);
-//! - `step/prefix`: + `prefix::completion_logps_shared_prompt` (each prompt once for its pair);
+//! - `step/prefix`: + `logps::completion_logps_shared_prompt` (each prompt once for its pair);
 //! - `step/fused`: + the fused layer ops (`ops::set_fused_layer_ops`: SwiGLU, the attention
 //!   heads' layout + RoPE ops, no-op reshapes out of the graph, no gradient for constant norm
 //!   weights); the configurations before it run the composed candle ops;
@@ -29,8 +29,8 @@
 //! Peak RSS: the process prints its `VmHWM` at exit; run one configuration a process:
 //! `cargo bench --bench step -- step/prefix`.
 //!
-//! Threads as `ropo train` sets them ([`ropo::train::single_threaded_elementwise`]: candle's
-//! spinning element-wise pool off, allocator tuned by [`ropo::train::keep_freed_memory`]);
+//! Threads as `ropo train` sets them ([`ropo::process::single_threaded_elementwise`]: candle's
+//! spinning element-wise pool off, allocator tuned by [`ropo::process::keep_freed_memory`]);
 //! `STEP_CANDLE_POOL=1` keeps candle's default pool, `STEP_GLIBC_MALLOC=1` glibc's default
 //! tuning (the states before), to compare in alternated processes (read once per process).
 
@@ -42,15 +42,14 @@ use candle_core::{Device, Tensor};
 use criterion::{Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use ropo::adapter::config::AdapterConfig;
-use ropo::adapter::inject;
-use ropo::logps::completion_logps_from_hidden;
-use ropo::loss::{completion_logps, preference_loss, LossParams, LossType, PairLogps};
+use ropo::adapter::ropo::{self as ropo_adapter, RopoConfig};
+use ropo::logps::{completion_logps, completion_logps_from_hidden, completion_logps_shared_prompt};
+use ropo::loss::{preference_loss, LossParams, LossType, PairLogps};
 use ropo::model::config::ModelConfig;
 use ropo::model::linear::set_fast_frozen_matmul;
 use ropo::model::llama::Model;
 use ropo::model::ops::set_fused_layer_ops;
-use ropo::model::prefix::{completion_logps_shared_prompt, SharedPromptBatch};
+use ropo::model::prefix::SharedPromptBatch;
 
 /// (prompt, chosen, rejected) lengths of the two pairs.
 const PAIRS: [(usize, usize, usize); 2] = [(150, 100, 60), (140, 90, 110)];
@@ -163,7 +162,7 @@ fn setup(f32_paths: bool, bf16_paths: bool) -> Setup {
     let dev = Device::Cpu;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut model = common::random_model(&cfg, &mut rng);
-    let set = inject::inject(&mut model, &AdapterConfig::default(), "bench").unwrap();
+    let set = ropo_adapter::inject(&mut model, &RopoConfig::default(), "bench").unwrap();
     let model_bf16 = bf16_paths.then(|| {
         let mut m = model.clone();
         m.narrow_projections_to_bf16().unwrap();
@@ -235,7 +234,7 @@ fn interleaved(names: &str) {
 }
 
 fn main() {
-    // threads as `ropo train` sets them (`train::configure_threads`: RAYON_NUM_THREADS, so that
+    // threads as `ropo train` sets them (`process::configure_threads`: RAYON_NUM_THREADS, so that
     // candle does not re-read /proc/cpuinfo at every matmul, and candle's element-wise barrier
     // pool off); STEP_CANDLE_POOL=1 keeps candle's default pool size (the state before), for A/B
     if std::env::var_os("STEP_CANDLE_POOL").is_some() {
@@ -243,12 +242,12 @@ fn main() {
         std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
     }
     if std::env::var_os("STEP_GLIBC_MALLOC").is_some() {
-        // glibc's default (dynamic) allocator tuning, the state before `train::keep_freed_memory`
-        ropo::train::single_threaded_elementwise();
+        // glibc's default (dynamic) allocator tuning, the state before `process::keep_freed_memory`
+        ropo::process::single_threaded_elementwise();
         let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     } else {
-        eprintln!("threads: {}", ropo::train::configure_threads(0));
+        eprintln!("threads: {}", ropo::process::configure_threads(0));
     }
     if let Ok(names) = std::env::var("STEP_AB") {
         interleaved(&names);

@@ -5,7 +5,7 @@
 //! reference forward (adapters bypassed) + policy forward + sigmoid loss + backward + global-norm
 //! clip + AdamW update, each prompt run once per pair (`training.share_prompt`, the default):
 //! exactly what `ropo::train::run` does per micro-batch without precomputed reference log-probs,
-//! with the threads and allocator tuning `ropo train` uses (`train::configure_threads`).
+//! with the threads and allocator tuning `ropo train` uses (`process::configure_threads`).
 //!
 //! Throughput is in real tokens (elements = 4 sequences x 256). Peak RSS of a whole `ropo train`
 //! run is printed by `ropo train` itself at the end (`peak RSS`, from `VmHWM`); this bench reports
@@ -32,7 +32,7 @@ const PROMPT: usize = 100;
 
 fn bench_train_step(c: &mut Criterion) {
     // threads and allocator as `ropo train` sets them, before any tensor work
-    eprintln!("threads: {}", ropo::train::configure_threads(0));
+    eprintln!("threads: {}", ropo::process::configure_threads(0));
     let cfg = common::smollm2_135m();
     let dev = Device::Cpu;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
@@ -53,7 +53,7 @@ fn bench_train_step(c: &mut Criterion) {
     g.throughput(Throughput::Elements((2 * PAIRS * T) as u64));
     g.bench_function("ropo/reference+policy_fwd_bwd+adamw_2x256", |b| {
         b.iter(|| {
-            let reference = ropo::reference::batch_logps_with(&model, &batch, false, t.share_prompt).expect("reference");
+            let reference = ropo::logps::batch_logps_detached(&model, &batch, false, t.share_prompt).expect("reference");
             let (out, grads) = ropo::train::micro_batch(&model, &batch, &reference, t).expect("step");
             let mut grads = Grads::from_store(&params, &grads).expect("grads");
             let norm = grads.clip_global_norm(t.max_grad_norm).expect("clip");
@@ -62,7 +62,7 @@ fn bench_train_step(c: &mut Criterion) {
         })
     });
     g.finish();
-    if let Some(kib) = ropo::train::peak_rss_kib() {
+    if let Some(kib) = ropo::process::peak_rss_kib() {
         eprintln!("train_step bench: peak RSS (VmHWM) {:.2} GiB", kib as f64 / 1048576.0);
     }
 }

@@ -2,7 +2,7 @@
 """Regenerate the README's config-key table from the source of truth.
 
 Defaults come from `ropo train --print-config` (run on a minimal config); descriptions are the
-doc comments of the fields in src/config.rs. Replaces the text between the markers
+doc comments of the fields in src/config.rs (src/data/splits.rs for [data]). Replaces the text between the markers
 `<!-- config-table:start -->` and `<!-- config-table:end -->` in README.md.
 
     cargo build --release && python3 docs/config_table.py            # rewrite README.md
@@ -24,7 +24,7 @@ REQUIRED = {("model", "path_or_id"), ("data", "train_files")}
 ENUMS = {
     ("model", "dtype"): ("src/config.rs", "ModelDtype", []),
     ("data", "format"): ("src/data/formats.rs", "Format", ["auto"]),
-    ("data", "on_identical"): ("src/config.rs", "OnIdentical", []),
+    ("data", "on_identical"): ("src/data/load.rs", "OnIdentical", []),
     ("adapter", "type"): ("src/config.rs", "AdapterKind", []),
     ("training", "loss_type"): ("src/loss.rs", "LossType", []),
 }
@@ -88,7 +88,8 @@ def defaults(ropo):
 
 
 def table(ropo):
-    src = open(os.path.join(ROOT, "src", "config.rs")).read()
+    # the section structs: src/config.rs, and [data]'s in src/data/splits.rs
+    src = "".join(open(os.path.join(ROOT, "src", *p)).read() for p in [("config.rs",), ("data", "splits.rs")])
     docs = field_docs(src)
     lines = []
     current = None

@@ -23,17 +23,27 @@ use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::optim::AdamW;
 
-/// File names inside a checkpoint folder.
-pub const ADAPTER_FILE: &str = "adapter_model.safetensors";
+// The names of a run folder (`training.output_dir`) and of its checkpoint folders, in one place.
+
+/// The resolved run config, at the top of the output folder and in every checkpoint.
+pub const RUN_CONFIG_FILE: &str = "config.toml";
+/// The metrics file at the top of the output folder (one JSON record a line).
+pub const METRICS_FILE: &str = "metrics.jsonl";
+/// The training curves at the top of the output folder (written at the end of a run).
+pub const CURVES_FILE: &str = "curves.png";
+/// Folder (in the output folder) of the precomputed reference log-probs.
+pub const REFERENCE_DIR: &str = "reference_logps";
+/// Folder (in the output folder) of the checkpoints, `step-N/` each.
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
+/// The adapter weights, in a checkpoint folder and (final) at the top of the output folder.
+pub const ADAPTER_FILE: &str = crate::adapter::WEIGHTS_FILE;
 /// AdamW state.
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// [`CheckpointMeta`].
 pub const META_FILE: &str = "checkpoint.json";
-/// The resolved run config.
-pub const CONFIG_FILE: &str = "config.toml";
 /// [`TrainerState`].
 pub const TRAINER_STATE_FILE: &str = "trainer_state.json";
-const REQUIRED: [&str; 5] = [ADAPTER_FILE, OPTIMIZER_FILE, META_FILE, CONFIG_FILE, TRAINER_STATE_FILE];
+const REQUIRED: [&str; 5] = [ADAPTER_FILE, OPTIMIZER_FILE, META_FILE, RUN_CONFIG_FILE, TRAINER_STATE_FILE];
 /// Version of the checkpoint layout, checked on load.
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -164,7 +174,7 @@ pub struct CheckpointData<'a> {
 
 /// `OUTPUT_DIR/checkpoints`.
 pub fn checkpoints_dir(output_dir: &Path) -> PathBuf {
-    output_dir.join("checkpoints")
+    output_dir.join(CHECKPOINTS_DIR)
 }
 
 /// `OUTPUT_DIR/checkpoints/step-N`.
@@ -206,11 +216,11 @@ pub fn save(output_dir: &Path, data: &CheckpointData) -> Result<PathBuf> {
         std::fs::create_dir(&tmp)
             .map_err(|e| Error::Io(std::io::Error::new(e.kind(), format!("creating {}: {e}", tmp.display()))))?;
         let tensors: Vec<(String, Tensor)> = data.trainable.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-        write_synced(&tmp.join(ADAPTER_FILE), &crate::optim::safetensors_bytes(&tensors, None)?)?;
+        write_synced(&tmp.join(ADAPTER_FILE), &crate::fsutil::safetensors_bytes(&tensors, None)?)?;
         write_synced(&tmp.join(OPTIMIZER_FILE), &data.optimizer.state_bytes()?)?;
         let meta = serde_json::to_string_pretty(&data.meta).map_err(|e| Error::Msg(e.to_string()))?;
         write_synced(&tmp.join(META_FILE), meta.as_bytes())?;
-        write_synced(&tmp.join(CONFIG_FILE), data.config.to_toml_string().as_bytes())?;
+        write_synced(&tmp.join(RUN_CONFIG_FILE), data.config.to_toml_string().as_bytes())?;
         write_synced(&tmp.join(TRAINER_STATE_FILE), data.trainer_state.to_json()?.as_bytes())?;
         sync_dir(&tmp);
         if final_dir.exists() {
@@ -290,13 +300,13 @@ pub fn prune(output_dir: &Path, save_total_limit: usize) -> Result<Vec<PathBuf>>
 /// Files and folders a ropo run writes at the top of its output folder; an existing folder
 /// holding any of them is "another run".
 pub const RUN_ARTIFACTS: [&str; 7] = [
-    "checkpoints",
-    "metrics.jsonl",
+    CHECKPOINTS_DIR,
+    METRICS_FILE,
     TRAINER_STATE_FILE,
-    CONFIG_FILE,
+    RUN_CONFIG_FILE,
     ADAPTER_FILE,
-    "adapter_config.json",
-    "reference_logps",
+    crate::adapter::ADAPTER_CONFIG_FILE,
+    REFERENCE_DIR,
 ];
 
 /// Make `output_dir` ready for a fresh run (not a resume).
@@ -380,7 +390,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedCheckpoint> {
         .map_err(|e| Error::input(&adapter_path, None, e.to_string()))?
         .into_iter()
         .collect();
-    let config_toml = String::from_utf8(read(CONFIG_FILE)?).map_err(|e| Error::input(dir.join(CONFIG_FILE), None, e.to_string()))?;
+    let config_toml = String::from_utf8(read(RUN_CONFIG_FILE)?).map_err(|e| Error::input(dir.join(RUN_CONFIG_FILE), None, e.to_string()))?;
     Ok(LoadedCheckpoint {
         dir: dir.to_path_buf(),
         meta,

@@ -13,6 +13,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::data::splits::{DataSection, RowSlice, TemplateSource};
 use crate::error::{Error, Result};
 use crate::loss::{LossParams, LossType};
 use crate::optim::{AdamWConfig, LrSchedule, LrScheduler};
@@ -63,133 +64,9 @@ pub enum ModelDtype {
     F16,
 }
 
-/// `[data]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DataSection {
-    /// Training files (`.jsonl`, `.json`, optionally `.gz`), read in this order.
-    pub train_files: Vec<String>,
-    /// A separate evaluation file. Unset: evaluation rows come from the training files, through
-    /// `eval_rows` or `eval_split`, or there is no evaluation.
-    pub eval_file: Option<String>,
-    /// Fraction of the training rows held out for evaluation (the last ones), in (0, 1).
-    pub eval_split: Option<f64>,
-    /// Row format, or `"auto"` to detect it per file.
-    pub format: String,
-    /// Longest prompt + completion, in tokens (TRL `max_length`).
-    pub max_length: usize,
-    /// Longest prompt, in tokens (TRL `max_prompt_length`); unset: only `max_length` applies.
-    pub max_prompt_length: Option<usize>,
-    /// A chat template overriding the model's: a file path, or the template itself (a value
-    /// holding `{%` or `{{` is taken as the template).
-    pub chat_template: Option<String>,
-    /// Rows of the training files to train on, as a Python slice (`":200"`, `"100:300"`).
-    pub train_rows: Option<RowSlice>,
-    /// Rows for evaluation, as a Python slice (`"-84:"` = the last 84), of `eval_file` when set,
-    /// else of the training files.
-    pub eval_rows: Option<RowSlice>,
-    /// What to do with a pair whose chosen and rejected are identical.
-    pub on_identical: OnIdentical,
-}
-
-impl Default for DataSection {
-    fn default() -> Self {
-        Self {
-            train_files: Vec::new(),
-            eval_file: None,
-            eval_split: None,
-            format: "auto".into(),
-            max_length: 1024,
-            max_prompt_length: None,
-            chat_template: None,
-            train_rows: None,
-            eval_rows: None,
-            on_identical: OnIdentical::Skip,
-        }
-    }
-}
-
-/// Where a chat template override comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TemplateSource {
-    /// A file holding the template.
-    File(std::path::PathBuf),
-    /// The template text itself.
-    Inline(String),
-}
-
-impl DataSection {
-    /// The chat template override: inline when the value holds `{%` or `{{`, else a file path.
-    pub fn chat_template_source(&self) -> Option<TemplateSource> {
-        self.chat_template.as_ref().map(|c| {
-            if c.contains("{%") || c.contains("{{") {
-                TemplateSource::Inline(c.clone())
-            } else {
-                TemplateSource::File(c.into())
-            }
-        })
-    }
-}
-
-/// What to do with a pair whose chosen and rejected completions are identical.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnIdentical {
-    /// Drop it, counted and reported.
-    Skip,
-    /// Stop with an error naming the file and line.
-    Error,
-}
-
-/// A Python-style slice of rows, `start:end` (half open; negative counts from the end; either
-/// side may be empty). Written as a string in TOML: `":200"`, `"-84:"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct RowSlice {
-    /// First row (negative: from the end); `None` = 0.
-    pub start: Option<i64>,
-    /// One past the last row (negative: from the end); `None` = all.
-    pub end: Option<i64>,
-}
-
-impl RowSlice {
-    /// The rows of a list of `len` rows, as Python's `rows[start:end]` (clamped; may be empty).
-    pub fn resolve(&self, len: usize) -> std::ops::Range<usize> {
-        let n = len as i64;
-        let fix = |i: i64| if i < 0 { (n + i).max(0) } else { i.min(n) };
-        let s = self.start.map(fix).unwrap_or(0);
-        let e = self.end.map(fix).unwrap_or(n);
-        (s as usize)..(e.max(s) as usize)
-    }
-}
-
-impl TryFrom<String> for RowSlice {
-    type Error = String;
-    fn try_from(s: String) -> std::result::Result<Self, String> {
-        let bad = || format!("invalid row slice {s:?}: expected \"start:end\" like \":200\", \"-84:\" or \"10:20\"");
-        let (a, b) = s.split_once(':').ok_or_else(bad)?;
-        let side = |x: &str| -> std::result::Result<Option<i64>, String> {
-            let x = x.trim();
-            if x.is_empty() {
-                Ok(None)
-            } else {
-                x.parse::<i64>().map(Some).map_err(|_| bad())
-            }
-        };
-        Ok(RowSlice { start: side(a)?, end: side(b)? })
-    }
-}
-
-impl From<RowSlice> for String {
-    fn from(r: RowSlice) -> String {
-        let f = |x: Option<i64>| x.map(|v| v.to_string()).unwrap_or_default();
-        format!("{}:{}", f(r.start), f(r.end))
-    }
-}
-
 /// `[adapter]`: which adapter to train and its options.
 ///
-/// `type = "ropo"` (default; `shared/docs/ropo-method.md`) uses `householder_reflections`,
+/// `type = "ropo"` (default; `../shared/docs/ropo-method.md`) uses `householder_reflections`,
 /// `givens_stages`, `magnitude`; `type = "lora"` (PEFT's LoRA) uses `lora_r`, `lora_alpha`,
 /// `lora_dropout`; `type = "full"` trains the selected weights themselves. `target_modules` and
 /// `init_seed` are shared; the options of the other kinds are ignored (but still type-checked).
@@ -471,23 +348,9 @@ pub fn section_keys(section: &str) -> Option<&'static [&'static str]> {
     }
 }
 
-/// Levenshtein distance between two keys (for "did you mean").
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
-}
-
 /// The nearest candidate within a third of the key's length (at least 2 edits), if any.
 fn nearest<'a>(key: &str, candidates: &[&'a str]) -> Option<&'a str> {
-    let best = candidates.iter().map(|c| (edit_distance(key, c), *c)).min()?;
+    let best = candidates.iter().map(|c| (strsim::levenshtein(key, c), *c)).min()?;
     (best.0 <= (key.chars().count() / 3).max(2)).then_some(best.1)
 }
 
@@ -585,122 +448,15 @@ impl RunConfig {
     /// Check every value; all problems are reported at once, one per line, each naming the key
     /// and the value: `training.beta must be > 0 (got -0.1)`.
     pub fn validate(&self) -> Result<()> {
-        let mut errs: Vec<String> = Vec::new();
-        let mut check = |ok: bool, msg: String| {
-            if !ok {
-                errs.push(msg);
-            }
-        };
-        let (m, d, a, t) = (&self.model, &self.data, &self.adapter, &self.training);
-        // [model]
-        check(!m.path_or_id.trim().is_empty(), "model.path_or_id must be set (an HF folder, a hub id or a .gguf file)".into());
-        check(!m.revision.trim().is_empty(), "model.revision must not be empty (default \"main\")".into());
-        if let Some(r) = &m.reference {
-            check(!r.trim().is_empty(), "model.reference must not be empty when set".into());
-        }
-        check(
-            m.dtype != ModelDtype::F16,
-            "model.dtype = \"f16\" is not supported on the CPU (no f16 matmul kernel: slower than f32, and f16's range overflows in activations); use \"bf16\" (bf16 products, f32 accumulation) or \"f32\"".into(),
-        );
-        // [data]
-        check(!d.train_files.is_empty(), "data.train_files must list at least one file".into());
-        for (i, f) in d.train_files.iter().enumerate() {
-            check(!f.trim().is_empty(), format!("data.train_files[{i}] is empty"));
-        }
-        if let Some(s) = d.eval_split {
-            check(s > 0.0 && s < 1.0, format!("data.eval_split must be in (0, 1) (got {s})"));
-            check(d.eval_file.is_none(), "data.eval_split and data.eval_file are exclusive".into());
-            check(d.eval_rows.is_none(), "data.eval_split and data.eval_rows are exclusive".into());
-        }
-        check(!d.format.trim().is_empty(), "data.format must not be empty (\"auto\" detects it)".into());
-        check(d.max_length >= 2, format!("data.max_length must be >= 2 (got {})", d.max_length));
-        if let Some(p) = d.max_prompt_length {
-            check(p >= 1 && p < d.max_length, format!("data.max_prompt_length must be in [1, data.max_length = {}) (got {p})", d.max_length));
-        }
-        if let Some(c) = &d.chat_template {
-            check(!c.trim().is_empty(), "data.chat_template must not be empty when set".into());
-        }
-        // [adapter]
-        check(!a.target_modules.is_empty(), "adapter.target_modules must list at least one module".into());
-        for (i, t) in a.target_modules.iter().enumerate() {
-            check(!t.trim().is_empty(), format!("adapter.target_modules[{i}] is empty"));
-            if let Err(e) = regex::Regex::new(t) {
-                check(false, format!("adapter.target_modules[{i}] is not a valid regex ({t:?}): {e}"));
-            }
-        }
-        check(
-            !a.target_modules.iter().any(|t| t == ALL_LINEAR) || a.target_modules.len() == 1,
-            format!("adapter.target_modules: {ALL_LINEAR:?} must be the only entry (got {:?})", a.target_modules),
-        );
-        match a.kind {
-            AdapterKind::Ropo => {
-                check(
-                    a.householder_reflections % 2 == 0,
-                    format!("adapter.householder_reflections must be even (paired identity init) (got {})", a.householder_reflections),
-                );
-                check(
-                    a.householder_reflections > 0 || a.givens_stages > 0 || a.magnitude,
-                    "adapter has nothing to train: householder_reflections = 0, givens_stages = 0 and magnitude = false".into(),
-                );
-            }
-            AdapterKind::Lora => {
-                check(a.lora_r > 0, "adapter.lora_r must be > 0 (got 0)".into());
-                check(a.lora_alpha > 0.0 && a.lora_alpha.is_finite(), format!("adapter.lora_alpha must be > 0 (got {})", a.lora_alpha));
-                check(
-                    (0.0..1.0).contains(&a.lora_dropout),
-                    format!("adapter.lora_dropout must be in [0, 1) (got {})", a.lora_dropout),
-                );
-                check(
-                    !(a.lora_dropout > 0.0 && a.lora_dropout < 1.0),
-                    format!("adapter.lora_dropout > 0 is not supported yet (got {}); use 0", a.lora_dropout),
-                );
-            }
-            AdapterKind::Full => {
-                check(
-                    m.dtype != ModelDtype::Bf16,
-                    "adapter.type = \"full\" trains the weights themselves, in f32: model.dtype = \"bf16\" (frozen bf16 projections) does not apply; use model.dtype = \"f32\"".into(),
-                );
-            }
-        }
-        // [training]
-        check(!t.output_dir.trim().is_empty(), "training.output_dir must not be empty".into());
-        check(t.beta > 0.0 && t.beta.is_finite(), format!("training.beta must be > 0 (got {})", t.beta));
-        if let Err(why) = t.loss_type.check_label_smoothing(t.label_smoothing) {
-            errs.push(format!("training.label_smoothing {why} (got {})", t.label_smoothing));
-        }
-        let mut check = |ok: bool, msg: String| {
-            if !ok {
-                errs.push(msg);
-            }
-        };
-        check(t.discopop_tau > 0.0 && t.discopop_tau.is_finite(), format!("training.discopop_tau must be > 0 (got {})", t.discopop_tau));
-        if let Some(alpha) = t.rpo_alpha {
-            check(alpha >= 0.0 && alpha.is_finite(), format!("training.rpo_alpha must be >= 0 (got {alpha})"));
-        }
-        check(t.learning_rate > 0.0 && t.learning_rate.is_finite(), format!("training.learning_rate must be > 0 (got {})", t.learning_rate));
-        check((0.0..1.0).contains(&t.warmup_ratio), format!("training.warmup_ratio must be in [0, 1) (got {})", t.warmup_ratio));
-        check(
-            t.warmup_steps == 0 || t.warmup_ratio == 0.0,
-            format!("training.warmup_steps ({}) and training.warmup_ratio ({}) are exclusive: set one", t.warmup_steps, t.warmup_ratio),
-        );
-        check(t.weight_decay >= 0.0 && t.weight_decay.is_finite(), format!("training.weight_decay must be >= 0 (got {})", t.weight_decay));
-        check((0.0..1.0).contains(&t.adam_beta1), format!("training.adam_beta1 must be in [0, 1) (got {})", t.adam_beta1));
-        check((0.0..1.0).contains(&t.adam_beta2), format!("training.adam_beta2 must be in [0, 1) (got {})", t.adam_beta2));
-        check(t.adam_epsilon > 0.0 && t.adam_epsilon.is_finite(), format!("training.adam_epsilon must be > 0 (got {})", t.adam_epsilon));
-        check(t.max_grad_norm >= 0.0 && t.max_grad_norm.is_finite(), format!("training.max_grad_norm must be >= 0 (got {})", t.max_grad_norm));
-        check(t.per_device_train_batch_size >= 1, "training.per_device_train_batch_size must be >= 1 (got 0)".into());
-        check(t.per_device_eval_batch_size >= 1, "training.per_device_eval_batch_size must be >= 1 (got 0)".into());
-        check(t.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps must be >= 1 (got 0)".into());
-        check(
-            t.num_train_epochs > 0.0 && t.num_train_epochs.is_finite(),
-            format!("training.num_train_epochs must be > 0 (got {})", t.num_train_epochs),
-        );
-        check(t.max_steps == -1 || t.max_steps > 0, format!("training.max_steps must be -1 (use num_train_epochs) or > 0 (got {})", t.max_steps));
-        check(t.logging_steps >= 1, "training.logging_steps must be >= 1 (got 0)".into());
-        if errs.is_empty() {
+        let mut c = Checks::default();
+        check_model(&self.model, &mut c);
+        check_data(&self.data, &mut c);
+        check_adapter(&self.adapter, self.model.dtype, &mut c);
+        check_training(&self.training, &mut c);
+        if c.0.is_empty() {
             Ok(())
         } else {
-            Err(Error::Config(errs.join("\n")))
+            Err(Error::Config(c.0.join("\n")))
         }
     }
 
@@ -724,6 +480,131 @@ impl RunConfig {
         }
         out
     }
+}
+
+/// The problems found by [`RunConfig::validate`], in the order they were found.
+#[derive(Default)]
+struct Checks(Vec<String>);
+
+impl Checks {
+    /// Record `msg` unless `ok`.
+    fn check(&mut self, ok: bool, msg: String) {
+        if !ok {
+            self.0.push(msg);
+        }
+    }
+}
+
+/// The `[model]` checks of [`RunConfig::validate`].
+fn check_model(m: &ModelSection, c: &mut Checks) {
+    c.check(!m.path_or_id.trim().is_empty(), "model.path_or_id must be set (an HF folder, a hub id or a .gguf file)".into());
+    c.check(!m.revision.trim().is_empty(), "model.revision must not be empty (default \"main\")".into());
+    if let Some(r) = &m.reference {
+        c.check(!r.trim().is_empty(), "model.reference must not be empty when set".into());
+    }
+    c.check(
+        m.dtype != ModelDtype::F16,
+        "model.dtype = \"f16\" is not supported on the CPU (no f16 matmul kernel: slower than f32, and f16's range overflows in activations); use \"bf16\" (bf16 products, f32 accumulation) or \"f32\"".into(),
+    );
+}
+
+/// The `[data]` checks of [`RunConfig::validate`].
+fn check_data(d: &DataSection, c: &mut Checks) {
+    c.check(!d.train_files.is_empty(), "data.train_files must list at least one file".into());
+    for (i, f) in d.train_files.iter().enumerate() {
+        c.check(!f.trim().is_empty(), format!("data.train_files[{i}] is empty"));
+    }
+    if let Some(s) = d.eval_split {
+        c.check(s > 0.0 && s < 1.0, format!("data.eval_split must be in (0, 1) (got {s})"));
+        c.check(d.eval_file.is_none(), "data.eval_split and data.eval_file are exclusive".into());
+        c.check(d.eval_rows.is_none(), "data.eval_split and data.eval_rows are exclusive".into());
+    }
+    c.check(d.max_length >= 2, format!("data.max_length must be >= 2 (got {})", d.max_length));
+    if let Some(p) = d.max_prompt_length {
+        c.check(p >= 1 && p < d.max_length, format!("data.max_prompt_length must be in [1, data.max_length = {}) (got {p})", d.max_length));
+    }
+    if let Some(t) = &d.chat_template {
+        c.check(!t.trim().is_empty(), "data.chat_template must not be empty when set".into());
+    }
+}
+
+/// The `[adapter]` checks of [`RunConfig::validate`] (`dtype`: the model's, which a full
+/// fine-tune needs in f32).
+fn check_adapter(a: &AdapterSection, dtype: ModelDtype, c: &mut Checks) {
+    c.check(!a.target_modules.is_empty(), "adapter.target_modules must list at least one module".into());
+    for (i, t) in a.target_modules.iter().enumerate() {
+        c.check(!t.trim().is_empty(), format!("adapter.target_modules[{i}] is empty"));
+        if let Err(e) = regex::Regex::new(t) {
+            c.check(false, format!("adapter.target_modules[{i}] is not a valid regex ({t:?}): {e}"));
+        }
+    }
+    c.check(
+        !a.target_modules.iter().any(|t| t == ALL_LINEAR) || a.target_modules.len() == 1,
+        format!("adapter.target_modules: {ALL_LINEAR:?} must be the only entry (got {:?})", a.target_modules),
+    );
+    match a.kind {
+        AdapterKind::Ropo => {
+            c.check(
+                a.householder_reflections % 2 == 0,
+                format!("adapter.householder_reflections must be even (paired identity init) (got {})", a.householder_reflections),
+            );
+            c.check(
+                a.householder_reflections > 0 || a.givens_stages > 0 || a.magnitude,
+                "adapter has nothing to train: householder_reflections = 0, givens_stages = 0 and magnitude = false".into(),
+            );
+        }
+        AdapterKind::Lora => {
+            c.check(a.lora_r > 0, "adapter.lora_r must be > 0 (got 0)".into());
+            c.check(a.lora_alpha > 0.0 && a.lora_alpha.is_finite(), format!("adapter.lora_alpha must be > 0 (got {})", a.lora_alpha));
+            c.check(
+                (0.0..1.0).contains(&a.lora_dropout),
+                format!("adapter.lora_dropout must be in [0, 1) (got {})", a.lora_dropout),
+            );
+            c.check(
+                !(a.lora_dropout > 0.0 && a.lora_dropout < 1.0),
+                format!("adapter.lora_dropout > 0 is not supported yet (got {}); use 0", a.lora_dropout),
+            );
+        }
+        AdapterKind::Full => {
+            c.check(
+                dtype != ModelDtype::Bf16,
+                "adapter.type = \"full\" trains the weights themselves, in f32: model.dtype = \"bf16\" (frozen bf16 projections) does not apply; use model.dtype = \"f32\"".into(),
+            );
+        }
+    }
+}
+
+/// The `[training]` checks of [`RunConfig::validate`].
+fn check_training(t: &TrainingSection, c: &mut Checks) {
+    c.check(!t.output_dir.trim().is_empty(), "training.output_dir must not be empty".into());
+    c.check(t.beta > 0.0 && t.beta.is_finite(), format!("training.beta must be > 0 (got {})", t.beta));
+    if let Err(why) = t.loss_type.check_label_smoothing(t.label_smoothing) {
+        c.0.push(format!("training.label_smoothing {why} (got {})", t.label_smoothing));
+    }
+    c.check(t.discopop_tau > 0.0 && t.discopop_tau.is_finite(), format!("training.discopop_tau must be > 0 (got {})", t.discopop_tau));
+    if let Some(alpha) = t.rpo_alpha {
+        c.check(alpha >= 0.0 && alpha.is_finite(), format!("training.rpo_alpha must be >= 0 (got {alpha})"));
+    }
+    c.check(t.learning_rate > 0.0 && t.learning_rate.is_finite(), format!("training.learning_rate must be > 0 (got {})", t.learning_rate));
+    c.check((0.0..1.0).contains(&t.warmup_ratio), format!("training.warmup_ratio must be in [0, 1) (got {})", t.warmup_ratio));
+    c.check(
+        t.warmup_steps == 0 || t.warmup_ratio == 0.0,
+        format!("training.warmup_steps ({}) and training.warmup_ratio ({}) are exclusive: set one", t.warmup_steps, t.warmup_ratio),
+    );
+    c.check(t.weight_decay >= 0.0 && t.weight_decay.is_finite(), format!("training.weight_decay must be >= 0 (got {})", t.weight_decay));
+    c.check((0.0..1.0).contains(&t.adam_beta1), format!("training.adam_beta1 must be in [0, 1) (got {})", t.adam_beta1));
+    c.check((0.0..1.0).contains(&t.adam_beta2), format!("training.adam_beta2 must be in [0, 1) (got {})", t.adam_beta2));
+    c.check(t.adam_epsilon > 0.0 && t.adam_epsilon.is_finite(), format!("training.adam_epsilon must be > 0 (got {})", t.adam_epsilon));
+    c.check(t.max_grad_norm >= 0.0 && t.max_grad_norm.is_finite(), format!("training.max_grad_norm must be >= 0 (got {})", t.max_grad_norm));
+    c.check(t.per_device_train_batch_size >= 1, "training.per_device_train_batch_size must be >= 1 (got 0)".into());
+    c.check(t.per_device_eval_batch_size >= 1, "training.per_device_eval_batch_size must be >= 1 (got 0)".into());
+    c.check(t.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps must be >= 1 (got 0)".into());
+    c.check(
+        t.num_train_epochs > 0.0 && t.num_train_epochs.is_finite(),
+        format!("training.num_train_epochs must be > 0 (got {})", t.num_train_epochs),
+    );
+    c.check(t.max_steps == -1 || t.max_steps > 0, format!("training.max_steps must be -1 (use num_train_epochs) or > 0 (got {})", t.max_steps));
+    c.check(t.logging_steps >= 1, "training.logging_steps must be >= 1 (got 0)".into());
 }
 
 /// Prefix each line of a [`RunConfig::validate`] message (`training.beta must be > 0 ...`)
@@ -1062,9 +943,9 @@ beta = 0.1
 
     #[test]
     fn edit_distance_and_nearest() {
-        assert_eq!(edit_distance("beta", "betta"), 1);
-        assert_eq!(edit_distance("", "abc"), 3);
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(strsim::levenshtein("beta", "betta"), 1);
+        assert_eq!(strsim::levenshtein("", "abc"), 3);
+        assert_eq!(strsim::levenshtein("kitten", "sitting"), 3);
         assert_eq!(nearest("lerning_rate", TRAINING_KEYS), Some("learning_rate"));
         assert_eq!(nearest("xyz", TRAINING_KEYS), None);
     }

@@ -1,9 +1,9 @@
 //! ropo: RoPO (Weights-Rotated Preference Optimization) for causal language models, on candle.
 //!
 //! The pipeline, in the order data flows through it:
-//! data -> tokenize -> model + adapter -> loss -> optimiser -> checkpoint.
+//! data -> tokenize -> model + adapter -> logps -> loss -> optimiser -> checkpoint.
 //! The method is specified in `../shared/docs/ropo-method.md` (Yang et al., EMNLP 2025,
-//! arXiv 2508.17637).
+//! arXiv 2508.17637); `docs/method.md` says where each part of it lives in this crate.
 
 /// Typed errors (file/line/field, tensor/expected/got) and the `Result` alias.
 pub mod error;
@@ -13,15 +13,16 @@ pub mod data;
 pub mod model;
 /// RoPO rotation adapters (Householder x Givens x magnitude), adapter files, merge.
 pub mod adapter;
-/// Completion log-probs and the DPO-family preference losses (TRL's definitions).
-pub mod loss;
-/// Fast completion log-probs: the LM head only at completion positions, fused log-softmax + gather.
+/// Completion log-probs of the policy and the reference: one entry point over the dense, fused
+/// (LM head at completion positions only) and shared-prompt paths.
 pub mod logps;
+/// The DPO-family preference losses and TRL's reward metrics (TRL's definitions).
+pub mod loss;
 /// AdamW with saveable moments, learning-rate schedules, global-norm clipping.
 pub mod optim;
 /// The training run's TOML configuration: defaults, strict keys, validation.
 pub mod config;
-/// Reference log-probs: adapters bypassed, or precomputed and cached on disk.
+/// The reference's log-probs precomputed for every pair, and their cache on disk.
 pub mod reference;
 /// The training loop, top to bottom.
 pub mod train;
@@ -35,7 +36,9 @@ pub mod eval;
 pub mod generate;
 /// Training-curve PNGs.
 pub mod plot;
-/// Small filesystem helpers: atomic writes (temporary file, then rename).
+/// Small filesystem helpers: atomic writes (temporary file, then rename), safetensors bytes.
 pub mod fsutil;
+/// Process tuning for every subcommand (threads, candle's element-wise pool, allocator) and peak RSS.
+pub mod process;
 /// The command-line interface: one module per subcommand.
 pub mod cli;

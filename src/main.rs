@@ -4,8 +4,8 @@ fn main() -> ExitCode {
     use clap::Parser;
     // every subcommand: candle's spinning element-wise pool off, freed buffers kept for reuse
     // (before any tensor work; see their docs)
-    ropo::train::single_threaded_elementwise();
-    ropo::train::keep_freed_memory();
+    ropo::process::single_threaded_elementwise();
+    ropo::process::keep_freed_memory();
     // log records (warnings by default; RUST_LOG=ropo=debug for the debug ones) to stderr
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

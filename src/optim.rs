@@ -227,7 +227,7 @@ impl AdamW {
         // the header bytes) would differ between processes with two or more entries.
         let mut meta = HashMap::new();
         meta.insert("step".to_string(), self.step.to_string());
-        safetensors_bytes(&tensors, Some(meta))
+        crate::fsutil::safetensors_bytes(&tensors, Some(meta))
     }
 
     /// Write the state to `path` (atomically).
@@ -274,15 +274,6 @@ impl AdamW {
         self.step = step;
         Ok(())
     }
-}
-
-/// Named tensors as safetensors bytes (safetensors sorts the tensors itself, so the bytes depend
-/// only on the names and values; `metadata` must have at most one entry for the same to hold).
-pub fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
-    let views: Vec<(String, Tensor)> =
-        tensors.iter().map(|(n, t)| Ok((n.clone(), t.contiguous()?))).collect::<candle_core::Result<_>>()?;
-    safetensors::tensor::serialize(views.iter().map(|(n, t)| (n.as_str(), t)), metadata)
-        .map_err(|e| Error::Msg(format!("serialising safetensors: {e}")))
 }
 
 // ------------------------------------------------------------------------------------------

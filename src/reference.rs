@@ -19,63 +19,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
-use crate::data::batch::{collate, Batch};
 use crate::data::tokenize::TokenizedPair;
 use crate::error::{Error, Result};
-use crate::model::grad::no_grad;
+use crate::logps::{score_pairs, Pass};
 use crate::model::llama::Model;
-use crate::model::prefix::{completion_logps_shared_prompt, SharedPromptBatch};
-
-/// Summed completion log-probs of every row of `batch` under `model`, in nats, computing the
-/// LM head only where it is needed.
-///
-/// `logps[n] = Σ_t completion_mask[n,t] · log_softmax(lm_head(h[n,t-1]))[input_ids[n,t]]`
-/// (the definition of [`crate::loss::completion_logps`], TRL 1.16), but the `(N, T, V)` logits
-/// are never built: [`crate::logps::completion_logps_from_hidden`] gathers the hidden states of
-/// the `P` positions that predict a completion token, runs the LM head on those rows only and a
-/// fused log-softmax + gather whose backward builds nothing vocabulary-sized. Memory for the
-/// logits drops from `N·T·V` to `P·V` floats. Differentiable with respect to everything on the
-/// policy path. `batch` in the concatenated layout; returns `(N,)` in the model's dtype.
-pub fn model_logps(model: &Model, batch: &Batch, use_adapters: bool) -> Result<Tensor> {
-    let hidden = model.forward_hidden(&batch.input_ids, Some(&batch.attention_mask), use_adapters)?; // (N, T, D)
-    // (N,): the LM head and a fused log-softmax + gather at completion positions only
-    crate::logps::completion_logps_from_hidden(model, &hidden, &batch.input_ids, &batch.completion_mask, use_adapters)
-}
-
-/// [`model_logps`], or with `share_prompt` its prefix-shared fast path
-/// ([`crate::model::prefix::completion_logps_shared_prompt`]): each pair's prompt runs through
-/// the model once and both completions attend to its keys and values, so a pair costs
-/// `prompt + chosen + rejected` tokens instead of `2·prompt + chosen + rejected`. Same function
-/// and gradients (to rounding: the attention sums run over a differently laid out key set).
-///
-/// Fallback to the plain path (logged at debug level, with the reason): a batch in which a pair's
-/// chosen and rejected rows do not start with the same non-empty prompt, i.e. a pair with an
-/// empty prompt, or rows not built by [`collate`] whose prompts differ (the first
-/// completion-mask position marks the end of a row's prompt). ropo's own batches always share:
-/// [`crate::data::tokenize`] gives both completions one `prompt_ids` and truncates completions
-/// only, so after truncation the prompts are still equal. Errors: malformed batches (as
-/// [`crate::model::prefix::SharedPromptBatch::try_from_concatenated`]), model errors.
-pub fn model_logps_with(model: &Model, batch: &Batch, use_adapters: bool, share_prompt: bool) -> Result<Tensor> {
-    if share_prompt {
-        match SharedPromptBatch::try_from_concatenated(&batch.input_ids, &batch.attention_mask, &batch.completion_mask)? {
-            Ok(shared) => return completion_logps_shared_prompt(model, &shared, use_adapters),
-            Err(why) => tracing::debug!("{why}: this batch takes the plain (concatenated) path"),
-        }
-    }
-    model_logps(model, batch, use_adapters)
-}
-
-/// [`model_logps`] without gradients: `(2B,)` f32, detached. `use_adapters = false` gives the
-/// reference (adapters bypassed); `true` the policy (evaluation). The forward runs inside
-/// [`no_grad`], so no autograd graph holds its activations (peak memory of an inference forward).
-pub fn batch_logps(model: &Model, batch: &Batch, use_adapters: bool) -> Result<Tensor> {
-    no_grad(|| Ok(model_logps(model, batch, use_adapters)?.detach()))
-}
-
-/// [`model_logps_with`] without gradients (detached, inside [`no_grad`]); see [`batch_logps`].
-pub fn batch_logps_with(model: &Model, batch: &Batch, use_adapters: bool, share_prompt: bool) -> Result<Tensor> {
-    no_grad(|| Ok(model_logps_with(model, batch, use_adapters, share_prompt)?.detach()))
-}
 
 /// Reference log-probs of each pair, indexed like the pairs they were computed for.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -106,8 +53,8 @@ impl PairRefLogps {
 }
 
 /// The reference log-probs of every pair of `pairs`, in order, `batch_size` pairs per forward
-/// (file order, so the result does not depend on any sampler). `model` runs with adapters
-/// bypassed; `share_prompt` selects the prefix-shared path ([`model_logps_with`]).
+/// ([`score_pairs`] with [`Pass::Reference`]: file order, so the result does not depend on any
+/// sampler; adapters bypassed; `share_prompt` selects the shared-prompt path).
 /// `on_batch(done, total)` is called after each batch (progress).
 pub fn compute_all(
     model: &Model,
@@ -117,18 +64,14 @@ pub fn compute_all(
     share_prompt: bool,
     mut on_batch: impl FnMut(usize, usize),
 ) -> Result<PairRefLogps> {
-    let mut out = PairRefLogps::default();
-    let bs = batch_size.max(1);
-    for chunk in pairs.chunks(bs) {
-        let refs: Vec<&TokenizedPair> = chunk.iter().collect();
-        let batch = collate(&refs, pad_id, model.device())?;
-        let lp = batch_logps_with(model, &batch, false, share_prompt)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        let b = chunk.len();
-        out.chosen.extend_from_slice(&lp[..b]);
-        out.rejected.extend_from_slice(&lp[b..]);
-        on_batch(out.chosen.len(), pairs.len());
-    }
-    Ok(out)
+    let mut done = 0;
+    let scores = score_pairs(model, pairs, pad_id, batch_size.max(1), share_prompt, Pass::Reference, |k| {
+        done += k;
+        on_batch(done, pairs.len())
+    })?;
+    let (chosen, rejected) = scores.reference.expect("a reference pass");
+    let f32s = |t: Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.to_vec1::<f32>()?) };
+    Ok(PairRefLogps { chosen: f32s(chosen)?, rejected: f32s(rejected)? })
 }
 
 /// The cache key: hex sha256 over `parts` (model source, reference source, tokenization
@@ -183,7 +126,7 @@ pub fn save_cache(path: &Path, r: &PairRefLogps) -> Result<()> {
         ("reference_chosen_logps".to_string(), Tensor::new(r.chosen.as_slice(), &Device::Cpu)?),
         ("reference_rejected_logps".to_string(), Tensor::new(r.rejected.as_slice(), &Device::Cpu)?),
     ];
-    let bytes = crate::optim::safetensors_bytes(&tensors, None::<HashMap<String, String>>)?;
+    let bytes = crate::fsutil::safetensors_bytes(&tensors, None::<HashMap<String, String>>)?;
     crate::fsutil::write_atomic(path, &bytes).map_err(|e| Error::input(path, None, format!("writing: {e}")))?;
     Ok(())
 }

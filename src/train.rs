@@ -18,7 +18,7 @@
 //! Determinism: the same config and seed give bit-identical adapters and metrics (timing keys
 //! aside), also across a kill and `--resume`, as long as the thread count is the same: candle's
 //! CPU matmuls split their sums across threads, so the float results depend on the count. Set
-//! it with `training.threads` (or `RAYON_NUM_THREADS`; see [`configure_threads`]).
+//! it with `training.threads` (or `RAYON_NUM_THREADS`; see [`crate::process::configure_threads`]).
 //!
 //! Every output file is written atomically (temporary sibling, then rename); `metrics.jsonl` is
 //! appended one flushed line at a time and cut back to the checkpoint on resume.
@@ -34,89 +34,23 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::adapter::AnyAdapterSet;
 use crate::checkpoint::{self, CheckpointData, CheckpointMeta, DataPosition, RngState, TrainerState};
-use crate::config::{ModelDtype, RowSlice, RunConfig, TemplateSource, TrainingSection};
+use crate::checkpoint::{CURVES_FILE, METRICS_FILE, REFERENCE_DIR, RUN_CONFIG_FILE, TRAINER_STATE_FILE};
+use crate::config::{ModelDtype, RunConfig, TrainingSection};
 use crate::data::batch::{collate, epoch_batches, pad_id, Batch, SamplerConfig};
-use crate::data::tokenize::{PairTokenizer, TokenizeOptions, TokenizedPair};
-use crate::data::{DataReport, Format, Loaded, PreferenceExample};
+use crate::data::splits::{read_rows, template_override, tokenize_options, tokenize_splits, Rows, Splits};
+use crate::data::tokenize::TokenizedPair;
 use crate::error::{Error, Result};
-use crate::loss::{completion_token_counts, preference_loss, split_pairs, LossOutput, PairLogps, RewardMetrics};
+use crate::logps::{completion_token_counts, score_pairs, split_pairs, Pass};
+use crate::loss::{preference_loss, LossOutput, PairLogps, RewardMetrics};
 use crate::metrics::{EvalStats, MetricsLogger, Progress, TrainStats};
 use crate::model::llama::Model;
-use crate::optim::{AdamW, GradAccumulator};
+use crate::optim::{AdamW, GradAccumulator, LrSchedule};
 use crate::reference::{self, PairRefLogps};
 
 /// Set by the SIGINT (Ctrl-C) handler that `ropo train` installs; the loop checks it at the end
 /// of every optimiser step, writes a checkpoint and returns [`Outcome::Interrupted`]. The only
 /// global state of the trainer.
 pub static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
-
-/// Name of the resolved config at the top of the output folder.
-pub const CONFIG_FILE: &str = "config.toml";
-/// Name of the metrics file in the output folder.
-pub const METRICS_FILE: &str = "metrics.jsonl";
-/// Folder (in the output folder) of the precomputed reference log-probs.
-pub const REFERENCE_DIR: &str = "reference_logps";
-
-/// Configure the number of compute threads (rayon's global pool, which candle's CPU kernels and
-/// matmuls use) before any tensor work: `threads > 0` wins; else an existing
-/// `RAYON_NUM_THREADS` is respected; else every core. Returns the count in use.
-///
-/// candle reads `RAYON_NUM_THREADS` itself for its matmul parallelism, so the variable is set
-/// to the chosen count too. Also [`single_threaded_elementwise`] (unless `CANDLE_NUM_THREADS`
-/// is set) and [`keep_freed_memory`] (the `ropo` binary has already called both, for every
-/// subcommand; they are idempotent). Call it once, early, from the main thread (it sets
-/// environment variables). A pool already built (a second call in one process) is left as it is.
-pub fn configure_threads(threads: usize) -> usize {
-    single_threaded_elementwise();
-    keep_freed_memory();
-    let from_env = std::env::var("RAYON_NUM_THREADS").ok().and_then(|s| s.trim().parse::<usize>().ok()).filter(|&n| n > 0);
-    let n = if threads > 0 {
-        threads
-    } else {
-        from_env.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
-    };
-    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
-    rayon::current_num_threads()
-}
-
-/// Run candle's element-wise ops on the calling thread: sets `CANDLE_NUM_THREADS=1` unless the
-/// variable is already set (then it is respected). Call before any tensor work (candle reads it
-/// once, when it first needs its pool).
-///
-/// Why: candle 0.11 splits element-wise ops over 64K elements across its own "barrier pool"
-/// (`CANDLE_NUM_THREADS - 1` worker threads, default: the core count), separate from the rayon
-/// pool its matmuls use. Its workers and the waiting main thread busy-spin (25,000 spins)
-/// between ops, so on a machine with as many cores as matmul threads they take the cores from
-/// the next matmul: a profile of the training step (benches/step.rs, prefix path, 2 cores)
-/// spent 56% of its samples spinning in `BarrierGuard::drop` and the pool's worker loop. The
-/// matmuls keep their `RAYON_NUM_THREADS` threads. Results are bit-identical: the pool only
-/// splits element-wise maps into ranges (no reduction changes order).
-pub fn single_threaded_elementwise() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
-}
-
-/// Let the allocator keep freed activation buffers for reuse (glibc: `mallopt`; elsewhere a
-/// no-op): allocations below 32 MiB come from the heap instead of fresh `mmap`s
-/// (`M_MMAP_THRESHOLD`), up to 1 GiB of free heap top is kept instead of returned to the OS
-/// (`M_TRIM_THRESHOLD`), and the heap grows 256 MiB at a time (`M_TOP_PAD`).
-///
-/// Why: a training step allocates and frees thousands of activation and gradient tensors of
-/// 0.1-30 MB; with glibc's defaults many of them are fresh pages, each touched page a page
-/// fault and a kernel zeroing (`clear_page`): ~8% of the step's samples in a profile
-/// (benches/step.rs, prefix path). Measured there: minor page faults per 3-step run 2.2-2.5M ->
-/// 0.99M, peak RSS unchanged (3.47 GiB). No effect on any value.
-pub fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tuning parameters; any value is valid to pass.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
-    }
-}
 
 /// How `run` was asked to start.
 #[derive(Debug, Clone, Default)]
@@ -162,13 +96,6 @@ pub struct TrainSummary {
     pub peak_rss_kib: Option<u64>,
 }
 
-/// The process's peak resident set size in KiB (`VmHWM` of `/proc/self/status`; Linux only).
-pub fn peak_rss_kib() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 // ------------------------------------------------------------------------------------------
 // Adapter: the only adapter-kind-specific calls of the loop
 // ------------------------------------------------------------------------------------------
@@ -185,165 +112,18 @@ fn save_adapter(dir: &Path, set: &AnyAdapterSet) -> Result<()> {
 }
 
 // ------------------------------------------------------------------------------------------
-// Data
-// ------------------------------------------------------------------------------------------
-
-/// Rows read from the data files, before tokenization (no model needed: bad files fail fast).
-#[derive(Debug)]
-pub struct Rows {
-    /// Every file read (train files first, then the eval file), with its load report.
-    pub files: Vec<Loaded>,
-    /// `(index into files, example)` of the training rows, in file order.
-    pub train: Vec<(usize, PreferenceExample)>,
-    /// The evaluation rows.
-    pub eval: Vec<(usize, PreferenceExample)>,
-}
-
-fn slice<T: Clone>(v: &[T], s: Option<RowSlice>) -> Vec<T> {
-    match s {
-        Some(s) => v[s.resolve(v.len())].to_vec(),
-        None => v.to_vec(),
-    }
-}
-
-/// Read the data files of `cfg` and split the rows.
-///
-/// Row slices index the usable rows of the concatenated train files (rows dropped while loading,
-/// e.g. identical chosen/rejected, are counted and not indexed). Evaluation rows: `eval_file`
-/// (sliced by `eval_rows`), else `eval_rows` of the train files, else the last `eval_split`
-/// fraction (rounded, at least 1) of the training rows, which are then left out of training.
-///
-/// Errors: a missing or malformed file (named, with its line), an unknown `data.format`.
-pub fn read_rows(cfg: &RunConfig) -> Result<Rows> {
-    let d = &cfg.data;
-    let format = if d.format == "auto" {
-        None
-    } else {
-        Some(d.format.parse::<Format>().map_err(|e| Error::Config(format!("data.format: {e}")))?)
-    };
-    let on_identical = match d.on_identical {
-        crate::config::OnIdentical::Skip => crate::data::OnIdentical::Skip,
-        crate::config::OnIdentical::Error => crate::data::OnIdentical::Error,
-    };
-    let opts = crate::data::LoadOptions { format, on_identical };
-    let mut files = Vec::new();
-    let mut all = Vec::new();
-    for f in &d.train_files {
-        let loaded = crate::data::load(f, &opts)?;
-        all.extend(loaded.examples.iter().cloned().map(|e| (files.len(), e)));
-        files.push(loaded);
-    }
-    let (train, eval) = if let Some(ef) = &d.eval_file {
-        let loaded = crate::data::load(ef, &opts)?;
-        let ev: Vec<_> = loaded.examples.iter().cloned().map(|e| (files.len(), e)).collect();
-        files.push(loaded);
-        (slice(&all, d.train_rows), slice(&ev, d.eval_rows))
-    } else if d.eval_rows.is_some() {
-        (slice(&all, d.train_rows), slice(&all, d.eval_rows))
-    } else if let Some(frac) = d.eval_split {
-        let base = slice(&all, d.train_rows);
-        let n_eval = ((base.len() as f64 * frac).round() as usize).clamp(1, base.len().saturating_sub(1).max(1));
-        let cut = base.len().saturating_sub(n_eval);
-        (base[..cut].to_vec(), base[cut..].to_vec())
-    } else {
-        (slice(&all, d.train_rows), Vec::new())
-    };
-    if train.is_empty() {
-        let read: usize = files.iter().map(|f| f.report.rows_read).sum();
-        let mut why: Vec<String> = Vec::new();
-        for f in &files {
-            why.extend(f.report.skipped.iter().map(|(reason, c)| format!("{}: {reason}: {c}", f.source.display())));
-        }
-        let rows = d.train_rows.map(|r| format!(" with data.train_rows = {:?}", String::from(r))).unwrap_or_default();
-        let why = if why.is_empty() { String::new() } else { format!("; skipped: {}", why.join(", ")) };
-        return Err(Error::Config(format!("no training rows: data.train_files {:?}{rows} select none ({read} rows read{why})", d.train_files)));
-    }
-    Ok(Rows { files, train, eval })
-}
-
-/// Tokenized training and evaluation pairs with their reports.
-#[derive(Debug, Clone)]
-pub struct Splits {
-    /// Training pairs, in file order.
-    pub train: Vec<TokenizedPair>,
-    /// Evaluation pairs, in file order.
-    pub eval: Vec<TokenizedPair>,
-    /// Rows of the training split and what tokenization dropped or cut.
-    pub train_report: DataReport,
-    /// Same for the evaluation split.
-    pub eval_report: DataReport,
-}
-
-/// The chat template override of `cfg` (file contents or inline source). Errors: unreadable file.
-pub fn template_override(cfg: &RunConfig) -> Result<Option<String>> {
-    match cfg.data.chat_template_source() {
-        None => Ok(None),
-        Some(TemplateSource::Inline(s)) => Ok(Some(s)),
-        Some(TemplateSource::File(p)) => {
-            std::fs::read_to_string(&p).map(Some).map_err(|e| Error::input(&p, None, format!("data.chat_template: {e}")))
-        }
-    }
-}
-
-/// The tokenization settings of `cfg`.
-pub fn tokenize_options(cfg: &RunConfig) -> TokenizeOptions {
-    TokenizeOptions { max_length: Some(cfg.data.max_length), max_prompt_length: cfg.data.max_prompt_length }
-}
-
-fn tokenize_rows(pt: &PairTokenizer, files: &[Loaded], rows: &[(usize, PreferenceExample)], report: &mut DataReport) -> Result<Vec<TokenizedPair>> {
-    report.rows_read += rows.len();
-    let mut out = Vec::with_capacity(rows.len());
-    let mut i = 0;
-    while i < rows.len() {
-        let f = rows[i].0;
-        let j = rows[i..].iter().position(|(g, _)| *g != f).map_or(rows.len(), |k| i + k);
-        let ex: Vec<PreferenceExample> = rows[i..j].iter().map(|(_, e)| e.clone()).collect();
-        out.extend(pt.tokenize_all(&ex, &files[f].source, report)?);
-        i = j;
-    }
-    Ok(out)
-}
-
-/// Tokenize the rows with the model's tokenizer (and the template override).
-///
-/// Errors: tokenization errors (named `file:line`), no training pair left.
-pub fn tokenize(cfg: &RunConfig, rows: &Rows, tokenizer: &crate::model::tokenizer::Tokenizer) -> Result<Splits> {
-    let template = template_override(cfg)?;
-    let on_identical = match cfg.data.on_identical {
-        crate::config::OnIdentical::Skip => crate::data::OnIdentical::Skip,
-        crate::config::OnIdentical::Error => crate::data::OnIdentical::Error,
-    };
-    let mut pt = PairTokenizer::new(tokenizer, template.as_deref(), tokenize_options(cfg))?.with_on_identical(on_identical);
-    if let Some(TemplateSource::File(p)) = cfg.data.chat_template_source() {
-        pt = pt.with_template_name(format!("the chat template {}", p.display()));
-    }
-    let mut train_report = DataReport::default();
-    let mut eval_report = DataReport::default();
-    let train = tokenize_rows(&pt, &rows.files, &rows.train, &mut train_report)?;
-    let eval = tokenize_rows(&pt, &rows.files, &rows.eval, &mut eval_report)?;
-    if train.is_empty() {
-        return Err(Error::Config(format!(
-            "no training pair left after tokenization ({} rows, all skipped; data.max_length = {})",
-            rows.train.len(),
-            cfg.data.max_length
-        )));
-    }
-    Ok(Splits { train, eval, train_report, eval_report })
-}
-
-// ------------------------------------------------------------------------------------------
 // One micro-batch, evaluation
 // ------------------------------------------------------------------------------------------
 
 /// The policy half of a training micro-batch: policy forward (adapters on), completion
-/// log-probs ([`reference::model_logps_with`]: LM head at completion positions only; with
+/// log-probs ([`crate::logps::batch_logps`]: LM head at completion positions only; with
 /// `t.share_prompt` each pair's prompt runs once), the loss of `t.loss_type` against `ref_logps`, and its backward.
 ///
 /// `batch`: `2B` rows in the concatenated layout; `ref_logps`: `(2B,)` f32 reference log-probs
 /// in the same layout. Returns the loss output (loss, per-pair losses, reward metrics) and the
 /// gradients.
 pub fn micro_batch(model: &Model, batch: &Batch, ref_logps: &Tensor, t: &TrainingSection) -> Result<(LossOutput, GradStore)> {
-    let logps = reference::model_logps_with(model, batch, true, t.share_prompt)?;
+    let logps = crate::logps::batch_logps(model, batch, true, t.share_prompt)?;
     let out = loss_of(&logps, ref_logps, &batch.completion_mask, t)?;
     let grads = out.loss.backward()?;
     Ok((out, grads))
@@ -358,44 +138,17 @@ fn loss_of(policy: &Tensor, reference: &Tensor, completion_mask: &Tensor, t: &Tr
 }
 
 /// Loss and reward metrics of the policy on `pairs` (file order, `batch_size` pairs a forward,
-/// no gradients), over all pairs at once (the loss is the mean over pairs). Returns
-/// `(loss, metrics, real tokens)`.
+/// no gradients: [`score_pairs`]), over all pairs at once (the loss is the mean over pairs),
+/// against the precomputed reference log-probs `refs`. Returns `(loss, metrics, real tokens)`.
 pub fn evaluate(model: &Model, pairs: &[TokenizedPair], refs: &PairRefLogps, batch_size: usize, pad: u32, t: &TrainingSection) -> Result<(f64, RewardMetrics, usize)> {
-    let dev = model.device().clone();
-    let (mut policy, mut reference, mut masks_c, mut masks_r) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut tokens = 0usize;
-    for (k, chunk) in pairs.chunks(batch_size.max(1)).enumerate() {
-        let refs_b: Vec<&TokenizedPair> = chunk.iter().collect();
-        let batch = collate(&refs_b, pad, &dev)?;
-        tokens += batch.attention_mask.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as usize;
-        let lp = reference::batch_logps_with(model, &batch, true, t.share_prompt)?;
-        let idx: Vec<usize> = (k * batch_size.max(1)..k * batch_size.max(1) + chunk.len()).collect();
-        let r = refs.gather(&idx, &dev)?;
-        let counts = completion_token_counts(&batch.completion_mask)?;
-        let (a, b) = split_pairs(&lp)?;
-        let (ra, rb) = split_pairs(&r)?;
-        let (ca, cb) = split_pairs(&counts)?;
-        policy.push((a, b));
-        reference.push((ra, rb));
-        masks_c.push(ca);
-        masks_r.push(cb);
-    }
-    if policy.is_empty() {
-        return Err(Error::Msg("evaluate: no pairs".into()));
-    }
-    let cat = |v: Vec<Tensor>| -> Result<Tensor> { Ok(Tensor::cat(&v, 0)?) };
-    let (pc, pr): (Vec<Tensor>, Vec<Tensor>) = policy.into_iter().unzip();
-    let (rc, rr): (Vec<Tensor>, Vec<Tensor>) = reference.into_iter().unzip();
-    let logps = PairLogps {
-        policy_chosen: cat(pc)?,
-        policy_rejected: cat(pr)?,
-        reference_chosen: cat(rc)?,
-        reference_rejected: cat(rr)?,
-        chosen_tokens: cat(masks_c)?,
-        rejected_tokens: cat(masks_r)?,
-    };
+    let scores = score_pairs(model, pairs, pad, batch_size.max(1), t.share_prompt, Pass::Policy, |_| {})?;
+    let (policy_chosen, policy_rejected) = scores.policy.expect("a policy pass");
+    let all: Vec<usize> = (0..pairs.len()).collect();
+    let (reference_chosen, reference_rejected) = split_pairs(&refs.gather(&all, model.device())?)?;
+    let (chosen_tokens, rejected_tokens) = scores.tokens;
+    let logps = PairLogps { policy_chosen, policy_rejected, reference_chosen, reference_rejected, chosen_tokens, rejected_tokens };
     let out = preference_loss(t.loss_type, &logps, &t.loss_params(), t.rpo_alpha)?;
-    Ok((out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, out.metrics, tokens))
+    Ok((out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, out.metrics, scores.real_tokens))
 }
 
 // ------------------------------------------------------------------------------------------
@@ -481,6 +234,16 @@ fn check_finite(step: u64, loss: f64, grad_norm: f64, output_dir: &Path) -> Resu
     )))
 }
 
+/// What one optimiser step did: its loss and reward metrics (means over its micro-batches), the
+/// gradient norm before clipping, its real tokens.
+#[derive(Default)]
+struct StepStats {
+    loss: f64,
+    grad_norm: f64,
+    metrics: RewardMetrics,
+    tokens: usize,
+}
+
 /// Sums over the steps of a logging interval.
 #[derive(Default)]
 struct Interval {
@@ -524,12 +287,151 @@ fn scale_metrics(m: &RewardMetrics, s: f64) -> RewardMetrics {
 /// `training.overwrite`, an unwritable output folder, a trainable tensor without gradient
 /// (`no gradient for NAME`, at the first step), a non-finite loss or gradient norm.
 pub fn run(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
-    let t = &cfg.training;
     let started = Instant::now();
-    let say = |s: &str| eprintln!("{s}");
+    let s = setup(cfg, opts)?;
+    print_summary(cfg, &s);
+    if s.resume_from.is_none() {
+        // after every check that needs no writing
+        start_output_dir(cfg, &s.output_dir)?;
+    }
+    let refs = reference_logps(cfg, &s)?;
+    let mut st = restore(cfg, &s)?;
+    let progress = if opts.progress { Progress::new(s.total_steps, st.step) } else { Progress::hidden(s.total_steps, st.step) };
+    let first_eval = match s.resume_from {
+        None => eval_and_log(cfg, &s, &refs, &mut st, |l| progress.println(l))?,
+        Some(_) => None,
+    };
+    let mut last_eval = first_eval;
+    let (outcome, run_tokens) = train_loop(cfg, &s, &refs, &mut st, &progress, &mut last_eval)?;
+    if outcome == Outcome::Finished {
+        progress.finish();
+        last_eval = eval_and_log(cfg, &s, &refs, &mut st, say)?.or(last_eval);
+        write_final(&s, &st)?;
+    }
+    let wall_seconds = st.clock.start.elapsed().as_secs_f64();
+    let tokens_per_second = run_tokens as f64 / wall_seconds.max(1e-9);
+    let peak = crate::process::peak_rss_kib();
+    say(&format!(
+        "done: {} steps in {:.1} s ({:.1} s with setup), {:.0} real tokens/s, peak RSS {}",
+        st.step,
+        wall_seconds,
+        started.elapsed().as_secs_f64(),
+        tokens_per_second,
+        peak.map(|k| format!("{:.2} GiB", k as f64 / 1048576.0)).unwrap_or_else(|| "unknown".into())
+    ));
+    if outcome == Outcome::Finished {
+        say(&format!("adapter written to {}", s.output_dir.display()));
+    }
+    Ok(TrainSummary { outcome, output_dir: s.output_dir, global_step: st.step, first_eval, last_eval, wall_seconds, tokens_per_second, peak_rss_kib: peak })
+}
 
-    // ---- setup: data rows (fails fast on bad files), model, adapter, tokens
-    let rows = read_rows(cfg)?;
+/// The loop: one optimiser step a turn; log, evaluate and checkpoint on their intervals; on
+/// Ctrl-C, a checkpoint at the end of the step and return. Returns how it ended and the real
+/// tokens this process trained on.
+fn train_loop(cfg: &RunConfig, s: &Setup, refs: &Refs, st: &mut State, progress: &Progress, last_eval: &mut Option<EvalStats>) -> Result<(Outcome, usize)> {
+    let t = &cfg.training;
+    let mut interval = Interval { start: Some(Instant::now()), ..Default::default() };
+    let mut run_tokens = 0usize;
+    while st.step < s.total_steps {
+        let lr = s.schedule.lr_at(st.step as usize);
+        let done = optimiser_step(t, s, refs, st, lr)?;
+        run_tokens += done.tokens;
+        interval.add(done.loss, done.grad_norm, &done.metrics, done.tokens);
+
+        if st.step % t.logging_steps as u64 == 0 || st.step == s.total_steps {
+            log_interval(st, &interval, lr, progress)?;
+            interval = Interval { start: Some(Instant::now()), ..Default::default() };
+        }
+        if t.eval_steps > 0 && st.step % t.eval_steps as u64 == 0 && st.step < s.total_steps {
+            if let Some(e) = eval_and_log(cfg, s, refs, st, |l| progress.println(l))? {
+                *last_eval = Some(e);
+            }
+        }
+        let stop = STOP_REQUESTED.load(Ordering::SeqCst);
+        if (t.save_steps > 0 && st.step % t.save_steps as u64 == 0) || stop {
+            let dir = save_checkpoint(cfg, s, st)?;
+            if stop {
+                progress.finish();
+                say(&format!("interrupted: checkpoint written to {}; continue with `ropo train --config ... --resume {}`", dir.display(), s.output_dir.display()));
+                return Ok((Outcome::Interrupted { step: st.step, checkpoint: dir }, run_tokens));
+            }
+        }
+    }
+    Ok((Outcome::Finished, run_tokens))
+}
+
+/// One optimiser step: `gradient_accumulation_steps` micro-batches (each: reference log-probs,
+/// [`micro_batch`], gradients accumulated with weight `1/GA`), clipping by global norm, the
+/// finiteness check, the AdamW step at `lr`; the step counters move on.
+fn optimiser_step(t: &TrainingSection, s: &Setup, refs: &Refs, st: &mut State, lr: f64) -> Result<StepStats> {
+    let mut acc = GradAccumulator::new(t.gradient_accumulation_steps);
+    let mut done = StepStats::default();
+    let w = 1.0 / t.gradient_accumulation_steps as f64;
+    for _ in 0..t.gradient_accumulation_steps {
+        let idx = st.cursor.next()?;
+        let pairs: Vec<&TokenizedPair> = idx.iter().map(|&i| &s.splits.train[i]).collect();
+        let batch = collate(&pairs, s.pad, s.model.device())?;
+        done.tokens += batch.attention_mask.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as usize;
+        let ref_lp = match &refs.train {
+            Some(r) => r.gather(&idx, s.model.device())?,
+            None => crate::logps::batch_logps_detached(s.reference(), &batch, false, t.share_prompt)?,
+        };
+        let (out, grads) = micro_batch(&s.model, &batch, &ref_lp, t)?;
+        acc.add(&s.params, &grads).map_err(|e| {
+            Error::Msg(format!("{e}: this trainable tensor is not on the loss's autograd path (a frozen adapter would be silently useless)"))
+        })?;
+        done.loss += w * out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        add_metrics(&mut done.metrics, &out.metrics, w);
+    }
+    let mut grads = acc.take()?;
+    done.grad_norm = grads.clip_global_norm(t.max_grad_norm)?;
+    check_finite(st.step, done.loss, done.grad_norm, &s.output_dir)?;
+    st.opt.step(&grads, lr)?;
+    st.step += 1;
+    st.trainer.global_step = st.step;
+    st.trainer.epoch = st.cursor.epoch();
+    st.trainer.num_input_tokens_seen += done.tokens as u64;
+    Ok(done)
+}
+
+// ------------------------------------------------------------------------------------------
+// The steps of the run
+// ------------------------------------------------------------------------------------------
+
+/// What the run reads and never changes: the model with its adapter, the tokenized data, the
+/// schedule. Built by [`setup`].
+struct Setup {
+    output_dir: PathBuf,
+    /// The checkpoint `--resume` continues from: `(step, folder)`.
+    resume_from: Option<(u64, PathBuf)>,
+    model: Model,
+    model_config: crate::model::config::ModelConfig,
+    /// `model.reference`, when set; else the policy with adapters bypassed is the reference.
+    separate_ref: Option<Model>,
+    adapter: AnyAdapterSet,
+    /// The adapter's trainable tensors, by name.
+    params: Vec<(String, Var)>,
+    rows: Rows,
+    splits: Splits,
+    pad: u32,
+    sampler: SamplerConfig,
+    steps_per_epoch: usize,
+    total_steps: u64,
+    schedule: LrSchedule,
+}
+
+impl Setup {
+    /// The model the reference log-probs come from (run with adapters bypassed).
+    fn reference(&self) -> &Model {
+        self.separate_ref.as_ref().unwrap_or(&self.model)
+    }
+}
+
+/// Data rows (fails fast on bad files), the checkpoint to resume from, model, adapter, tokens,
+/// schedule.
+fn setup(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
+    let t = &cfg.training;
+    let rows = read_rows(&cfg.data)?;
     let output_dir = opts.resume.clone().unwrap_or_else(|| PathBuf::from(&t.output_dir));
     let resume_from = match &opts.resume {
         Some(dir) => Some(checkpoint::latest_complete(dir)?.ok_or_else(|| {
@@ -538,33 +440,36 @@ pub fn run(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         None => None,
     };
     let loaded = load_model(&cfg.model.path_or_id, cfg)?;
-    let mut model = loaded.model;
-    let tokenizer = loaded.tokenizer;
+    let (mut model, tokenizer, model_config) = (loaded.model, loaded.tokenizer, loaded.config);
     let separate_ref = match &cfg.model.reference {
         Some(r) => Some(load_model(r, cfg)?.model),
         None => None,
     };
     let adapter = attach_adapter(&mut model, cfg)?;
     let params: Vec<(String, Var)> = adapter.vars();
-    let splits = tokenize(cfg, &rows, &tokenizer)?;
+    let splits = tokenize_splits(&cfg.data, &rows, &tokenizer)?;
     let pad = pad_id(&tokenizer)?;
 
-    // ---- schedule
+    // the schedule
     let sampler = SamplerConfig { batch_size: t.per_device_train_batch_size, seed: t.seed, mega_batch_factor: 50, drop_last: false };
-    let lengths: Vec<usize> = splits.train.iter().map(|p| p.max_len()).collect();
-    let batches_per_epoch = lengths.len().div_ceil(sampler.batch_size);
+    let batches_per_epoch = splits.train.len().div_ceil(sampler.batch_size);
     let steps_per_epoch = batches_per_epoch.div_ceil(t.gradient_accumulation_steps).max(1);
     let total_steps = t.total_steps(steps_per_epoch) as u64;
     let schedule = t.lr_schedule(total_steps as usize);
+    Ok(Setup { output_dir, resume_from, model, model_config, separate_ref, adapter, params, rows, splits, pad, sampler, steps_per_epoch, total_steps, schedule })
+}
 
-    // ---- summary
-    say(&format!("ropo train: model {} ({} layers, hidden {}), {} threads", cfg.model.path_or_id, loaded.config.num_hidden_layers, loaded.config.hidden_size, rayon::current_num_threads()));
+/// The setup summary on stderr: model, reference, adapter, data, tokens per step, schedule.
+fn print_summary(cfg: &RunConfig, s: &Setup) {
+    let t = &cfg.training;
+    let (rows, splits) = (&s.rows, &s.splits);
+    say(&format!("ropo train: model {} ({} layers, hidden {}), {} threads", cfg.model.path_or_id, s.model_config.num_hidden_layers, s.model_config.hidden_size, rayon::current_num_threads()));
     if let Some(r) = &cfg.model.reference {
         say(&format!("reference model: {r} (separate)"));
     } else {
         say("reference model: the policy with adapters bypassed");
     }
-    say(&format!("{}", adapter.report()));
+    say(&format!("{}", s.adapter.report()));
     for f in &rows.files {
         say(&format!("data {} (format {}): {} rows read, {} skipped while loading", f.source.display(), f.format, f.report.rows_read, f.report.total_skipped()));
         for (reason, c) in &f.report.skipped {
@@ -593,41 +498,55 @@ pub fn run(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     ));
     say(&format!(
         "{} steps ({} per epoch), loss {}, beta {}, lr {} ({:?}, {} warmup), max_grad_norm {}",
-        total_steps, steps_per_epoch, t.loss_type, t.beta, t.learning_rate, t.lr_scheduler_type, schedule.warmup_steps, t.max_grad_norm
+        s.total_steps, s.steps_per_epoch, t.loss_type, t.beta, t.learning_rate, t.lr_scheduler_type, s.schedule.warmup_steps, t.max_grad_norm
     ));
+}
 
-    // ---- output folder (after every check that needs no writing)
-    if resume_from.is_none() {
-        checkpoint::prepare_output_dir(&output_dir, t.overwrite)?;
-        crate::fsutil::write_atomic(&output_dir.join(CONFIG_FILE), cfg.to_toml_string().as_bytes())
-            .map_err(|e| Error::input(output_dir.join(CONFIG_FILE), None, format!("writing: {e}")))?;
-    }
+/// A fresh run's output folder: emptied or created ([`checkpoint::prepare_output_dir`]), the
+/// resolved config written at its top.
+fn start_output_dir(cfg: &RunConfig, output_dir: &Path) -> Result<()> {
+    checkpoint::prepare_output_dir(output_dir, cfg.training.overwrite)?;
+    crate::fsutil::write_atomic(&output_dir.join(RUN_CONFIG_FILE), cfg.to_toml_string().as_bytes())
+        .map_err(|e| Error::input(output_dir.join(RUN_CONFIG_FILE), None, format!("writing: {e}")))
+}
 
-    // ---- reference log-probs
-    let ref_model: &Model = separate_ref.as_ref().unwrap_or(&model);
-    let train_refs: Option<PairRefLogps> = if t.precompute_ref_log_probs {
+/// The reference log-probs computed before the loop.
+struct Refs {
+    /// Every training pair's, with `training.precompute_ref_log_probs` (else each micro-batch
+    /// runs the reference).
+    train: Option<PairRefLogps>,
+    /// Every evaluation pair's (when there is an eval split).
+    eval: Option<PairRefLogps>,
+}
+
+/// The training pairs' reference log-probs (with `precompute_ref_log_probs`: from the cache in
+/// `OUTPUT_DIR/reference_logps/` when its key matches, else computed and cached) and the
+/// evaluation pairs'.
+fn reference_logps(cfg: &RunConfig, s: &Setup) -> Result<Refs> {
+    let t = &cfg.training;
+    let train = if t.precompute_ref_log_probs {
         let key = reference::cache_key(
             &[
                 &cfg.model.path_or_id,
                 cfg.model.reference.as_deref().unwrap_or(""),
                 &cfg.model.revision,
                 &format!("{:?}", cfg.model.dtype),
-                &format!("{:?}", tokenize_options(cfg)),
-                &template_override(cfg)?.unwrap_or_default(),
+                &format!("{:?}", tokenize_options(&cfg.data)),
+                &template_override(&cfg.data)?.unwrap_or_default(),
                 &format!("batch {}", t.per_device_eval_batch_size),
                 &format!("share_prompt {}", t.share_prompt),
             ],
-            &splits.train,
+            &s.splits.train,
         );
-        let path = reference::cache_path(&output_dir.join(REFERENCE_DIR), &key);
-        match reference::load_cache(&path, splits.train.len())? {
+        let path = reference::cache_path(&s.output_dir.join(REFERENCE_DIR), &key);
+        match reference::load_cache(&path, s.splits.train.len())? {
             Some(r) => {
                 say(&format!("reference log-probs: cached ({})", path.display()));
                 Some(r)
             }
             None => {
-                say(&format!("reference log-probs: computing for {} pairs", splits.train.len()));
-                let r = reference::compute_all(ref_model, &splits.train, t.per_device_eval_batch_size, pad, t.share_prompt, |_, _| {})?;
+                say(&format!("reference log-probs: computing for {} pairs", s.splits.train.len()));
+                let r = reference::compute_all(s.reference(), &s.splits.train, t.per_device_eval_batch_size, s.pad, t.share_prompt, |_, _| {})?;
                 reference::save_cache(&path, &r)?;
                 Some(r)
             }
@@ -635,18 +554,45 @@ pub fn run(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     } else {
         None
     };
-    let eval_refs = if splits.eval.is_empty() {
-        None
-    } else {
-        Some(reference::compute_all(ref_model, &splits.eval, t.per_device_eval_batch_size, pad, t.share_prompt, |_, _| {})?)
+    let eval = match s.splits.eval.is_empty() {
+        true => None,
+        false => Some(reference::compute_all(s.reference(), &s.splits.eval, t.per_device_eval_batch_size, s.pad, t.share_prompt, |_, _| {})?),
     };
+    Ok(Refs { train, eval })
+}
 
-    // ---- optimiser, state, resume
-    let mut opt = AdamW::new(params.clone(), t.adamw())?;
-    // The training RNG: checkpointed with the run; nothing samples from it yet (no dropout).
+/// What the loop changes: the optimiser, the RNG, the trainer state, the data position and the
+/// step (a checkpoint holds them all), the metrics file and the clock.
+struct State {
+    opt: AdamW,
+    /// The training RNG: checkpointed with the run; nothing samples from it yet (no dropout).
+    rng: ChaCha8Rng,
+    trainer: TrainerState,
+    cursor: DataCursor,
+    /// Optimiser steps done.
+    step: u64,
+    logger: MetricsLogger,
+    clock: Clock,
+}
+
+impl State {
+    /// Append `rec` to `metrics.jsonl` and to the trainer state's log history.
+    fn log(&mut self, rec: crate::metrics::Record) -> Result<()> {
+        self.logger.log(&rec)?;
+        self.trainer.log_history.push(rec);
+        Ok(())
+    }
+}
+
+/// The loop's state at its start: fresh (AdamW moments zero, the RNG seeded, step 0, a new
+/// `metrics.jsonl`), or restored from the `--resume` checkpoint (adapter, optimiser, RNG, data
+/// position, trainer state; `metrics.jsonl` cut back to its step).
+fn restore(cfg: &RunConfig, s: &Setup) -> Result<State> {
+    let t = &cfg.training;
+    let mut opt = AdamW::new(s.params.clone(), t.adamw())?;
     let mut rng = ChaCha8Rng::seed_from_u64(t.seed);
-    let mut state = TrainerState {
-        max_steps: total_steps,
+    let mut trainer = TrainerState {
+        max_steps: s.total_steps,
         num_train_epochs: t.num_train_epochs,
         logging_steps: t.logging_steps as u64,
         eval_steps: t.eval_steps as u64,
@@ -656,176 +602,115 @@ pub fn run(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     };
     let mut pos = DataPosition::default();
     let mut step: u64 = 0;
-    let metrics_path = output_dir.join(METRICS_FILE);
-    let mut logger = if let Some((s, dir)) = &resume_from {
+    let metrics_path = s.output_dir.join(METRICS_FILE);
+    let logger = if let Some((at, dir)) = &s.resume_from {
         let ck = checkpoint::load(dir, &Device::Cpu)?;
-        ck.restore_trainable(&params)?;
+        ck.restore_trainable(&s.params)?;
         ck.restore_optimizer(&mut opt)?;
         rng = ck.meta.rng.restore()?;
         pos = ck.meta.data;
         step = ck.meta.global_step;
-        state = ck.trainer_state.clone();
-        state.max_steps = total_steps;
-        say(&format!("resuming from {} (step {s})", dir.display()));
+        trainer = ck.trainer_state.clone();
+        trainer.max_steps = s.total_steps;
+        say(&format!("resuming from {} (step {at})", dir.display()));
         MetricsLogger::resume(&metrics_path, step)?
     } else {
         MetricsLogger::create(&metrics_path)?
     };
-    let mut cursor = DataCursor::new(lengths, sampler, pos);
-    let progress = if opts.progress { Progress::new(total_steps, step) } else { Progress::hidden(total_steps, step) };
-    let train_start = Instant::now();
-    // After --resume, elapsed_seconds continues from the checkpoint's last record, so it is the
-    // run's training time so far (the time between that record and the kill is not counted).
-    let elapsed_before = state
-        .log_history
-        .iter()
-        .rev()
-        .find_map(|r| r.get("elapsed_seconds").and_then(|v| v.as_f64()))
-        .unwrap_or(0.0);
-    let elapsed = || elapsed_before + train_start.elapsed().as_secs_f64();
+    let lengths: Vec<usize> = s.splits.train.iter().map(|p| p.max_len()).collect();
+    let cursor = DataCursor::new(lengths, s.sampler, pos);
+    let clock = Clock::continuing(&trainer);
+    Ok(State { opt, rng, trainer, cursor, step, logger, clock })
+}
 
-    let log = |logger: &mut MetricsLogger, state: &mut TrainerState, rec: crate::metrics::Record| -> Result<()> {
-        logger.log(&rec)?;
-        state.log_history.push(rec);
-        Ok(())
+/// Evaluate the policy on the eval split (when there is one) at the current step; print the
+/// line with `print` and log the record.
+fn eval_and_log(cfg: &RunConfig, s: &Setup, refs: &Refs, st: &mut State, print: impl Fn(&str)) -> Result<Option<EvalStats>> {
+    let t = &cfg.training;
+    let Some(eval_refs) = &refs.eval else { return Ok(None) };
+    let t0 = Instant::now();
+    let (loss, rewards, tokens) = evaluate(&s.model, &s.splits.eval, eval_refs, t.per_device_eval_batch_size, s.pad, t)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let (step, epoch) = (st.step, st.trainer.epoch);
+    let e = EvalStats { step, epoch, loss, rewards, tokens_per_second: tokens as f64 / secs.max(1e-9), elapsed_seconds: st.clock.elapsed() };
+    print(&format!("eval at step {step}: loss {:.4}, rewards/accuracies {:.3}, rewards/ties {:.3}, rewards/margins {:.4}", e.loss, e.rewards.rewards_accuracies, e.rewards.rewards_ties, e.rewards.rewards_margins));
+    st.log(e.record())?;
+    Ok(Some(e))
+}
+
+/// Log the means over a logging interval (`metrics.jsonl`, the progress bar).
+fn log_interval(st: &mut State, interval: &Interval, lr: f64, progress: &Progress) -> Result<()> {
+    let n = interval.steps.max(1) as f64;
+    let secs = interval.start.map_or(0.0, |s| s.elapsed().as_secs_f64());
+    let stats = TrainStats {
+        step: st.step,
+        epoch: st.trainer.epoch,
+        loss: interval.loss / n,
+        rewards: scale_metrics(&interval.metrics, 1.0 / n),
+        grad_norm: interval.grad_norm / n,
+        learning_rate: lr,
+        tokens_per_second: interval.tokens as f64 / secs.max(1e-9),
+        elapsed_seconds: st.clock.elapsed(),
     };
-    let run_eval = |step: u64, epoch: f64| -> Result<Option<EvalStats>> {
-        let Some(refs) = &eval_refs else { return Ok(None) };
-        let t0 = Instant::now();
-        let (loss, rewards, tokens) = evaluate(&model, &splits.eval, refs, t.per_device_eval_batch_size, pad, t)?;
-        let secs = t0.elapsed().as_secs_f64();
-        Ok(Some(EvalStats { step, epoch, loss, rewards, tokens_per_second: tokens as f64 / secs.max(1e-9), elapsed_seconds: 0.0 }))
+    st.log(stats.record())?;
+    progress.update(st.step, stats.loss, stats.rewards.rewards_accuracies, stats.rewards.rewards_margins, stats.tokens_per_second);
+    Ok(())
+}
+
+/// Write the checkpoint of the current step (then prune to `save_total_limit` and write
+/// `trainer_state.json`). Returns its folder.
+fn save_checkpoint(cfg: &RunConfig, s: &Setup, st: &State) -> Result<PathBuf> {
+    let meta = CheckpointMeta {
+        format_version: checkpoint::FORMAT_VERSION,
+        global_step: st.step,
+        scheduler_step: st.step,
+        total_steps: s.total_steps,
+        rng: RngState::capture(&st.rng),
+        data: st.cursor.pos,
+        ropo_version: env!("CARGO_PKG_VERSION").into(),
     };
+    let data = CheckpointData { trainable: &s.params, optimizer: &st.opt, meta, config: cfg, trainer_state: &st.trainer };
+    let dir = checkpoint::save(&s.output_dir, &data)?;
+    checkpoint::prune(&s.output_dir, cfg.training.save_total_limit)?;
+    st.trainer.save(&s.output_dir.join(TRAINER_STATE_FILE))?;
+    Ok(dir)
+}
 
-    let mut first_eval = None;
-    let mut last_eval = None;
-    if resume_from.is_none() {
-        if let Some(mut e) = run_eval(0, 0.0)? {
-            e.elapsed_seconds = elapsed();
-            progress.println(&format!("eval at step 0: loss {:.4}, rewards/accuracies {:.3}, rewards/ties {:.3}, rewards/margins {:.4}", e.loss, e.rewards.rewards_accuracies, e.rewards.rewards_ties, e.rewards.rewards_margins));
-            log(&mut logger, &mut state, e.record())?;
-            first_eval = Some(e);
-            last_eval = first_eval;
-        }
+/// The end of a finished run: the final adapter, `trainer_state.json`, the training curves
+/// (reported, never fatal).
+fn write_final(s: &Setup, st: &State) -> Result<()> {
+    save_adapter(&s.output_dir, &s.adapter)?;
+    st.trainer.save(&s.output_dir.join(TRAINER_STATE_FILE))?;
+    let curves = s.output_dir.join(CURVES_FILE);
+    match crate::plot::plot_metrics_file(&s.output_dir.join(METRICS_FILE), &curves) {
+        Ok(_) => say(&format!("training curves written to {}", curves.display())),
+        Err(e) => say(&format!("warning: training curves not written: {e}")),
+    }
+    Ok(())
+}
+
+/// Training time: this process's loop, plus (after `--resume`) the checkpoint's last
+/// `elapsed_seconds`, so the figure is the run's training time so far (the time between that
+/// record and the kill is not counted).
+struct Clock {
+    start: Instant,
+    before: f64,
+}
+
+impl Clock {
+    fn continuing(state: &TrainerState) -> Self {
+        let before = state.log_history.iter().rev().find_map(|r| r.get("elapsed_seconds").and_then(|v| v.as_f64())).unwrap_or(0.0);
+        Self { start: Instant::now(), before }
     }
 
-    // ---- the loop
-    let mut interval = Interval { start: Some(Instant::now()), ..Default::default() };
-    let mut run_tokens = 0usize;
-    let mut outcome = Outcome::Finished;
-    while step < total_steps {
-        let lr = schedule.lr_at(step as usize);
-        let mut acc = GradAccumulator::new(t.gradient_accumulation_steps);
-        let mut step_loss = 0.0;
-        let mut step_metrics = RewardMetrics::default();
-        let mut step_tokens = 0usize;
-        let w = 1.0 / t.gradient_accumulation_steps as f64;
-        for _ in 0..t.gradient_accumulation_steps {
-            let idx = cursor.next()?;
-            let pairs: Vec<&TokenizedPair> = idx.iter().map(|&i| &splits.train[i]).collect();
-            let batch = collate(&pairs, pad, model.device())?;
-            step_tokens += batch.attention_mask.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as usize;
-            let ref_lp = match &train_refs {
-                Some(r) => r.gather(&idx, model.device())?,
-                None => reference::batch_logps_with(ref_model, &batch, false, t.share_prompt)?,
-            };
-            let (out, grads) = micro_batch(&model, &batch, &ref_lp, t)?;
-            acc.add(&params, &grads).map_err(|e| {
-                Error::Msg(format!("{e}: this trainable tensor is not on the loss's autograd path (a frozen adapter would be silently useless)"))
-            })?;
-            step_loss += w * out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            add_metrics(&mut step_metrics, &out.metrics, w);
-        }
-        let mut grads = acc.take()?;
-        let grad_norm = grads.clip_global_norm(t.max_grad_norm)?;
-        check_finite(step, step_loss, grad_norm, &output_dir)?;
-        opt.step(&grads, lr)?;
-        step += 1;
-        run_tokens += step_tokens;
-        state.global_step = step;
-        state.epoch = cursor.epoch();
-        state.num_input_tokens_seen += step_tokens as u64;
-        interval.add(step_loss, grad_norm, &step_metrics, step_tokens);
+    fn elapsed(&self) -> f64 {
+        self.before + self.start.elapsed().as_secs_f64()
+    }
+}
 
-        if step % t.logging_steps as u64 == 0 || step == total_steps {
-            let n = interval.steps.max(1) as f64;
-            let secs = interval.start.map_or(0.0, |s| s.elapsed().as_secs_f64());
-            let stats = TrainStats {
-                step,
-                epoch: state.epoch,
-                loss: interval.loss / n,
-                rewards: scale_metrics(&interval.metrics, 1.0 / n),
-                grad_norm: interval.grad_norm / n,
-                learning_rate: lr,
-                tokens_per_second: interval.tokens as f64 / secs.max(1e-9),
-                elapsed_seconds: elapsed(),
-            };
-            log(&mut logger, &mut state, stats.record())?;
-            progress.update(step, stats.loss, stats.rewards.rewards_accuracies, stats.rewards.rewards_margins, stats.tokens_per_second);
-            interval = Interval { start: Some(Instant::now()), ..Default::default() };
-        }
-        if t.eval_steps > 0 && step % t.eval_steps as u64 == 0 && step < total_steps {
-            if let Some(mut e) = run_eval(step, state.epoch)? {
-                e.elapsed_seconds = elapsed();
-                progress.println(&format!("eval at step {step}: loss {:.4}, rewards/accuracies {:.3}, rewards/ties {:.3}, rewards/margins {:.4}", e.loss, e.rewards.rewards_accuracies, e.rewards.rewards_ties, e.rewards.rewards_margins));
-                log(&mut logger, &mut state, e.record())?;
-                last_eval = Some(e);
-            }
-        }
-        let stop = STOP_REQUESTED.load(Ordering::SeqCst);
-        if (t.save_steps > 0 && step % t.save_steps as u64 == 0) || stop {
-            let meta = CheckpointMeta {
-                format_version: checkpoint::FORMAT_VERSION,
-                global_step: step,
-                scheduler_step: step,
-                total_steps,
-                rng: RngState::capture(&rng),
-                data: cursor.pos,
-                ropo_version: env!("CARGO_PKG_VERSION").into(),
-            };
-            let dir = checkpoint::save(&output_dir, &CheckpointData { trainable: &params, optimizer: &opt, meta, config: cfg, trainer_state: &state })?;
-            checkpoint::prune(&output_dir, t.save_total_limit)?;
-            state.save(&output_dir.join(checkpoint::TRAINER_STATE_FILE))?;
-            if stop {
-                progress.finish();
-                say(&format!("interrupted: checkpoint written to {}; continue with `ropo train --config ... --resume {}`", dir.display(), output_dir.display()));
-                outcome = Outcome::Interrupted { step, checkpoint: dir };
-                break;
-            }
-        }
-    }
-
-    if outcome == Outcome::Finished {
-        progress.finish();
-        if let Some(mut e) = run_eval(step, state.epoch)? {
-            e.elapsed_seconds = elapsed();
-            say(&format!("eval at step {step}: loss {:.4}, rewards/accuracies {:.3}, rewards/ties {:.3}, rewards/margins {:.4}", e.loss, e.rewards.rewards_accuracies, e.rewards.rewards_ties, e.rewards.rewards_margins));
-            log(&mut logger, &mut state, e.record())?;
-            last_eval = Some(e);
-        }
-        save_adapter(&output_dir, &adapter)?;
-        state.save(&output_dir.join(checkpoint::TRAINER_STATE_FILE))?;
-        // training curves (loss, accuracies, margins; train and eval): reported, never fatal
-        let curves = output_dir.join("curves.png");
-        match crate::plot::plot_metrics_file(&output_dir.join(METRICS_FILE), &curves) {
-            Ok(_) => say(&format!("training curves written to {}", curves.display())),
-            Err(e) => say(&format!("warning: training curves not written: {e}")),
-        }
-    }
-    let wall_seconds = train_start.elapsed().as_secs_f64();
-    let tokens_per_second = run_tokens as f64 / wall_seconds.max(1e-9);
-    let peak = peak_rss_kib();
-    say(&format!(
-        "done: {step} steps in {:.1} s ({:.1} s with setup), {:.0} real tokens/s, peak RSS {}",
-        wall_seconds,
-        started.elapsed().as_secs_f64(),
-        tokens_per_second,
-        peak.map(|k| format!("{:.2} GiB", k as f64 / 1048576.0)).unwrap_or_else(|| "unknown".into())
-    ));
-    if outcome == Outcome::Finished {
-        say(&format!("adapter written to {}", output_dir.display()));
-    }
-    Ok(TrainSummary { outcome, output_dir, global_step: step, first_eval, last_eval, wall_seconds, tokens_per_second, peak_rss_kib: peak })
+/// One line on stderr.
+fn say(s: &str) {
+    eprintln!("{s}");
 }
 
 #[cfg(test)]
@@ -858,13 +743,5 @@ mod tests {
         assert!(e.contains("step 4") && e.contains("non-finite loss") && e.contains("no checkpoint"), "{e}");
         let e = check_finite(3, 0.5, f64::INFINITY, dir.path()).unwrap_err().to_string();
         assert!(e.contains("non-finite gradient norm"), "{e}");
-    }
-
-    #[test]
-    fn slices_select_rows() {
-        let v: Vec<usize> = (0..10).collect();
-        assert_eq!(slice(&v, Some(RowSlice { start: None, end: Some(3) })), vec![0, 1, 2]);
-        assert_eq!(slice(&v, Some(RowSlice { start: Some(-2), end: None })), vec![8, 9]);
-        assert_eq!(slice(&v, None), v);
     }
 }

@@ -6,7 +6,8 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
-use ropo::adapter::{givens, RopoAdapter};
+use ropo::adapter::ropo::givens;
+use ropo::adapter::RopoAdapter;
 use common::tiny::{max_abs, randn, small_model, tiny_config};
 use ropo::eval::energy::{hyperspherical_energy, row_cosines};
 use ropo::model::linear::{Adapter, Linear};
@@ -38,7 +39,7 @@ fn random_adapted(n: usize, d: usize, r: usize, s: usize, magnitude: bool, seed:
     let m = magnitude.then(|| {
         let f: Vec<f64> = (0..n).map(|_| rng.random_range(0.5..1.5)).collect();
         let f = Tensor::from_vec(f, n, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-        (ropo::adapter::layer::row_norms(&base.weight).unwrap() * f).unwrap()
+        (ropo::adapter::ropo::layer::row_norms(&base.weight).unwrap() * f).unwrap()
     });
     let ad = RopoAdapter::from_tensors(&base, r, s, u, theta, m).unwrap();
     (base, ad)
@@ -182,8 +183,9 @@ fn variants_have_the_right_tensors() {
 // Injection, files and merge on a toy stack of linears (the same code paths the Model uses
 // through `Model::linears_mut`).
 
-use ropo::adapter::config::{AdapterConfig, TargetModules};
-use ropo::adapter::{files, inject, merge};
+use ropo::adapter::ropo::{self as ropo_adapter, files, RopoConfig, RopoSet};
+use ropo::adapter::targets::TargetModules;
+use ropo::adapter::{inject, merge};
 
 /// `x -> tanh(q(x)) -> tanh(o(.)) -> tanh(up(.)) -> down(.)`, paths in HF style.
 fn toy(d: usize, h: usize, seed: u64, dtype: DType) -> Vec<Linear> {
@@ -218,7 +220,7 @@ fn toy_params(ls: &[Linear]) -> usize {
 
 /// Set every adapter tensor to random non-identity values (u ~ N(0,1), theta ~ N(0,1),
 /// m = rho * (1 + N(0, 0.1))).
-fn randomize(set: &inject::AdapterSet, seed: u64) {
+fn randomize(set: &RopoSet, seed: u64) {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     for (name, var) in set.vars() {
         let dims = var.dims().to_vec();
@@ -233,15 +235,15 @@ fn randomize(set: &inject::AdapterSet, seed: u64) {
     }
 }
 
-fn all_targets() -> AdapterConfig {
-    AdapterConfig { target_modules: TargetModules::Regex(r"model\.layers\.\d+\..*_proj".into()), ..Default::default() }
+fn all_targets() -> RopoConfig {
+    RopoConfig { target_modules: TargetModules::Regex(r"model\.layers\.\d+\..*_proj".into()), ..Default::default() }
 }
 
 #[test]
 fn inject_identity_counts_and_order() {
     let mut ls = toy(12, 20, 1, DType::F64);
     let base_params = toy_params(&ls);
-    let set = inject::inject_linears(ls.iter_mut().collect(), &all_targets(), "toy", base_params).unwrap();
+    let set = ropo_adapter::inject_linears(ls.iter_mut().collect(), &all_targets(), "toy", base_params).unwrap();
     // r*d + A + n per layer: q (12->12), o (12->12), up (12->20), down (20->12)
     let per = |n: usize, d: usize| 4 * d + givens::num_angles(d, 2) + n;
     let want = per(12, 12) * 2 + per(20, 12) + per(12, 20);
@@ -257,17 +259,17 @@ fn inject_identity_counts_and_order() {
     assert!(e < 1e-10, "fresh adapters change the output by {e}");
     // default targets (q, k, v, o) match only q and o here
     let mut ls2 = toy(12, 20, 1, DType::F64);
-    let set2 = inject::inject_linears(ls2.iter_mut().collect(), &AdapterConfig::default(), "toy", 0).unwrap();
+    let set2 = ropo_adapter::inject_linears(ls2.iter_mut().collect(), &RopoConfig::default(), "toy", 0).unwrap();
     assert_eq!(set2.adapters.len(), 2);
     // injecting twice is refused
-    assert!(inject::inject_linears(ls2.iter_mut().collect(), &AdapterConfig::default(), "toy", 0).is_err());
+    assert!(ropo_adapter::inject_linears(ls2.iter_mut().collect(), &RopoConfig::default(), "toy", 0).is_err());
 }
 
 #[test]
 fn no_match_names_the_patterns() {
     let mut ls = toy(8, 8, 1, DType::F32);
-    let cfg = AdapterConfig { target_modules: TargetModules::Names(vec!["c_attn".into()]), ..Default::default() };
-    let e = inject::inject_linears(ls.iter_mut().collect(), &cfg, "toy", 0).unwrap_err().to_string();
+    let cfg = RopoConfig { target_modules: TargetModules::Names(vec!["c_attn".into()]), ..Default::default() };
+    let e = ropo_adapter::inject_linears(ls.iter_mut().collect(), &cfg, "toy", 0).unwrap_err().to_string();
     assert!(e.contains("c_attn") && e.contains("matched no module") && e.contains("model.layers.0.self_attn.q_proj"), "{e}");
     assert!(ls.iter().all(|l| l.adapter.is_none()));
 }
@@ -276,8 +278,8 @@ fn no_match_names_the_patterns() {
 fn save_load_round_trip_is_bit_identical() {
     let dir = tempfile::tempdir().unwrap();
     let mut ls = toy(10, 14, 3, DType::F32);
-    let cfg = AdapterConfig { householder_reflections: 2, givens_stages: 3, ..all_targets() };
-    let set = inject::inject_linears(ls.iter_mut().collect(), &cfg, "some/base", 0).unwrap();
+    let cfg = RopoConfig { householder_reflections: 2, givens_stages: 3, ..all_targets() };
+    let set = ropo_adapter::inject_linears(ls.iter_mut().collect(), &cfg, "some/base", 0).unwrap();
     randomize(&set, 4);
     files::save(dir.path(), &set).unwrap();
     let mut names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
@@ -309,7 +311,7 @@ fn save_load_round_trip_is_bit_identical() {
 fn loading_onto_other_dimensions_fails_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let mut ls = toy(10, 14, 3, DType::F32);
-    let set = inject::inject_linears(ls.iter_mut().collect(), &all_targets(), "b", 0).unwrap();
+    let set = ropo_adapter::inject_linears(ls.iter_mut().collect(), &all_targets(), "b", 0).unwrap();
     files::save(dir.path(), &set).unwrap();
     let mut other = toy(12, 14, 3, DType::F32);
     let e = files::load_linears(dir.path(), other.iter_mut().collect(), 0).unwrap_err().to_string();
@@ -325,7 +327,7 @@ fn loading_onto_other_dimensions_fails_clearly() {
 #[test]
 fn merge_equals_adapted_and_differs_from_base() {
     let mut ls = toy(16, 24, 8, DType::F32);
-    let set = inject::inject_linears(ls.iter_mut().collect(), &all_targets(), "b", 0).unwrap();
+    let set = ropo_adapter::inject_linears(ls.iter_mut().collect(), &all_targets(), "b", 0).unwrap();
     randomize(&set, 9);
     let x = randn(&[4, 16], 1.0, &mut ChaCha20Rng::seed_from_u64(10), DType::F32);
     let adapted = toy_forward(&ls, &x, true);
@@ -359,12 +361,12 @@ fn model_identity_at_init_f64() {
         let mut model = small_model(&tiny_config(arch, 40, 16, false), 1, DType::F64);
         let base = model.forward(&ids, Some(&mask), false).unwrap();
         for cfg in [
-            AdapterConfig::default(),
-            AdapterConfig { target_modules: TargetModules::Regex(".*".into()), ..Default::default() },
-            AdapterConfig { householder_reflections: 0, ..Default::default() },
-            AdapterConfig { givens_stages: 0, magnitude: false, householder_reflections: 6, ..Default::default() },
+            RopoConfig::default(),
+            RopoConfig { target_modules: TargetModules::Regex(".*".into()), ..Default::default() },
+            RopoConfig { householder_reflections: 0, ..Default::default() },
+            RopoConfig { givens_stages: 0, magnitude: false, householder_reflections: 6, ..Default::default() },
         ] {
-            let set = inject::inject(&mut model, &cfg, "random").unwrap();
+            let set = ropo_adapter::inject(&mut model, &cfg, "random").unwrap();
             assert!(set.report.trainable > 0 && set.report.total > set.report.trainable);
             let adapted = model.forward(&ids, Some(&mask), true).unwrap();
             let e = max_abs(&adapted, &base);
@@ -381,8 +383,8 @@ fn model_merge_equivalence_f32() {
     let (ids, mask) = batch();
     for arch in [Arch::Llama, Arch::Qwen2] {
         let mut model = small_model(&tiny_config(arch, 40, 16, false), 2, DType::F32);
-        let cfg = AdapterConfig { target_modules: TargetModules::Regex(r"model\..*".into()), ..Default::default() };
-        let set = inject::inject(&mut model, &cfg, "random").unwrap();
+        let cfg = RopoConfig { target_modules: TargetModules::Regex(r"model\..*".into()), ..Default::default() };
+        let set = ropo_adapter::inject(&mut model, &cfg, "random").unwrap();
         assert_eq!(set.adapters.len(), 14); // 2 layers x (q, k, v, o, gate, up, down)
         randomize(&set, 3);
         let base = model.forward(&ids, Some(&mask), false).unwrap();
@@ -403,8 +405,8 @@ fn model_gradients_match_finite_differences_f64() {
     let (ids, mask) = batch();
     let cfg = tiny_config(Arch::Llama, 40, 8, false);
     let mut model = small_model(&cfg, 4, DType::F64);
-    let acfg = AdapterConfig { target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into(), "down_proj".into()]), ..Default::default() };
-    let set = inject::inject(&mut model, &acfg, "random").unwrap();
+    let acfg = RopoConfig { target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into(), "down_proj".into()]), ..Default::default() };
+    let set = ropo_adapter::inject(&mut model, &acfg, "random").unwrap();
     let mut rng = ChaCha20Rng::seed_from_u64(5);
     let proj = randn(&[2, 6, cfg.vocab_size], 1.0, &mut rng, DType::F64);
     let loss = || -> Tensor {
@@ -429,7 +431,7 @@ fn model_files_round_trip_and_dimension_mismatch() {
     let dir = tempfile::tempdir().unwrap();
     let (ids, mask) = batch();
     let mut model = small_model(&tiny_config(Arch::Llama, 40, 16, false), 7, DType::F32);
-    let set = inject::inject(&mut model, &AdapterConfig::default(), "random/16").unwrap();
+    let set = ropo_adapter::inject(&mut model, &RopoConfig::default(), "random/16").unwrap();
     randomize(&set, 8);
     files::save(dir.path(), &set).unwrap();
     let want = model.forward(&ids, Some(&mask), true).unwrap();
@@ -462,7 +464,7 @@ fn smollm2_identity_at_init_f32() {
     let mut loaded = ropo::model::load(gguf.to_str().unwrap(), &LoadOptions::default()).unwrap();
     let ids = smollm2_ids();
     let base = loaded.model.forward(&ids, None, false).unwrap();
-    let set = inject::inject(&mut loaded.model, &AdapterConfig::default(), "smollm2").unwrap();
+    let set = ropo_adapter::inject(&mut loaded.model, &RopoConfig::default(), "smollm2").unwrap();
     println!("{}", set.report);
     assert_eq!(set.adapters.len(), 30 * 4);
     let e = max_abs(&loaded.model.forward(&ids, None, true).unwrap(), &base);
@@ -471,7 +473,7 @@ fn smollm2_identity_at_init_f32() {
 }
 
 /// Small random non-identity adapter values: u ~ N(0, 1), theta ~ N(0, 0.05), m = rho (1 + N(0, 0.02)).
-fn perturb(set: &inject::AdapterSet, seed: u64) {
+fn perturb(set: &RopoSet, seed: u64) {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     for (name, var) in set.vars() {
         let dims = var.dims().to_vec();
@@ -497,7 +499,7 @@ fn smollm2_merge_from_gguf_and_hf_folder() {
     let base_hf = tmp.path().join("base_hf");
     loaded.export(&base_hf, DType::F32).unwrap();
     let base = loaded.model.forward(&ids, None, false).unwrap();
-    let set = inject::inject(&mut loaded.model, &AdapterConfig::default(), gguf).unwrap();
+    let set = ropo_adapter::inject(&mut loaded.model, &RopoConfig::default(), gguf).unwrap();
     perturb(&set, 1);
     let adapted = loaded.model.forward(&ids, None, true).unwrap();
     let moved = max_abs(&adapted, &base);
@@ -506,7 +508,7 @@ fn smollm2_merge_from_gguf_and_hf_folder() {
     files::save(&adapter_dir, &set).unwrap();
     for (source, name) in [(gguf.to_string(), "merged_from_gguf"), (base_hf.to_str().unwrap().to_string(), "merged_from_hf")] {
         let out = tmp.path().join(name);
-        assert_eq!(merge::merge_to_folder(&source, &adapter_dir, &out, DType::F32, false).unwrap(), 120);
+        assert_eq!(merge::merge_to_folder(&source, &Default::default(), &adapter_dir, &out, DType::F32, false).unwrap(), 120);
         for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
             assert!(out.join(f).is_file(), "{name}: {f} missing");
         }
@@ -521,11 +523,11 @@ fn smollm2_merge_from_gguf_and_hf_folder() {
     // OUT protection: non-empty without --force is refused and left as it was
     let out = tmp.path().join("merged_from_gguf");
     let before = std::fs::read(out.join("model.safetensors")).unwrap();
-    let e = merge::merge_to_folder(gguf, &adapter_dir, &out, DType::BF16, false).unwrap_err().to_string();
+    let e = merge::merge_to_folder(gguf, &Default::default(), &adapter_dir, &out, DType::BF16, false).unwrap_err().to_string();
     assert!(e.contains("is not empty") && e.contains("--force"), "{e}");
     assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), before);
     // with --force it is replaced (bf16 now: about half the bytes), and no temporary folder is left
-    merge::merge_to_folder(gguf, &adapter_dir, &out, DType::BF16, true).unwrap();
+    merge::merge_to_folder(gguf, &Default::default(), &adapter_dir, &out, DType::BF16, true).unwrap();
     let after = std::fs::metadata(out.join("model.safetensors")).unwrap().len() as f64;
     assert!((after / before.len() as f64 - 0.5).abs() < 0.05, "bf16 file is {after} bytes vs f32 {}", before.len());
     let leftovers: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().starts_with('.')).collect();

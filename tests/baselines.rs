@@ -21,7 +21,8 @@ use ropo::adapter::any::{stored_kind, AnyAdapterSet};
 use ropo::adapter::inject;
 use ropo::adapter::merge;
 use ropo::config::{AdapterKind, AdapterSection};
-use ropo::loss::{completion_logps, preference_loss, split_pairs, LossParams, LossType, PairLogps};
+use ropo::logps::{completion_logps, split_pairs};
+use ropo::loss::{preference_loss, LossParams, LossType, PairLogps};
 use ropo::model::config::{Arch, ModelConfig};
 use ropo::model::llama::Model;
 
@@ -378,7 +379,7 @@ fn merge_to_folder_smollm2_lora_and_full() {
         set.save(adir.path()).unwrap();
         let out = tempfile::tempdir().unwrap();
         let out = out.path().join("merged");
-        merge::merge_to_folder(src, adir.path(), &out, DType::F32, false).unwrap();
+        merge::merge_to_folder(src, &Default::default(), adir.path(), &out, DType::F32, false).unwrap();
         let merged = load(out.to_str().unwrap(), &LoadOptions::default()).unwrap();
         let e = max_abs(&merged.model.forward(&ids, None, false).unwrap(), &adapted);
         assert!(e < 1e-4, "{kind:?}: merged folder logits differ from adapted by {e}");

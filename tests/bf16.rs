@@ -56,9 +56,9 @@ fn bf16_logps_and_step0_gradients_track_f32() {
         let pairs = pt.tokenize_all(&data.examples[..4], &path, &mut Default::default()).unwrap();
         let refs: Vec<_> = pairs.iter().collect();
         let batch = collate(&refs, pad_id(&m.tokenizer).unwrap(), &Device::Cpu).unwrap();
-        let reference = ropo::reference::batch_logps(&m.model, &batch, false).unwrap();
+        let reference = ropo::logps::batch_logps_detached(&m.model, &batch, false, false).unwrap();
         // the identity adapter is exact (householder::reflect at paired u): policy == reference
-        let policy = ropo::reference::batch_logps(&m.model, &batch, true).unwrap();
+        let policy = ropo::logps::batch_logps_detached(&m.model, &batch, true, false).unwrap();
         assert_eq!(policy.to_vec1::<f32>().unwrap(), reference.to_vec1::<f32>().unwrap(), "{dtype:?}: identity adapter");
         let (out, grads) = ropo::train::micro_batch(&m.model, &batch, &reference, &cfg.training).unwrap();
         let loss = out.loss.to_scalar::<f32>().unwrap() as f64;

@@ -311,27 +311,21 @@ fn case6_bos_added_once_when_the_tokenizer_adds_it_and_the_template_does_not() {
 /// metrics and `ropo eval`; ties are counted beside.
 #[test]
 fn case7_accuracy_thresholds_the_reward_gap() {
-    use ropo::eval::preference::{preference_metrics, PairLogprobs, DEFAULT_TOLERANCE};
+    use ropo::eval::preference::{preference_metrics, DEFAULT_TOLERANCE};
     // beta 1: rewards 0.5e-4 +- 0.5e-7 (round to 1 and 0 at 1e-4), and a real win of 1e-3
-    let lp = PairLogprobs {
-        policy_chosen: vec![0.5e-4 + 0.5e-7, 1e-3],
-        policy_rejected: vec![0.5e-4 - 0.5e-7, 0.0],
-        reference_chosen: vec![0.0, 0.0],
-        reference_rejected: vec![0.0, 0.0],
-    };
-    let m = preference_metrics(&lp, 1.0, DEFAULT_TOLERANCE).unwrap();
-    assert_eq!(m.rewards_accuracies, 0.5, "only the real win counts: {m:?}");
-    assert_eq!((m.ties, m.rewards_ties), (1, 0.5)); // new api
-    // the training metrics, the same pairs
     let t = |v: &[f64]| candle_core::Tensor::new(v, &candle_core::Device::Cpu).unwrap();
     let logps = ropo::loss::PairLogps {
-        policy_chosen: t(&lp.policy_chosen),
-        policy_rejected: t(&lp.policy_rejected),
-        reference_chosen: t(&lp.reference_chosen),
-        reference_rejected: t(&lp.reference_rejected),
+        policy_chosen: t(&[0.5e-4 + 0.5e-7, 1e-3]),
+        policy_rejected: t(&[0.5e-4 - 0.5e-7, 0.0]),
+        reference_chosen: t(&[0.0, 0.0]),
+        reference_rejected: t(&[0.0, 0.0]),
         chosen_tokens: t(&[1.0, 1.0]),
         rejected_tokens: t(&[1.0, 1.0]),
     };
+    let m = preference_metrics(&logps, 1.0, DEFAULT_TOLERANCE).unwrap();
+    assert_eq!(m.rewards.rewards_accuracies, 0.5, "only the real win counts: {m:?}");
+    assert_eq!((m.ties, m.rewards.rewards_ties), (1, 0.5)); // new api
+    // the training metrics, the same pairs
     let r = ropo::loss::RewardMetrics::compute(&logps, 1.0).unwrap();
     assert_eq!(r.rewards_accuracies, 0.5);
     assert_eq!(r.rewards_ties, 0.5); // new api

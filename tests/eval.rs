@@ -149,19 +149,25 @@ fn preference_logps_match_golden_and_base_is_its_own_reference() {
     let pad = ropo::data::batch::pad_id(&lm.tokenizer).unwrap();
     let mut seen = 0;
     // batch of 2 then 1: right padding in the first batch must not change the sums
-    let lp = ropo::eval::preference::score_pairs(&lm.model, &pairs, pad, 2, |k| seen += k).unwrap();
+    let scores = ropo::logps::score_pairs(&lm.model, &pairs, pad, 2, true, ropo::logps::Pass::Reference, |k| seen += k).unwrap();
     assert_eq!(seen, 3);
+    let v = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F64).unwrap().to_vec1::<f64>().unwrap();
+    let (rc, rr) = scores.reference.clone().unwrap();
+    let (chosen, rejected) = (v(&rc), v(&rr));
     for (i, g) in gp.iter().enumerate() {
         let gc = g["chosen"]["sum_completion_logprob"].as_f64().unwrap();
         let gr = g["rejected"]["sum_completion_logprob"].as_f64().unwrap();
         // 1e-2: the tolerance of the train issue for the same figures (f32 forward, ~200 terms)
-        assert!((lp.policy_chosen[i] - gc).abs() < 1e-2, "pair {i} chosen {} vs {gc}", lp.policy_chosen[i]);
-        assert!((lp.policy_rejected[i] - gr).abs() < 1e-2, "pair {i} rejected {} vs {gr}", lp.policy_rejected[i]);
+        assert!((chosen[i] - gc).abs() < 1e-2, "pair {i} chosen {} vs {gc}", chosen[i]);
+        assert!((rejected[i] - gr).abs() < 1e-2, "pair {i} rejected {} vs {gr}", rejected[i]);
     }
     // without an adapter the policy is the reference: rewards exactly 0, loss ln 2, no win
+    let (nc, nr) = scores.tokens.clone();
+    let lp = ropo::loss::PairLogps { policy_chosen: rc.clone(), policy_rejected: rr.clone(), reference_chosen: rc, reference_rejected: rr, chosen_tokens: nc, rejected_tokens: nr };
     let m = ropo::eval::preference_metrics(&lp, 0.1, ropo::eval::preference::DEFAULT_TOLERANCE).unwrap();
-    assert_eq!((m.rewards_chosen, m.rewards_rejected, m.rewards_margins, m.rewards_accuracies), (0.0, 0.0, 0.0, 0.0));
-    assert_eq!((m.ties, m.rewards_ties), (3, 1.0), "every pair is a tie");
+    let r = &m.rewards;
+    assert_eq!((r.rewards_chosen, r.rewards_rejected, r.rewards_margins, r.rewards_accuracies), (0.0, 0.0, 0.0, 0.0));
+    assert_eq!((m.ties, r.rewards_ties), (3, 1.0), "every pair is a tie");
     assert!((m.loss - std::f64::consts::LN_2).abs() < 1e-12);
 }
 
@@ -241,11 +247,11 @@ fn ropo_eval(args: &[&str]) -> std::process::Output {
 
 /// Save a fresh (identity) adapter of `cfg` for the real model into `dir`; with `randomize`,
 /// its Householder vectors and Givens angles are set to seeded N(0, 1) values first.
-fn save_adapter(dir: &Path, cfg: &ropo::adapter::config::AdapterConfig, randomize: bool) {
+fn save_adapter(dir: &Path, cfg: &ropo::adapter::ropo::RopoConfig, randomize: bool) {
     use rand::SeedableRng;
     use rand_distr::{Distribution, StandardNormal};
     let mut lm = smollm2();
-    let set = ropo::adapter::inject::inject(&mut lm.model, cfg, "smollm2").unwrap();
+    let set = ropo::adapter::ropo::inject(&mut lm.model, cfg, "smollm2").unwrap();
     if randomize {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
         for (name, var) in set.vars() {
@@ -255,7 +261,7 @@ fn save_adapter(dir: &Path, cfg: &ropo::adapter::config::AdapterConfig, randomiz
             var.set(&candle_core::Tensor::from_vec(v, var.dims(), var.device()).unwrap()).unwrap();
         }
     }
-    ropo::adapter::files::save(dir, &set).unwrap();
+    ropo::adapter::ropo::files::save(dir, &set).unwrap();
 }
 
 #[test]
@@ -319,7 +325,7 @@ fn eval_energy_unchanged_by_a_trained_rotation() {
     // angle between neurons: HE change 0 to float tolerance, by construction.
     let dir = tempfile::tempdir().unwrap();
     let adapter = dir.path().join("adapter");
-    let cfg = ropo::adapter::config::AdapterConfig { magnitude: false, ..Default::default() };
+    let cfg = ropo::adapter::ropo::RopoConfig { magnitude: false, ..Default::default() };
     save_adapter(&adapter, &cfg, true);
     let model = common::smollm2_gguf();
     let out = dir.path().join("report.json");

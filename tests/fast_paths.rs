@@ -5,7 +5,7 @@
 //! - completion-position LM head: `logps::completion_logps_from_hidden` (f64 tiny model with
 //!   RoPO adapters on q,k,v,o and the LM head: 1e-10 on values and every gradient; f32 on the
 //!   real SmolLM2-135M: 1e-3 nats on values, as the issue asks);
-//! - prefix sharing: `prefix::completion_logps_shared_prompt` (f64 tiny model, prompts of
+//! - prefix sharing: `logps::completion_logps_shared_prompt` (f64 tiny model, prompts of
 //!   different lengths, right padding; 1e-10), plus central finite differences of the shared path.
 //!
 //! Tolerances: the fast paths change only the order of floating-point sums (attention over a
@@ -21,13 +21,12 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use common::gradients::central_difference;
 use common::tiny::{max_abs, tiny_config};
-use ropo::adapter::config::{AdapterConfig, TargetModules};
-use ropo::adapter::inject;
-use ropo::logps::completion_logps_from_hidden;
-use ropo::loss::completion_logps;
+use ropo::adapter::ropo::{self as ropo_adapter, RopoConfig};
+use ropo::adapter::targets::TargetModules;
+use ropo::logps::{completion_logps, completion_logps_from_hidden, completion_logps_shared_prompt};
 use ropo::model::config::{Arch, ModelConfig};
 use ropo::model::llama::{random_weights, Model};
-use ropo::model::prefix::{completion_logps_shared_prompt, SharedPromptBatch};
+use ropo::model::prefix::SharedPromptBatch;
 
 /// A tiny f64 model with RoPO adapters (r=2, S=2, magnitude) on q,k,v,o (+ lm_head), set to
 /// random non-identity values; returns the model and the adapters' Vars.
@@ -39,8 +38,8 @@ fn adapted_model(cfg: &ModelConfig, seed: u64, lm_head: bool) -> (Model, Vec<(St
     if lm_head {
         names.push("lm_head".into());
     }
-    let acfg = AdapterConfig { target_modules: TargetModules::Names(names), householder_reflections: 2, givens_stages: 2, magnitude: true, init_seed: 3 };
-    let set = inject::inject(&mut model, &acfg, "tiny").unwrap();
+    let acfg = RopoConfig { target_modules: TargetModules::Names(names), householder_reflections: 2, givens_stages: 2, magnitude: true, init_seed: 3 };
+    let set = ropo_adapter::inject(&mut model, &acfg, "tiny").unwrap();
     let vars = set.vars();
     for (name, v) in &vars {
         let n = v.elem_count();
@@ -176,7 +175,7 @@ fn shared_prompt_rejects_pairs_with_different_prompts() {
 fn smollm2_fast_paths_match_plain_f32() {
     let gguf = common::smollm2_gguf();
     let mut lm = ropo::model::load(gguf.to_str().unwrap(), &ropo::model::LoadOptions::default()).unwrap();
-    let set = inject::inject(&mut lm.model, &AdapterConfig::default(), "smollm2").unwrap();
+    let set = ropo_adapter::inject(&mut lm.model, &RopoConfig::default(), "smollm2").unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     for (name, v) in set.vars() {
         if name.ends_with("ropo_theta") {

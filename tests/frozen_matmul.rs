@@ -10,7 +10,7 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::tiny::{model_with_perturbed_ropo, tiny_config};
-use ropo::loss::completion_logps;
+use ropo::logps::completion_logps;
 use ropo::model::config::Arch;
 use ropo::model::linear::{fast_frozen_matmul_enabled, set_fast_frozen_matmul};
 

@@ -12,10 +12,10 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::tiny::{model_with_perturbed_ropo, tiny_config};
-use ropo::loss::completion_logps;
+use ropo::logps::{completion_logps, completion_logps_shared_prompt};
 use ropo::model::config::Arch;
 use ropo::model::ops::{fused_layer_ops, set_fused_layer_ops};
-use ropo::model::prefix::{completion_logps_shared_prompt, SharedPromptBatch};
+use ropo::model::prefix::SharedPromptBatch;
 
 #[test]
 fn fused_layer_ops_equal_the_composed_path_values_and_gradients() {

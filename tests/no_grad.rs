@@ -1,7 +1,7 @@
 //! The inference forwards run without gradient tracking: a probing adapter records
-//! `model::grad::is_enabled()` at every forward. `reference::batch_logps*` (evaluation, the
+//! `model::grad::is_enabled()` at every forward. `logps::batch_logps_detached` (evaluation, the
 //! reference pass and the precomputed cache) must see it off, the training forward
-//! (`reference::model_logps_with`) on. Without this an evaluation batch holds a whole training
+//! (`logps::batch_logps`) on. Without this an evaluation batch holds a whole training
 //! step's activations (measured on configs/orca.toml before the fix: 0.8 -> 8.2 GiB at the
 //! step-0 evaluation).
 
@@ -14,10 +14,10 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use common::tiny::{small_model, tiny_config};
 use ropo::data::batch::collate;
 use ropo::data::tokenize::TokenizedPair;
+use ropo::logps::{batch_logps, batch_logps_detached};
 use ropo::model::config::Arch;
 use ropo::model::grad::is_enabled;
 use ropo::model::linear::{Adapter, Linear};
-use ropo::reference::{batch_logps, batch_logps_with, model_logps_with};
 
 /// The base projection, counting forwards with tracking on and off.
 #[derive(Debug, Default)]
@@ -57,17 +57,17 @@ fn inference_forwards_run_without_gradient_tracking() {
     let counts = || (probe.tracked.load(Ordering::Relaxed), probe.untracked.load(Ordering::Relaxed));
     for share in [false, true] {
         let before = counts();
-        batch_logps_with(&model, &batch, true, share).unwrap();
+        batch_logps_detached(&model, &batch, true, share).unwrap();
         let after = counts();
-        assert_eq!(after.0, before.0, "share {share}: batch_logps_with tracked a forward");
+        assert_eq!(after.0, before.0, "share {share}: batch_logps_detached tracked a forward");
         assert!(after.1 > before.1, "share {share}: the probe saw no forward");
     }
     let before = counts();
-    batch_logps(&model, &batch, true).unwrap();
-    assert_eq!(counts().0, before.0, "batch_logps tracked a forward");
+    batch_logps_detached(&model, &batch, true, false).unwrap();
+    assert_eq!(counts().0, before.0, "batch_logps_detached (the plain path) tracked a forward");
     // the training forward keeps tracking on
     let before = counts();
-    model_logps_with(&model, &batch, true, true).unwrap();
+    batch_logps(&model, &batch, true, true).unwrap();
     assert!(counts().0 > before.0, "the training forward must track");
     assert!(is_enabled());
 }

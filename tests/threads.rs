@@ -1,5 +1,5 @@
-//! `train::single_threaded_elementwise` (candle's element-wise barrier pool off) and
-//! `train::keep_freed_memory` (glibc allocator tuning), both set by `ropo train`, change no
+//! `process::single_threaded_elementwise` (candle's element-wise barrier pool off) and
+//! `process::keep_freed_memory` (glibc allocator tuning), both set by `ropo train`, change no
 //! result: a training micro-batch (prefix-shared path, f32) run in child processes with
 //! `CANDLE_NUM_THREADS=1` and `2` (candle's pooled element-wise ops), with and without the
 //! allocator tuning, gives bit-identical reference log-probs, loss and gradients of every
@@ -42,7 +42,7 @@ fn micro_batch_bits() -> Vec<String> {
     ];
     let refs: Vec<_> = pairs.iter().collect();
     let batch = collate(&refs, 0, &dev).unwrap();
-    let reference = ropo::reference::batch_logps_with(&model, &batch, false, true).unwrap();
+    let reference = ropo::logps::batch_logps_detached(&model, &batch, false, true).unwrap();
     let (out, grads) = ropo::train::micro_batch(&model, &batch, &reference, &run.training).unwrap();
     let grads = ropo::optim::Grads::from_store(&params, &grads).unwrap();
     let mut lines: Vec<String> = reference.to_vec1::<f32>().unwrap().iter().map(|x| format!("ref {:08x}", x.to_bits())).collect();
@@ -59,7 +59,7 @@ fn micro_batch_bits() -> Vec<String> {
 fn micro_batch_bits_do_not_depend_on_candles_elementwise_pool() {
     if let Some(mode) = std::env::var_os(CHILD) {
         if mode == "tuned" {
-            ropo::train::keep_freed_memory();
+            ropo::process::keep_freed_memory();
         }
         for l in micro_batch_bits() {
             println!("BITS {l}");

@@ -19,7 +19,8 @@ use candle_core::{DType, Device, Tensor};
 use ropo::config::RunConfig;
 use ropo::data::batch::{collate, pad_id};
 use ropo::data::tokenize::{PairTokenizer, TokenizeOptions};
-use ropo::loss::{completion_token_counts, preference_loss, split_pairs, LossParams, LossType, PairLogps};
+use ropo::logps::{completion_token_counts, split_pairs};
+use ropo::loss::{preference_loss, LossParams, LossType, PairLogps};
 use ropo::metrics::{read_records, without_timing};
 
 fn ropo(args: &[&str]) -> Output {
@@ -91,7 +92,7 @@ fn step0_losses_rewards_and_golden_logps() {
     let refs: Vec<_> = pairs.iter().collect();
     let batch = collate(&refs, pad_id(&m.tokenizer).unwrap(), &Device::Cpu).unwrap();
 
-    let reference = ropo::reference::batch_logps(&m.model, &batch, false).unwrap();
+    let reference = ropo::logps::batch_logps_detached(&m.model, &batch, false, false).unwrap();
     // the training path: policy forward + loss + backward; every adapter tensor gets a gradient
     let (out, policy) = {
         let (out, grads) = ropo::train::micro_batch(&m.model, &batch, &reference, &cfg.training).unwrap();
@@ -114,9 +115,9 @@ fn step0_losses_rewards_and_golden_logps() {
     let want_r: Vec<f64> = gold.iter().map(|g| g["rejected"]["sum_completion_logprob"].as_f64().unwrap()).collect();
     let full = {
         let logits = m.model.forward(&batch.input_ids, Some(&batch.attention_mask), false).unwrap();
-        ropo::loss::completion_logps(&logits, &batch.input_ids, &batch.completion_mask).unwrap()
+        ropo::logps::completion_logps(&logits, &batch.input_ids, &batch.completion_mask).unwrap()
     };
-    let policy = ropo::reference::batch_logps(&m.model, &batch, true).unwrap();
+    let policy = ropo::logps::batch_logps_detached(&m.model, &batch, true, false).unwrap();
     for (what, t) in [("full logits, adapters bypassed", &full), ("reference", &reference), ("policy", &policy)] {
         let got = t.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
         for (i, (g, w)) in got.iter().zip(want_c.iter().chain(&want_r)).enumerate() {
@@ -195,7 +196,7 @@ fn training_path_gradients_match_finite_differences() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
         let refs: Vec<_> = pairs.iter().collect();
         let batch = collate(&refs, 0, &dev).unwrap();
-        let reference = ropo::reference::batch_logps_with(&model, &batch, false, share_prompt).unwrap();
+        let reference = ropo::logps::batch_logps_detached(&model, &batch, false, share_prompt).unwrap();
         let (out, grads) = ropo::train::micro_batch(&model, &batch, &reference, &run.training).unwrap();
         assert_eq!(out.loss.dtype(), DType::F64);
         let grads = ropo::optim::Grads::from_store(&params, &grads).unwrap();
@@ -230,7 +231,7 @@ fn share_prompt_true_and_false_give_the_same_micro_batch() {
     let step = |run: &RunConfig, pairs: &[ropo::data::tokenize::TokenizedPair]| {
         let refs: Vec<_> = pairs.iter().collect();
         let batch = collate(&refs, 0, &dev).unwrap();
-        let reference = ropo::reference::batch_logps_with(&model, &batch, false, run.training.share_prompt).unwrap();
+        let reference = ropo::logps::batch_logps_detached(&model, &batch, false, run.training.share_prompt).unwrap();
         let (out, grads) = ropo::train::micro_batch(&model, &batch, &reference, &run.training).unwrap();
         let grads = ropo::optim::Grads::from_store(&params, &grads).unwrap();
         let g: Vec<Vec<f64>> = grads.0.iter().map(|g| g.flatten_all().unwrap().to_vec1().unwrap()).collect();

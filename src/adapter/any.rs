@@ -3,20 +3,19 @@
 //!
 //! [`AnyAdapterSet::inject`] builds the kind a run config asks for; [`AnyAdapterSet::load`] reads
 //! an adapter folder and dispatches on its `adapter_config.json`: `"adapter_type": "ROPO"`
-//! ([`super::files`]), `"peft_type": "LORA"` ([`super::peft`], PEFT's layout) or
-//! `"adapter_type": "FULL"` ([`super::full_files`]). Merging is kind-agnostic
+//! ([`super::ropo::files`]), `"peft_type": "LORA"` ([`super::lora::files`], PEFT's layout) or
+//! `"adapter_type": "FULL"` ([`super::full::files`]). Merging is kind-agnostic
 //! ([`super::merge::merge_into`], through `Adapter::merged`).
 
 use std::path::Path;
 
 use candle_core::Var;
 
-use super::config::AdapterConfig;
-use super::files::{self, CONFIG_FILE};
 use super::full::{self, FullConfig, FullSet};
-use super::inject::{self, AdapterSet, ParamReport};
+use super::inject::ParamReport;
 use super::lora::{self, LoraConfig, LoraSet};
-use super::{full_files, peft, targets};
+use super::ropo::{self, RopoConfig, RopoSet};
+use super::{targets, ADAPTER_CONFIG_FILE};
 use crate::config::{AdapterKind, AdapterSection};
 use crate::error::{Error, Result};
 use crate::model::llama::Model;
@@ -25,7 +24,7 @@ use crate::model::llama::Model;
 #[derive(Debug, Clone)]
 pub enum AnyAdapterSet {
     /// RoPO rotations (Householder × Givens × magnitude).
-    Ropo(AdapterSet),
+    Ropo(RopoSet),
     /// LoRA (PEFT's definition).
     Lora(LoraSet),
     /// Full-parameter training of the selected linears.
@@ -34,8 +33,8 @@ pub enum AnyAdapterSet {
 
 /// The RoPO hyperparameters of a run config's `[adapter]` for `model` (target modules resolved
 /// by [`targets::resolve`]).
-pub fn ropo_config(section: &AdapterSection, model: &Model) -> Result<AdapterConfig> {
-    Ok(AdapterConfig {
+pub fn ropo_config(section: &AdapterSection, model: &Model) -> Result<RopoConfig> {
+    Ok(RopoConfig {
         target_modules: targets::resolve(&section.target_modules, model)?,
         householder_reflections: section.householder_reflections,
         givens_stages: section.givens_stages,
@@ -65,14 +64,14 @@ pub fn full_config(section: &AdapterSection, model: &Model) -> Result<FullConfig
 /// Errors ([`Error::Input`] naming the file): unreadable, not JSON, neither
 /// `"adapter_type": "ROPO" | "FULL"` nor `"peft_type": "LORA"`.
 pub fn stored_kind(dir: &Path) -> Result<AdapterKind> {
-    let path = dir.join(CONFIG_FILE);
+    let path = dir.join(ADAPTER_CONFIG_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| Error::input(&path, None, e.to_string()))?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::input(&path, Some(e.line()), e.to_string()))?;
     let field = |k: &str| v.get(k).and_then(|x| x.as_str());
     match (field("adapter_type"), field("peft_type")) {
-        (Some(super::config::ADAPTER_TYPE), _) => Ok(AdapterKind::Ropo),
-        (Some(full_files::ADAPTER_TYPE), _) => Ok(AdapterKind::Full),
-        (None, Some(peft::PEFT_TYPE)) => Ok(AdapterKind::Lora),
+        (Some(ropo::config::ADAPTER_TYPE), _) => Ok(AdapterKind::Ropo),
+        (Some(full::files::ADAPTER_TYPE), _) => Ok(AdapterKind::Full),
+        (None, Some(lora::files::PEFT_TYPE)) => Ok(AdapterKind::Lora),
         (a, p) => Err(Error::input(
             &path,
             None,
@@ -88,7 +87,7 @@ impl AnyAdapterSet {
     /// matched, a tied `lm_head` among the targets; on error the model is unchanged.
     pub fn inject(model: &mut Model, section: &AdapterSection, base_model: &str) -> Result<Self> {
         Ok(match section.kind {
-            AdapterKind::Ropo => AnyAdapterSet::Ropo(inject::inject(model, &ropo_config(section, model)?, base_model)?),
+            AdapterKind::Ropo => AnyAdapterSet::Ropo(ropo::inject(model, &ropo_config(section, model)?, base_model)?),
             AdapterKind::Lora => AnyAdapterSet::Lora(lora::inject(model, &lora_config(section, model)?, base_model)?),
             AdapterKind::Full => AnyAdapterSet::Full(full::inject(model, &full_config(section, model)?, base_model)?),
         })
@@ -100,9 +99,9 @@ impl AnyAdapterSet {
     /// model is unchanged.
     pub fn load(dir: &Path, model: &mut Model) -> Result<Self> {
         Ok(match stored_kind(dir)? {
-            AdapterKind::Ropo => AnyAdapterSet::Ropo(files::load(dir, model)?),
-            AdapterKind::Lora => AnyAdapterSet::Lora(peft::load(dir, model)?),
-            AdapterKind::Full => AnyAdapterSet::Full(full_files::load(dir, model)?),
+            AdapterKind::Ropo => AnyAdapterSet::Ropo(ropo::files::load(dir, model)?),
+            AdapterKind::Lora => AnyAdapterSet::Lora(lora::files::load(dir, model)?),
+            AdapterKind::Full => AnyAdapterSet::Full(full::files::load(dir, model)?),
         })
     }
 
@@ -110,9 +109,9 @@ impl AnyAdapterSet {
     /// missing), each atomically, in the kind's layout.
     pub fn save(&self, dir: &Path) -> Result<()> {
         match self {
-            AnyAdapterSet::Ropo(s) => files::save(dir, s),
-            AnyAdapterSet::Lora(s) => peft::save(dir, s),
-            AnyAdapterSet::Full(s) => full_files::save(dir, s),
+            AnyAdapterSet::Ropo(s) => ropo::files::save(dir, s),
+            AnyAdapterSet::Lora(s) => lora::files::save(dir, s),
+            AnyAdapterSet::Full(s) => full::files::save(dir, s),
         }
     }
 

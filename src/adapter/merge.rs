@@ -85,7 +85,8 @@ fn sibling(path: &Path, tag: &str) -> PathBuf {
     path.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
 }
 
-/// `ropo merge`: load the base model from `model_source` (HF folder, `.gguf` or hub id, in f32),
+/// `ropo merge`: load the base model from `model_source` (HF folder, `.gguf` or hub id) with
+/// `load_opts` (the revision of a hub id; f32 for an exact merge),
 /// load the adapter in `adapter_dir` onto it (any kind: RoPO, PEFT LoRA, full; see
 /// [`AnyAdapterSet::load`]), bake it in (RoPO `W' = diag(m / rho) W R^T`, LoRA
 /// `W' = W + (alpha / r) B A`, full: the trained weights), and write an
@@ -98,9 +99,9 @@ fn sibling(path: &Path, tag: &str) -> PathBuf {
 /// Errors: `out` not empty without `force` (checked before any work); the model or the adapter
 /// cannot be loaded (e.g. the adapter belongs to a model of other dimensions: the first
 /// mismatching tensor is named); a broken adapter (NaN); I/O. Nothing is left behind on error.
-pub fn merge_to_folder(model_source: &str, adapter_dir: &Path, out: &Path, dtype: DType, force: bool) -> Result<usize> {
+pub fn merge_to_folder(model_source: &str, load_opts: &LoadOptions, adapter_dir: &Path, out: &Path, dtype: DType, force: bool) -> Result<usize> {
     check_out(out, force)?;
-    let mut loaded = crate::model::load(model_source, &LoadOptions::default())?;
+    let mut loaded = crate::model::load(model_source, load_opts)?;
     let set = AnyAdapterSet::load(adapter_dir, &mut loaded.model)
         .map_err(|e| Error::Msg(format!("loading adapter {} onto {model_source}: {e}", adapter_dir.display())))?;
     if set.base_model() != model_source {

@@ -1,15 +1,74 @@
-//! Which linears an adapter of any kind wraps: the run config's `adapter.target_modules` turned
-//! into a [`TargetModules`], and the selection of the matching linears of a model.
+//! Which linears an adapter of any kind wraps: [`TargetModules`] (names or one regex) and its
+//! [`ModuleMatcher`], the run config's `adapter.target_modules` resolved for a model, and the
+//! selection of the matching linears.
 //!
-//! Shared by the LoRA and full baselines ([`super::lora`], [`super::full`]); RoPO's
-//! [`super::inject::build_adapters`] applies the same rules (no match is an error naming the
-//! patterns; a layer that already has an adapter is refused).
+//! Shared by every method ([`super::ropo`], [`super::lora`], [`super::full`]): no match is an
+//! error naming the patterns; a layer that already has an adapter is refused; a tied `lm_head`
+//! is refused.
 
-use super::config::TargetModules;
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
 use crate::config::ALL_LINEAR;
 use crate::error::{Error, Result};
 use crate::model::linear::Linear;
 use crate::model::llama::Model;
+
+/// Which linear layers get an adapter.
+///
+/// JSON/TOML: a list of names (`["q_proj", "v_proj"]`) matched against the LAST path component
+/// (`model.layers.3.self_attn.q_proj` -> `q_proj`), or one string, a regex matched against the
+/// WHOLE path (anchored, as PEFT's `re.fullmatch`), e.g. `"model\\.layers\\.[0-3]\\..*_proj"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    /// Module names, matched against the last path component.
+    Names(Vec<String>),
+    /// A regex over full module paths (anchored at both ends).
+    Regex(String),
+}
+
+impl TargetModules {
+    /// A matcher for module paths. Errors: an invalid regex ([`Error::Config`] naming the key).
+    pub fn matcher(&self) -> Result<ModuleMatcher> {
+        Ok(match self {
+            TargetModules::Names(n) => ModuleMatcher::Names(n.clone()),
+            TargetModules::Regex(re) => ModuleMatcher::Regex(
+                Regex::new(&format!("^(?:{re})$"))
+                    .map_err(|e| Error::Config(format!("adapter.target_modules is not a valid regex ({re:?}): {e}")))?,
+            ),
+        })
+    }
+}
+
+impl std::fmt::Display for TargetModules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TargetModules::Names(n) => write!(f, "names [{}]", n.join(", ")),
+            TargetModules::Regex(r) => write!(f, "regex {r:?}"),
+        }
+    }
+}
+
+/// A compiled [`TargetModules`].
+#[derive(Debug, Clone)]
+pub enum ModuleMatcher {
+    Names(Vec<String>),
+    Regex(Regex),
+}
+
+impl ModuleMatcher {
+    /// Whether the module at `path` (e.g. `model.layers.0.self_attn.q_proj`) is targeted.
+    pub fn is_match(&self, path: &str) -> bool {
+        match self {
+            ModuleMatcher::Names(names) => {
+                let last = path.rsplit('.').next().unwrap_or(path);
+                names.iter().any(|n| n == last)
+            }
+            ModuleMatcher::Regex(re) => re.is_match(path),
+        }
+    }
+}
 
 /// Whether `s` is a plain module name (`q_proj`): ASCII letters, digits and `_` only.
 fn is_plain_name(s: &str) -> bool {

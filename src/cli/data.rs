@@ -25,9 +25,9 @@ pub enum DataCommand {
 pub struct InspectArgs {
     /// The preference file: .jsonl or .json (an array), optionally gzip'd (.gz).
     pub file: PathBuf,
-    /// The model whose tokenizer and chat template are used: an HF folder, a .gguf file or a hub id.
-    #[arg(long, value_name = "M")]
-    pub model: String,
+    /// The model whose tokenizer and chat template are used.
+    #[command(flatten)]
+    pub model: super::ModelArgs,
     /// Maximum tokens of prompt + completion.
     ///
     /// Longer sequences keep their start (the completion is cut); a row whose prompt alone has
@@ -63,8 +63,8 @@ fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
         .as_ref()
         .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading the chat template {}", p.display())))
         .transpose()?;
-    let tokenizer = crate::model::load_parts(&args.model, &Default::default())
-        .with_context(|| format!("loading the tokenizer of {}", args.model))?
+    let tokenizer = crate::model::load_parts(&args.model.path_or_id, &args.model.load_options(candle_core::DType::F32))
+        .with_context(|| format!("loading the tokenizer of {}", args.model.path_or_id))?
         .tokenizer;
     let load_opts = LoadOptions {
         format: args.format,

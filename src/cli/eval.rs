@@ -9,22 +9,20 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::data::tokenize::{PairTokenizer, TokenizeOptions};
 use crate::eval::generation::{counted_ids, generate_all, generation_stats, load_prompts};
 use crate::eval::mmlu::{self, ModelScorer, Split};
-use crate::eval::preference::{preference_metrics, score_pairs, PairLogprobs, DEFAULT_TOLERANCE};
+use crate::eval::preference::{preference_metrics, DEFAULT_TOLERANCE};
 use crate::eval::report::{EvalReport, ModelReport};
 use crate::generate::{GenerateOptions, Generation};
+use crate::logps::{score_pairs, Pass};
+use crate::loss::PairLogps;
 use crate::model::llama::Model;
 use crate::model::tokenizer::Tokenizer;
-use crate::model::{load, LoadOptions};
+use crate::model::load;
 
 /// Arguments of `ropo eval`.
 #[derive(Debug, clap::Args)]
 pub struct EvalArgs {
-    /// The model: an HF model folder, a .gguf file or a hub repo id (org/name).
-    #[arg(long, value_name = "PATH_OR_ID")]
-    pub model: String,
-    /// Hub revision (branch, tag or commit) when --model is a repo id.
-    #[arg(long)]
-    pub revision: Option<String>,
+    #[command(flatten)]
+    pub model: super::ModelArgs,
     /// A trained adapter folder (adapter_config.json + adapter_model.safetensors).
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
@@ -272,8 +270,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         "bf16" => candle_core::DType::BF16,
         _ => candle_core::DType::F32,
     };
-    let load_opts = LoadOptions { revision: args.revision.clone(), dtype, ..Default::default() };
-    let mut lm = load(&args.model, &load_opts).with_context(|| format!("loading model {}", args.model))?;
+    let mut lm = load(&args.model.path_or_id, &args.model.load_options(dtype)).with_context(|| format!("loading model {}", args.model.path_or_id))?;
     if let Some(dir) = &args.adapter {
         attach_adapter(dir, &mut lm.model)?;
     }
@@ -284,11 +281,51 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     };
     let cols = columns(&args);
     let mut reports: Vec<ModelReport> = cols.iter().map(|_| ModelReport::default()).collect();
-
-    // 1. preference metrics: one pass gives policy (adapted) and reference (base) log-probs
+    let section = Section { args: &args, model, tok, template: template.as_deref(), cols: &cols };
     if let Some(path) = &args.prefs {
+        section.preference_section(path, &mut reports)?;
+    }
+    let generations = match &args.prompts {
+        Some(path) => Some(section.generation_section(path, &mut reports)?),
+        None => None,
+    };
+    if let Some(data) = &mmlu_data {
+        section.mmlu_section(data, &mut reports)?;
+    }
+    let energy = if args.energy { Some(energy_section(model)?) } else { None };
+    let mut report = EvalReport {
+        model: args.model.path_or_id.clone(),
+        adapter: args.adapter.as_ref().map(|p| p.display().to_string()),
+        energy,
+        ..Default::default()
+    };
+    for ((name, _), r) in cols.iter().zip(reports) {
+        if *name == "base" {
+            report.base = Some(r);
+        } else {
+            report.adapted = Some(r);
+        }
+    }
+    write_outputs(&args, &report, generations.as_ref())
+}
+
+/// What every section of `ropo eval` reads: the arguments, the model (with its adapter, when
+/// given), its tokenizer, the chat template override, the columns measured.
+#[derive(Clone, Copy)]
+struct Section<'a> {
+    args: &'a EvalArgs,
+    model: &'a Model,
+    tok: &'a Tokenizer,
+    template: Option<&'a str>,
+    cols: &'a [(&'static str, bool)],
+}
+
+impl Section<'_> {
+    /// 1. Preference metrics: one pass gives policy (adapted) and reference (base) log-probs.
+    fn preference_section(&self, path: &Path, reports: &mut [ModelReport]) -> anyhow::Result<()> {
+        let Section { args, model, tok, template, cols } = *self;
         let opts = TokenizeOptions { max_length: Some(args.max_length), max_prompt_length: None };
-        let mut prepared = crate::data::prepare(path, tok, template.as_deref(), &Default::default(), opts)?;
+        let mut prepared = crate::data::prepare(path, tok, template, &Default::default(), opts)?;
         if let Some(n) = args.limit {
             prepared.pairs.truncate(n);
         }
@@ -299,28 +336,42 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             prepared.report.to_string().lines().map(str::trim).collect::<Vec<_>>().join("; ")
         );
         let pad = crate::data::batch::pad_id(tok)?;
+        // a model without adapters is its own reference: one pass
+        let adapted = model.linears().iter().any(|l| l.adapter.is_some());
+        let pass = if adapted { Pass::Both } else { Pass::Reference };
         let b = bar(prepared.pairs.len(), "preference pairs");
-        let lp = score_pairs(model, &prepared.pairs, pad, args.batch_size, |k| b.inc(k as u64))?;
+        let scores = score_pairs(model, &prepared.pairs, pad, args.batch_size, true, pass, |k| b.inc(k as u64))?;
         b.finish_and_clear();
-        for ((_, adapted), r) in cols.iter().zip(reports.iter_mut()) {
-            let lp = if *adapted {
-                lp.clone()
-            } else {
-                // the base model is its own reference
-                PairLogprobs { policy_chosen: lp.reference_chosen.clone(), policy_rejected: lp.reference_rejected.clone(), ..lp.clone() }
+        let (reference_chosen, reference_rejected) = scores.reference.clone().expect("a reference pass");
+        let (chosen_tokens, rejected_tokens) = scores.tokens.clone();
+        for ((_, use_adapters), r) in cols.iter().zip(reports.iter_mut()) {
+            // the base model (adapters bypassed) is its own reference
+            let (policy_chosen, policy_rejected) = match (&scores.policy, *use_adapters) {
+                (Some(p), true) => p.clone(),
+                _ => (reference_chosen.clone(), reference_rejected.clone()),
+            };
+            let lp = PairLogps {
+                policy_chosen,
+                policy_rejected,
+                reference_chosen: reference_chosen.clone(),
+                reference_rejected: reference_rejected.clone(),
+                chosen_tokens: chosen_tokens.clone(),
+                rejected_tokens: rejected_tokens.clone(),
             };
             r.preference = Some(preference_metrics(&lp, args.beta, DEFAULT_TOLERANCE)?);
         }
+        Ok(())
     }
 
-    // 2. generations, greedy and sampled (written at the end, with the report)
-    let mut generations: Option<(PathBuf, String)> = None;
-    if let Some(path) = &args.prompts {
-        let ps = prompts(&args, path, tok, template.as_deref())?;
+    /// 2. Generations, greedy and sampled: their statistics into `reports`; returns the
+    /// `generations.jsonl` path and lines (written at the end, with the report).
+    fn generation_section(&self, path: &Path, reports: &mut [ModelReport]) -> anyhow::Result<(PathBuf, String)> {
+        let Section { args, model, tok, template, cols } = *self;
+        let ps = prompts(args, path, tok, template)?;
         let ids: Vec<Vec<u32>> = ps.iter().map(|p| p.1.clone()).collect();
         let mut lines = String::new();
         for ((name, adapted), r) in cols.iter().zip(reports.iter_mut()) {
-            for (mode, opts) in [("greedy", GenerateOptions { temperature: 0.0, ..sampled_options(&args) }), ("sampled", sampled_options(&args))] {
+            for (mode, opts) in [("greedy", GenerateOptions { temperature: 0.0, ..sampled_options(args) }), ("sampled", sampled_options(args))] {
                 let b = bar(ids.len(), &format!("{name} {mode} generations"));
                 let gens = generate_all(model, tok, &ids, &opts, *adapted, || b.inc(1))?;
                 b.finish_and_clear();
@@ -341,11 +392,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             Some(o) => o.with_file_name("generations.jsonl"),
             None => PathBuf::from("generations.jsonl"),
         });
-        generations = Some((out, lines));
+        Ok((out, lines))
     }
 
-    // 3. MMLU
-    if let Some(data) = &mmlu_data {
+    /// 3. MMLU, each column scored on `data`.
+    fn mmlu_section(&self, data: &[mmlu::SubjectData], reports: &mut [ModelReport]) -> anyhow::Result<()> {
+        let Section { args, model, tok, cols, .. } = *self;
         let n: usize = data.iter().map(|d| d.questions.len()).sum();
         for ((name, adapted), r) in cols.iter().zip(reports.iter_mut()) {
             let mut scorer = ModelScorer::new(model, tok, *adapted, Some(args.mmlu_max_tokens))?;
@@ -353,36 +405,25 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             r.mmlu = Some(mmlu::score(data, args.shots, &mut scorer, || b.inc(1))?);
             b.finish_and_clear();
         }
+        Ok(())
     }
+}
 
-    // 4. energy of the adapted layers
-    let energy = if args.energy {
-        let linears = model.linears();
-        let n = linears.iter().filter(|l| l.adapter.is_some()).count();
-        anyhow::ensure!(n > 0, "--energy: the model has no adapted layer");
-        let b = bar(n, "energy of adapted layers");
-        let e = crate::eval::energy::adapted_energies(linears, |_| b.inc(1))?;
-        b.finish_and_clear();
-        Some(e)
-    } else {
-        None
-    };
+/// 4. Hyperspherical energy of the adapted layers.
+fn energy_section(model: &Model) -> anyhow::Result<crate::eval::EnergyReport> {
+    let linears = model.linears();
+    let n = linears.iter().filter(|l| l.adapter.is_some()).count();
+    anyhow::ensure!(n > 0, "--energy: the model has no adapted layer");
+    let b = bar(n, "energy of adapted layers");
+    let e = crate::eval::energy::adapted_energies(linears, |_| b.inc(1))?;
+    b.finish_and_clear();
+    Ok(e)
+}
 
-    let mut report = EvalReport {
-        model: args.model.clone(),
-        adapter: args.adapter.as_ref().map(|p| p.display().to_string()),
-        energy,
-        ..Default::default()
-    };
-    for ((name, _), r) in cols.iter().zip(reports) {
-        if *name == "base" {
-            report.base = Some(r);
-        } else {
-            report.adapted = Some(r);
-        }
-    }
+/// The table on stdout, then the generations and the JSON report (when asked for).
+fn write_outputs(args: &EvalArgs, report: &EvalReport, generations: Option<&(PathBuf, String)>) -> anyhow::Result<()> {
     print!("{}", report.table());
-    if let Some((out, lines)) = &generations {
+    if let Some((out, lines)) = generations {
         ensure_parent(out)?;
         crate::fsutil::write_atomic(out, lines.as_bytes())?;
         eprintln!("wrote {} generations to {}", lines.lines().count(), out.display());

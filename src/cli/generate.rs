@@ -9,17 +9,13 @@ use anyhow::Context;
 use crate::adapter::AnyAdapterSet;
 use crate::data::template::{ChatTemplate, Message};
 use crate::generate::{generate, GenerateOptions};
-use crate::model::{load, LoadOptions};
+use crate::model::load;
 
 /// Arguments of `ropo generate`.
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
-    /// The model: an HF model folder, a .gguf file or a hub repo id (org/name).
-    #[arg(long, value_name = "PATH_OR_ID")]
-    pub model: String,
-    /// Hub revision (branch, tag or commit) when --model is a repo id.
-    #[arg(long)]
-    pub revision: Option<String>,
+    #[command(flatten)]
+    pub model: super::ModelArgs,
     /// A trained adapter folder to apply (RoPO, PEFT LoRA or full; read from its adapter_config.json).
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
@@ -70,15 +66,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
     };
     let dtype = if args.dtype == "bf16" { candle_core::DType::BF16 } else { candle_core::DType::F32 };
-    let load_opts = LoadOptions { revision: args.revision.clone(), dtype, ..Default::default() };
-    let mut lm = load(&args.model, &load_opts).with_context(|| format!("loading model {}", args.model))?;
+    let mut lm = load(&args.model.path_or_id, &args.model.load_options(dtype)).with_context(|| format!("loading model {}", args.model.path_or_id))?;
     if let Some(dir) = &args.adapter {
-        let set = AnyAdapterSet::load(dir, &mut lm.model).with_context(|| format!("loading adapter {} onto {}", dir.display(), args.model))?;
+        let set = AnyAdapterSet::load(dir, &mut lm.model).with_context(|| format!("loading adapter {} onto {}", dir.display(), args.model.path_or_id))?;
         tracing::info!("adapter {} ({}): {}", dir.display(), set.kind().as_str(), set.report());
     }
     let tok = &lm.tokenizer;
     let (text, add_special) = if args.chat {
-        let src = tok.chat_template.as_deref().with_context(|| format!("--chat: model {} has no chat template", args.model))?;
+        let src = tok.chat_template.as_deref().with_context(|| format!("--chat: model {} has no chat template", args.model.path_or_id))?;
         let tmpl = ChatTemplate::new(src, tok.bos_token.as_deref(), tok.eos_token.as_deref()).context("compiling the chat template")?;
         let mut messages = Vec::new();
         if let Some(s) = &args.system {

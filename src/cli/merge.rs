@@ -13,9 +13,9 @@ use candle_core::DType;
 /// A GGUF base is written in the HF layout (Q/K un-permuted).
 #[derive(Debug, clap::Args)]
 pub struct MergeArgs {
-    /// The base model: an HF model folder, a .gguf file or a hub repo id.
-    #[arg(long)]
-    pub model: String,
+    /// The base model.
+    #[command(flatten)]
+    pub model: super::ModelArgs,
     /// The adapter folder (adapter_config.json + adapter_model.safetensors).
     #[arg(long)]
     pub adapter: PathBuf,
@@ -54,11 +54,12 @@ impl From<ExportDtype> for DType {
 
 /// Run `ropo merge`.
 pub fn run(args: MergeArgs) -> anyhow::Result<()> {
-    let n = ropo_merge(&args).with_context(|| format!("merging {} into {}", args.adapter.display(), args.model))?;
+    let n = ropo_merge(&args).with_context(|| format!("merging {} into {}", args.adapter.display(), args.model.path_or_id))?;
     eprintln!("merged {n} adapted layers; wrote {}", args.out.display());
     Ok(())
 }
 
 fn ropo_merge(args: &MergeArgs) -> crate::error::Result<usize> {
-    crate::adapter::merge::merge_to_folder(&args.model, &args.adapter, &args.out, args.dtype.into(), args.force)
+    let load_opts = args.model.load_options(DType::F32);
+    crate::adapter::merge::merge_to_folder(&args.model.path_or_id, &load_opts, &args.adapter, &args.out, args.dtype.into(), args.force)
 }

@@ -35,6 +35,25 @@ pub enum Command {
     Plot(plot::PlotArgs),
 }
 
+/// The model every subcommand loads: `--model` and `--revision` (flattened into each
+/// subcommand's arguments).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// The model: an HF model folder, a .gguf file or a hub repo id (org/name).
+    #[arg(long = "model", value_name = "PATH_OR_ID")]
+    pub path_or_id: String,
+    /// Hub revision (branch, tag or commit) when --model is a repo id.
+    #[arg(long)]
+    pub revision: Option<String>,
+}
+
+impl ModelArgs {
+    /// How to load it, in `dtype` on the CPU.
+    pub fn load_options(&self, dtype: candle_core::DType) -> crate::model::LoadOptions {
+        crate::model::LoadOptions { revision: self.revision.clone(), dtype, ..Default::default() }
+    }
+}
+
 /// Run one parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {

@@ -20,7 +20,7 @@ pub struct PlotArgs {
 
 /// Run `ropo plot`.
 pub fn run(args: PlotArgs) -> anyhow::Result<()> {
-    let out = args.out.unwrap_or_else(|| args.metrics.with_file_name("curves.png"));
+    let out = args.out.unwrap_or_else(|| args.metrics.with_file_name(crate::checkpoint::CURVES_FILE));
     let curves = crate::plot::plot_metrics_file(&args.metrics, &out)
         .with_context(|| format!("plotting {}", args.metrics.display()))?;
     let counts: Vec<String> = crate::plot::PANELS

@@ -40,7 +40,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         print!("{}", cfg.to_toml_string());
         return Ok(());
     }
-    train::configure_threads(cfg.training.threads);
+    crate::process::configure_threads(cfg.training.threads);
     ctrlc::set_handler(|| {
         if STOP_REQUESTED.swap(true, Ordering::SeqCst) {
             eprintln!("\nropo: second interrupt, exiting without a checkpoint");

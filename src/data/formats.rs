@@ -73,6 +73,50 @@ impl std::str::FromStr for Format {
     }
 }
 
+/// The run config's `data.format`: `"auto"` (the format detected per file, every row agreeing
+/// with the first) or one [`Format`]'s name. Read as a string, so a bad value is a config error
+/// with its file and line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum FormatChoice {
+    /// Detect the format of each file.
+    #[default]
+    Auto,
+    /// Every file is in this format.
+    Fixed(Format),
+}
+
+impl FormatChoice {
+    /// The format to force on the loader ([`super::LoadOptions::format`]); `None` detects it.
+    pub fn fixed(self) -> Option<Format> {
+        match self {
+            FormatChoice::Auto => None,
+            FormatChoice::Fixed(f) => Some(f),
+        }
+    }
+}
+
+impl TryFrom<String> for FormatChoice {
+    type Error = String;
+
+    /// `"auto"` or a [`Format`] name; errors list the valid names.
+    fn try_from(s: String) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(FormatChoice::Auto);
+        }
+        s.parse::<Format>().map(FormatChoice::Fixed).map_err(|e| format!("{e} (or \"auto\")"))
+    }
+}
+
+impl From<FormatChoice> for String {
+    fn from(c: FormatChoice) -> String {
+        match c {
+            FormatChoice::Auto => "auto".into(),
+            FormatChoice::Fixed(f) => f.name().into(),
+        }
+    }
+}
+
 /// A problem with one row; the loader prefixes it with `file:line: `. The message names the
 /// field, e.g. `missing field "rejected"` or `field "chosen[0].content": expected a string, got null`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,11 +10,16 @@
 //! 4. [`batch`]: a seeded length-grouped sampler and the collator producing the
 //!    `[chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]` batch layout.
 //! 5. [`inspect`]: the `ropo data inspect` summary.
+//!
+//! From a config to tokenized pairs: [`prepare`] loads and tokenizes one file (`ropo eval`,
+//! `ropo data inspect`); [`splits`] reads the run config's `[data]` files, splits train and
+//! evaluation rows and tokenizes them (`ropo train`).
 
 pub mod batch;
 pub mod formats;
 pub mod inspect;
 pub mod load;
+pub mod splits;
 pub mod template;
 pub mod tokenize;
 
@@ -24,7 +29,7 @@ use std::path::{Path, PathBuf};
 use crate::error::Result;
 use crate::model::tokenizer::Tokenizer;
 
-pub use formats::Format;
+pub use formats::{Format, FormatChoice};
 pub use load::{load, parse_reader, LoadOptions, Loaded, OnIdentical};
 pub use template::{ChatTemplate, Message};
 

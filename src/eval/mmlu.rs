@@ -142,20 +142,6 @@ pub fn subjects(root: &Path, split: Split) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// Levenshtein distance between two strings (by chars).
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, &cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
-}
-
 /// Up to 5 names of `known` close to `name`: containing it (or contained in it), or within
 /// edit distance `max(2, len/3)`; nearest first.
 pub fn close_matches<'a>(name: &str, known: &'a [String]) -> Vec<&'a str> {
@@ -163,7 +149,7 @@ pub fn close_matches<'a>(name: &str, known: &'a [String]) -> Vec<&'a str> {
     let mut scored: Vec<(usize, &str)> = known
         .iter()
         .filter_map(|k| {
-            let d = edit_distance(name, k);
+            let d = strsim::levenshtein(name, k);
             let sub = !name.is_empty() && (k.contains(name) || name.contains(k.as_str()));
             (d <= limit || sub).then_some((d, k.as_str()))
         })
@@ -473,7 +459,7 @@ mod tests {
         assert_eq!(close_matches("anatomie", &known), vec!["anatomy"]);
         assert_eq!(close_matches("biology", &known), vec!["college_biology", "high_school_biology"]);
         assert!(close_matches("zzzzzzzz", &known).is_empty());
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(strsim::levenshtein("kitten", "sitting"), 3);
     }
 
     #[test]

@@ -18,5 +18,5 @@ pub mod report;
 pub use energy::{hyperspherical_energy, row_cosines, EnergyReport, LayerEnergy};
 pub use generation::{generation_stats, GenerationStats};
 pub use mmlu::{LetterScorer, MmluScores};
-pub use preference::{preference_metrics, PairLogprobs, PreferenceMetrics};
+pub use preference::{preference_metrics, PreferenceMetrics};
 pub use report::{EvalReport, ModelReport};

@@ -16,30 +16,28 @@
 //!   f64, the training loss's own code);
 //! - `logps/chosen = π_c`, `logps/rejected = π_r` (summed over completion tokens, nats).
 //!
-//! Every metric is the mean over pairs, in f64.
+//! Every metric is the mean over pairs, in f64, computed by [`RewardMetrics::compute_with_tolerance`]
+//! (the training metrics' own code); the inputs are the training loss's [`PairLogps`].
 //!
-//! [`score_pairs`] computes the four log-probs with the real model: each batch of pairs in
-//! TRL's `[chosen..; rejected..]` layout (right padding) goes through the model twice, adapters
-//! on (policy) and bypassed (reference), and the completion tokens' log-probs are summed
-//! ([`crate::loss::completion_logps`]'s definition, computed by
-//! [`crate::reference::model_logps_with`]: each pair's prompt once, the LM head at completion
-//! positions only). A model without adapters is its own reference (one pass).
+//! The four log-probs come from [`crate::logps::score_pairs`], the scoring loop `ropo train`'s
+//! evaluations use too: each batch of pairs in TRL's `[chosen..; rejected..]` layout (right
+//! padding) goes through the model twice, adapters on (policy) and bypassed (reference), each
+//! pair's prompt once and the LM head at completion positions only. A model without adapters is
+//! its own reference (one pass).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::data::batch::collate;
-use crate::data::tokenize::TokenizedPair;
 use crate::error::{Error, Result};
-use crate::loss::{per_pair_loss, reward_outcome, split_pairs, LossParams, LossType, RewardOutcome};
-use crate::model::llama::Model;
+use crate::loss::{per_pair_loss, LossParams, LossType, PairLogps, RewardMetrics};
 
 /// Default tolerance of the reward gap for `rewards/accuracies` and `rewards/ties`: the training
 /// metrics' own, [`crate::loss::REWARD_TOLERANCE`] (1e-4), so `ropo eval` and `ropo train`'s
 /// eval records count the same pairs as accurate and as ties.
 pub use crate::loss::REWARD_TOLERANCE as DEFAULT_TOLERANCE;
 
-/// Mean preference metrics, with TRL's names in JSON.
+/// The preference metrics of a set of pairs: TRL's reward metrics ([`RewardMetrics`], with
+/// TRL's names in JSON) and the context they were computed in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PreferenceMetrics {
     /// Number of pairs.
@@ -50,51 +48,23 @@ pub struct PreferenceMetrics {
     pub tolerance: f64,
     /// Mean DPO (sigmoid) loss.
     pub loss: f64,
-    /// Mean `β (π_c - ref_c)`.
-    #[serde(rename = "rewards/chosen")]
-    pub rewards_chosen: f64,
-    /// Mean `β (π_r - ref_r)`.
-    #[serde(rename = "rewards/rejected")]
-    pub rewards_rejected: f64,
-    /// Share of pairs with `β c - β r > tolerance`.
-    #[serde(rename = "rewards/accuracies")]
-    pub rewards_accuracies: f64,
-    /// Share of pairs with `|β c - β r| <= tolerance`.
-    #[serde(rename = "rewards/ties", default)]
-    pub rewards_ties: f64,
+    /// `rewards/*` and `logps/*` (means over the pairs).
+    #[serde(flatten)]
+    pub rewards: RewardMetrics,
     /// Number of pairs with `|β c - β r| <= tolerance` (`rewards/ties` times `pairs`).
     #[serde(default)]
     pub ties: usize,
-    /// Mean `β ((π_c - ref_c) - (π_r - ref_r))`.
-    #[serde(rename = "rewards/margins")]
-    pub rewards_margins: f64,
-    /// Mean policy log-prob of the chosen completions.
-    #[serde(rename = "logps/chosen")]
-    pub logps_chosen: f64,
-    /// Mean policy log-prob of the rejected completions.
-    #[serde(rename = "logps/rejected")]
-    pub logps_rejected: f64,
 }
 
-/// The summed completion log-probs of a set of pairs, one entry per pair in each vector.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct PairLogprobs {
-    /// Policy log p(chosen | prompt).
-    pub policy_chosen: Vec<f64>,
-    /// Policy log p(rejected | prompt).
-    pub policy_rejected: Vec<f64>,
-    /// Reference log p(chosen | prompt).
-    pub reference_chosen: Vec<f64>,
-    /// Reference log p(rejected | prompt).
-    pub reference_rejected: Vec<f64>,
-}
-
-/// The metrics of the module doc from per-pair log-probs.
+/// The metrics of the module doc from per-pair log-probs (each `(P,)`, any float dtype; the
+/// token counts are not used).
 ///
-/// Errors: vectors of different lengths, no pair, a non-finite log-prob, or `tolerance <= 0`.
-pub fn preference_metrics(lp: &PairLogprobs, beta: f64, tolerance: f64) -> Result<PreferenceMetrics> {
-    let n = lp.policy_chosen.len();
-    if [lp.policy_rejected.len(), lp.reference_chosen.len(), lp.reference_rejected.len()].iter().any(|&m| m != n) {
+/// Errors: tensors of different lengths, no pair, a non-finite log-prob, or `tolerance <= 0`.
+pub fn preference_metrics(lp: &PairLogps, beta: f64, tolerance: f64) -> Result<PreferenceMetrics> {
+    let v = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?) };
+    let (pc, pr, rc, rr) = (v(&lp.policy_chosen)?, v(&lp.policy_rejected)?, v(&lp.reference_chosen)?, v(&lp.reference_rejected)?);
+    let n = pc.len();
+    if [pr.len(), rc.len(), rr.len()].iter().any(|&m| m != n) {
         return Err(Error::Msg("preference metrics: log-prob vectors of different lengths".into()));
     }
     if n == 0 {
@@ -103,104 +73,24 @@ pub fn preference_metrics(lp: &PairLogprobs, beta: f64, tolerance: f64) -> Resul
     if !(tolerance > 0.0) {
         return Err(Error::Config(format!("preference tolerance must be > 0 (got {tolerance})")));
     }
-    let mut m = PreferenceMetrics {
-        pairs: n,
-        beta,
-        tolerance,
-        loss: 0.0,
-        rewards_chosen: 0.0,
-        rewards_rejected: 0.0,
-        rewards_accuracies: 0.0,
-        rewards_ties: 0.0,
-        ties: 0,
-        rewards_margins: 0.0,
-        logps_chosen: 0.0,
-        logps_rejected: 0.0,
-    };
-    for i in 0..n {
-        let (pc, pr, rc, rr) = (lp.policy_chosen[i], lp.policy_rejected[i], lp.reference_chosen[i], lp.reference_rejected[i]);
-        if ![pc, pr, rc, rr].iter().all(|x| x.is_finite()) {
-            return Err(Error::Msg(format!("preference metrics: pair {i} has a non-finite log-prob")));
-        }
-        let chosen = beta * (pc - rc);
-        let rejected = beta * (pr - rr);
-        m.rewards_chosen += chosen;
-        m.rewards_rejected += rejected;
-        m.rewards_margins += chosen - rejected;
-        match reward_outcome(chosen, rejected, tolerance) {
-            RewardOutcome::Chosen => m.rewards_accuracies += 1.0,
-            RewardOutcome::Tie => m.ties += 1,
-            RewardOutcome::Rejected => {}
-        }
-        m.logps_chosen += pc;
-        m.logps_rejected += pr;
+    if let Some(i) = (0..n).find(|&i| ![pc[i], pr[i], rc[i], rr[i]].iter().all(|x| x.is_finite())) {
+        return Err(Error::Msg(format!("preference metrics: pair {i} has a non-finite log-prob")));
     }
+    let rewards = RewardMetrics::compute_with_tolerance(lp, beta, tolerance)?;
     // the DPO loss with the training code's definition, in f64
-    let t = |v: &[f64]| Tensor::from_slice(v, n, &Device::Cpu);
-    let ones = Tensor::ones(n, DType::F64, &Device::Cpu)?;
-    let logps = crate::loss::PairLogps {
-        policy_chosen: t(&lp.policy_chosen)?,
-        policy_rejected: t(&lp.policy_rejected)?,
-        reference_chosen: t(&lp.reference_chosen)?,
-        reference_rejected: t(&lp.reference_rejected)?,
-        chosen_tokens: ones.clone(),
-        rejected_tokens: ones,
+    let t = |v: &[f64]| Tensor::from_slice(v, n, lp.policy_chosen.device());
+    let logps = PairLogps {
+        policy_chosen: t(&pc)?,
+        policy_rejected: t(&pr)?,
+        reference_chosen: t(&rc)?,
+        reference_rejected: t(&rr)?,
+        chosen_tokens: Tensor::ones(n, DType::F64, lp.policy_chosen.device())?,
+        rejected_tokens: Tensor::ones(n, DType::F64, lp.policy_chosen.device())?,
     };
     let params = LossParams { beta, ..Default::default() };
-    m.loss = per_pair_loss(LossType::Sigmoid, &logps, &params)?.sum_all()?.to_scalar::<f64>()?;
-    let nf = n as f64;
-    m.rewards_ties = m.ties as f64;
-    for v in [
-        &mut m.loss,
-        &mut m.rewards_chosen,
-        &mut m.rewards_rejected,
-        &mut m.rewards_accuracies,
-        &mut m.rewards_ties,
-        &mut m.rewards_margins,
-        &mut m.logps_chosen,
-        &mut m.logps_rejected,
-    ] {
-        *v /= nf;
-    }
-    Ok(m)
-}
-
-/// The four summed completion log-probs of every pair, in order, with `model`: policy =
-/// adapters on, reference = adapters bypassed. `batch_size` pairs go through the model at once;
-/// `on_pairs(k)` is called after each batch of k pairs (for a progress bar).
-///
-/// Errors: `batch_size == 0`, a model error.
-pub fn score_pairs(
-    model: &Model,
-    pairs: &[TokenizedPair],
-    pad_id: u32,
-    batch_size: usize,
-    mut on_pairs: impl FnMut(usize),
-) -> Result<PairLogprobs> {
-    if batch_size == 0 {
-        return Err(Error::Config("batch size must be >= 1".into()));
-    }
-    let adapted = model.linears().iter().any(|l| l.adapter.is_some());
-    let mut out = PairLogprobs::default();
-    let v = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?) };
-    for chunk in pairs.chunks(batch_size) {
-        let refs: Vec<&TokenizedPair> = chunk.iter().collect();
-        let b = collate(&refs, pad_id, model.device())?;
-        // detached right away: with adapter `Var`s in the graph, the intermediates would
-        // otherwise stay alive as long as the result does. Each pair's prompt runs once (prefix
-        // sharing) and the LM head only at completion positions (`reference::model_logps_with`)
-        let logps = |use_adapters: bool| -> Result<Tensor> { crate::reference::batch_logps_with(model, &b, use_adapters, true) }; // (2B,)
-        let reference = logps(false)?;
-        let policy = if adapted { logps(true)? } else { reference.clone() };
-        let (rc, rr) = split_pairs(&reference)?;
-        let (pc, pr) = split_pairs(&policy)?;
-        out.reference_chosen.extend(v(&rc)?);
-        out.reference_rejected.extend(v(&rr)?);
-        out.policy_chosen.extend(v(&pc)?);
-        out.policy_rejected.extend(v(&pr)?);
-        on_pairs(chunk.len());
-    }
-    Ok(out)
+    let loss = per_pair_loss(LossType::Sigmoid, &logps, &params)?.sum_all()?.to_scalar::<f64>()? / n as f64;
+    let ties = (rewards.rewards_ties * n as f64).round() as usize;
+    Ok(PreferenceMetrics { pairs: n, beta, tolerance, loss, rewards, ties })
 }
 
 #[cfg(test)]
@@ -216,31 +106,38 @@ mod tests {
         v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
     }
 
+    /// The four log-probs as f64 tensors (token counts 1).
+    fn pair_logps(pc: &[f64], pr: &[f64], rc: &[f64], rr: &[f64]) -> PairLogps {
+        let t = |v: &[f64]| Tensor::new(v, &candle_core::Device::Cpu).unwrap();
+        let ones = vec![1.0; pc.len()];
+        PairLogps { policy_chosen: t(pc), policy_rejected: t(pr), reference_chosen: t(rc), reference_rejected: t(rr), chosen_tokens: t(&ones), rejected_tokens: t(&ones) }
+    }
+
     #[test]
     fn matches_trl_golden() {
         // ../shared/golden/dpo_losses_golden.json: TRL 1.16 formulas in torch float64
         let g = golden();
-        let lp = PairLogprobs {
-            policy_chosen: vecf(&g["policy_chosen_logps"]),
-            policy_rejected: vecf(&g["policy_rejected_logps"]),
-            reference_chosen: vecf(&g["reference_chosen_logps"]),
-            reference_rejected: vecf(&g["reference_rejected_logps"]),
-        };
+        let lp = pair_logps(
+            &vecf(&g["policy_chosen_logps"]),
+            &vecf(&g["policy_rejected_logps"]),
+            &vecf(&g["reference_chosen_logps"]),
+            &vecf(&g["reference_rejected_logps"]),
+        );
         let beta = g["beta"].as_f64().unwrap();
         let m = preference_metrics(&lp, beta, DEFAULT_TOLERANCE).unwrap();
         let gm = &g["metrics"];
         let close = |a: f64, b: &serde_json::Value| assert!((a - b.as_f64().unwrap()).abs() < 1e-12, "{a} vs {b}");
-        close(m.rewards_chosen, &gm["rewards/chosen"]);
-        close(m.rewards_rejected, &gm["rewards/rejected"]);
-        close(m.rewards_accuracies, &gm["rewards/accuracies"]);
-        assert_eq!((m.ties, m.rewards_ties), (0, 0.0), "every golden gap exceeds the tolerance");
-        close(m.rewards_margins, &gm["rewards/margins"]);
+        close(m.rewards.rewards_chosen, &gm["rewards/chosen"]);
+        close(m.rewards.rewards_rejected, &gm["rewards/rejected"]);
+        close(m.rewards.rewards_accuracies, &gm["rewards/accuracies"]);
+        assert_eq!((m.ties, m.rewards.rewards_ties), (0, 0.0), "every golden gap exceeds the tolerance");
+        close(m.rewards.rewards_margins, &gm["rewards/margins"]);
         let sig = g["losses"].as_array().unwrap().iter().find(|l| l["loss_type"] == "sigmoid").unwrap();
         close(m.loss, &sig["mean_loss"]);
         // logps are the policy's, averaged: (-120.5 - 80.25 - 200 - 33) / 4 and
         // (-118 - 95.5 - 190.75 - 40) / 4
-        assert!((m.logps_chosen - (-433.75 / 4.0)).abs() < 1e-12);
-        assert!((m.logps_rejected - (-444.25 / 4.0)).abs() < 1e-12);
+        assert!((m.rewards.logps_chosen - (-433.75 / 4.0)).abs() < 1e-12);
+        assert!((m.rewards.logps_rejected - (-444.25 / 4.0)).abs() < 1e-12);
         let js = serde_json::to_value(&m).unwrap();
         assert!(js.get("rewards/accuracies").is_some() && js.get("logps/chosen").is_some());
     }
@@ -248,28 +145,24 @@ mod tests {
     #[test]
     fn identity_policy_is_a_tie() {
         // policy = reference up to f32 noise: reward gaps ~1e-7 are ties, not wins; loss = ln 2
-        let lp = PairLogprobs {
-            policy_chosen: vec![-10.0 + 1e-6, -20.0],
-            policy_rejected: vec![-11.0, -21.0 + 2e-6],
-            reference_chosen: vec![-10.0, -20.0 - 1e-6],
-            reference_rejected: vec![-11.0 + 1e-6, -21.0],
-        };
+        let (pc, pr, rc, rr) = ([-10.0 + 1e-6, -20.0], [-11.0, -21.0 + 2e-6], [-10.0, -20.0 - 1e-6], [-11.0 + 1e-6, -21.0]);
+        let lp = pair_logps(&pc, &pr, &rc, &rr);
         let m = preference_metrics(&lp, 0.1, DEFAULT_TOLERANCE).unwrap();
-        assert_eq!(m.rewards_accuracies, 0.0);
-        assert_eq!((m.ties, m.rewards_ties), (2, 1.0));
+        assert_eq!(m.rewards.rewards_accuracies, 0.0);
+        assert_eq!((m.ties, m.rewards.rewards_ties), (2, 1.0));
         assert!((m.loss - std::f64::consts::LN_2).abs() < 1e-6);
-        assert!(m.rewards_margins.abs() < 1e-6);
+        assert!(m.rewards.rewards_margins.abs() < 1e-6);
         // a real win of 1e-3 counts
-        let mut lp2 = lp.clone();
-        lp2.policy_chosen[0] += 1e-2;
-        let m2 = preference_metrics(&lp2, 0.1, DEFAULT_TOLERANCE).unwrap();
-        assert_eq!((m2.rewards_accuracies, m2.ties, m2.rewards_ties), (0.5, 1, 0.5));
+        let mut pc2 = pc;
+        pc2[0] += 1e-2;
+        let m2 = preference_metrics(&pair_logps(&pc2, &pr, &rc, &rr), 0.1, DEFAULT_TOLERANCE).unwrap();
+        assert_eq!((m2.rewards.rewards_accuracies, m2.ties, m2.rewards.rewards_ties), (0.5, 1, 0.5));
     }
 
     #[test]
     fn errors() {
-        let bad = PairLogprobs { policy_chosen: vec![0.0], ..Default::default() };
+        let bad = pair_logps(&[0.0], &[], &[], &[]);
         assert!(preference_metrics(&bad, 0.1, 1e-5).is_err());
-        assert!(preference_metrics(&PairLogprobs::default(), 0.1, 1e-5).is_err());
+        assert!(preference_metrics(&pair_logps(&[], &[], &[], &[]), 0.1, 1e-5).is_err());
     }
 }

@@ -58,13 +58,13 @@ pub fn metric_rows(r: &ModelReport) -> Vec<(String, f64)> {
     if let Some(p) = &r.preference {
         rows.extend([
             ("dpo_loss", p.loss),
-            ("rewards/accuracies", p.rewards_accuracies),
-            ("rewards/ties", p.rewards_ties),
-            ("rewards/margins", p.rewards_margins),
-            ("rewards/chosen", p.rewards_chosen),
-            ("rewards/rejected", p.rewards_rejected),
-            ("logps/chosen", p.logps_chosen),
-            ("logps/rejected", p.logps_rejected),
+            ("rewards/accuracies", p.rewards.rewards_accuracies),
+            ("rewards/ties", p.rewards.rewards_ties),
+            ("rewards/margins", p.rewards.rewards_margins),
+            ("rewards/chosen", p.rewards.rewards_chosen),
+            ("rewards/rejected", p.rewards.rewards_rejected),
+            ("logps/chosen", p.rewards.logps_chosen),
+            ("logps/rejected", p.rewards.logps_rejected),
         ]
         .map(|(k, v)| (k.to_string(), v)));
     }

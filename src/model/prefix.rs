@@ -187,30 +187,3 @@ impl Model {
         Ok((self.final_norm(&xp)?, self.final_norm(&xc)?))
     }
 }
-
-/// Summed completion log-probs `(2B,)` of a [`SharedPromptBatch`], rows in the concatenated
-/// order: the prefix-shared fast path of
-/// `completion_logps(model.forward(input_ids, attention_mask), input_ids, completion_mask)`.
-///
-/// The first completion token is scored by the last prompt position's hidden state (shared by
-/// the pair); completion token `j >= 1` by completion position `j - 1`. The LM head runs only at
-/// those rows ([`crate::logps::logps_at_picks`]). In the hidden dtype (f32/f64).
-pub fn completion_logps_shared_prompt(model: &Model, batch: &SharedPromptBatch, use_adapters: bool) -> crate::error::Result<Tensor> {
-    let (hp, hc) = model.forward_hidden_shared_prompt(batch, use_adapters)?;
-    let (b, tp, d) = hp.dims3()?;
-    let (n, tc, _) = hc.dims3()?;
-    let ids = batch.completion_ids.to_vec2::<u32>()?;
-    let mut picks = Vec::new();
-    for r in 0..n {
-        for j in 0..tc {
-            let w = batch.completion_weights[r][j];
-            if w == 0.0 {
-                continue;
-            }
-            let row = if j == 0 { (r % b) * tp + batch.prompt_lens[r % b] - 1 } else { b * tp + r * tc + j - 1 };
-            picks.push(crate::logps::Pick { row, target: ids[r][j], weight: w, seq: r });
-        }
-    }
-    let flat = Tensor::cat(&[hp.reshape((b * tp, d))?, hc.reshape((n * tc, d))?], 0)?;
-    crate::logps::logps_at_picks(model, &flat, &picks, n, use_adapters)
-}

@@ -61,21 +61,22 @@ pub fn randn(shape: &[usize], std: f64, rng: &mut impl rand::Rng, dtype: DType) 
 /// `cfg` (f64, random weights from `seed`) with RoPO (r = 2, S = 2, magnitude) on every
 /// projection of every layer (`init_seed`), its parameters moved off the identity by
 /// uniform(-0.3, 0.3) offsets drawn after the weights; returns the model and the adapter set.
-pub fn model_with_perturbed_ropo(cfg: &ModelConfig, seed: u64, init_seed: u64) -> (Model, ropo::adapter::inject::AdapterSet) {
+pub fn model_with_perturbed_ropo(cfg: &ModelConfig, seed: u64, init_seed: u64) -> (Model, ropo::adapter::ropo::RopoSet) {
     use rand::Rng;
-    use ropo::adapter::config::{AdapterConfig, TargetModules};
+    use ropo::adapter::ropo::RopoConfig;
+    use ropo::adapter::targets::TargetModules;
     let dev = Device::Cpu;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let w = random_weights(cfg, 0.3, &mut rng, DType::F64, &dev).unwrap();
     let mut model = Model::load(VarBuilder::from_tensors(w.into_iter().collect(), DType::F64, &dev), cfg).unwrap();
-    let acfg = AdapterConfig {
+    let acfg = RopoConfig {
         target_modules: TargetModules::Regex(r"model\.layers\.\d+\..*_proj".into()),
         householder_reflections: 2,
         givens_stages: 2,
         magnitude: true,
         init_seed,
     };
-    let set = ropo::adapter::inject::inject(&mut model, &acfg, "tiny").unwrap();
+    let set = ropo::adapter::ropo::inject(&mut model, &acfg, "tiny").unwrap();
     for (_, v) in set.vars() {
         let offsets: Vec<f64> = (0..v.elem_count()).map(|_| rng.random_range(-0.3..0.3)).collect();
         let t = (v.as_tensor() + Tensor::from_vec(offsets, v.dims(), &dev).unwrap()).unwrap();

@@ -10,12 +10,10 @@ use std::path::Path;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::config::TargetModules;
-use super::files::{read_weights, CONFIG_FILE, WEIGHTS_FILE};
-use super::full::{attach, FullAdapter, FullConfig, FullSet};
-use super::inject::model_params;
-use super::peft::write_folder;
-use super::targets;
+use super::{attach, FullAdapter, FullConfig, FullSet};
+use crate::adapter::inject::model_params;
+use crate::adapter::targets::{self, TargetModules};
+use crate::adapter::{read_config_text, write_folder, StoredTensors};
 use crate::error::{Error, Result};
 use crate::model::linear::Linear;
 use crate::model::llama::Model;
@@ -73,8 +71,7 @@ pub fn save(dir: &Path, set: &FullSet) -> Result<()> {
 
 /// Read and check `dir/adapter_config.json`.
 pub fn read_config(dir: &Path) -> Result<FullFileConfig> {
-    let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::input(&path, None, e.to_string()))?;
+    let (path, text) = read_config_text(dir)?;
     FullFileConfig::parse(&text, &path)
 }
 
@@ -84,32 +81,19 @@ pub fn read_config(dir: &Path) -> Result<FullFileConfig> {
 pub fn load_linears(dir: &Path, linears: Vec<&mut Linear>, base_params: usize) -> Result<FullSet> {
     let file_cfg = read_config(dir)?;
     let cfg = FullConfig { target_modules: file_cfg.target_modules.clone() };
-    let mut tensors = read_weights(dir)?;
-    let weights_path = dir.join(WEIGHTS_FILE);
+    let mut stored = StoredTensors::read(dir)?;
     let idx = targets::select(&linears, &cfg.target_modules)?;
     let mut built = Vec::with_capacity(idx.len());
     for i in idx {
         let lin = &*linears[i];
-        let mut take = |suffix: &str, want: &[usize]| -> Result<Tensor> {
-            let name = format!("{}.{suffix}", lin.path);
-            let t = tensors.remove(&name).ok_or_else(|| Error::MissingTensor(format!("{name} in {}", weights_path.display())))?;
-            if t.dims() != want {
-                return Err(Error::Shape { name, expected: want.to_vec(), got: t.dims().to_vec() });
-            }
-            Ok(t.to_device(lin.weight.device())?.to_dtype(lin.dtype())?)
-        };
-        let w = take("weight", lin.weight.dims())?;
+        let w = stored.take(format!("{}.weight", lin.path), lin.weight.dims(), lin)?;
         let b = match &lin.bias {
-            Some(b) => Some(take("bias", b.dims())?),
+            Some(b) => Some(stored.take(format!("{}.bias", lin.path), b.dims(), lin)?),
             None => None,
         };
         built.push((i, FullAdapter::from_tensors(lin, w, b)?));
     }
-    let mut left: Vec<&String> = tensors.keys().collect();
-    left.sort();
-    if let Some(k) = left.first() {
-        return Err(Error::input(&weights_path, None, format!("tensor {k} belongs to no targeted module of this model ({} such tensors)", left.len())));
-    }
+    stored.finish()?;
     Ok(attach(linears, built, &cfg, &file_cfg.base_model, base_params))
 }
 

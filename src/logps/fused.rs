@@ -1,6 +1,6 @@
 //! Completion log-probs from hidden states, computing the LM head only where it is needed.
 //!
-//! The plain path ([`crate::loss::completion_logps`] over `Model::forward`) builds logits for
+//! The plain path ([`super::dense::completion_logps`] over `Model::forward`) builds logits for
 //! every position `(N, T, V)` and a full-vocabulary log-softmax, then keeps the few entries at
 //! completion targets. Here (TRL 1.16 does the same with its fused LM head):
 //! 1. the hidden rows whose NEXT token is a completion token are gathered (`N*T -> K` rows),
@@ -11,7 +11,7 @@
 //! 4. a segment sum (a `(N, K)` 0/mask matrix times `(K,)`) puts the per-token values back
 //!    into per-sequence sums `(N,)`.
 //!
-//! Definitions as in [`crate::loss::completion_logps`] (`logps[n] = Σ_{t>=1} m[n,t]
+//! Definitions as in [`super::dense::completion_logps`] (`logps[n] = Σ_{t>=1} m[n,t]
 //! log_softmax(z[n,t-1])[ids[n,t]]`, masked positions contribute exactly nothing).
 //! Legend: N sequences, T positions, D hidden width, V vocabulary, K gathered rows.
 
@@ -120,14 +120,14 @@ pub fn completion_logps_from_hidden(
 ///
 /// `logits (K, V)` f32/f64 (CPU), `targets (K,)` u32 → `(K,)`. Differentiable w.r.t. `logits`.
 /// The log-sum-exp is accumulated in f64. Other devices/dtypes fall back to
-/// [`crate::loss::selective_log_softmax`].
+/// [`super::dense::selective_log_softmax`].
 pub fn log_softmax_gather(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let (k, _) = logits.dims2()?;
     if targets.dims() != [k] {
         return Err(Error::Shape { name: "targets".into(), expected: vec![k], got: targets.dims().to_vec() });
     }
     if !logits.device().is_cpu() || !matches!(logits.dtype(), DType::F32 | DType::F64) {
-        return crate::loss::selective_log_softmax(logits, targets);
+        return super::dense::selective_log_softmax(logits, targets);
     }
     Ok(logits.contiguous()?.apply_op2(&targets.to_dtype(DType::U32)?.contiguous()?, LogSoftmaxGather)?)
 }
@@ -286,7 +286,7 @@ mod tests {
         let t = Tensor::new(&[3u32, 0, 16, 7, 7], &Device::Cpu)?;
         let c = randn(&[5], 2);
         let fused = log_softmax_gather(z.as_tensor(), &t)?;
-        let composed = crate::loss::selective_log_softmax(z.as_tensor(), &t)?;
+        let composed = crate::logps::dense::selective_log_softmax(z.as_tensor(), &t)?;
         assert!(max_abs(&fused, &composed) < 1e-12, "{}", max_abs(&fused, &composed));
         let gf = (&fused * &c)?.sum_all()?.backward()?;
         let gc = (&composed * &c)?.sum_all()?.backward()?;

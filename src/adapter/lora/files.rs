@@ -11,19 +11,17 @@
 //! Both files are written atomically; loading checks every shape against the model and names
 //! the first mismatching key in model order; on error nothing is attached.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::Tensor;
 use serde_json::{json, Value};
 
-use super::config::TargetModules;
-use super::files::{read_weights, CONFIG_FILE, WEIGHTS_FILE};
-use super::inject::model_params;
-use super::lora::{attach, LoraAdapter, LoraConfig, LoraSet, A_SUFFIX, B_SUFFIX};
-use super::targets;
+use super::{attach, LoraAdapter, LoraConfig, LoraSet, A_SUFFIX, B_SUFFIX};
+use crate::adapter::inject::model_params;
+use crate::adapter::targets::{self, TargetModules};
+use crate::adapter::{read_config_text, write_folder, StoredTensors};
 use crate::error::{Error, Result};
-use crate::fsutil::write_atomic;
 use crate::model::linear::Linear;
 use crate::model::llama::Model;
 
@@ -72,19 +70,6 @@ pub fn config_json(set: &LoraSet) -> Value {
         "use_dora": false,
         "use_rslora": false,
     })
-}
-
-/// Write the tensors (safetensors, `format = pt`) and the JSON config into `dir` (created if
-/// missing), each atomically, weights first. Errors: I/O (path named), serialization.
-pub(crate) fn write_folder(dir: &Path, tensors: &BTreeMap<String, Tensor>, config: &Value) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::input(dir, None, format!("creating folder: {e}")))?;
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
-        .map_err(|e| Error::Msg(format!("serializing {WEIGHTS_FILE}: {e}")))?;
-    write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
-    let json = serde_json::to_string_pretty(config).map_err(|e| Error::Msg(e.to_string()))?;
-    write_atomic(&dir.join(CONFIG_FILE), format!("{json}\n").as_bytes())?;
-    Ok(())
 }
 
 /// Save `set` as a PEFT LoRA adapter folder.
@@ -151,41 +136,26 @@ pub fn parse_config(text: &str, path: &Path) -> Result<(LoraConfig, String)> {
 /// tensor of the wrong shape ([`Error::Shape`] with the PEFT key, the first in model order); a
 /// tensor no targeted module uses; no module matched.
 pub fn load_linears(dir: &Path, linears: Vec<&mut Linear>, base_params: usize) -> Result<LoraSet> {
-    let cfg_path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::input(&cfg_path, None, e.to_string()))?;
+    let (cfg_path, text) = read_config_text(dir)?;
     let (cfg, base) = parse_config(&text, &cfg_path)?;
-    let mut tensors = read_weights(dir)?;
-    let weights_path = dir.join(WEIGHTS_FILE);
+    let mut stored = StoredTensors::read(dir)?;
     let idx = targets::select(&linears, &cfg.target_modules)?;
     let mut built = Vec::with_capacity(idx.len());
     for i in idx {
         let lin = &*linears[i];
         let (n, d) = lin.dims();
-        let mut take = |suffix: &str, want: [usize; 2]| -> Result<Tensor> {
-            let key = peft_key(&format!("{}.{suffix}", lin.path));
-            let t = tensors.remove(&key).ok_or_else(|| Error::MissingTensor(format!("{key} in {}", weights_path.display())))?;
-            if t.dims() != want {
-                return Err(Error::Shape { name: key, expected: want.to_vec(), got: t.dims().to_vec() });
-            }
-            Ok(t.to_device(lin.weight.device())?.to_dtype(lin.dtype())?)
-        };
-        let a = take(A_SUFFIX, [cfg.r, d])?;
-        let b = take(B_SUFFIX, [n, cfg.r])?;
+        let a = stored.take(peft_key(&format!("{}.{A_SUFFIX}", lin.path)), &[cfg.r, d], lin)?;
+        let b = stored.take(peft_key(&format!("{}.{B_SUFFIX}", lin.path)), &[n, cfg.r], lin)?;
         built.push((i, LoraAdapter::from_tensors(lin, a, b, cfg.lora_alpha)?));
     }
-    let mut left: Vec<&String> = tensors.keys().collect();
-    left.sort();
-    if let Some(k) = left.first() {
-        return Err(Error::input(&weights_path, None, format!("tensor {k} belongs to no targeted module of this model ({} such tensors)", left.len())));
-    }
+    stored.finish()?;
     Ok(attach(linears, built, &cfg, &base, base_params))
 }
 
 /// Load the PEFT LoRA adapter in `dir` onto `model`; see [`load_linears`]. Errors also: a tied
 /// `lm_head` among the targets. On error the model is unchanged.
 pub fn load(dir: &Path, model: &mut Model) -> Result<LoraSet> {
-    let cfg_path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::input(&cfg_path, None, e.to_string()))?;
+    let (cfg_path, text) = read_config_text(dir)?;
     targets::check_tied(model, &parse_config(&text, &cfg_path)?.0.target_modules)?;
     let base_params = model_params(model);
     load_linears(dir, model.linears_mut(), base_params)

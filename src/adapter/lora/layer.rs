@@ -3,22 +3,17 @@
 //! `U(-1/√d_in, 1/√d_in)`, `B (d_out, r)` zeros, so the adapted layer equals the base at init.
 //!
 //! The trainable tensors are named `<module path>.lora_A.weight` and `<module path>.lora_B.weight`
-//! (PEFT's names without the `base_model.model.` prefix, which [`super::peft`] adds in the file).
+//! (PEFT's names without the `base_model.model.` prefix, which [`super::files`] adds in the file).
 //! LoRA dropout is not implemented (the config refuses `lora_dropout > 0`).
-
-use std::sync::Arc;
 
 use candle_core::{DType, Result as CResult, Tensor, Var};
 use rand::Rng;
 
-use super::config::TargetModules;
-use super::inject::{model_params, ParamReport};
-use super::layer::layer_rng;
-use super::targets;
+use crate::adapter::ropo::layer::layer_rng;
+use crate::adapter::targets::TargetModules;
 use crate::error::Result;
 use crate::model::grad::param;
 use crate::model::linear::{Adapter, Linear};
-use crate::model::llama::Model;
 
 /// Name suffix of A in the trainable tensors and in PEFT's files.
 pub const A_SUFFIX: &str = "lora_A.weight";
@@ -157,54 +152,6 @@ impl Adapter for LoraAdapter {
     fn trainable(&self) -> Vec<(String, Var)> {
         vec![(format!("{}.{A_SUFFIX}", self.path), self.a.clone()), (format!("{}.{B_SUFFIX}", self.path), self.b.clone())]
     }
-}
-
-/// The LoRA adapters attached to one model.
-#[derive(Debug, Clone)]
-pub struct LoraSet {
-    /// The hyperparameters.
-    pub config: LoraConfig,
-    /// The base model (path or hub id), `base_model_name_or_path` in the file.
-    pub base_model: String,
-    /// One adapter per wrapped linear, in model order (shares its `Var`s with the model).
-    pub adapters: Vec<Arc<LoraAdapter>>,
-    /// Counts (total = base + LoRA parameters, as PEFT counts them).
-    pub report: ParamReport,
-}
-
-impl LoraSet {
-    /// Every trainable tensor, per module `lora_A.weight` then `lora_B.weight`, modules in model order.
-    pub fn vars(&self) -> Vec<(String, Var)> {
-        self.adapters.iter().flat_map(|a| a.trainable()).collect()
-    }
-}
-
-/// Attach `built` (index into `linears`, adapter) and count (`base_params`: the base model's count).
-pub(crate) fn attach(linears: Vec<&mut Linear>, built: Vec<(usize, LoraAdapter)>, cfg: &LoraConfig, base_model: &str, base_params: usize) -> LoraSet {
-    let adapters = super::inject::attach_each(linears, built);
-    let trainable = adapters.iter().map(|a| a.num_trainable()).sum();
-    LoraSet { config: cfg.clone(), base_model: base_model.into(), adapters, report: ParamReport { trainable, total: base_params + trainable } }
-}
-
-/// Wrap the target linears among `linears` with fresh LoRA adapters (B = 0: the output is
-/// unchanged). Errors: invalid `cfg`, see [`targets::select`]; on error nothing is attached.
-pub fn inject_linears(linears: Vec<&mut Linear>, cfg: &LoraConfig, base_model: &str, base_params: usize) -> Result<LoraSet> {
-    cfg.validate()?;
-    let idx = targets::select(&linears, &cfg.target_modules)?;
-    let mut built = Vec::with_capacity(idx.len());
-    for i in idx {
-        built.push((i, LoraAdapter::init(linears[i], cfg.r, cfg.lora_alpha, cfg.init_seed)?));
-    }
-    Ok(attach(linears, built, cfg, base_model, base_params))
-}
-
-/// Wrap `model`'s target linears with fresh LoRA adapters. Errors: as [`inject_linears`], a
-/// tied `lm_head` among the targets; on error the model is unchanged.
-pub fn inject(model: &mut Model, cfg: &LoraConfig, base_model: &str) -> Result<LoraSet> {
-    cfg.validate()?;
-    targets::check_tied(model, &cfg.target_modules)?;
-    let base_params = model_params(model);
-    inject_linears(model.linears_mut(), cfg, base_model, base_params)
 }
 
 #[cfg(test)]

@@ -7,17 +7,11 @@
 //! HF weight names (`model.layers.0.self_attn.q_proj.weight`, `….bias`); merging writes them
 //! as the layer's weights.
 
-use std::sync::Arc;
-
 use candle_core::{Result as CResult, Tensor, Var};
 
-use super::config::TargetModules;
-use super::inject::{model_params, ParamReport};
-use super::targets;
-use crate::error::Result;
+use crate::adapter::targets::TargetModules;
 use crate::model::grad::param;
 use crate::model::linear::{frozen_matmul, Adapter, Linear};
-use crate::model::llama::Model;
 
 /// Which linears are trained.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,53 +78,6 @@ impl Adapter for FullAdapter {
         }
         v
     }
-}
-
-/// The fully trained layers of one model.
-#[derive(Debug, Clone)]
-pub struct FullSet {
-    /// Which layers.
-    pub config: FullConfig,
-    /// The base model (path or hub id).
-    pub base_model: String,
-    /// One per trained linear, in model order (shares its `Var`s with the model).
-    pub adapters: Vec<Arc<FullAdapter>>,
-    /// Counts: trainable = elements of the trained tensors, total = the base model's count
-    /// (the trained tensors replace their frozen copies; nothing is added).
-    pub report: ParamReport,
-}
-
-impl FullSet {
-    /// Every trainable tensor by HF name (`<path>.weight`, then `<path>.bias`), in model order.
-    pub fn vars(&self) -> Vec<(String, Var)> {
-        self.adapters.iter().flat_map(|a| a.trainable()).collect()
-    }
-}
-
-/// Attach `built` and count.
-pub(crate) fn attach(linears: Vec<&mut Linear>, built: Vec<(usize, FullAdapter)>, cfg: &FullConfig, base_model: &str, base_params: usize) -> FullSet {
-    let adapters = super::inject::attach_each(linears, built);
-    let trainable = adapters.iter().map(|a| a.num_trainable()).sum();
-    FullSet { config: cfg.clone(), base_model: base_model.into(), adapters, report: ParamReport { trainable, total: base_params } }
-}
-
-/// Make the target linears among `linears` trainable (copies of their weights: the output is
-/// unchanged). Errors: see [`targets::select`]; on error nothing is attached.
-pub fn inject_linears(linears: Vec<&mut Linear>, cfg: &FullConfig, base_model: &str, base_params: usize) -> Result<FullSet> {
-    let idx = targets::select(&linears, &cfg.target_modules)?;
-    let mut built = Vec::with_capacity(idx.len());
-    for i in idx {
-        built.push((i, FullAdapter::init(linears[i])?));
-    }
-    Ok(attach(linears, built, cfg, base_model, base_params))
-}
-
-/// Make `model`'s target linears trainable. Errors: as [`inject_linears`], a tied `lm_head`
-/// among the targets; on error the model is unchanged.
-pub fn inject(model: &mut Model, cfg: &FullConfig, base_model: &str) -> Result<FullSet> {
-    targets::check_tied(model, &cfg.target_modules)?;
-    let base_params = model_params(model);
-    inject_linears(model.linears_mut(), cfg, base_model, base_params)
 }
 
 #[cfg(test)]

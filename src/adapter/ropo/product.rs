@@ -270,7 +270,7 @@ mod tests {
     use candle_core::{DType, Device, Tensor, Var};
     use rand::{Rng, SeedableRng};
 
-    use crate::adapter::layer::{scale_cols, RopoAdapter};
+    use crate::adapter::ropo::layer::{scale_cols, RopoAdapter};
     use crate::model::linear::{Adapter, Linear};
 
     fn randn(dims: &[usize], seed: u64, dtype: DType) -> Tensor {
@@ -299,7 +299,7 @@ mod tests {
                 if wdtype == DType::BF16 {
                     base.pack_bf16().unwrap();
                 }
-                let mut a = RopoAdapter::init(&base, r, stages, magnitude, 3).unwrap();
+                let a = RopoAdapter::init(&base, r, stages, magnitude, 3).unwrap();
                 if perturb {
                     // move every parameter off its identity init
                     for (i, (_, v)) in a.trainable().into_iter().enumerate() {

@@ -1,78 +1,24 @@
-//! The adapter's hyperparameters ([`AdapterConfig`], the `[adapter]` table of a run config) and
-//! the `adapter_config.json` written next to the weights ([`AdapterFileConfig`]).
+//! RoPO's hyperparameters ([`RopoConfig`], resolved from the run config's `[adapter]` table,
+//! [`crate::config::AdapterSection`], by [`crate::adapter::any::ropo_config`]) and the
+//! `adapter_config.json` written next to the weights ([`RopoFileConfig`]).
 //!
 //! Spec: `../shared/docs/ropo-method.md`, "Options" and "Choices this project makes". Both are
 //! strict (`deny_unknown_fields`): they are our own files. The file records every choice the spec
 //! leaves open (Givens pairing, reflection order, angle layout) so a saved adapter means one thing;
 //! loading refuses a file whose recorded choices differ from this build's.
 
-use regex::Regex;
 use serde::{Deserialize, Serialize};
 
+use crate::adapter::targets::TargetModules;
 use crate::error::{Error, Result};
 
-/// Which linear layers get an adapter.
-///
-/// JSON/TOML: a list of names (`["q_proj", "v_proj"]`) matched against the LAST path component
-/// (`model.layers.3.self_attn.q_proj` -> `q_proj`), or one string, a regex matched against the
-/// WHOLE path (anchored, as PEFT's `re.fullmatch`), e.g. `"model\\.layers\\.[0-3]\\..*_proj"`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum TargetModules {
-    /// Module names, matched against the last path component.
-    Names(Vec<String>),
-    /// A regex over full module paths (anchored at both ends).
-    Regex(String),
-}
-
-impl TargetModules {
-    /// A matcher for module paths. Errors: an invalid regex ([`Error::Config`] naming the key).
-    pub fn matcher(&self) -> Result<ModuleMatcher> {
-        Ok(match self {
-            TargetModules::Names(n) => ModuleMatcher::Names(n.clone()),
-            TargetModules::Regex(re) => ModuleMatcher::Regex(
-                Regex::new(&format!("^(?:{re})$"))
-                    .map_err(|e| Error::Config(format!("adapter.target_modules is not a valid regex ({re:?}): {e}")))?,
-            ),
-        })
-    }
-}
-
-impl std::fmt::Display for TargetModules {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            TargetModules::Names(n) => write!(f, "names [{}]", n.join(", ")),
-            TargetModules::Regex(r) => write!(f, "regex {r:?}"),
-        }
-    }
-}
-
-/// A compiled [`TargetModules`].
-#[derive(Debug, Clone)]
-pub enum ModuleMatcher {
-    Names(Vec<String>),
-    Regex(Regex),
-}
-
-impl ModuleMatcher {
-    /// Whether the module at `path` (e.g. `model.layers.0.self_attn.q_proj`) is targeted.
-    pub fn is_match(&self, path: &str) -> bool {
-        match self {
-            ModuleMatcher::Names(names) => {
-                let last = path.rsplit('.').next().unwrap_or(path);
-                names.iter().any(|n| n == last)
-            }
-            ModuleMatcher::Regex(re) => re.is_match(path),
-        }
-    }
-}
-
-/// RoPO hyperparameters (the `[adapter]` table of a run config).
+/// RoPO hyperparameters (resolved from the run config's `[adapter]` table; also what
+/// `adapter_config.json` records, [`RopoFileConfig::adapter_config`]).
 ///
 /// Defaults (spec): `r = 4`, `S = 2`, magnitude on, `q_proj, k_proj, v_proj, o_proj`, seed 0.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct AdapterConfig {
+pub struct RopoConfig {
     /// Which linears to wrap; see [`TargetModules`].
     pub target_modules: TargetModules,
     /// `r`, the number of Householder reflections; even (paired identity init); 0 = Givens only.
@@ -85,7 +31,7 @@ pub struct AdapterConfig {
     pub init_seed: u64,
 }
 
-impl Default for AdapterConfig {
+impl Default for RopoConfig {
     fn default() -> Self {
         Self {
             target_modules: TargetModules::Names(["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec()),
@@ -97,7 +43,7 @@ impl Default for AdapterConfig {
     }
 }
 
-impl AdapterConfig {
+impl RopoConfig {
     /// Check the values; errors name the key: `adapter.householder_reflections must be even (got 3)`.
     pub fn validate(&self) -> Result<()> {
         if self.householder_reflections % 2 != 0 {
@@ -143,7 +89,7 @@ pub const TENSOR_LAYOUT: &str = "<module path>.ropo_u (r, d_in): row k = u_{k+1}
 /// `adapter_config.json`: the hyperparameters plus everything needed to give the weights one meaning.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AdapterFileConfig {
+pub struct RopoFileConfig {
     /// Always [`ADAPTER_TYPE`].
     pub adapter_type: String,
     /// The ropo version that wrote the file.
@@ -163,9 +109,9 @@ pub struct AdapterFileConfig {
     pub conventions: String,
 }
 
-impl AdapterFileConfig {
+impl RopoFileConfig {
     /// The file contents for `cfg` trained on `base_model`.
-    pub fn new(cfg: &AdapterConfig, base_model: &str) -> Self {
+    pub fn new(cfg: &RopoConfig, base_model: &str) -> Self {
         Self {
             adapter_type: ADAPTER_TYPE.into(),
             ropo_version: env!("CARGO_PKG_VERSION").into(),
@@ -182,8 +128,8 @@ impl AdapterFileConfig {
     }
 
     /// The hyperparameters.
-    pub fn adapter_config(&self) -> AdapterConfig {
-        AdapterConfig {
+    pub fn adapter_config(&self) -> RopoConfig {
+        RopoConfig {
             target_modules: self.target_modules.clone(),
             householder_reflections: self.householder_reflections,
             givens_stages: self.givens_stages,
@@ -223,7 +169,7 @@ mod tests {
 
     #[test]
     fn defaults_follow_the_spec_and_validate() {
-        let c = AdapterConfig::default();
+        let c = RopoConfig::default();
         assert_eq!((c.householder_reflections, c.givens_stages, c.magnitude), (4, 2, true));
         c.validate().unwrap();
         let m = c.target_modules.matcher().unwrap();
@@ -234,40 +180,40 @@ mod tests {
 
     #[test]
     fn validate_names_the_key() {
-        let c = AdapterConfig { householder_reflections: 3, ..Default::default() };
+        let c = RopoConfig { householder_reflections: 3, ..Default::default() };
         let e = c.validate().unwrap_err().to_string();
         assert!(e.starts_with("adapter.householder_reflections must be even (got 3)"), "{e}");
-        let c = AdapterConfig { target_modules: TargetModules::Regex("(".into()), ..Default::default() };
+        let c = RopoConfig { target_modules: TargetModules::Regex("(".into()), ..Default::default() };
         assert!(c.validate().unwrap_err().to_string().contains("adapter.target_modules"));
-        let c = AdapterConfig { target_modules: TargetModules::Names(vec![]), ..Default::default() };
+        let c = RopoConfig { target_modules: TargetModules::Names(vec![]), ..Default::default() };
         assert!(c.validate().unwrap_err().to_string().contains("adapter.target_modules"));
     }
 
     #[test]
     fn toml_table_is_strict_and_accepts_both_target_forms() {
-        let c: AdapterConfig = toml::from_str("householder_reflections = 0\ntarget_modules = 'model\\.layers\\.1\\..*'").unwrap();
+        let c: RopoConfig = toml::from_str("householder_reflections = 0\ntarget_modules = 'model\\.layers\\.1\\..*'").unwrap();
         assert_eq!(c.givens_stages, 2);
         let m = c.target_modules.matcher().unwrap();
         assert!(m.is_match("model.layers.1.mlp.down_proj") && !m.is_match("model.layers.10.mlp.down_proj"));
-        let c: AdapterConfig = toml::from_str("target_modules = ['v_proj']").unwrap();
+        let c: RopoConfig = toml::from_str("target_modules = ['v_proj']").unwrap();
         assert_eq!(c.target_modules, TargetModules::Names(vec!["v_proj".into()]));
-        let e = toml::from_str::<AdapterConfig>("householder_reflection = 2").unwrap_err().to_string();
+        let e = toml::from_str::<RopoConfig>("householder_reflection = 2").unwrap_err().to_string();
         assert!(e.contains("householder_reflection"), "{e}");
     }
 
     #[test]
     fn file_round_trips_and_rejects_other_conventions() {
-        let f = AdapterFileConfig::new(&AdapterConfig::default(), "base/model");
+        let f = RopoFileConfig::new(&RopoConfig::default(), "base/model");
         let text = serde_json::to_string_pretty(&f).unwrap();
         let p = std::path::Path::new("x/adapter_config.json");
-        assert_eq!(AdapterFileConfig::parse(&text, p).unwrap(), f);
+        assert_eq!(RopoFileConfig::parse(&text, p).unwrap(), f);
         let other = text.replace("H_1 first", "H_r first");
-        let e = AdapterFileConfig::parse(&other, p).unwrap_err().to_string();
+        let e = RopoFileConfig::parse(&other, p).unwrap_err().to_string();
         assert!(e.starts_with("x/adapter_config.json: reflection_order"), "{e}");
         let lora = text.replace("\"ROPO\"", "\"LORA\"");
-        assert!(AdapterFileConfig::parse(&lora, p).unwrap_err().to_string().contains("adapter_type"));
+        assert!(RopoFileConfig::parse(&lora, p).unwrap_err().to_string().contains("adapter_type"));
         let extra = text.replacen('{', "{\"rank\": 8,", 1);
-        let e = AdapterFileConfig::parse(&extra, p).unwrap_err().to_string();
+        let e = RopoFileConfig::parse(&extra, p).unwrap_err().to_string();
         assert!(e.contains("rank") && e.starts_with("x/adapter_config.json:1"), "{e}");
     }
 }
