@@ -11,7 +11,7 @@
 //!
 //! `dV = P^T dY`, `dP = dY V^T`, `dS = P ⊙ (dP - rowsum(P ⊙ dP))`, `dQ = dS K`, `dK = dS^T Q`.
 //!
-//! The softmax is the same code as [`masked_softmax`]'s rows (`x + b`, max, `exp`, sum, divide),
+//! The softmax is the same code as [`masked_softmax`]'s rows (`ops::softmax_in_place`),
 //! so a fully masked row gets the same uniform, finite result.
 //!
 //! Layout (grouped query heads stacked along the rows, as [`crate::model::llama::Attention`]
@@ -24,7 +24,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, StorageRef, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::model::ops::{data, dispatch, fused_layer_ops, masked_softmax, Real};
+use crate::model::ops::{data, dispatch, fused_layer_ops, masked_softmax, softmax_in_place, Real};
 use crate::model::slice_gemm::{matmul, View};
 
 /// `softmax(q k^T + bias) v` with grouped-query heads, `(N, Hkv, R*T, hd)`.
@@ -111,26 +111,6 @@ fn probs<T: Real + 'static>(q: &[T], k: &[T], bias: Option<&[T]>, geo: &Geometry
         softmax_in_place(row);
     }
     p
-}
-
-/// Row softmax in place: max, `exp(x - max)` (vectorised, [`Real::exp_slice`]), the sum,
-/// divide (as `ops::softmax_rows`).
-fn softmax_in_place<T: Real>(row: &mut [T]) {
-    let mut m = row[0];
-    for &v in row.iter() {
-        if v > m {
-            m = v;
-        }
-    }
-    row.iter_mut().for_each(|v| *v = *v - m);
-    T::exp_slice(row);
-    let mut sum = T::zero();
-    for &v in row.iter() {
-        sum = sum + v;
-    }
-    for v in row.iter_mut() {
-        *v = *v / sum;
-    }
 }
 
 /// The forward: `Y = P V` per slice, `(N, Hkv, R*T, hd)`.

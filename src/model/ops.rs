@@ -387,23 +387,30 @@ fn softmax_rows<T: Real>(x: &[T], k: usize, bias: Option<BiasRows<'_, T>>) -> Ve
             }
             None => o.copy_from_slice(xr),
         }
-        let mut m = o[0];
-        for &v in o.iter() {
-            if v > m {
-                m = v;
-            }
-        }
-        o.iter_mut().for_each(|v| *v = *v - m);
-        T::exp_slice(o);
-        let mut sum = T::zero();
-        for &v in o.iter() {
-            sum = sum + v;
-        }
-        for v in o.iter_mut() {
-            *v = *v / sum;
-        }
+        softmax_in_place(o);
     });
     out
+}
+
+/// Softmax of one row in place: the max, `exp(x - max)` (vectorised, [`Real::exp_slice`]), the
+/// sum, divide. Shared by [`masked_softmax`]'s rows and the fused attention
+/// ([`crate::model::attention`]), so both give the same bits for the same scores.
+pub(crate) fn softmax_in_place<T: Real>(row: &mut [T]) {
+    let mut m = row[0];
+    for &v in row.iter() {
+        if v > m {
+            m = v;
+        }
+    }
+    row.iter_mut().for_each(|v| *v = *v - m);
+    T::exp_slice(row);
+    let mut sum = T::zero();
+    for &v in row.iter() {
+        sum = sum + v;
+    }
+    for v in row.iter_mut() {
+        *v = *v / sum;
+    }
 }
 
 /// Softmax backward on rows: `dx_j = y_j (g_j - sum_i g_i y_i)`.
