@@ -35,6 +35,8 @@ pub fn merge_linears(linears: Vec<&mut Linear>) -> Result<usize> {
         lin.weight = w;
         lin.bias = b;
         lin.adapter = None;
+        // the forward panels described the old weight (they are only read for a bf16 weight)
+        lin.packed = None;
         merged += 1;
     }
     Ok(merged)

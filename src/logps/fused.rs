@@ -195,7 +195,9 @@ fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_co
 /// `(logits (K, V), targets (K,) u32) -> z[k, t_k] - logsumexp(z[k])`, rows in parallel.
 ///
 /// Backward ([`LogSoftmaxGatherBwd`]): `dL/dz[k, j] = g_k (1[j = t_k] - softmax(z[k])_j)`,
-/// recomputing the row's log-sum-exp (nothing `(K, V)`-sized is saved by the forward).
+/// reading the row's log-sum-exp back from the forward's output as `z[t] - y` (nothing
+/// `(K, V)`-sized is saved by the forward; the recovered value carries `y`'s rounding,
+/// ~2^-24 |y| in f32, and a target logit of -inf gives a NaN gradient row).
 #[derive(Debug, Clone, Copy)]
 pub struct LogSoftmaxGather;
 

@@ -288,8 +288,9 @@ pub(crate) trait Real:
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
     fn exp(self) -> Self;
-    /// `exp` of every element in place: vectorised for f32 ([`crate::model::vexp`]), `exp` a
-    /// value for f64 (the dtype of the gradient checks, kept exact).
+    /// `exp` of every element in place: vectorised for f32 ([`crate::model::vexp`]: < 2e-7
+    /// relative, 0 below -87 and +inf above 88), libm's `exp` a value for f64 (the dtype of the
+    /// gradient checks).
     fn exp_slice(v: &mut [Self]) {
         v.iter_mut().for_each(|x| *x = x.exp());
     }

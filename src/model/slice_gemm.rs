@@ -36,7 +36,9 @@ pub(crate) fn gemm_into<T: Real + 'static>(m: usize, n: usize, kk: usize, dst: &
         return;
     }
     if kk == 0 {
-        dst[..m * n].iter_mut().for_each(|x| *x = T::from_f64(keep) * *x);
+        // nothing to add: dst = keep * dst (not read when keep is 0)
+        let keep_t = T::from_f64(keep);
+        dst[..m * n].iter_mut().for_each(|x| *x = if keep == 0.0 { T::zero() } else { keep_t * *x });
         return;
     }
     assert!(last(&a, m, kk) < a.data.len() && last(&b, kk, n) < b.data.len(), "gemm_into: a view is too short");

@@ -9,8 +9,10 @@
 //! the compiler vectorises the loop, once for AVX-512 (selected at run time) and once for the
 //! baseline; both compile the same operations, so they give the same bits.
 //!
-//! `x < -87` gives exactly 0 (`e^-87` is 1.6e-38, at the bottom of f32's normal range; the
-//! masked attention entries at -1e9 all land there); `x > 88` gives `+inf` as `expf` would.
+//! Range: `x < -87` gives exactly 0 (libm's `expf` gives values down to ~1e-45 until -103.9:
+//! `e^-87` is 1.6e-38, the bottom of f32's normal range; the masked attention entries at -1e9
+//! all land there), and `x > 88` gives `+inf` (libm stays finite up to 88.72). Both ends are
+//! far outside what softmax (`x - max <= 0`), log-softmax and SwiGLU's `exp(-g)` can tell apart.
 
 /// `v[i] = e^{v[i]}` for every element (see the module doc for accuracy and range).
 pub fn exp_in_place(v: &mut [f32]) {

@@ -5,8 +5,8 @@
 //! On activations the layer needs `H^T x = H_r ··· H_1 x` (each `H_k` is symmetric), i.e.
 //! `H_1` is applied first.
 //!
-//! Two differentiable implementations, composed of candle ops (so `backward` flows into `u`),
-//! tested to agree in values and gradients:
+//! Differentiable implementations (so `backward` flows into `u`), tested to agree in values
+//! and gradients:
 //! - [`reflect_rank1`]: the plain reference, r rank-1 updates `x <- x - (2 u·x / u·u) u`.
 //! - [`reflect`]: the compact WY form (Schreiber & Parlett 1988; Joffrain et al. 2006,
 //!   "Accumulating Householder transformations, revisited"):

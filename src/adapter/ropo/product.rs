@@ -5,8 +5,8 @@
 //! rotated rows and the unscaled product (0.75 GB of the anchor run's heap peak at RoPO on
 //! q, k, v, o). [`RopoProduct`] keeps only its output. Its backward recomputes the reflected
 //! and rotated rows (thin gemms and the Givens sweep: `O(rows d (4r + 3S))`, small beside the
-//! product), reads the unscaled product as `y / s` (exactly recomputed by the product when
-//! some `s_j = 0`), and chains the pieces' own backward kernels:
+//! product), reads the unscaled product as `y / s` (recomputed by the product when some
+//! `s_j` is 0, subnormal or not finite), and chains the pieces' own backward kernels:
 //!
 //! `gz = g ⊙ s`, `ds = Σ_rows g ⊙ z`, `dx_rot = gz W` (the bf16 kernel's other product, or
 //! gemm), then [`givens_bwd`] (`dx_h`, `dθ`) and [`reflect_wy_bwd`] (`dx`, `du`, `dB`).
@@ -83,6 +83,9 @@ impl RopoProduct {
                 let w = data(w, lw, "ropo product (W)")?;
                 let x = as_f32(xr)?;
                 let z = match &self.w.packed {
+                    Some(p) if p.dims() != (n, d) => {
+                        candle_core::bail!("ropo product: packed panels {:?} do not describe W ({n}, {d})", p.dims())
+                    }
                     Some(p) => bf16_gemm::matmul_packed(x, rows, w, p),
                     None => bf16_gemm::matmul(x, rows, w, n, d, Product::XWt),
                 };
@@ -127,12 +130,16 @@ impl RopoProduct {
     fn bwd_slices<T: Real + candle_core::WithDType + 'static>(&self, x: &[T], p: &[T], s: &[T], y: &[T], g: &[T], d: usize) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
         let rows = x.len() / d;
         let n = s.len();
-        let chunk = (rows_per_task(rows) * n).max(1);
+        // fixed 64-row chunks for the ds sums (as scale_cols' backward): their order, hence the
+        // bits, do not depend on the thread count
+        let chunk = (64 * n).max(1);
         let (u, b, theta) = split(p, self.r, d);
         let xh = if self.r > 0 { reflect_wy_fwd(x, u, b, self.r, d, self.paired) } else { x.to_vec() };
         let (gz, ds) = if self.scaled {
-            // z = y / s, or the product itself when a scale is exactly 0
-            let z = if s.iter().all(|&v| v != <T as Real>::zero()) {
+            // z = y / s, or the product itself when a scale is 0, subnormal or not finite
+            // (y = z s would have lost z's digits)
+            let normal = |v: T| Real::to_f64(v).abs() >= f32::MIN_POSITIVE as f64 && Real::to_f64(v).is_finite();
+            let z = if s.iter().all(|&v| normal(v)) {
                 let mut z = y.to_vec();
                 z.par_chunks_mut(chunk).for_each(|rows| rows.chunks_mut(n).for_each(|row| row.iter_mut().zip(s).for_each(|(v, &sj)| *v = *v / sj)));
                 z
@@ -285,6 +292,25 @@ mod tests {
         let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let scale = b.iter().fold(1e-30f64, |m, x| m.max(x.abs()));
         a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+    }
+
+    /// At init (paired u, θ = 0, m = ρ) the fused product is the base product bit for bit, in
+    /// f32 and with bf16 weights: the policy equals the reference exactly at step 0.
+    #[test]
+    fn identity_at_init_is_exact() {
+        let (rows, d, n) = (9, 16, 6);
+        for wdtype in [DType::F32, DType::BF16] {
+            let adtype = DType::F32;
+            let mut base = Linear::new("l", randn(&[n, d], 21, wdtype), None);
+            if wdtype == DType::BF16 {
+                base.pack_bf16().unwrap();
+            }
+            let a = RopoAdapter::init(&base, 4, 2, true, 5).unwrap();
+            let x = randn(&[rows, d], 22, adtype);
+            let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let fused = a.fused_product(&base, &x).unwrap();
+            assert_eq!(bits(&fused), bits(&base.frozen_product(&x).unwrap()), "{wdtype:?}");
+        }
     }
 
     /// The fused op against the composed chain: output and the gradients of x and every
