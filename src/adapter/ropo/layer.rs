@@ -243,17 +243,25 @@ pub fn scale_cols(y: &Tensor, s: &Tensor) -> Result<Tensor> {
 pub struct ScaleCols;
 
 fn scale_fwd<T: WithDType>(y: &[T], s: &[T]) -> Vec<T> {
-    let n = s.len();
     let mut out = y.to_vec();
-    out.par_chunks_mut(n * 64).for_each(|rows| {
+    scale_rows_in_place(&mut out, s);
+    out
+}
+
+/// Every row of `y (rows, n)` times `s (n,)` in place, rows in parallel (64 a task).
+pub(super) fn scale_rows_in_place<T: WithDType>(y: &mut [T], s: &[T]) {
+    let n = s.len();
+    y.par_chunks_mut(n * 64).for_each(|rows| {
         for row in rows.chunks_mut(n) {
             row.iter_mut().zip(s).for_each(|(v, &sj)| *v *= sj);
         }
     });
-    out
 }
 
-fn scale_bwd<T: WithDType>(y: &[T], s: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
+/// `(g ⊙ s, Σ_rows g ⊙ y)` of [`ScaleCols`] for its input `y (rows, n)` and output gradient
+/// `g`: the column sums in f64 over fixed 64-row chunks, added in chunk order (bit-identical
+/// for any thread count).
+pub(super) fn scale_bwd<T: WithDType>(y: &[T], s: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
     let n = s.len();
     let gy = scale_fwd(g, s);
     let gs = y

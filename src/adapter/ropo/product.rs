@@ -21,7 +21,8 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, 
 
 use rayon::prelude::*;
 
-use super::{add_acc, cpu_slice, rows_per_task};
+use super::cpu_slice;
+use super::layer::{scale_bwd, scale_rows_in_place};
 use super::givens::{givens_bwd, givens_fwd};
 use super::householder::{reflect_wy_bwd, reflect_wy_fwd};
 use crate::model::bf16_gemm::{self, PackedXWt, Product};
@@ -58,6 +59,12 @@ pub struct RopoProduct {
     pub scaled: bool,
 }
 
+/// The frozen weight's data: bf16 (with f32 activations) or the activations' own dtype.
+enum WeightData<'a, T> {
+    Bf16(&'a [half::bf16]),
+    Same(&'a [T]),
+}
+
 /// The slices of the concatenated parameter vector.
 fn split<T>(p: &[T], r: usize, d: usize) -> (&[T], &[T], &[T]) {
     let (u, rest) = p.split_at(r * d);
@@ -73,14 +80,21 @@ impl RopoProduct {
         if self.angles > 0 { givens_fwd(&xh, theta, d, self.stages) } else { xh }
     }
 
-    /// `z = x_rot W^T`, `(rows, n)`.
-    fn product<T: Real + candle_core::WithDType + 'static>(&self, xr: &[T], rows: usize, d: usize) -> Result<Vec<T>> {
+    /// Runs `f` on the frozen weight's data and its out_features `n`.
+    fn with_weight<T: candle_core::WithDType, R>(&self, f: impl FnOnce(WeightData<'_, T>, usize) -> Result<R>) -> Result<R> {
         let (n, _) = self.w.weight.dims2()?;
         let (guard, lw) = self.w.weight.storage_and_layout();
         let Storage::Cpu(sw) = &*guard else { candle_core::bail!("ropo product: the weight must be on the CPU") };
-        Ok(match sw {
-            CpuStorage::BF16(w) => {
-                let w = data(w, lw, "ropo product (W)")?;
+        match sw {
+            CpuStorage::BF16(w) => f(WeightData::Bf16(data(w, lw, "ropo product (W)")?), n),
+            other => f(WeightData::Same(data(other.as_slice::<T>()?, lw, "ropo product (W)")?), n),
+        }
+    }
+
+    /// `z = x_rot W^T`, `(rows, n)`.
+    fn product<T: Real + candle_core::WithDType + 'static>(&self, xr: &[T], rows: usize, d: usize) -> Result<Vec<T>> {
+        self.with_weight(|w, n| match w {
+            WeightData::Bf16(w) => {
                 let x = as_f32(xr)?;
                 let z = match &self.w.packed {
                     Some(p) if p.dims() != (n, d) => {
@@ -89,29 +103,24 @@ impl RopoProduct {
                     Some(p) => bf16_gemm::matmul_packed(x, rows, w, p),
                     None => bf16_gemm::matmul(x, rows, w, n, d, Product::XWt),
                 };
-                from_f32(z)?
+                from_f32(z)
             }
-            other => {
-                let w = data(other.as_slice::<T>()?, lw, "ropo product (W)")?;
+            WeightData::Same(w) => {
                 let mut z = vec![<T as Real>::zero(); rows * n];
                 gemm_into(rows, n, d, &mut z, 0.0, 1.0, View::rows(xr, d), View::transposed(w, d), true);
-                z
+                Ok(z)
             }
         })
     }
 
     /// `gz W`, `(rows, d)`, for `gz (rows, n)`.
     fn product_t<T: Real + candle_core::WithDType + 'static>(&self, gz: &[T], rows: usize, d: usize) -> Result<Vec<T>> {
-        let (n, _) = self.w.weight.dims2()?;
-        let (guard, lw) = self.w.weight.storage_and_layout();
-        let Storage::Cpu(sw) = &*guard else { candle_core::bail!("ropo product: the weight must be on the CPU") };
-        Ok(match sw {
-            CpuStorage::BF16(w) => from_f32(bf16_gemm::matmul(as_f32(gz)?, rows, data(w, lw, "ropo product (W)")?, n, d, Product::XW))?,
-            other => {
-                let w = data(other.as_slice::<T>()?, lw, "ropo product (W)")?;
+        self.with_weight(|w, n| match w {
+            WeightData::Bf16(w) => from_f32(bf16_gemm::matmul(as_f32(gz)?, rows, w, n, d, Product::XW)),
+            WeightData::Same(w) => {
                 let mut dx = vec![<T as Real>::zero(); rows * d];
                 gemm_into(rows, d, n, &mut dx, 0.0, 1.0, View::rows(gz, n), View::rows(w, d), true);
-                dx
+                Ok(dx)
             }
         })
     }
@@ -121,7 +130,7 @@ impl RopoProduct {
         let xr = self.rotated(x, p, d);
         let mut z = self.product(&xr, rows, d)?;
         if self.scaled {
-            scale_rows(&mut z, s);
+            scale_rows_in_place(&mut z, s);
         }
         Ok(z)
     }
@@ -130,9 +139,6 @@ impl RopoProduct {
     fn bwd_slices<T: Real + candle_core::WithDType + 'static>(&self, x: &[T], p: &[T], s: &[T], y: &[T], g: &[T], d: usize) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
         let rows = x.len() / d;
         let n = s.len();
-        // fixed 64-row chunks for the ds sums (as scale_cols' backward): their order, hence the
-        // bits, do not depend on the thread count
-        let chunk = (64 * n).max(1);
         let (u, b, theta) = split(p, self.r, d);
         let xh = if self.r > 0 { reflect_wy_fwd(x, u, b, self.r, d, self.paired) } else { x.to_vec() };
         let (gz, ds) = if self.scaled {
@@ -141,29 +147,15 @@ impl RopoProduct {
             let normal = |v: T| Real::to_f64(v).abs() >= f32::MIN_POSITIVE as f64 && Real::to_f64(v).is_finite();
             let z = if s.iter().all(|&v| normal(v)) {
                 let mut z = y.to_vec();
-                z.par_chunks_mut(chunk).for_each(|rows| rows.chunks_mut(n).for_each(|row| row.iter_mut().zip(s).for_each(|(v, &sj)| *v = *v / sj)));
+                z.par_chunks_mut((64 * n).max(1)).for_each(|rows| rows.chunks_mut(n).for_each(|row| row.iter_mut().zip(s).for_each(|(v, &sj)| *v = *v / sj)));
                 z
             } else {
                 let xr = if self.angles > 0 { givens_fwd(&xh, theta, d, self.stages) } else { xh.clone() };
                 self.product(&xr, rows, d)?
             };
-            let ds = z
-                .par_chunks(chunk)
-                .zip(g.par_chunks(chunk))
-                .map(|(zs, gs)| {
-                    let mut acc = vec![0f64; n];
-                    for (zr, gr) in zs.chunks(n).zip(gs.chunks(n)) {
-                        acc.iter_mut().zip(zr.iter().zip(gr)).for_each(|(a, (&zv, &gv))| *a += Real::to_f64(zv * gv));
-                    }
-                    acc
-                })
-                // summed in chunk order (rayon's reduce would associate by its own splits)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .fold(vec![0f64; n], add_acc);
-            let mut gz = g.to_vec();
-            scale_rows(&mut gz, s);
-            (gz, ds.into_iter().map(<T as Real>::from_f64).collect())
+            // the magnitude op's own backward: gz = g ⊙ s, ds = Σ_rows g ⊙ z (fixed chunks,
+            // f64 sums in chunk order)
+            scale_bwd(&z, s, g)
         } else {
             (g.to_vec(), vec![<T as Real>::zero(); n])
         };
@@ -181,13 +173,6 @@ impl RopoProduct {
         dp.extend_from_slice(&dtheta);
         Ok((dx, dp, ds))
     }
-}
-
-/// Every row of `z (rows, n)` times `s (n,)` element-wise.
-fn scale_rows<T: Real>(z: &mut [T], s: &[T]) {
-    let n = s.len();
-    let chunk = rows_per_task(z.len() / n.max(1)) * n;
-    z.par_chunks_mut(chunk.max(1)).for_each(|rows| rows.chunks_mut(n).for_each(|row| row.iter_mut().zip(s).for_each(|(v, &sj)| *v = *v * sj)));
 }
 
 /// `T` slices as f32 (the bf16 kernel's activations): only for `T = f32`.
