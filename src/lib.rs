@@ -24,8 +24,10 @@ pub mod optim;
 pub mod config;
 /// The reference's log-probs precomputed for every pair, and their cache on disk.
 pub mod reference;
-/// The training loop, top to bottom.
+/// The training loop, top to bottom (one process, or one rank of a data-parallel run).
 pub mod train;
+/// The exchange between data-parallel ranks: a small trait, one process, MPI (feature `mpi`).
+pub mod collective;
 /// Checkpoints: adapter, optimiser, scheduler, RNG and data position; atomic writes; resume.
 pub mod checkpoint;
 /// TRL metric names, `metrics.jsonl`, the progress bar.

@@ -111,7 +111,13 @@ impl GradAccumulator {
 
     /// Add one micro-batch's gradients (see [`Grads::from_store`] for the errors).
     pub fn add(&mut self, params: &[(String, Var)], store: &GradStore) -> Result<()> {
-        let g = Grads::from_store(params, store)?;
+        self.add_grads(Grads::from_store(params, store)?)
+    }
+
+    /// Add one micro-batch's gradients, aligned with the parameter list: the first is scaled
+    /// (`s · g`), each later one added as `sum + s · g`, in the order of the calls (the order
+    /// fixes the float result; data-parallel ranks call it in the same global order).
+    pub fn add_grads(&mut self, g: Grads) -> Result<()> {
         match &mut self.sum {
             None => self.sum = Some(g.scaled(self.scale)?),
             Some(sum) => sum.add_scaled(&g, self.scale)?,

@@ -30,7 +30,8 @@ pub struct TrainArgs {
 
 /// Run `ropo train`: threads from `training.threads` (else `RAYON_NUM_THREADS`, else all cores),
 /// a Ctrl-C handler that sets [`STOP_REQUESTED`] (a second Ctrl-C exits at once, code 130),
-/// then [`train::run`].
+/// then [`train::run_in`] over [`crate::collective::from_launch`] (one process, or one rank of
+/// an `mpirun`/`srun` job with the `mpi` feature; a failing rank aborts the job).
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let mut cfg = RunConfig::load(Some(&args.config), &args.set)?;
     if args.overwrite {
@@ -51,7 +52,20 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     .context("installing the Ctrl-C handler")?;
     let resume = args.resume.map(|d| d.unwrap_or_else(|| PathBuf::from(&cfg.training.output_dir)));
     let opts = TrainOptions { resume, progress: true };
-    let summary = train::run(&cfg, &opts)?;
+    // one process, or (launched by mpirun/srun, `mpi` feature) one rank of a data-parallel run
+    let world = crate::collective::from_launch()?;
+    let summary = match train::run_in(&cfg, &opts, world.as_ref()) {
+        Ok(s) => s,
+        Err(e) if world.size() > 1 => {
+            // the other ranks may wait in an exchange: stop them all (MPI_Abort)
+            eprintln!("ropo: rank {} of {}: {}", world.rank(), world.size(), crate::model::hub::redact_token(&format!("{e:#}")));
+            world.abort(2)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if !world.is_main() {
+        return Ok(());
+    }
     if let (Some(a), Some(b)) = (&summary.first_eval, &summary.last_eval) {
         eprintln!(
             "eval before -> after: loss {:.4} -> {:.4}, rewards/accuracies {:.3} -> {:.3}, rewards/ties {:.3} -> {:.3}, rewards/margins {:.4} -> {:.4}",

@@ -8,6 +8,7 @@ pub mod attention;
 pub mod bf16_gemm;
 pub mod config;
 pub mod export;
+pub mod fingerprint;
 pub mod gguf;
 pub mod grad;
 pub mod heads;

@@ -22,6 +22,15 @@
 //!
 //! Every output file is written atomically (temporary sibling, then rename); `metrics.jsonl` is
 //! appended one flushed line at a time and cut back to the checkpoint on resume.
+//!
+//! Data parallel ([`run_in`] with a [`Collective`] of N ranks, e.g. `mpirun -np N`): a step has
+//! `gradient_accumulation_steps x N` micro-batches, rank r runs micro-batches `r, r + N, ...`,
+//! and every rank accumulates every micro-batch's gradients in one global order ([`parallel`]),
+//! so N ranks give the adapters, optimiser state and metrics of one process with the same global
+//! batch, bit for bit (same threads per process). Only rank 0 prints and writes the output
+//! folder; every rank resumes from the same checkpoint.
+
+pub mod parallel;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,6 +42,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::adapter::AnyAdapterSet;
+use crate::collective::{check_same, Collective, ExchangeStats, SingleProcess};
 use crate::checkpoint::{self, CheckpointData, CheckpointMeta, DataPosition, RngState, TrainerState};
 use crate::checkpoint::{CURVES_FILE, METRICS_FILE, REFERENCE_DIR, RUN_CONFIG_FILE, TRAINER_STATE_FILE};
 use crate::config::{ModelDtype, RunConfig, TrainingSection};
@@ -40,17 +50,20 @@ use crate::data::batch::{collate, epoch_batches, pad_id, Batch, SamplerConfig};
 use crate::data::splits::{read_rows, template_override, tokenize_options, tokenize_splits, Rows, Splits};
 use crate::data::tokenize::TokenizedPair;
 use crate::error::{Error, Result};
-use crate::logps::{completion_token_counts, score_pairs, split_pairs, Pass};
+use crate::logps::{completion_token_counts, split_pairs};
 use crate::loss::{preference_loss, LossOutput, PairLogps, RewardMetrics};
 use crate::metrics::{EvalStats, MetricsLogger, Progress, TrainStats};
 use crate::model::llama::Model;
-use crate::optim::{AdamW, GradAccumulator, LrSchedule};
+use crate::optim::{AdamW, GradAccumulator, Grads, LrSchedule};
 use crate::reference::{self, PairRefLogps};
 
 /// Set by the SIGINT (Ctrl-C) handler that `ropo train` installs; the loop checks it at the end
-/// of every optimiser step, writes a checkpoint and returns [`Outcome::Interrupted`]. The only
-/// global state of the trainer.
+/// of every optimiser step, writes a checkpoint and returns [`Outcome::Interrupted`] (with
+/// several ranks: when any rank was interrupted, all stop after the same step).
 pub static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// Set on the ranks other than 0 of a data-parallel run: they print nothing ([`say`]).
+static QUIET: AtomicBool = AtomicBool::new(false);
 
 /// How `run` was asked to start.
 #[derive(Debug, Clone, Default)]
@@ -141,7 +154,14 @@ fn loss_of(policy: &Tensor, reference: &Tensor, completion_mask: &Tensor, t: &Tr
 /// no gradients: [`score_pairs`]), over all pairs at once (the loss is the mean over pairs),
 /// against the precomputed reference log-probs `refs`. Returns `(loss, metrics, real tokens)`.
 pub fn evaluate(model: &Model, pairs: &[TokenizedPair], refs: &PairRefLogps, batch_size: usize, pad: u32, t: &TrainingSection) -> Result<(f64, RewardMetrics, usize)> {
-    let scores = score_pairs(model, pairs, pad, batch_size.max(1), t.share_prompt, Pass::Policy, |_| {})?;
+    evaluate_in(&SingleProcess, &ExchangeStats::default(), model, pairs, refs, batch_size, pad, t)
+}
+
+/// [`evaluate`] with the pairs scored in shares over the ranks of `world`
+/// ([`parallel::policy_scores`]); the same result on every rank and for every rank count.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_in(world: &dyn Collective, stats: &ExchangeStats, model: &Model, pairs: &[TokenizedPair], refs: &PairRefLogps, batch_size: usize, pad: u32, t: &TrainingSection) -> Result<(f64, RewardMetrics, usize)> {
+    let scores = parallel::policy_scores(world, stats, model, pairs, pad, batch_size.max(1), t.share_prompt)?;
     let (policy_chosen, policy_rejected) = scores.policy.expect("a policy pass");
     let all: Vec<usize> = (0..pairs.len()).collect();
     let (reference_chosen, reference_rejected) = split_pairs(&refs.gather(&all, model.device())?)?;
@@ -238,6 +258,8 @@ fn check_finite(step: u64, loss: f64, grad_norm: f64, output_dir: &Path) -> Resu
 /// gradient norm before clipping, its real tokens.
 #[derive(Default)]
 struct StepStats {
+    /// Some rank was interrupted (Ctrl-C) during the step: every rank stops after it.
+    stop: bool,
     loss: f64,
     grad_norm: f64,
     metrics: RewardMetrics,
@@ -287,16 +309,26 @@ fn scale_metrics(m: &RewardMetrics, s: f64) -> RewardMetrics {
 /// `training.overwrite`, an unwritable output folder, a trainable tensor without gradient
 /// (`no gradient for NAME`, at the first step), a non-finite loss or gradient norm.
 pub fn run(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
+    run_in(cfg, opts, &SingleProcess)
+}
+
+/// [`run`] as one rank of `world` (data parallel; see the module doc). Every rank calls it with
+/// the same config; rank 0 prints and writes, and returns the same summary as the others.
+///
+/// Errors: as [`run`], plus a rank whose config, model or checkpoint differs from rank 0's
+/// (refused before training, on every rank) and a failed exchange.
+pub fn run_in(cfg: &RunConfig, opts: &TrainOptions, world: &dyn Collective) -> Result<TrainSummary> {
     let started = Instant::now();
-    let s = setup(cfg, opts)?;
+    QUIET.store(!world.is_main(), Ordering::SeqCst);
+    let s = setup(cfg, opts, world)?;
     print_summary(cfg, &s);
-    if s.resume_from.is_none() {
+    if s.resume_from.is_none() && world.is_main() {
         // after every check that needs no writing
         start_output_dir(cfg, &s.output_dir)?;
     }
     let refs = reference_logps(cfg, &s)?;
     let mut st = restore(cfg, &s)?;
-    let progress = if opts.progress { Progress::new(s.total_steps, st.step) } else { Progress::hidden(s.total_steps, st.step) };
+    let progress = if opts.progress && world.is_main() { Progress::new(s.total_steps, st.step) } else { Progress::hidden(s.total_steps, st.step) };
     let first_eval = match s.resume_from {
         None => eval_and_log(cfg, &s, &refs, &mut st, |l| progress.println(l))?,
         Some(_) => None,
@@ -306,7 +338,18 @@ pub fn run(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     if outcome == Outcome::Finished {
         progress.finish();
         last_eval = eval_and_log(cfg, &s, &refs, &mut st, say)?.or(last_eval);
-        write_final(&s, &st)?;
+        if world.is_main() {
+            write_final(&s, &st)?;
+        }
+    }
+    if world.size() > 1 {
+        let (secs, bytes, _) = s.exchange.totals();
+        say(&format!(
+            "data parallel: {} ranks; rank 0 spent {secs:.2} s in the exchange, sent {:.2} MB ({:.3} MB a step)",
+            world.size(),
+            bytes as f64 / 1e6,
+            bytes as f64 / 1e6 / st.step.saturating_sub(s.resume_from.as_ref().map_or(0, |r| r.0)).max(1) as f64
+        ));
     }
     let wall_seconds = st.clock.start.elapsed().as_secs_f64();
     let tokens_per_second = run_tokens as f64 / wall_seconds.max(1e-9);
@@ -347,7 +390,7 @@ fn train_loop(cfg: &RunConfig, s: &Setup, refs: &Refs, st: &mut State, progress:
                 *last_eval = Some(e);
             }
         }
-        let stop = STOP_REQUESTED.load(Ordering::SeqCst);
+        let stop = done.stop;
         if (t.save_steps > 0 && st.step % t.save_steps as u64 == 0) || stop {
             let dir = save_checkpoint(cfg, s, st)?;
             if stop {
@@ -360,28 +403,35 @@ fn train_loop(cfg: &RunConfig, s: &Setup, refs: &Refs, st: &mut State, progress:
     Ok((Outcome::Finished, run_tokens))
 }
 
-/// One optimiser step: `gradient_accumulation_steps` micro-batches (each: reference log-probs,
-/// [`micro_batch`], gradients accumulated with weight `1/GA`), clipping by global norm, the
-/// finiteness check, the AdamW step at `lr`; the step counters move on.
+/// One optimiser step: `gradient_accumulation_steps` rounds of one micro-batch per rank (rank
+/// r runs micro-batches `r, r + N, r + 2N, ...` of the step's `GA x N`, [`run_micro_batch`]);
+/// after each round every rank's gradients are gathered ([`parallel::gather_micro_batches`]) and
+/// accumulated in micro-batch order with weight `1/(GA x N)`, as one process with `GA x N`
+/// accumulation steps adds them; then clipping by global norm, the finiteness check, the AdamW
+/// step at `lr`; the step counters move on.
 fn optimiser_step(t: &TrainingSection, s: &Setup, refs: &Refs, st: &mut State, lr: f64) -> Result<StepStats> {
-    let mut acc = GradAccumulator::new(t.gradient_accumulation_steps);
+    let ranks = s.world.size();
+    let micro_batches = t.gradient_accumulation_steps * ranks;
+    let mut acc = GradAccumulator::new(micro_batches);
     let mut done = StepStats::default();
-    let w = 1.0 / t.gradient_accumulation_steps as f64;
+    let w = 1.0 / micro_batches as f64;
     for _ in 0..t.gradient_accumulation_steps {
-        let idx = st.cursor.next()?;
-        let pairs: Vec<&TokenizedPair> = idx.iter().map(|&i| &s.splits.train[i]).collect();
-        let batch = collate(&pairs, s.pad, s.model.device())?;
-        done.tokens += batch.attention_mask.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as usize;
-        let ref_lp = match &refs.train {
-            Some(r) => r.gather(&idx, s.model.device())?,
-            None => crate::logps::batch_logps_detached(s.reference(), &batch, false, t.share_prompt)?,
-        };
-        let (out, grads) = micro_batch(&s.model, &batch, &ref_lp, t)?;
-        acc.add(&s.params, &grads).map_err(|e| {
-            Error::Msg(format!("{e}: this trainable tensor is not on the loss's autograd path (a frozen adapter would be silently useless)"))
-        })?;
-        done.loss += w * out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        add_metrics(&mut done.metrics, &out.metrics, w);
+        let mut mine = None;
+        for r in 0..ranks {
+            let idx = st.cursor.next()?;
+            if r == s.world.rank() {
+                mine = Some(run_micro_batch(t, s, refs, &idx)?);
+            }
+        }
+        let local = mine.into_iter().collect();
+        let (round, stop) = parallel::gather_micro_batches(s.world, &s.exchange, local, STOP_REQUESTED.load(Ordering::SeqCst))?;
+        done.stop |= stop;
+        for (grads, m) in round {
+            acc.add_grads(grads)?;
+            done.loss += w * m.loss;
+            add_metrics(&mut done.metrics, &m.metrics, w);
+            done.tokens += m.tokens;
+        }
     }
     let mut grads = acc.take()?;
     done.grad_norm = grads.clip_global_norm(t.max_grad_norm)?;
@@ -394,13 +444,35 @@ fn optimiser_step(t: &TrainingSection, s: &Setup, refs: &Refs, st: &mut State, l
     Ok(done)
 }
 
+/// One micro-batch of pair indices `idx`: collate, the reference log-probs (precomputed or a
+/// reference forward), [`micro_batch`]; its gradients and statistics.
+fn run_micro_batch(t: &TrainingSection, s: &Setup, refs: &Refs, idx: &[usize]) -> Result<(Grads, parallel::MicroStats)> {
+    let pairs: Vec<&TokenizedPair> = idx.iter().map(|&i| &s.splits.train[i]).collect();
+    let batch = collate(&pairs, s.pad, s.model.device())?;
+    let tokens = batch.attention_mask.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as usize;
+    let ref_lp = match &refs.train {
+        Some(r) => r.gather(idx, s.model.device())?,
+        None => crate::logps::batch_logps_detached(s.reference(), &batch, false, t.share_prompt)?,
+    };
+    let (out, store) = micro_batch(&s.model, &batch, &ref_lp, t)?;
+    let grads = Grads::from_store(&s.params, &store).map_err(|e| {
+        Error::Msg(format!("{e}: this trainable tensor is not on the loss's autograd path (a frozen adapter would be silently useless)"))
+    })?;
+    let loss = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    Ok((grads, parallel::MicroStats { loss, metrics: out.metrics, tokens }))
+}
+
 // ------------------------------------------------------------------------------------------
 // The steps of the run
 // ------------------------------------------------------------------------------------------
 
 /// What the run reads and never changes: the model with its adapter, the tokenized data, the
 /// schedule. Built by [`setup`].
-struct Setup {
+struct Setup<'w> {
+    /// The ranks of the run (one process: [`SingleProcess`]).
+    world: &'w dyn Collective,
+    /// Time and bytes of this rank's exchange.
+    exchange: ExchangeStats,
     output_dir: PathBuf,
     /// The checkpoint `--resume` continues from: `(step, folder)`.
     resume_from: Option<(u64, PathBuf)>,
@@ -420,7 +492,7 @@ struct Setup {
     schedule: LrSchedule,
 }
 
-impl Setup {
+impl Setup<'_> {
     /// The model the reference log-probs come from (run with adapters bypassed).
     fn reference(&self) -> &Model {
         self.separate_ref.as_ref().unwrap_or(&self.model)
@@ -429,7 +501,7 @@ impl Setup {
 
 /// Data rows (fails fast on bad files), the checkpoint to resume from, model, adapter, tokens,
 /// schedule.
-fn setup(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
+fn setup<'w>(cfg: &RunConfig, opts: &TrainOptions, world: &'w dyn Collective) -> Result<Setup<'w>> {
     let t = &cfg.training;
     let rows = read_rows(&cfg.data)?;
     let output_dir = opts.resume.clone().unwrap_or_else(|| PathBuf::from(&t.output_dir));
@@ -439,6 +511,11 @@ fn setup(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         })?),
         None => None,
     };
+    if world.size() > 1 {
+        let resume_step = resume_from.as_ref().map(|r| r.0);
+        let print = crate::model::fingerprint::run_fingerprint(&cfg.to_toml_string(), &cfg.model.path_or_id, cfg.model.reference.as_deref(), &cfg.model.revision, resume_step)?;
+        check_same(world, &print, "config, model files or resume checkpoint")?;
+    }
     let loaded = load_model(&cfg.model.path_or_id, cfg)?;
     let (mut model, tokenizer, model_config) = (loaded.model, loaded.tokenizer, loaded.config);
     let separate_ref = match &cfg.model.reference {
@@ -453,10 +530,11 @@ fn setup(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
     // the schedule
     let sampler = SamplerConfig { batch_size: t.per_device_train_batch_size, seed: t.seed, mega_batch_factor: 50, drop_last: false };
     let batches_per_epoch = splits.train.len().div_ceil(sampler.batch_size);
-    let steps_per_epoch = batches_per_epoch.div_ceil(t.gradient_accumulation_steps).max(1);
+    // a step: GA micro-batches on every rank (HF Trainer's global batch)
+    let steps_per_epoch = batches_per_epoch.div_ceil(t.gradient_accumulation_steps * world.size()).max(1);
     let total_steps = t.total_steps(steps_per_epoch) as u64;
     let schedule = t.lr_schedule(total_steps as usize);
-    Ok(Setup { output_dir, resume_from, model, model_config, separate_ref, adapter, params, rows, splits, pad, sampler, steps_per_epoch, total_steps, schedule })
+    Ok(Setup { world, exchange: ExchangeStats::default(), output_dir, resume_from, model, model_config, separate_ref, adapter, params, rows, splits, pad, sampler, steps_per_epoch, total_steps, schedule })
 }
 
 /// The setup summary on stderr: model, reference, adapter, data, tokens per step, schedule.
@@ -487,11 +565,13 @@ fn print_summary(cfg: &RunConfig, s: &Setup) {
         }
     }
     let mean_tokens = splits.train.iter().map(|p| p.chosen_len() + p.rejected_len()).sum::<usize>() as f64 / splits.train.len() as f64;
-    let pairs_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps;
+    let ranks = s.world.size();
+    let pairs_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * ranks;
     say(&format!(
-        "tokens per step: {pairs_per_step} pairs ({} x {} accumulation) = {} sequences, ~{:.0} real tokens (at most {})",
+        "tokens per step: {pairs_per_step} pairs ({} x {} accumulation{}) = {} sequences, ~{:.0} real tokens (at most {})",
         t.per_device_train_batch_size,
         t.gradient_accumulation_steps,
+        if ranks == 1 { String::new() } else { format!(" x {ranks} ranks") },
         2 * pairs_per_step,
         mean_tokens * pairs_per_step as f64,
         2 * pairs_per_step * cfg.data.max_length
@@ -539,15 +619,18 @@ fn reference_logps(cfg: &RunConfig, s: &Setup) -> Result<Refs> {
             &s.splits.train,
         );
         let path = reference::cache_path(&s.output_dir.join(REFERENCE_DIR), &key);
-        match reference::load_cache(&path, s.splits.train.len())? {
+        let cached = if s.world.is_main() { reference::load_cache(&path, s.splits.train.len())? } else { None };
+        match parallel::from_main(s.world, &s.exchange, cached)? {
             Some(r) => {
                 say(&format!("reference log-probs: cached ({})", path.display()));
                 Some(r)
             }
             None => {
                 say(&format!("reference log-probs: computing for {} pairs", s.splits.train.len()));
-                let r = reference::compute_all(s.reference(), &s.splits.train, t.per_device_eval_batch_size, s.pad, t.share_prompt, |_, _| {})?;
-                reference::save_cache(&path, &r)?;
+                let r = parallel::reference_logps(s.world, &s.exchange, s.reference(), &s.splits.train, t.per_device_eval_batch_size, s.pad, t.share_prompt)?;
+                if s.world.is_main() {
+                    reference::save_cache(&path, &r)?;
+                }
                 Some(r)
             }
         }
@@ -556,7 +639,7 @@ fn reference_logps(cfg: &RunConfig, s: &Setup) -> Result<Refs> {
     };
     let eval = match s.splits.eval.is_empty() {
         true => None,
-        false => Some(reference::compute_all(s.reference(), &s.splits.eval, t.per_device_eval_batch_size, s.pad, t.share_prompt, |_, _| {})?),
+        false => Some(parallel::reference_logps(s.world, &s.exchange, s.reference(), &s.splits.eval, t.per_device_eval_batch_size, s.pad, t.share_prompt)?),
     };
     Ok(Refs { train, eval })
 }
@@ -571,14 +654,17 @@ struct State {
     cursor: DataCursor,
     /// Optimiser steps done.
     step: u64,
-    logger: MetricsLogger,
+    /// `metrics.jsonl`, on rank 0 only.
+    logger: Option<MetricsLogger>,
     clock: Clock,
 }
 
 impl State {
     /// Append `rec` to `metrics.jsonl` and to the trainer state's log history.
     fn log(&mut self, rec: crate::metrics::Record) -> Result<()> {
-        self.logger.log(&rec)?;
+        if let Some(l) = &mut self.logger {
+            l.log(&rec)?;
+        }
         self.trainer.log_history.push(rec);
         Ok(())
     }
@@ -613,9 +699,9 @@ fn restore(cfg: &RunConfig, s: &Setup) -> Result<State> {
         trainer = ck.trainer_state.clone();
         trainer.max_steps = s.total_steps;
         say(&format!("resuming from {} (step {at})", dir.display()));
-        MetricsLogger::resume(&metrics_path, step)?
+        s.world.is_main().then(|| MetricsLogger::resume(&metrics_path, step)).transpose()?
     } else {
-        MetricsLogger::create(&metrics_path)?
+        s.world.is_main().then(|| MetricsLogger::create(&metrics_path)).transpose()?
     };
     let lengths: Vec<usize> = s.splits.train.iter().map(|p| p.max_len()).collect();
     let cursor = DataCursor::new(lengths, s.sampler, pos);
@@ -629,7 +715,7 @@ fn eval_and_log(cfg: &RunConfig, s: &Setup, refs: &Refs, st: &mut State, print: 
     let t = &cfg.training;
     let Some(eval_refs) = &refs.eval else { return Ok(None) };
     let t0 = Instant::now();
-    let (loss, rewards, tokens) = evaluate(&s.model, &s.splits.eval, eval_refs, t.per_device_eval_batch_size, s.pad, t)?;
+    let (loss, rewards, tokens) = evaluate_in(s.world, &s.exchange, &s.model, &s.splits.eval, eval_refs, t.per_device_eval_batch_size, s.pad, t)?;
     let secs = t0.elapsed().as_secs_f64();
     let (step, epoch) = (st.step, st.trainer.epoch);
     let e = EvalStats { step, epoch, loss, rewards, tokens_per_second: tokens as f64 / secs.max(1e-9), elapsed_seconds: st.clock.elapsed() };
@@ -658,8 +744,11 @@ fn log_interval(st: &mut State, interval: &Interval, lr: f64, progress: &Progres
 }
 
 /// Write the checkpoint of the current step (then prune to `save_total_limit` and write
-/// `trainer_state.json`). Returns its folder.
+/// `trainer_state.json`); rank 0 only. Returns its folder.
 fn save_checkpoint(cfg: &RunConfig, s: &Setup, st: &State) -> Result<PathBuf> {
+    if !s.world.is_main() {
+        return Ok(checkpoint::step_dir(&s.output_dir, st.step));
+    }
     let meta = CheckpointMeta {
         format_version: checkpoint::FORMAT_VERSION,
         global_step: st.step,
@@ -708,9 +797,11 @@ impl Clock {
     }
 }
 
-/// One line on stderr.
+/// One line on stderr (none on the ranks other than 0).
 fn say(s: &str) {
-    eprintln!("{s}");
+    if !QUIET.load(Ordering::SeqCst) {
+        eprintln!("{s}");
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,207 @@
+//! The data-parallel halves of the loop (see [`crate::collective`]): each rank's share of a
+//! step's micro-batches and of every scoring pass, and the gathers that put the shares back in
+//! one global order, so that N ranks compute exactly what one process computes.
+//!
+//! - A step of `gradient_accumulation_steps` (GA) micro-batches per rank has `GA x N`
+//!   micro-batches, run in GA rounds of N: in round j rank r runs micro-batch `j·N + r` (every
+//!   rank walks the same data cursor); after each round the ranks gather the round's gradients
+//!   (flattened, exactly) and statistics, and each rank accumulates them in rank order, i.e. in
+//!   micro-batch order, as one process with `GA x N` accumulation steps does; no rank holds more
+//!   than one round's gradients.
+//! - A scoring pass over a pair set (reference log-probs, evaluation) is split into contiguous
+//!   shares of whole batches ([`block_shares`]), so every batch holds the same pairs (and so the
+//!   same padding and the same float results) as in one process; the per-pair values are gathered
+//!   in pair order.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::collective::{block_shares, Collective, ExchangeStats};
+use crate::data::tokenize::TokenizedPair;
+use crate::error::{Error, Result};
+use crate::logps::{score_pairs, Pass, PairScores};
+use crate::loss::RewardMetrics;
+use crate::model::llama::Model;
+use crate::optim::Grads;
+use crate::reference::{self, PairRefLogps};
+
+/// What one micro-batch gives the step besides its gradients.
+#[derive(Debug, Clone, Default)]
+pub struct MicroStats {
+    /// Its loss (mean over its pairs), f64.
+    pub loss: f64,
+    /// Its reward metrics.
+    pub metrics: RewardMetrics,
+    /// Its real (non-padding) tokens.
+    pub tokens: usize,
+}
+
+const STATS_LEN: usize = 9;
+
+impl MicroStats {
+    fn to_f64s(&self) -> [f64; STATS_LEN] {
+        let m = &self.metrics;
+        [self.loss, m.rewards_chosen, m.rewards_rejected, m.rewards_accuracies, m.rewards_ties, m.rewards_margins, m.logps_chosen, m.logps_rejected, self.tokens as f64]
+    }
+
+    fn from_f64s(v: &[f64]) -> Self {
+        let metrics = RewardMetrics {
+            rewards_chosen: v[1],
+            rewards_rejected: v[2],
+            rewards_accuracies: v[3],
+            rewards_ties: v[4],
+            rewards_margins: v[5],
+            logps_chosen: v[6],
+            logps_rejected: v[7],
+        };
+        Self { loss: v[0], metrics, tokens: v[8] as usize }
+    }
+}
+
+/// A round's micro-batches from every rank, in rank order (rank 0's first), and whether any
+/// rank was asked to stop (Ctrl-C).
+///
+/// `local`: this rank's micro-batches, in order, each `(gradients, stats)`; every rank has the
+/// same count. With one rank nothing is copied. The gradients travel as f32 (exact for f32,
+/// bf16 and f16 gradients) and come back in their own dtype and shapes.
+///
+/// Errors: ranks with different micro-batch counts or gradient shapes, a failed exchange.
+pub fn gather_micro_batches(world: &dyn Collective, stats: &ExchangeStats, local: Vec<(Grads, MicroStats)>, stop: bool) -> Result<(Vec<(Grads, MicroStats)>, bool)> {
+    if world.size() == 1 {
+        return Ok((local, stop));
+    }
+    let Some((template, _)) = local.first() else { return Err(Error::Msg("a rank ran no micro-batch this step".into())) };
+    let layout: Vec<(Vec<usize>, DType)> = template.0.iter().map(|g| (g.dims().to_vec(), g.dtype())).collect();
+    let per_micro: usize = layout.iter().map(|(d, _)| d.iter().product::<usize>()).sum();
+    let mut flat: Vec<f32> = Vec::with_capacity(per_micro * local.len());
+    let mut scalars: Vec<f64> = Vec::with_capacity(STATS_LEN * local.len() + 1);
+    for (g, s) in &local {
+        for t in &g.0 {
+            flat.extend(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+        }
+        scalars.extend(s.to_f64s());
+    }
+    scalars.push(f64::from(u8::from(stop)));
+    let all_flat = stats.timed(flat.len() * 4, || world.all_gather_f32(&flat))?;
+    let all_scalars = stats.timed(scalars.len() * 8, || world.all_gather_f64(&scalars))?;
+    let device = template.0.first().map(|t| t.device().clone()).unwrap_or(Device::Cpu);
+    let mut out = Vec::with_capacity(local.len() * world.size());
+    let mut any_stop = false;
+    for (rank, (f, s)) in all_flat.iter().zip(&all_scalars).enumerate() {
+        let n = local.len();
+        if f.len() != per_micro * n || s.len() != STATS_LEN * n + 1 {
+            return Err(Error::Msg(format!("rank {rank} sent {} gradient values and {} statistics for a step; rank {} expected {} and {}", f.len(), s.len(), world.rank(), per_micro * n, STATS_LEN * n + 1)));
+        }
+        any_stop |= s[STATS_LEN * n] != 0.0;
+        for k in 0..n {
+            let grads = unflatten(&f[k * per_micro..(k + 1) * per_micro], &layout, &device)?;
+            out.push((grads, MicroStats::from_f64s(&s[k * STATS_LEN..(k + 1) * STATS_LEN])));
+        }
+    }
+    Ok((out, any_stop))
+}
+
+fn unflatten(flat: &[f32], layout: &[(Vec<usize>, DType)], device: &Device) -> Result<Grads> {
+    let mut off = 0;
+    let mut out = Vec::with_capacity(layout.len());
+    for (dims, dtype) in layout {
+        let n: usize = dims.iter().product();
+        out.push(Tensor::from_slice(&flat[off..off + n], dims.as_slice(), device)?.to_dtype(*dtype)?);
+        off += n;
+    }
+    Ok(Grads(out))
+}
+
+/// The reference log-probs of every pair of `pairs`, each rank scoring its share of whole
+/// `batch_size` batches ([`reference::compute_all`]) and the shares gathered in pair order.
+pub fn reference_logps(world: &dyn Collective, stats: &ExchangeStats, model: &Model, pairs: &[TokenizedPair], batch_size: usize, pad: u32, share_prompt: bool) -> Result<PairRefLogps> {
+    let shares = block_shares(pairs.len(), batch_size, world.size());
+    let mine = &pairs[shares[world.rank()].clone()];
+    let local = match mine.is_empty() {
+        true => PairRefLogps { chosen: Vec::new(), rejected: Vec::new() },
+        false => reference::compute_all(model, mine, batch_size, pad, share_prompt, |_, _| {})?,
+    };
+    if world.size() == 1 {
+        return Ok(local);
+    }
+    let mut v = local.chosen;
+    v.extend(local.rejected);
+    let all = stats.timed(v.len() * 4, || world.all_gather_f32(&v))?;
+    let mut out = PairRefLogps { chosen: Vec::with_capacity(pairs.len()), rejected: Vec::with_capacity(pairs.len()) };
+    for (r, part) in all.iter().enumerate() {
+        let n = shares[r].len();
+        if part.len() != 2 * n {
+            return Err(Error::Msg(format!("rank {r} sent {} reference log-probs for {n} pairs", part.len())));
+        }
+        out.chosen.extend_from_slice(&part[..n]);
+        out.rejected.extend_from_slice(&part[n..]);
+    }
+    Ok(out)
+}
+
+/// Rank 0's value, on every rank: `value` is read on rank 0 only (the others pass `None`),
+/// sent as f32 (`PairRefLogps`: the reference cache that rank 0 read).
+pub fn from_main(world: &dyn Collective, stats: &ExchangeStats, value: Option<PairRefLogps>) -> Result<Option<PairRefLogps>> {
+    if world.size() == 1 {
+        return Ok(value);
+    }
+    let mut v: Vec<f32> = Vec::new();
+    if world.is_main() {
+        if let Some(r) = &value {
+            v.push(r.len() as f32);
+            v.extend(&r.chosen);
+            v.extend(&r.rejected);
+        }
+    }
+    let all = stats.timed(v.len() * 4, || world.all_gather_f32(&v))?;
+    let main = &all[0];
+    if main.is_empty() {
+        return Ok(None);
+    }
+    let n = (main.len() - 1) / 2;
+    Ok(Some(PairRefLogps { chosen: main[1..1 + n].to_vec(), rejected: main[1 + n..].to_vec() }))
+}
+
+/// The policy's scores of every pair of `pairs` ([`score_pairs`], `Pass::Policy`), each rank
+/// scoring its share of whole batches, gathered in pair order; one process scores them all.
+pub fn policy_scores(world: &dyn Collective, stats: &ExchangeStats, model: &Model, pairs: &[TokenizedPair], pad: u32, batch_size: usize, share_prompt: bool) -> Result<PairScores> {
+    if world.size() == 1 {
+        return score_pairs(model, pairs, pad, batch_size, share_prompt, Pass::Policy, |_| {});
+    }
+    let shares = block_shares(pairs.len(), batch_size, world.size());
+    let mine = &pairs[shares[world.rank()].clone()];
+    let mut v: Vec<f64> = Vec::with_capacity(4 * mine.len() + 1);
+    // the policy log-probs come in the model's dtype: every rank rebuilds them in it (a rank
+    // with an empty share too)
+    let dtype = model.dtype();
+    if !mine.is_empty() {
+        let s = score_pairs(model, mine, pad, batch_size, share_prompt, Pass::Policy, |_| {})?;
+        let (pc, pr) = s.policy.expect("a policy pass");
+        for t in [&pc, &pr, &s.tokens.0, &s.tokens.1] {
+            v.extend(t.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+        }
+        v.push(s.real_tokens as f64);
+    } else {
+        v.push(0.0);
+    }
+    let all = stats.timed(v.len() * 8, || world.all_gather_f64(&v))?;
+    let mut cols: [Vec<f64>; 4] = Default::default();
+    let mut real_tokens = 0usize;
+    for (r, part) in all.iter().enumerate() {
+        let n = shares[r].len();
+        if part.len() != 4 * n + 1 {
+            return Err(Error::Msg(format!("rank {r} sent {} scores for {n} pairs", part.len())));
+        }
+        for (c, col) in cols.iter_mut().enumerate() {
+            col.extend_from_slice(&part[c * n..(c + 1) * n]);
+        }
+        real_tokens += part[4 * n] as usize;
+    }
+    let device = model.device();
+    let t = |v: &Vec<f64>, d: DType| -> Result<Tensor> { Ok(Tensor::from_slice(v, v.len(), device)?.to_dtype(d)?) };
+    Ok(PairScores {
+        policy: Some((t(&cols[0], dtype)?, t(&cols[1], dtype)?)),
+        reference: None,
+        tokens: (t(&cols[2], DType::F32)?, t(&cols[3], DType::F32)?),
+        real_tokens,
+    })
+}
