@@ -112,6 +112,14 @@ pub struct CheckpointMeta {
     pub data: DataPosition,
     /// The ropo version that wrote it.
     pub ropo_version: String,
+    /// The data-parallel ranks of the run that wrote it (1: one process; absent in older
+    /// checkpoints). With its config's batch size and accumulation, the global batch.
+    #[serde(default = "one_rank")]
+    pub ranks: u64,
+}
+
+fn one_rank() -> u64 {
+    1
 }
 
 /// TRL/HF-style `trainer_state.json` (keys sorted, as HF's `json.dumps(sort_keys=True)`).
@@ -455,6 +463,7 @@ mod tests {
             rng: RngState::capture(rng),
             data: DataPosition { epoch: 1, index_in_epoch: step },
             ropo_version: env!("CARGO_PKG_VERSION").into(),
+            ranks: 1,
         }
     }
 

@@ -127,7 +127,7 @@ fn two_ranks_are_bit_identical_to_one_process_with_the_same_global_batch() {
         run(ropo_train(&write(dir.path(), "one.toml", &config(&one, 2, extra)), &[]));
         let o = run(mpirun(&[(2, &write(dir.path(), "two.toml", &config(&two, 1, extra)))], &[]));
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains("(2 x 1 accumulation x 2 ranks)") && err.contains("data parallel: 2 ranks"), "{err}");
+        assert!(err.contains("(2 x 1 accumulation x 2 ranks)") && err.contains("data parallel: 2 ranks; exchange"), "{err}");
         assert_eq!(err.matches("ropo train: model").count(), 1, "only rank 0 prints: {err}");
         assert_same_run(&one, &two);
     }
@@ -159,6 +159,10 @@ fn a_kill_and_resume_with_another_rank_count_is_bit_identical() {
 
     let a = dir.path().join("two-then-one");
     kill_after_step_3(mpirun(&[(2, &write(dir.path(), "a2.toml", &config(&a, 1, "")))], &[]), &a);
+    // one process with accumulation 1 would be another global batch (2 pairs, not 4): refused
+    let o = ropo_train(&write(dir.path(), "wrong.toml", &config(&a, 1, "")), &["--resume", a.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("global batch of 4 pairs") && err.contains("gradient_accumulation_steps = 2 gives it"), "{err}");
     let o = run(ropo_train(&write(dir.path(), "a1.toml", &config(&a, 2, "")), &["--resume", a.to_str().unwrap()]));
     assert!(String::from_utf8_lossy(&o.stderr).contains("(step 3)"));
     assert_same_run(&full, &a);

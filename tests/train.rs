@@ -447,6 +447,23 @@ fn assert_fails(o: &Output, wants: &[&str]) -> String {
     err
 }
 
+/// Started by an MPI launcher with 2 ranks (its environment), a build without the `mpi` feature
+/// refuses (2 independent runs would write one folder), before writing anything.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn a_build_without_mpi_refuses_to_run_as_one_of_several_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let cfg = write_config(dir.path(), "run.toml", &short_config(&out, "max_steps = 1"));
+    for var in ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"] {
+        let o = Command::new(env!("CARGO_BIN_EXE_ropo")).args(["train", "--config", cfg.to_str().unwrap()]).env(var, "2").output().unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains("an MPI launcher started 2 ranks, but this ropo was built without MPI") && err.contains("--features mpi"), "{err}");
+        assert!(!out.exists(), "nothing may be written");
+    }
+}
+
 #[test]
 fn cli_bad_config_key_and_value_and_missing_data() {
     let dir = tempfile::tempdir().unwrap();

@@ -343,13 +343,7 @@ pub fn run_in(cfg: &RunConfig, opts: &TrainOptions, world: &dyn Collective) -> R
         }
     }
     if world.size() > 1 {
-        let (secs, bytes, _) = s.exchange.totals();
-        say(&format!(
-            "data parallel: {} ranks; rank 0 spent {secs:.2} s in the exchange, sent {:.2} MB ({:.3} MB a step)",
-            world.size(),
-            bytes as f64 / 1e6,
-            bytes as f64 / 1e6 / st.step.saturating_sub(s.resume_from.as_ref().map_or(0, |r| r.0)).max(1) as f64
-        ));
+        report_exchange(&s, st.step - s.resume_from.as_ref().map_or(0, |r| r.0))?;
     }
     let wall_seconds = st.clock.start.elapsed().as_secs_f64();
     let tokens_per_second = run_tokens as f64 / wall_seconds.max(1e-9);
@@ -366,6 +360,18 @@ pub fn run_in(cfg: &RunConfig, opts: &TrainOptions, world: &dyn Collective) -> R
         say(&format!("adapter written to {}", s.output_dir.display()));
     }
     Ok(TrainSummary { outcome, output_dir: s.output_dir, global_step: st.step, first_eval, last_eval, wall_seconds, tokens_per_second, peak_rss_kib: peak })
+}
+
+/// The data-parallel report (collective): every rank's time in the exchange, its bytes sent a
+/// step and its peak RSS, printed by rank 0.
+fn report_exchange(s: &Setup, steps: u64) -> Result<()> {
+    let (secs, bytes, _) = s.exchange.totals();
+    let rss = crate::process::peak_rss_kib().unwrap_or(0) as f64 / 1048576.0;
+    let all = s.world.all_gather_f64(&[secs, bytes as f64, rss])?;
+    let steps = steps.max(1) as f64;
+    let per_rank: Vec<String> = all.iter().enumerate().map(|(r, v)| format!("rank {r}: {:.3} s and {:.2} MB a step, peak RSS {:.2} GiB", v[0] / steps, v[1] / 1e6 / steps, v[2])).collect();
+    say(&format!("data parallel: {} ranks; exchange (all-gathers, incl. waiting for the slowest rank) {}", s.world.size(), per_rank.join("; ")));
+    Ok(())
 }
 
 /// The loop: one optimiser step a turn; log, evaluate and checkpoint on their intervals; on
@@ -691,6 +697,7 @@ fn restore(cfg: &RunConfig, s: &Setup) -> Result<State> {
     let metrics_path = s.output_dir.join(METRICS_FILE);
     let logger = if let Some((at, dir)) = &s.resume_from {
         let ck = checkpoint::load(dir, &Device::Cpu)?;
+        check_global_batch(cfg, s.world.size(), dir, &ck)?;
         ck.restore_trainable(&s.params)?;
         ck.restore_optimizer(&mut opt)?;
         rng = ck.meta.rng.restore()?;
@@ -707,6 +714,36 @@ fn restore(cfg: &RunConfig, s: &Setup) -> Result<State> {
     let cursor = DataCursor::new(lengths, s.sampler, pos);
     let clock = Clock::continuing(&trainer);
     Ok(State { opt, rng, trainer, cursor, step, logger, clock })
+}
+
+/// A checkpoint of another rank count resumes only with the same global batch (pairs a step:
+/// batch size x accumulation x ranks), or its data position and schedule would mean other steps.
+/// Errors: the two global batches, with the accumulation that would match.
+fn check_global_batch(cfg: &RunConfig, ranks: usize, dir: &Path, ck: &checkpoint::LoadedCheckpoint) -> Result<()> {
+    let ranks_then = ck.meta.ranks.max(1) as usize;
+    if ranks_then == ranks {
+        return Ok(());
+    }
+    let then = RunConfig::from_toml_str(&ck.config_toml, &dir.join(RUN_CONFIG_FILE))?.training;
+    let t = &cfg.training;
+    let (global_then, global_now) = (then.per_device_train_batch_size * then.gradient_accumulation_steps * ranks_then, t.per_device_train_batch_size * t.gradient_accumulation_steps * ranks);
+    if global_then == global_now {
+        return Ok(());
+    }
+    let hint = match global_then % (t.per_device_train_batch_size * ranks) {
+        0 => format!("; training.gradient_accumulation_steps = {} gives it", global_then / (t.per_device_train_batch_size * ranks)),
+        _ => String::new(),
+    };
+    Err(Error::Msg(format!(
+        "--resume {}: the checkpoint was trained by {ranks_then} rank(s) with a global batch of {global_then} pairs \
+         ({} x {} accumulation x {ranks_then}); this run of {ranks} rank(s) has {global_now} ({} x {} x {ranks}): \
+         resume with the same global batch{hint}",
+        dir.display(),
+        then.per_device_train_batch_size,
+        then.gradient_accumulation_steps,
+        t.per_device_train_batch_size,
+        t.gradient_accumulation_steps,
+    )))
 }
 
 /// Evaluate the policy on the eval split (when there is one) at the current step; print the
@@ -757,6 +794,7 @@ fn save_checkpoint(cfg: &RunConfig, s: &Setup, st: &State) -> Result<PathBuf> {
         rng: RngState::capture(&st.rng),
         data: st.cursor.pos,
         ropo_version: env!("CARGO_PKG_VERSION").into(),
+        ranks: s.world.size() as u64,
     };
     let data = CheckpointData { trainable: &s.params, optimizer: &st.opt, meta, config: cfg, trainer_state: &st.trainer };
     let dir = checkpoint::save(&s.output_dir, &data)?;
