@@ -26,7 +26,7 @@ ENUMS = {
     ("data", "format"): ("src/data/formats.rs", "Format", ["auto"]),
     ("data", "on_identical"): ("src/data/load.rs", "OnIdentical", []),
     ("adapter", "type"): ("src/config.rs", "AdapterKind", []),
-    ("training", "loss_type"): ("src/loss.rs", "LossType", []),
+    ("training", "loss_type"): ("src/loss/mod.rs", "LossType", ["sft"]),
 }
 
 

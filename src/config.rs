@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::data::splits::{DataSection, RowSlice, TemplateSource};
 use crate::error::{Error, Result};
-use crate::loss::{LossParams, LossType};
+use crate::logps::LogpOptions;
+use crate::loss::{LossParams, LossSpec, LossType, LossTypes};
 use crate::optim::{AdamWConfig, LrSchedule, LrScheduler};
 
 /// The whole run configuration.
@@ -149,16 +150,27 @@ pub struct TrainingSection {
     pub output_dir: String,
     /// Replace an output folder holding another run.
     pub overwrite: bool,
-    /// The preference loss.
-    pub loss_type: LossType,
+    /// The loss: one name (`"sigmoid"`, ...) or a list of names summed with `loss_weights`, as
+    /// TRL 1.x (e.g. MPO: `["sigmoid", "bco_pair", "sft"]`); `"sft"` is the NLL of the chosen
+    /// completions.
+    pub loss_type: LossTypes,
+    /// One weight per `loss_type` entry (same length); unset: all 1.0.
+    pub loss_weights: Option<Vec<f64>>,
     /// β (> 0).
     pub beta: f64,
     /// ε of the `robust` and `exo_pair` losses (0 for the others).
     pub label_smoothing: f64,
     /// τ of the `discopop` loss (> 0).
     pub discopop_tau: f64,
-    /// Weight of the SFT (NLL on chosen) term (RPO); unset: no SFT term.
+    /// Weight of the SFT (NLL on chosen) term (RPO); unset: no SFT term. The same as appending
+    /// `"sft"` to `loss_type` with this weight (TRL 1.x removed `rpo_alpha` for that).
     pub rpo_alpha: Option<f64>,
+    /// LD-DPO's α in [0, 1] (TRL `ld_alpha`): completion tokens past the pair's shared length
+    /// count α times in the policy and reference log-probs; unset: plain sums (= 1.0).
+    pub ld_alpha: Option<f64>,
+    /// WPO (TRL `use_weighting`): weight each pair's loss terms by the policy's length-normalised
+    /// probability of both completions, `exp(mean_t(log p_t - log Σ_v p_v²))`, without gradient.
+    pub use_weighting: bool,
     /// Peak learning rate (> 0). TRL's 1e-6 default is for full fine-tuning; adapters need more.
     pub learning_rate: f64,
     /// Decay after warmup: `constant`, `linear` or `cosine`.
@@ -211,11 +223,14 @@ impl Default for TrainingSection {
         Self {
             output_dir: "ropo-output".into(),
             overwrite: false,
-            loss_type: LossType::Sigmoid,
+            loss_type: LossTypes::one(LossType::Sigmoid),
+            loss_weights: None,
             beta: 0.1,
             label_smoothing: 0.0,
             discopop_tau: 0.05,
             rpo_alpha: None,
+            ld_alpha: None,
+            use_weighting: false,
             learning_rate: 5e-5,
             lr_scheduler_type: LrScheduler::Linear,
             warmup_steps: 0,
@@ -246,6 +261,16 @@ impl TrainingSection {
     /// The loss hyperparameters.
     pub fn loss_params(&self) -> LossParams {
         LossParams { beta: self.beta, label_smoothing: self.label_smoothing, discopop_tau: self.discopop_tau }
+    }
+
+    /// The weighted loss terms (`loss_type`, `loss_weights`, `rpo_alpha`, `use_weighting`).
+    pub fn loss_spec(&self) -> LossSpec {
+        LossSpec::from_training(&self.loss_type, self.loss_weights.as_deref(), self.rpo_alpha, self.use_weighting)
+    }
+
+    /// What the log-prob passes compute besides the sums (`ld_alpha`, `use_weighting`).
+    pub fn logp_options(&self) -> LogpOptions {
+        LogpOptions { ld_alpha: self.ld_alpha, use_weighting: self.use_weighting }
     }
 
     /// The AdamW hyperparameters (the learning rate comes from [`TrainingSection::lr_schedule`]).
@@ -309,10 +334,13 @@ const TRAINING_KEYS: &[&str] = &[
     "output_dir",
     "overwrite",
     "loss_type",
+    "loss_weights",
     "beta",
     "label_smoothing",
     "discopop_tau",
     "rpo_alpha",
+    "ld_alpha",
+    "use_weighting",
     "learning_rate",
     "lr_scheduler_type",
     "warmup_steps",
@@ -574,13 +602,49 @@ fn check_adapter(a: &AdapterSection, dtype: ModelDtype, c: &mut Checks) {
     }
 }
 
+/// The loss-list checks of [`check_training`]: `label_smoothing` against every pairwise loss
+/// of the list (in range for each that reads it; 0 when none does), `loss_weights`' length and
+/// values, `ld_alpha`'s range, `use_weighting` with AOT (refused, as TRL: AOT sorts the pairs).
+fn check_loss_terms(t: &TrainingSection, c: &mut Checks) {
+    let readers: Vec<LossType> = t.loss_type.pair_losses().filter(|l| l.reads_label_smoothing()).collect();
+    let failed = match readers.as_slice() {
+        [] if t.label_smoothing == 0.0 => None,
+        [] => Some(match t.loss_type.pair_losses().next() {
+            Some(l) => l.check_label_smoothing(t.label_smoothing).err().unwrap_or_default(),
+            None => "must be 0 for loss_type \"sft\"".to_string(),
+        }),
+        some => some.iter().find_map(|l| l.check_label_smoothing(t.label_smoothing).err()),
+    };
+    if let Some(why) = failed {
+        c.0.push(format!("training.label_smoothing {why} (got {})", t.label_smoothing));
+    }
+    if let Some(w) = &t.loss_weights {
+        c.check(
+            w.len() == t.loss_type.0.len(),
+            format!("training.loss_weights must have one weight per loss_type entry ({} weights for {} loss types)", w.len(), t.loss_type.0.len()),
+        );
+        if let Some(bad) = w.iter().find(|x| !x.is_finite()) {
+            c.0.push(format!("training.loss_weights must be finite (got {bad})"));
+        }
+    }
+    if let Some(a) = t.ld_alpha {
+        c.check((0.0..=1.0).contains(&a), format!("training.ld_alpha must be in [0, 1] (got {a})"));
+    }
+    c.check(
+        !(t.use_weighting && t.loss_spec().has_sft()),
+        "training.use_weighting with an \"sft\" term (in loss_type or through rpo_alpha) is not supported: TRL 1.16 fails on that combination (an in-place product on its broadcast sft term), so there is no reference to match".into(),
+    );
+    c.check(
+        !(t.use_weighting && (t.loss_type.contains(LossType::Aot) || t.loss_type.contains(LossType::AotUnpaired))),
+        "training.use_weighting does not apply to loss_type \"aot\" or \"aot_unpaired\" (they sort the pairs, which would misalign the per-pair weights; TRL refuses it too)".into(),
+    );
+}
+
 /// The `[training]` checks of [`RunConfig::validate`].
 fn check_training(t: &TrainingSection, c: &mut Checks) {
     c.check(!t.output_dir.trim().is_empty(), "training.output_dir must not be empty".into());
     c.check(t.beta > 0.0 && t.beta.is_finite(), format!("training.beta must be > 0 (got {})", t.beta));
-    if let Err(why) = t.loss_type.check_label_smoothing(t.label_smoothing) {
-        c.0.push(format!("training.label_smoothing {why} (got {})", t.label_smoothing));
-    }
+    check_loss_terms(t, c);
     c.check(t.discopop_tau > 0.0 && t.discopop_tau.is_finite(), format!("training.discopop_tau must be > 0 (got {})", t.discopop_tau));
     if let Some(alpha) = t.rpo_alpha {
         c.check(alpha >= 0.0 && alpha.is_finite(), format!("training.rpo_alpha must be >= 0 (got {alpha})"));
@@ -724,7 +788,7 @@ beta = 0.1
         assert_eq!(cfg.data.max_length, 256);
         assert_eq!(cfg.data.train_rows.unwrap().resolve(284), 0..200);
         assert_eq!(cfg.data.eval_rows.unwrap().resolve(284), 200..284);
-        assert_eq!(cfg.training.loss_type, LossType::Sigmoid);
+        assert_eq!(cfg.training.loss_type, LossTypes::one(LossType::Sigmoid));
         assert_eq!(cfg.adapter, AdapterSection::default());
         assert_eq!(cfg.training.per_device_train_batch_size, 2);
     }
@@ -851,7 +915,7 @@ beta = 0.1
         let over = |s: &[&str]| cfg.with_overrides(&s.iter().map(|x| x.to_string()).collect::<Vec<_>>());
         let c = over(&["training.beta=0.25", "training.loss_type=ipo", "adapter.target_modules=[\"q_proj\"]", "model.path_or_id=HuggingFaceTB/SmolLM2-135M-Instruct"]).unwrap();
         assert_eq!(c.training.beta, 0.25);
-        assert_eq!(c.training.loss_type, LossType::Ipo);
+        assert_eq!(c.training.loss_type, LossTypes::one(LossType::Ipo));
         assert_eq!(c.adapter.target_modules, vec!["q_proj".to_string()]);
         assert_eq!(c.model.path_or_id, "HuggingFaceTB/SmolLM2-135M-Instruct");
         let c = over(&["model.reference=other.gguf", "data.eval_rows=-10:"]).unwrap();

@@ -3,7 +3,8 @@
 //! A record is one JSON object per line with sorted keys (as HF writes `trainer_state.json`):
 //! training records hold `loss`, `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`,
 //! `rewards/margins`, `logps/chosen`, `logps/rejected`, `grad_norm`, `learning_rate`, `epoch`,
-//! `step`, `tokens_per_second`, `elapsed_seconds`; evaluation records hold the same loss and
+//! `step`, `tokens_per_second`, `elapsed_seconds` (and, for a loss list or an `sft` term, each
+//! term's mean: `nll_loss`, `loss/<type>`); evaluation records hold the same loss and
 //! reward keys prefixed `eval/` (`eval/loss`, `eval/rewards/accuracies`, ...) plus `step`,
 //! `epoch`, `eval/tokens_per_second`, `elapsed_seconds`. `tokens_per_second` and
 //! `elapsed_seconds` are wall-clock figures: the only keys that differ between two identical runs.
@@ -25,7 +26,7 @@ pub type Record = BTreeMap<String, Value>;
 pub const TIMING_KEYS: [&str; 3] = ["tokens_per_second", "eval/tokens_per_second", "elapsed_seconds"];
 
 /// What is logged about one optimiser step (batch means over the step's micro-batches).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TrainStats {
     /// Optimiser steps done (1-based after the first update).
     pub step: u64,
@@ -35,6 +36,9 @@ pub struct TrainStats {
     pub loss: f64,
     /// TRL's reward metrics.
     pub rewards: RewardMetrics,
+    /// Each loss term's mean before its weight (`nll_loss`, `loss/<type>`); empty for a single
+    /// pairwise loss (its value is `loss`).
+    pub terms: Vec<(&'static str, f64)>,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
     /// The learning rate of this update.
@@ -46,7 +50,7 @@ pub struct TrainStats {
 }
 
 /// What is logged about one evaluation.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EvalStats {
     /// The optimiser step it was made at.
     pub step: u64,
@@ -56,6 +60,8 @@ pub struct EvalStats {
     pub loss: f64,
     /// Reward metrics over the evaluation pairs.
     pub rewards: RewardMetrics,
+    /// Each loss term's mean over the evaluation pairs (as [`TrainStats::terms`]).
+    pub terms: Vec<(&'static str, f64)>,
     /// Real tokens per second of the evaluation.
     pub tokens_per_second: f64,
     /// Seconds since the start of training.
@@ -72,7 +78,7 @@ impl TrainStats {
     pub fn record(&self) -> Record {
         let mut r = Record::new();
         r.insert("loss".into(), num(self.loss));
-        for (k, v) in self.rewards.named() {
+        for (k, v) in self.rewards.named().into_iter().chain(self.terms.iter().copied()) {
             r.insert(k.into(), num(v));
         }
         r.insert("grad_norm".into(), num(self.grad_norm));
@@ -90,7 +96,7 @@ impl EvalStats {
     pub fn record(&self) -> Record {
         let mut r = Record::new();
         r.insert("eval/loss".into(), num(self.loss));
-        for (k, v) in self.rewards.named() {
+        for (k, v) in self.rewards.named().into_iter().chain(self.terms.iter().copied()) {
             r.insert(format!("eval/{k}"), num(v));
         }
         r.insert("epoch".into(), num(self.epoch));
@@ -264,6 +270,7 @@ mod tests {
             epoch: step as f64 / 100.0,
             loss: std::f64::consts::LN_2,
             rewards: RewardMetrics { rewards_accuracies: 0.5, logps_chosen: -255.75, ..Default::default() },
+            terms: vec![],
             grad_norm: 4.32,
             learning_rate: 5e-5,
             tokens_per_second: 123.4,
@@ -295,7 +302,7 @@ mod tests {
         assert_eq!(keys, want);
         assert_eq!(r["step"], Value::from(3u64));
         assert_eq!(r["logps/chosen"].as_f64(), Some(-255.75));
-        let e = EvalStats { step: 3, epoch: 0.03, loss: 0.5, rewards: RewardMetrics::default(), tokens_per_second: 1.0, elapsed_seconds: 2.0 }.record();
+        let e = EvalStats { step: 3, epoch: 0.03, loss: 0.5, rewards: RewardMetrics::default(), terms: vec![], tokens_per_second: 1.0, elapsed_seconds: 2.0 }.record();
         for k in ["eval/loss", "eval/rewards/accuracies", "eval/rewards/ties", "eval/rewards/margins", "eval/logps/rejected", "step", "epoch"] {
             assert!(e.contains_key(k), "eval record lacks {k}");
         }

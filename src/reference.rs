@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 
 use crate::data::tokenize::TokenizedPair;
 use crate::error::{Error, Result};
-use crate::logps::{score_pairs, Pass};
+use crate::logps::{score_pairs_with, LogpOptions, Pass};
 use crate::model::llama::Model;
 
 /// Reference log-probs of each pair, indexed like the pairs they were computed for.
@@ -55,6 +55,7 @@ impl PairRefLogps {
 /// The reference log-probs of every pair of `pairs`, in order, `batch_size` pairs per forward
 /// ([`score_pairs`] with [`Pass::Reference`]: file order, so the result does not depend on any
 /// sampler; adapters bypassed; `share_prompt` selects the shared-prompt path).
+/// `ld_alpha` weighs the tokens past each pair's shared length (TRL's LD-DPO; `None`: plain sums).
 /// `on_batch(done, total)` is called after each batch (progress).
 pub fn compute_all(
     model: &Model,
@@ -62,10 +63,12 @@ pub fn compute_all(
     batch_size: usize,
     pad_id: u32,
     share_prompt: bool,
+    ld_alpha: Option<f64>,
     mut on_batch: impl FnMut(usize, usize),
 ) -> Result<PairRefLogps> {
     let mut done = 0;
-    let scores = score_pairs(model, pairs, pad_id, batch_size.max(1), share_prompt, Pass::Reference, |k| {
+    let opts = LogpOptions { ld_alpha, use_weighting: false };
+    let scores = score_pairs_with(model, pairs, pad_id, batch_size.max(1), share_prompt, Pass::Reference, &opts, |k| {
         done += k;
         on_batch(done, pairs.len())
     })?;

@@ -23,7 +23,9 @@ use common::gradients::central_difference;
 use common::tiny::{max_abs, tiny_config};
 use ropo::adapter::ropo::{self as ropo_adapter, RopoConfig};
 use ropo::adapter::targets::TargetModules;
-use ropo::logps::{completion_logps, completion_logps_from_hidden, completion_logps_shared_prompt};
+use ropo::logps::fused::completion_logps_from_hidden_with;
+use ropo::logps::shared_prompt::completion_logps_shared_prompt_with;
+use ropo::logps::{completion_logps, completion_logps_from_hidden, completion_logps_shared_prompt, seq_logps_from_logits, LogpOptions};
 use ropo::model::config::{Arch, ModelConfig};
 use ropo::model::llama::{random_weights, Model};
 use ropo::model::prefix::SharedPromptBatch;
@@ -135,6 +137,29 @@ fn shared_prompt_equals_concatenated_f64() {
         let r1 = completion_logps(&model.forward(&ids, Some(&am), false).unwrap(), &ids, &cm).unwrap();
         let r2 = completion_logps_shared_prompt(&model, &sb, false).unwrap();
         assert!(max_abs(&r1, &r2) < 1e-10);
+    }
+}
+
+// TRL's extras (LD-DPO sums with the unweighted sums beside them, WPO weights) on both fast
+// paths equal the logits route the TRL golden test checks (tests/loss_combos.rs), f64, 1e-10;
+// LD-DPO and unweighted sums with their adapter gradients.
+#[test]
+fn fast_path_extras_equal_the_logits_route_f64() {
+    let opts = LogpOptions { ld_alpha: Some(0.3), use_weighting: true };
+    let (model, vars) = adapted_model(&tiny_config(Arch::Qwen2, 37, 16, false), 4, true);
+    let (ids, am, cm) = batch();
+    let want = seq_logps_from_logits(&model.forward(&ids, Some(&am), true).unwrap(), &ids, &cm, &opts).unwrap();
+    let hidden = model.forward_hidden(&ids, Some(&am), true).unwrap();
+    let fused = completion_logps_from_hidden_with(&model, &hidden, &ids, &cm, true, &opts).unwrap();
+    let sb = SharedPromptBatch::from_concatenated(&ids, &am, &cm).unwrap();
+    let shared = completion_logps_shared_prompt_with(&model, &sb, true, &opts).unwrap();
+    let plain_sums = plain(&model, &ids, &am, &cm);
+    assert!(max_abs(want.unweighted.as_ref().unwrap(), &plain_sums) < 1e-10, "unweighted sums are the plain sums");
+    assert!(max_abs(&want.logps, &plain_sums) > 1e-3, "LD-DPO changes the sums of pairs of unequal lengths");
+    for got in [&fused, &shared] {
+        same_values_and_grads(&got.logps, &want.logps, &vars, 1e-10);
+        same_values_and_grads(got.unweighted.as_ref().unwrap(), want.unweighted.as_ref().unwrap(), &vars, 1e-10);
+        assert!(max_abs(got.wpo_weights.as_ref().unwrap(), want.wpo_weights.as_ref().unwrap()) < 1e-10);
     }
 }
 

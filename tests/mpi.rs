@@ -118,10 +118,12 @@ fn assert_same_run(a: &Path, b: &Path) {
 }
 
 /// Both reference modes: the reference forward every step (default) and the precomputed
-/// reference (sharded over the ranks, gathered, cached by rank 0).
+/// reference (sharded over the ranks, gathered, cached by rank 0); and a TRL 1.x loss list with
+/// LD-DPO (per-term metrics and the unweighted sums travel through the gathers too).
 #[test]
 fn two_ranks_are_bit_identical_to_one_process_with_the_same_global_batch() {
-    for extra in ["", "precompute_ref_log_probs = true"] {
+    let extras = ["", "precompute_ref_log_probs = true", "loss_type = [\"sigmoid\", \"sft\"]\nloss_weights = [1.0, 0.5]\nld_alpha = 0.5"];
+    for extra in extras {
         let dir = tempfile::tempdir().unwrap();
         let (one, two) = (dir.path().join("one"), dir.path().join("two"));
         run(ropo_train(&write(dir.path(), "one.toml", &config(&one, 2, extra)), &[]));

@@ -12,6 +12,7 @@ use super::any::AnyAdapterSet;
 use crate::error::{Error, Result};
 use crate::model::linear::Linear;
 use crate::model::llama::Model;
+use crate::model::gguf_export::GgufDtype;
 use crate::model::LoadOptions;
 
 /// Replace the weight (and bias) of every linear that has an adapter by the merged ones and
@@ -103,13 +104,7 @@ fn sibling(path: &Path, tag: &str) -> PathBuf {
 /// mismatching tensor is named); a broken adapter (NaN); I/O. Nothing is left behind on error.
 pub fn merge_to_folder(model_source: &str, load_opts: &LoadOptions, adapter_dir: &Path, out: &Path, dtype: DType, force: bool) -> Result<usize> {
     check_out(out, force)?;
-    let mut loaded = crate::model::load(model_source, load_opts)?;
-    let set = AnyAdapterSet::load(adapter_dir, &mut loaded.model)
-        .map_err(|e| Error::Msg(format!("loading adapter {} onto {model_source}: {e}", adapter_dir.display())))?;
-    if set.base_model() != model_source {
-        tracing::warn!("adapter {} was trained on {:?}; merging it into {model_source:?}", adapter_dir.display(), set.base_model());
-    }
-    let merged = merge_into(&mut loaded.model)?;
+    let (loaded, merged) = load_merged(model_source, load_opts, adapter_dir)?;
     let tmp = sibling(out, "merge-tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     let res = (|| -> Result<()> {
@@ -132,6 +127,41 @@ pub fn merge_to_folder(model_source: &str, load_opts: &LoadOptions, adapter_dir:
         let _ = std::fs::remove_dir_all(&tmp);
     }
     res.map(|_| merged)
+}
+
+/// Load `model_source`, put the adapter of `adapter_dir` on it and merge every adapted layer.
+/// Returns the merged model and the number of merged layers. Errors: as [`merge_to_folder`].
+fn load_merged(model_source: &str, load_opts: &LoadOptions, adapter_dir: &Path) -> Result<(crate::model::LoadedModel, usize)> {
+    let mut loaded = crate::model::load(model_source, load_opts)?;
+    let set = AnyAdapterSet::load(adapter_dir, &mut loaded.model)
+        .map_err(|e| Error::Msg(format!("loading adapter {} onto {model_source}: {e}", adapter_dir.display())))?;
+    if set.base_model() != model_source {
+        tracing::warn!("adapter {} was trained on {:?}; merging it into {model_source:?}", adapter_dir.display(), set.base_model());
+    }
+    let merged = merge_into(&mut loaded.model)?;
+    Ok((loaded, merged))
+}
+
+/// Merge the adapter of `adapter_dir` into `model_source` and write one GGUF file `out`
+/// (llama.cpp's layout, weights in `dtype`: [`crate::model::gguf_export`]), atomically.
+/// Returns the number of merged layers.
+///
+/// Errors: `out` is a folder, or an existing file without `force` (checked before any work);
+/// as [`merge_to_folder`] otherwise; a tokenizer or tensor llama.cpp cannot represent.
+pub fn merge_to_gguf(model_source: &str, load_opts: &LoadOptions, adapter_dir: &Path, out: &Path, dtype: GgufDtype, force: bool) -> Result<usize> {
+    if out.is_dir() {
+        return Err(Error::input(out, None, "is a folder; a GGUF output is one file".to_string()));
+    }
+    if out.exists() && !force {
+        return Err(Error::input(out, None, "exists (use --force to replace it)".to_string()));
+    }
+    let (loaded, merged) = load_merged(model_source, load_opts, adapter_dir)?;
+    let name = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "ropo-merged".into());
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| Error::input(parent, None, format!("cannot create: {e}")))?;
+    }
+    loaded.export_gguf(out, dtype, &name)?;
+    Ok(merged)
 }
 
 #[cfg(test)]

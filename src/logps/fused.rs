@@ -18,6 +18,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use super::weighting::{sums_at_picks, LogpOptions, SeqLogps};
 use crate::error::{Error, Result};
 use crate::model::llama::Model;
 
@@ -65,11 +66,24 @@ pub fn picks_concatenated(input_ids: &Tensor, completion_mask: &Tensor) -> Resul
 /// Differentiable with respect to `hidden` and the LM head's adapter (if any, `use_adapters`).
 /// Errors: a row outside `hidden`, a target outside the vocabulary, a seq outside `n_seqs`.
 pub fn logps_at_picks(model: &Model, hidden: &Tensor, picks: &[Pick], n_seqs: usize, use_adapters: bool) -> Result<Tensor> {
+    Ok(logps_at_picks_with(model, hidden, picks, n_seqs, use_adapters, &LogpOptions::default())?.logps)
+}
+
+/// [`logps_at_picks`] with the extras of `opts` (LD-DPO sums, the unweighted sums, WPO's
+/// weights: [`super::weighting::sums_at_picks`]), from the same LM-head rows.
+/// Errors: as [`logps_at_picks`].
+pub fn logps_at_picks_with(model: &Model, hidden: &Tensor, picks: &[Pick], n_seqs: usize, use_adapters: bool, opts: &LogpOptions) -> Result<SeqLogps> {
     let (r, _) = hidden.dims2()?;
     let dtype = hidden.dtype();
     let dev = hidden.device();
     if picks.is_empty() {
-        return Ok(Tensor::zeros(n_seqs, dtype, dev)?);
+        let zeros = Tensor::zeros(n_seqs, dtype, dev)?;
+        let ones = || Tensor::ones(n_seqs, dtype, dev);
+        return Ok(SeqLogps {
+            logps: zeros.clone(),
+            unweighted: opts.ld_alpha.map(|_| zeros),
+            wpo_weights: if opts.use_weighting { Some(ones()?) } else { None },
+        });
     }
     let v = model.config().vocab_size;
     for p in picks {
@@ -83,15 +97,30 @@ pub fn logps_at_picks(model: &Model, hidden: &Tensor, picks: &[Pick], n_seqs: us
     let k = picks.len();
     let rows = Tensor::from_vec(picks.iter().map(|p| p.row as u32).collect::<Vec<_>>(), k, dev)?;
     let targets = Tensor::from_vec(picks.iter().map(|p| p.target).collect::<Vec<_>>(), k, dev)?;
-    let mut seg = vec![0f64; n_seqs * k];
-    for (i, p) in picks.iter().enumerate() {
-        seg[p.seq * k + i] = p.weight;
-    }
-    let seg = Tensor::from_vec(seg, (n_seqs, k), dev)?.to_dtype(dtype)?;
     let h = hidden.index_select(&rows, 0)?; // (K, D)
     let logits = model.lm_head(&h, use_adapters)?; // (K, V)
     let per = log_softmax_gather(&logits, &targets)?; // (K,)
-    Ok(seg.matmul(&per.unsqueeze(1)?)?.squeeze(1)?) // (N,)
+    sums_at_picks(&per, &logits, picks, n_seqs, opts)
+}
+
+/// The extras-aware summed log-probs of full logits `(N, T, V)` (the definition's route, as
+/// [`super::dense::completion_logps`], through the same sums as the fast paths): the picks of
+/// the concatenated layout, their rows' log-softmax at the targets, then
+/// [`super::weighting::sums_at_picks`]. For checks against TRL, which starts from logits.
+/// Errors: shape mismatches, token ids outside the vocabulary.
+pub fn seq_logps_from_logits(logits: &Tensor, input_ids: &Tensor, completion_mask: &Tensor, opts: &LogpOptions) -> Result<SeqLogps> {
+    let (n, t, v) = logits.dims3()?;
+    let picks = picks_concatenated(input_ids, completion_mask)?;
+    if let Some(p) = picks.iter().find(|p| p.target as usize >= v) {
+        return Err(Error::Msg(format!("input_ids holds token id {}, outside the vocabulary of {v} logits", p.target)));
+    }
+    let k = picks.len();
+    let dev = logits.device();
+    let rows = Tensor::from_vec(picks.iter().map(|p| p.row as u32).collect::<Vec<_>>(), k, dev)?;
+    let targets = Tensor::from_vec(picks.iter().map(|p| p.target).collect::<Vec<_>>(), k, dev)?;
+    let z = logits.reshape((n * t, v))?.index_select(&rows, 0)?; // (K, V)
+    let per = log_softmax_gather(&z, &targets)?;
+    sums_at_picks(&per, &z, &picks, n, opts)
 }
 
 /// Summed completion log-probs of each sequence from the final hidden states: the fast path of
@@ -108,12 +137,24 @@ pub fn completion_logps_from_hidden(
     completion_mask: &Tensor,
     use_adapters: bool,
 ) -> Result<Tensor> {
+    Ok(completion_logps_from_hidden_with(model, hidden, input_ids, completion_mask, use_adapters, &LogpOptions::default())?.logps)
+}
+
+/// [`completion_logps_from_hidden`] with the extras of `opts` ([`logps_at_picks_with`]).
+pub fn completion_logps_from_hidden_with(
+    model: &Model,
+    hidden: &Tensor,
+    input_ids: &Tensor,
+    completion_mask: &Tensor,
+    use_adapters: bool,
+    opts: &LogpOptions,
+) -> Result<SeqLogps> {
     let (n, t, d) = hidden.dims3()?;
     if input_ids.dims() != [n, t] {
         return Err(Error::Shape { name: "input_ids".into(), expected: vec![n, t], got: input_ids.dims().to_vec() });
     }
     let picks = picks_concatenated(input_ids, completion_mask)?;
-    logps_at_picks(model, &hidden.reshape((n * t, d))?, &picks, n, use_adapters)
+    logps_at_picks_with(model, &hidden.reshape((n * t, d))?, &picks, n, use_adapters, opts)
 }
 
 /// `log_softmax(logits)[k, targets[k]]` per row, fused ([`LogSoftmaxGather`]).

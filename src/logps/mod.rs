@@ -20,13 +20,15 @@ pub mod dense;
 pub mod fused;
 pub mod score;
 pub mod shared_prompt;
+pub mod weighting;
 
 use candle_core::Tensor;
 
 pub use dense::{completion_logps, completion_token_counts, selective_log_softmax};
-pub use fused::completion_logps_from_hidden;
-pub use score::{score_pairs, Pass, PairScores};
+pub use fused::{completion_logps_from_hidden, seq_logps_from_logits};
+pub use score::{score_pairs, score_pairs_with, Pass, PairScores};
 pub use shared_prompt::completion_logps_shared_prompt;
+pub use weighting::{LogpOptions, SeqLogps};
 
 use crate::data::batch::Batch;
 use crate::error::{Error, Result};
@@ -44,10 +46,10 @@ use crate::model::prefix::SharedPromptBatch;
 /// fused log-softmax + gather whose backward builds nothing vocabulary-sized. Memory for the
 /// logits drops from `N·T·V` to `P·V` floats. Differentiable with respect to everything on the
 /// policy path. `batch` in the concatenated layout; returns `(N,)` in the model's dtype.
-fn concatenated(model: &Model, batch: &Batch, use_adapters: bool) -> Result<Tensor> {
+fn concatenated(model: &Model, batch: &Batch, use_adapters: bool, opts: &LogpOptions) -> Result<SeqLogps> {
     let hidden = model.forward_hidden(&batch.input_ids, Some(&batch.attention_mask), use_adapters)?; // (N, T, D)
     // (N,): the LM head and a fused log-softmax + gather at completion positions only
-    fused::completion_logps_from_hidden(model, &hidden, &batch.input_ids, &batch.completion_mask, use_adapters)
+    fused::completion_logps_from_hidden_with(model, &hidden, &batch.input_ids, &batch.completion_mask, use_adapters, opts)
 }
 
 /// The one entry point: [`concatenated`] (the fused path), or with `share_prompt` the
@@ -64,13 +66,20 @@ fn concatenated(model: &Model, batch: &Batch, use_adapters: bool) -> Result<Tens
 /// only, so after truncation the prompts are still equal. Errors: malformed batches (as
 /// [`SharedPromptBatch::try_from_concatenated`]), model errors.
 pub fn batch_logps(model: &Model, batch: &Batch, use_adapters: bool, share_prompt: bool) -> Result<Tensor> {
+    Ok(batch_logps_with(model, batch, use_adapters, share_prompt, &LogpOptions::default())?.logps)
+}
+
+/// [`batch_logps`] with the extras of `opts` (TRL's `ld_alpha` sums, the unweighted sums of
+/// the `sft` term, `use_weighting`'s WPO weights; [`weighting`]), from the same forward and LM-head
+/// rows. The plain sums are bit for bit [`batch_logps`]'s. Errors: as [`batch_logps`].
+pub fn batch_logps_with(model: &Model, batch: &Batch, use_adapters: bool, share_prompt: bool, opts: &LogpOptions) -> Result<SeqLogps> {
     if share_prompt {
         match SharedPromptBatch::try_from_concatenated(&batch.input_ids, &batch.attention_mask, &batch.completion_mask)? {
-            Ok(shared) => return shared_prompt::completion_logps_shared_prompt(model, &shared, use_adapters),
+            Ok(shared) => return shared_prompt::completion_logps_shared_prompt_with(model, &shared, use_adapters, opts),
             Err(why) => tracing::debug!("{why}: this batch takes the plain (concatenated) path"),
         }
     }
-    concatenated(model, batch, use_adapters)
+    concatenated(model, batch, use_adapters, opts)
 }
 
 /// [`batch_logps`] without gradients: `(2B,)` detached, in the model's dtype. `use_adapters =
@@ -79,6 +88,14 @@ pub fn batch_logps(model: &Model, batch: &Batch, use_adapters: bool, share_promp
 /// inference forward).
 pub fn batch_logps_detached(model: &Model, batch: &Batch, use_adapters: bool, share_prompt: bool) -> Result<Tensor> {
     no_grad(|| Ok(batch_logps(model, batch, use_adapters, share_prompt)?.detach()))
+}
+
+/// [`batch_logps_with`] without gradients (every tensor detached; as [`batch_logps_detached`]).
+pub fn batch_logps_detached_with(model: &Model, batch: &Batch, use_adapters: bool, share_prompt: bool, opts: &LogpOptions) -> Result<SeqLogps> {
+    no_grad(|| {
+        let s = batch_logps_with(model, batch, use_adapters, share_prompt, opts)?;
+        Ok(SeqLogps { logps: s.logps.detach(), unweighted: s.unweighted.map(|t| t.detach()), wpo_weights: s.wpo_weights.map(|t| t.detach()) })
+    })
 }
 
 /// Split a `(2B,)` tensor in the concatenated layout into its chosen and rejected halves `(B,)`.

@@ -7,7 +7,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::{batch_logps_detached, completion_token_counts, split_pairs};
+use super::{batch_logps_detached_with, completion_token_counts, split_pairs, LogpOptions};
 use crate::data::batch::collate;
 use crate::data::tokenize::TokenizedPair;
 use crate::error::{Error, Result};
@@ -42,6 +42,11 @@ pub struct PairScores {
     pub policy: Option<(Tensor, Tensor)>,
     /// The reference's, likewise.
     pub reference: Option<(Tensor, Tensor)>,
+    /// The policy's unweighted `(chosen, rejected)` sums when `ld_alpha` is set
+    /// ([`super::SeqLogps::unweighted`]).
+    pub policy_unweighted: Option<(Tensor, Tensor)>,
+    /// The policy's WPO weights `(chosen, rejected)` when `use_weighting` is set.
+    pub policy_wpo_weights: Option<(Tensor, Tensor)>,
     /// Completion tokens of the chosen and rejected rows, f32 ([`completion_token_counts`]).
     pub tokens: (Tensor, Tensor),
     /// Real (non-padding) tokens of every batch, chosen and rejected rows.
@@ -81,6 +86,22 @@ pub fn score_pairs(
     batch_size: usize,
     share_prompt: bool,
     pass: Pass,
+    on_batch: impl FnMut(usize),
+) -> Result<PairScores> {
+    score_pairs_with(model, pairs, pad_id, batch_size, share_prompt, pass, &LogpOptions::default(), on_batch)
+}
+
+/// [`score_pairs`] with the extras of `opts` (TRL's `ld_alpha` for both passes; the unweighted
+/// sums and `use_weighting`'s WPO weights for the policy pass).
+#[allow(clippy::too_many_arguments)]
+pub fn score_pairs_with(
+    model: &Model,
+    pairs: &[TokenizedPair],
+    pad_id: u32,
+    batch_size: usize,
+    share_prompt: bool,
+    pass: Pass,
+    opts: &LogpOptions,
     mut on_batch: impl FnMut(usize),
 ) -> Result<PairScores> {
     if batch_size == 0 {
@@ -90,23 +111,34 @@ pub fn score_pairs(
         return Err(Error::Msg("scoring: no pairs".into()));
     }
     let (mut policy, mut reference, mut tokens) = (Halves::default(), Halves::default(), Halves::default());
+    let (mut unweighted, mut wpo) = (Halves::default(), Halves::default());
     let mut real_tokens = 0usize;
     for chunk in pairs.chunks(batch_size) {
         let refs: Vec<&TokenizedPair> = chunk.iter().collect();
         let batch = collate(&refs, pad_id, model.device())?;
         real_tokens += batch.attention_mask.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as usize;
         if pass.reference() {
-            reference.push(&batch_logps_detached(model, &batch, false, share_prompt)?)?; // (2B,)
+            reference.push(&batch_logps_detached_with(model, &batch, false, share_prompt, &opts.reference())?.logps)?; // (2B,)
         }
         if pass.policy() {
-            policy.push(&batch_logps_detached(model, &batch, true, share_prompt)?)?; // (2B,)
+            let s = batch_logps_detached_with(model, &batch, true, share_prompt, opts)?; // (2B,) each
+            policy.push(&s.logps)?;
+            if let Some(u) = &s.unweighted {
+                unweighted.push(u)?;
+            }
+            if let Some(w) = &s.wpo_weights {
+                wpo.push(w)?;
+            }
         }
         tokens.push(&completion_token_counts(&batch.completion_mask)?)?;
         on_batch(chunk.len());
     }
+    let some = |h: Halves, on: bool| -> Result<Option<(Tensor, Tensor)>> { if on && !h.chosen.is_empty() { Ok(Some(h.cat()?)) } else { Ok(None) } };
     Ok(PairScores {
-        policy: if pass.policy() { Some(policy.cat()?) } else { None },
-        reference: if pass.reference() { Some(reference.cat()?) } else { None },
+        policy: some(policy, pass.policy())?,
+        reference: some(reference, pass.reference())?,
+        policy_unweighted: some(unweighted, pass.policy())?,
+        policy_wpo_weights: some(wpo, pass.policy())?,
         tokens: tokens.cat()?,
         real_tokens,
     })

@@ -8,7 +8,8 @@
 
 use candle_core::Tensor;
 
-use super::fused::{logps_at_picks, Pick};
+use super::fused::{logps_at_picks_with, Pick};
+use super::weighting::{LogpOptions, SeqLogps};
 use crate::error::Result;
 use crate::model::llama::Model;
 use crate::model::prefix::SharedPromptBatch;
@@ -21,6 +22,12 @@ use crate::model::prefix::SharedPromptBatch;
 /// the pair); completion token `j >= 1` by completion position `j - 1`. The LM head runs only at
 /// those rows ([`super::fused::logps_at_picks`]). In the hidden dtype (f32/f64).
 pub fn completion_logps_shared_prompt(model: &Model, batch: &SharedPromptBatch, use_adapters: bool) -> Result<Tensor> {
+    Ok(completion_logps_shared_prompt_with(model, batch, use_adapters, &LogpOptions::default())?.logps)
+}
+
+/// [`completion_logps_shared_prompt`] with the extras of `opts` (LD-DPO sums, unweighted
+/// sums, WPO weights: [`super::weighting::sums_at_picks`]).
+pub fn completion_logps_shared_prompt_with(model: &Model, batch: &SharedPromptBatch, use_adapters: bool, opts: &LogpOptions) -> Result<SeqLogps> {
     let (hp, hc) = model.forward_hidden_shared_prompt(batch, use_adapters)?;
     let (b, tp, d) = hp.dims3()?;
     let (n, tc, _) = hc.dims3()?;
@@ -37,5 +44,5 @@ pub fn completion_logps_shared_prompt(model: &Model, batch: &SharedPromptBatch, 
         }
     }
     let flat = Tensor::cat(&[hp.reshape((b * tp, d))?, hc.reshape((n * tc, d))?], 0)?;
-    logps_at_picks(model, &flat, &picks, n, use_adapters)
+    logps_at_picks_with(model, &flat, &picks, n, use_adapters, opts)
 }

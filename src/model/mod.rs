@@ -10,6 +10,8 @@ pub mod config;
 pub mod export;
 pub mod fingerprint;
 pub mod gguf;
+pub mod gguf_export;
+pub mod gguf_vocab;
 pub mod grad;
 pub mod heads;
 pub mod hf_config;
@@ -162,5 +164,12 @@ impl LoadedModel {
     pub fn export(&self, dir: &Path, dtype: DType) -> Result<()> {
         let tensors: BTreeMap<String, Tensor> = self.model.tensors().into_iter().collect();
         export::write_hf_folder(dir, &self.config, &tensors, &self.tokenizer, dtype)
+    }
+
+    /// Write the model as the GGUF file `path` (llama.cpp's layout, weights in `dtype`,
+    /// `general.name` = `name`; atomic): [`gguf_export::write_gguf`].
+    pub fn export_gguf(&self, path: &Path, dtype: gguf_export::GgufDtype, name: &str) -> Result<()> {
+        let tensors: BTreeMap<String, Tensor> = self.model.tensors().into_iter().collect();
+        gguf_export::write_gguf(path, &self.config, &tensors, &self.tokenizer, dtype, name)
     }
 }

@@ -51,7 +51,7 @@ use crate::data::splits::{read_rows, template_override, tokenize_options, tokeni
 use crate::data::tokenize::TokenizedPair;
 use crate::error::{Error, Result};
 use crate::logps::{completion_token_counts, split_pairs};
-use crate::loss::{preference_loss, LossOutput, PairLogps, RewardMetrics};
+use crate::loss::{combined_loss, LossOutput, PairExtras, PairLogps, RewardMetrics};
 use crate::metrics::{EvalStats, MetricsLogger, Progress, TrainStats};
 use crate::model::llama::Model;
 use crate::optim::{AdamW, GradAccumulator, Grads, LrSchedule};
@@ -136,39 +136,43 @@ fn save_adapter(dir: &Path, set: &AnyAdapterSet) -> Result<()> {
 /// in the same layout. Returns the loss output (loss, per-pair losses, reward metrics) and the
 /// gradients.
 pub fn micro_batch(model: &Model, batch: &Batch, ref_logps: &Tensor, t: &TrainingSection) -> Result<(LossOutput, GradStore)> {
-    let logps = crate::logps::batch_logps(model, batch, true, t.share_prompt)?;
-    let out = loss_of(&logps, ref_logps, &batch.completion_mask, t)?;
+    let seq = crate::logps::batch_logps_with(model, batch, true, t.share_prompt, &t.logp_options())?;
+    let halves = |x: &Option<Tensor>| -> Result<Option<(Tensor, Tensor)>> { x.as_ref().map(split_pairs).transpose() };
+    let extras = PairExtras { chosen_unweighted: halves(&seq.unweighted)?.map(|(c, _)| c), wpo_weights: halves(&seq.wpo_weights)? };
+    let out = loss_of(&seq.logps, ref_logps, &batch.completion_mask, &extras, t)?;
     let grads = out.loss.backward()?;
     Ok((out, grads))
 }
 
-fn loss_of(policy: &Tensor, reference: &Tensor, completion_mask: &Tensor, t: &TrainingSection) -> Result<LossOutput> {
+fn loss_of(policy: &Tensor, reference: &Tensor, completion_mask: &Tensor, extras: &PairExtras, t: &TrainingSection) -> Result<LossOutput> {
     let (pc, pr) = split_pairs(policy)?;
     let (rc, rr) = split_pairs(&reference.to_dtype(policy.dtype())?)?;
     let (nc, nr) = split_pairs(&completion_token_counts(completion_mask)?.to_dtype(policy.dtype())?)?;
     let logps = PairLogps { policy_chosen: pc, policy_rejected: pr, reference_chosen: rc, reference_rejected: rr, chosen_tokens: nc, rejected_tokens: nr };
-    preference_loss(t.loss_type, &logps, &t.loss_params(), t.rpo_alpha)
+    combined_loss(&t.loss_spec(), &logps, extras, &t.loss_params())
 }
 
 /// Loss and reward metrics of the policy on `pairs` (file order, `batch_size` pairs a forward,
-/// no gradients: [`score_pairs`]), over all pairs at once (the loss is the mean over pairs),
-/// against the precomputed reference log-probs `refs`. Returns `(loss, metrics, real tokens)`.
-pub fn evaluate(model: &Model, pairs: &[TokenizedPair], refs: &PairRefLogps, batch_size: usize, pad: u32, t: &TrainingSection) -> Result<(f64, RewardMetrics, usize)> {
+/// no gradients: [`crate::logps::score_pairs_with`]), over all pairs at once (the loss is the mean
+/// over pairs), against the precomputed reference log-probs `refs`. Returns `(loss, metrics,
+/// loss terms, real tokens)`.
+pub fn evaluate(model: &Model, pairs: &[TokenizedPair], refs: &PairRefLogps, batch_size: usize, pad: u32, t: &TrainingSection) -> Result<(f64, RewardMetrics, Vec<(&'static str, f64)>, usize)> {
     evaluate_in(&SingleProcess, &ExchangeStats::default(), model, pairs, refs, batch_size, pad, t)
 }
 
 /// [`evaluate`] with the pairs scored in shares over the ranks of `world`
 /// ([`parallel::policy_scores`]); the same result on every rank and for every rank count.
 #[allow(clippy::too_many_arguments)]
-pub fn evaluate_in(world: &dyn Collective, stats: &ExchangeStats, model: &Model, pairs: &[TokenizedPair], refs: &PairRefLogps, batch_size: usize, pad: u32, t: &TrainingSection) -> Result<(f64, RewardMetrics, usize)> {
-    let scores = parallel::policy_scores(world, stats, model, pairs, pad, batch_size.max(1), t.share_prompt)?;
+pub fn evaluate_in(world: &dyn Collective, stats: &ExchangeStats, model: &Model, pairs: &[TokenizedPair], refs: &PairRefLogps, batch_size: usize, pad: u32, t: &TrainingSection) -> Result<(f64, RewardMetrics, Vec<(&'static str, f64)>, usize)> {
+    let scores = parallel::policy_scores(world, stats, model, pairs, pad, batch_size.max(1), t.share_prompt, &t.logp_options())?;
     let (policy_chosen, policy_rejected) = scores.policy.expect("a policy pass");
     let all: Vec<usize> = (0..pairs.len()).collect();
     let (reference_chosen, reference_rejected) = split_pairs(&refs.gather(&all, model.device())?)?;
     let (chosen_tokens, rejected_tokens) = scores.tokens;
     let logps = PairLogps { policy_chosen, policy_rejected, reference_chosen, reference_rejected, chosen_tokens, rejected_tokens };
-    let out = preference_loss(t.loss_type, &logps, &t.loss_params(), t.rpo_alpha)?;
-    Ok((out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, out.metrics, scores.real_tokens))
+    let extras = PairExtras { chosen_unweighted: scores.policy_unweighted.map(|(c, _)| c), wpo_weights: scores.policy_wpo_weights };
+    let out = combined_loss(&t.loss_spec(), &logps, &extras, &t.loss_params())?;
+    Ok((out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, out.metrics, out.terms, scores.real_tokens))
 }
 
 // ------------------------------------------------------------------------------------------
@@ -263,7 +267,27 @@ struct StepStats {
     loss: f64,
     grad_norm: f64,
     metrics: RewardMetrics,
+    /// The loss terms' means (logged only for a loss list or an `sft` term: [`logged_terms`]).
+    terms: Vec<(&'static str, f64)>,
     tokens: usize,
+}
+
+/// `acc += w · terms`, by position (every batch has the spec's terms in its order).
+fn add_terms(acc: &mut Vec<(&'static str, f64)>, terms: &[(&'static str, f64)], w: f64) {
+    if acc.is_empty() {
+        acc.extend(terms.iter().map(|&(k, _)| (k, 0.0)));
+    }
+    for (a, &(_, v)) in acc.iter_mut().zip(terms) {
+        a.1 += w * v;
+    }
+}
+
+/// The terms worth a metric of their own: none for a single pairwise loss (its value is `loss`).
+fn logged_terms(terms: Vec<(&'static str, f64)>) -> Vec<(&'static str, f64)> {
+    match terms.as_slice() {
+        [(name, _)] if *name != crate::loss::LossTerm::Sft.metric_name() => Vec::new(),
+        _ => terms,
+    }
 }
 
 /// Sums over the steps of a logging interval.
@@ -273,16 +297,18 @@ struct Interval {
     loss: f64,
     grad_norm: f64,
     metrics: RewardMetrics,
+    terms: Vec<(&'static str, f64)>,
     tokens: usize,
     start: Option<Instant>,
 }
 
 impl Interval {
-    fn add(&mut self, loss: f64, grad_norm: f64, m: &RewardMetrics, tokens: usize) {
+    fn add(&mut self, loss: f64, grad_norm: f64, m: &RewardMetrics, terms: &[(&'static str, f64)], tokens: usize) {
         self.steps += 1;
         self.loss += loss;
         self.grad_norm += grad_norm;
         add_metrics(&mut self.metrics, m, 1.0);
+        add_terms(&mut self.terms, terms, 1.0);
         self.tokens += tokens;
     }
 }
@@ -333,7 +359,7 @@ pub fn run_in(cfg: &RunConfig, opts: &TrainOptions, world: &dyn Collective) -> R
         None => eval_and_log(cfg, &s, &refs, &mut st, |l| progress.println(l))?,
         Some(_) => None,
     };
-    let mut last_eval = first_eval;
+    let mut last_eval = first_eval.clone();
     let (outcome, run_tokens) = train_loop(cfg, &s, &refs, &mut st, &progress, &mut last_eval)?;
     if outcome == Outcome::Finished {
         progress.finish();
@@ -385,7 +411,7 @@ fn train_loop(cfg: &RunConfig, s: &Setup, refs: &Refs, st: &mut State, progress:
         let lr = s.schedule.lr_at(st.step as usize);
         let done = optimiser_step(t, s, refs, st, lr)?;
         run_tokens += done.tokens;
-        interval.add(done.loss, done.grad_norm, &done.metrics, done.tokens);
+        interval.add(done.loss, done.grad_norm, &done.metrics, &done.terms, done.tokens);
 
         if st.step % t.logging_steps as u64 == 0 || st.step == s.total_steps {
             log_interval(st, &interval, lr, progress)?;
@@ -437,6 +463,7 @@ fn optimiser_step(t: &TrainingSection, s: &Setup, refs: &Refs, st: &mut State, l
             done.loss += w * m.loss;
             add_metrics(&mut done.metrics, &m.metrics, w);
             done.tokens += m.tokens;
+            add_terms(&mut done.terms, &m.terms, w);
         }
     }
     let mut grads = acc.take()?;
@@ -458,14 +485,14 @@ fn run_micro_batch(t: &TrainingSection, s: &Setup, refs: &Refs, idx: &[usize]) -
     let tokens = batch.attention_mask.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as usize;
     let ref_lp = match &refs.train {
         Some(r) => r.gather(idx, s.model.device())?,
-        None => crate::logps::batch_logps_detached(s.reference(), &batch, false, t.share_prompt)?,
+        None => crate::logps::batch_logps_detached_with(s.reference(), &batch, false, t.share_prompt, &t.logp_options().reference())?.logps,
     };
     let (out, store) = micro_batch(&s.model, &batch, &ref_lp, t)?;
     let grads = Grads::from_store(&s.params, &store).map_err(|e| {
         Error::Msg(format!("{e}: this trainable tensor is not on the loss's autograd path (a frozen adapter would be silently useless)"))
     })?;
     let loss = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    Ok((grads, parallel::MicroStats { loss, metrics: out.metrics, tokens }))
+    Ok((grads, parallel::MicroStats { loss, metrics: out.metrics, terms: out.terms, tokens }))
 }
 
 // ------------------------------------------------------------------------------------------
@@ -611,19 +638,20 @@ struct Refs {
 fn reference_logps(cfg: &RunConfig, s: &Setup) -> Result<Refs> {
     let t = &cfg.training;
     let train = if t.precompute_ref_log_probs {
-        let key = reference::cache_key(
-            &[
-                &cfg.model.path_or_id,
-                cfg.model.reference.as_deref().unwrap_or(""),
-                &cfg.model.revision,
-                &format!("{:?}", cfg.model.dtype),
-                &format!("{:?}", tokenize_options(&cfg.data)),
-                &template_override(&cfg.data)?.unwrap_or_default(),
-                &format!("batch {}", t.per_device_eval_batch_size),
-                &format!("share_prompt {}", t.share_prompt),
-            ],
-            &s.splits.train,
-        );
+        let (template, ld) = (template_override(&cfg.data)?.unwrap_or_default(), t.ld_alpha.map(|a| format!("ld_alpha {a:?}")));
+        let mut parts = vec![
+            cfg.model.path_or_id.clone(),
+            cfg.model.reference.clone().unwrap_or_default(),
+            cfg.model.revision.clone(),
+            format!("{:?}", cfg.model.dtype),
+            format!("{:?}", tokenize_options(&cfg.data)),
+            template,
+            format!("batch {}", t.per_device_eval_batch_size),
+            format!("share_prompt {}", t.share_prompt),
+        ];
+        // LD-DPO weights the reference's sums too (a part only when set: older caches keep their key)
+        parts.extend(ld);
+        let key = reference::cache_key(&parts.iter().map(String::as_str).collect::<Vec<_>>(), &s.splits.train);
         let path = reference::cache_path(&s.output_dir.join(REFERENCE_DIR), &key);
         let cached = if s.world.is_main() { reference::load_cache(&path, s.splits.train.len())? } else { None };
         match parallel::from_main(s.world, &s.exchange, cached)? {
@@ -633,7 +661,7 @@ fn reference_logps(cfg: &RunConfig, s: &Setup) -> Result<Refs> {
             }
             None => {
                 say(&format!("reference log-probs: computing for {} pairs", s.splits.train.len()));
-                let r = parallel::reference_logps(s.world, &s.exchange, s.reference(), &s.splits.train, t.per_device_eval_batch_size, s.pad, t.share_prompt)?;
+                let r = parallel::reference_logps(s.world, &s.exchange, s.reference(), &s.splits.train, t.per_device_eval_batch_size, s.pad, t.share_prompt, t.ld_alpha)?;
                 if s.world.is_main() {
                     reference::save_cache(&path, &r)?;
                 }
@@ -645,7 +673,7 @@ fn reference_logps(cfg: &RunConfig, s: &Setup) -> Result<Refs> {
     };
     let eval = match s.splits.eval.is_empty() {
         true => None,
-        false => Some(parallel::reference_logps(s.world, &s.exchange, s.reference(), &s.splits.eval, t.per_device_eval_batch_size, s.pad, t.share_prompt)?),
+        false => Some(parallel::reference_logps(s.world, &s.exchange, s.reference(), &s.splits.eval, t.per_device_eval_batch_size, s.pad, t.share_prompt, t.ld_alpha)?),
     };
     Ok(Refs { train, eval })
 }
@@ -752,10 +780,10 @@ fn eval_and_log(cfg: &RunConfig, s: &Setup, refs: &Refs, st: &mut State, print: 
     let t = &cfg.training;
     let Some(eval_refs) = &refs.eval else { return Ok(None) };
     let t0 = Instant::now();
-    let (loss, rewards, tokens) = evaluate_in(s.world, &s.exchange, &s.model, &s.splits.eval, eval_refs, t.per_device_eval_batch_size, s.pad, t)?;
+    let (loss, rewards, terms, tokens) = evaluate_in(s.world, &s.exchange, &s.model, &s.splits.eval, eval_refs, t.per_device_eval_batch_size, s.pad, t)?;
     let secs = t0.elapsed().as_secs_f64();
     let (step, epoch) = (st.step, st.trainer.epoch);
-    let e = EvalStats { step, epoch, loss, rewards, tokens_per_second: tokens as f64 / secs.max(1e-9), elapsed_seconds: st.clock.elapsed() };
+    let e = EvalStats { step, epoch, loss, rewards, terms: logged_terms(terms), tokens_per_second: tokens as f64 / secs.max(1e-9), elapsed_seconds: st.clock.elapsed() };
     print(&format!("eval at step {step}: loss {:.4}, rewards/accuracies {:.3}, rewards/ties {:.3}, rewards/margins {:.4}", e.loss, e.rewards.rewards_accuracies, e.rewards.rewards_ties, e.rewards.rewards_margins));
     st.log(e.record())?;
     Ok(Some(e))
@@ -770,6 +798,7 @@ fn log_interval(st: &mut State, interval: &Interval, lr: f64, progress: &Progres
         epoch: st.trainer.epoch,
         loss: interval.loss / n,
         rewards: scale_metrics(&interval.metrics, 1.0 / n),
+        terms: logged_terms(interval.terms.iter().map(|&(k, v)| (k, v / n)).collect()),
         grad_norm: interval.grad_norm / n,
         learning_rate: lr,
         tokens_per_second: interval.tokens as f64 / secs.max(1e-9),

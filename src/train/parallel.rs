@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::collective::{block_shares, Collective, ExchangeStats};
 use crate::data::tokenize::TokenizedPair;
 use crate::error::{Error, Result};
-use crate::logps::{score_pairs, Pass, PairScores};
+use crate::logps::{score_pairs_with, LogpOptions, Pass, PairScores};
 use crate::loss::RewardMetrics;
 use crate::model::llama::Model;
 use crate::optim::Grads;
@@ -31,6 +31,8 @@ pub struct MicroStats {
     pub loss: f64,
     /// Its reward metrics.
     pub metrics: RewardMetrics,
+    /// Its loss terms (name, mean), in the loss spec's order (the same names on every rank).
+    pub terms: Vec<(&'static str, f64)>,
     /// Its real (non-padding) tokens.
     pub tokens: usize,
 }
@@ -38,12 +40,16 @@ pub struct MicroStats {
 const STATS_LEN: usize = 9;
 
 impl MicroStats {
-    fn to_f64s(&self) -> [f64; STATS_LEN] {
+    /// `STATS_LEN + terms` values.
+    fn to_f64s(&self) -> Vec<f64> {
         let m = &self.metrics;
-        [self.loss, m.rewards_chosen, m.rewards_rejected, m.rewards_accuracies, m.rewards_ties, m.rewards_margins, m.logps_chosen, m.logps_rejected, self.tokens as f64]
+        let mut v = vec![self.loss, m.rewards_chosen, m.rewards_rejected, m.rewards_accuracies, m.rewards_ties, m.rewards_margins, m.logps_chosen, m.logps_rejected, self.tokens as f64];
+        v.extend(self.terms.iter().map(|&(_, x)| x));
+        v
     }
 
-    fn from_f64s(v: &[f64]) -> Self {
+    /// The inverse of [`MicroStats::to_f64s`], with the term names of `names`.
+    fn from_f64s(v: &[f64], names: &[&'static str]) -> Self {
         let metrics = RewardMetrics {
             rewards_chosen: v[1],
             rewards_rejected: v[2],
@@ -53,7 +59,8 @@ impl MicroStats {
             logps_chosen: v[6],
             logps_rejected: v[7],
         };
-        Self { loss: v[0], metrics, tokens: v[8] as usize }
+        let terms = names.iter().zip(&v[STATS_LEN..]).map(|(&k, &x)| (k, x)).collect();
+        Self { loss: v[0], metrics, terms, tokens: v[8] as usize }
     }
 }
 
@@ -69,11 +76,13 @@ pub fn gather_micro_batches(world: &dyn Collective, stats: &ExchangeStats, local
     if world.size() == 1 {
         return Ok((local, stop));
     }
-    let Some((template, _)) = local.first() else { return Err(Error::Msg("a rank ran no micro-batch this step".into())) };
+    let Some((template, first)) = local.first() else { return Err(Error::Msg("a rank ran no micro-batch this step".into())) };
+    let names: Vec<&'static str> = first.terms.iter().map(|&(k, _)| k).collect();
+    let stats_len = STATS_LEN + names.len();
     let layout: Vec<(Vec<usize>, DType)> = template.0.iter().map(|g| (g.dims().to_vec(), g.dtype())).collect();
     let per_micro: usize = layout.iter().map(|(d, _)| d.iter().product::<usize>()).sum();
     let mut flat: Vec<f32> = Vec::with_capacity(per_micro * local.len());
-    let mut scalars: Vec<f64> = Vec::with_capacity(STATS_LEN * local.len() + 1);
+    let mut scalars: Vec<f64> = Vec::with_capacity(stats_len * local.len() + 1);
     for (g, s) in &local {
         for t in &g.0 {
             flat.extend(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
@@ -88,13 +97,13 @@ pub fn gather_micro_batches(world: &dyn Collective, stats: &ExchangeStats, local
     let mut any_stop = false;
     for (rank, (f, s)) in all_flat.iter().zip(&all_scalars).enumerate() {
         let n = local.len();
-        if f.len() != per_micro * n || s.len() != STATS_LEN * n + 1 {
-            return Err(Error::Msg(format!("rank {rank} sent {} gradient values and {} statistics for a step; rank {} expected {} and {}", f.len(), s.len(), world.rank(), per_micro * n, STATS_LEN * n + 1)));
+        if f.len() != per_micro * n || s.len() != stats_len * n + 1 {
+            return Err(Error::Msg(format!("rank {rank} sent {} gradient values and {} statistics for a step; rank {} expected {} and {}", f.len(), s.len(), world.rank(), per_micro * n, stats_len * n + 1)));
         }
-        any_stop |= s[STATS_LEN * n] != 0.0;
+        any_stop |= s[stats_len * n] != 0.0;
         for k in 0..n {
             let grads = unflatten(&f[k * per_micro..(k + 1) * per_micro], &layout, &device)?;
-            out.push((grads, MicroStats::from_f64s(&s[k * STATS_LEN..(k + 1) * STATS_LEN])));
+            out.push((grads, MicroStats::from_f64s(&s[k * stats_len..(k + 1) * stats_len], &names)));
         }
     }
     Ok((out, any_stop))
@@ -113,12 +122,13 @@ fn unflatten(flat: &[f32], layout: &[(Vec<usize>, DType)], device: &Device) -> R
 
 /// The reference log-probs of every pair of `pairs`, each rank scoring its share of whole
 /// `batch_size` batches ([`reference::compute_all`]) and the shares gathered in pair order.
-pub fn reference_logps(world: &dyn Collective, stats: &ExchangeStats, model: &Model, pairs: &[TokenizedPair], batch_size: usize, pad: u32, share_prompt: bool) -> Result<PairRefLogps> {
+#[allow(clippy::too_many_arguments)]
+pub fn reference_logps(world: &dyn Collective, stats: &ExchangeStats, model: &Model, pairs: &[TokenizedPair], batch_size: usize, pad: u32, share_prompt: bool, ld_alpha: Option<f64>) -> Result<PairRefLogps> {
     let shares = block_shares(pairs.len(), batch_size, world.size());
     let mine = &pairs[shares[world.rank()].clone()];
     let local = match mine.is_empty() {
         true => PairRefLogps { chosen: Vec::new(), rejected: Vec::new() },
-        false => reference::compute_all(model, mine, batch_size, pad, share_prompt, |_, _| {})?,
+        false => reference::compute_all(model, mine, batch_size, pad, share_prompt, ld_alpha, |_, _| {})?,
     };
     if world.size() == 1 {
         return Ok(local);
@@ -161,22 +171,32 @@ pub fn from_main(world: &dyn Collective, stats: &ExchangeStats, value: Option<Pa
     Ok(Some(PairRefLogps { chosen: main[1..1 + n].to_vec(), rejected: main[1 + n..].to_vec() }))
 }
 
-/// The policy's scores of every pair of `pairs` ([`score_pairs`], `Pass::Policy`), each rank
-/// scoring its share of whole batches, gathered in pair order; one process scores them all.
-pub fn policy_scores(world: &dyn Collective, stats: &ExchangeStats, model: &Model, pairs: &[TokenizedPair], pad: u32, batch_size: usize, share_prompt: bool) -> Result<PairScores> {
+/// The policy's scores of every pair of `pairs` ([`score_pairs_with`], `Pass::Policy`, with
+/// `opts`: LD-DPO's unweighted sums and WPO's weights when asked), each rank scoring its share
+/// of whole batches, gathered in pair order; one process scores them all.
+#[allow(clippy::too_many_arguments)]
+pub fn policy_scores(world: &dyn Collective, stats: &ExchangeStats, model: &Model, pairs: &[TokenizedPair], pad: u32, batch_size: usize, share_prompt: bool, opts: &LogpOptions) -> Result<PairScores> {
     if world.size() == 1 {
-        return score_pairs(model, pairs, pad, batch_size, share_prompt, Pass::Policy, |_| {});
+        return score_pairs_with(model, pairs, pad, batch_size, share_prompt, Pass::Policy, opts, |_| {});
     }
     let shares = block_shares(pairs.len(), batch_size, world.size());
     let mine = &pairs[shares[world.rank()].clone()];
-    let mut v: Vec<f64> = Vec::with_capacity(4 * mine.len() + 1);
-    // the policy log-probs come in the model's dtype: every rank rebuilds them in it (a rank
-    // with an empty share too)
-    let dtype = model.dtype();
+    // columns: policy chosen, rejected, tokens chosen, rejected, then (when present) the
+    // unweighted sums and the WPO weights, chosen and rejected; the same on every rank (opts)
+    let (unweighted, wpo) = (opts.ld_alpha.is_some(), opts.use_weighting);
+    let ncols = 4 + 2 * usize::from(unweighted) + 2 * usize::from(wpo);
+    let mut v: Vec<f64> = Vec::with_capacity(ncols * mine.len() + 1);
     if !mine.is_empty() {
-        let s = score_pairs(model, mine, pad, batch_size, share_prompt, Pass::Policy, |_| {})?;
+        let s = score_pairs_with(model, mine, pad, batch_size, share_prompt, Pass::Policy, opts, |_| {})?;
         let (pc, pr) = s.policy.expect("a policy pass");
-        for t in [&pc, &pr, &s.tokens.0, &s.tokens.1] {
+        let mut cols = vec![pc, pr, s.tokens.0, s.tokens.1];
+        for (on, pair, what) in [(unweighted, s.policy_unweighted, "unweighted sums"), (wpo, s.policy_wpo_weights, "WPO weights")] {
+            if on {
+                let (c, r) = pair.ok_or_else(|| Error::Msg(format!("the policy pass gave no {what}")))?;
+                cols.extend([c, r]);
+            }
+        }
+        for t in &cols {
             v.extend(t.to_dtype(DType::F64)?.to_vec1::<f64>()?);
         }
         v.push(s.real_tokens as f64);
@@ -184,23 +204,38 @@ pub fn policy_scores(world: &dyn Collective, stats: &ExchangeStats, model: &Mode
         v.push(0.0);
     }
     let all = stats.timed(v.len() * 8, || world.all_gather_f64(&v))?;
-    let mut cols: [Vec<f64>; 4] = Default::default();
+    let mut cols: Vec<Vec<f64>> = vec![Vec::with_capacity(pairs.len()); ncols];
     let mut real_tokens = 0usize;
     for (r, part) in all.iter().enumerate() {
         let n = shares[r].len();
-        if part.len() != 4 * n + 1 {
+        if part.len() != ncols * n + 1 {
             return Err(Error::Msg(format!("rank {r} sent {} scores for {n} pairs", part.len())));
         }
         for (c, col) in cols.iter_mut().enumerate() {
             col.extend_from_slice(&part[c * n..(c + 1) * n]);
         }
-        real_tokens += part[4 * n] as usize;
+        real_tokens += part[ncols * n] as usize;
     }
-    let device = model.device();
+    // the log-probs (and sums, weights) come in the model's dtype, the token counts in f32:
+    // every rank rebuilds them so (a rank with an empty share too)
+    let (dtype, device) = (model.dtype(), model.device());
     let t = |v: &Vec<f64>, d: DType| -> Result<Tensor> { Ok(Tensor::from_slice(v, v.len(), device)?.to_dtype(d)?) };
+    let pair_at = |k: usize| -> Result<(Tensor, Tensor)> { Ok((t(&cols[k], dtype)?, t(&cols[k + 1], dtype)?)) };
+    let mut next = 4;
+    let mut take = |on: bool| -> Result<Option<(Tensor, Tensor)>> {
+        if !on {
+            return Ok(None);
+        }
+        next += 2;
+        pair_at(next - 2).map(Some)
+    };
+    let policy_unweighted = take(unweighted)?;
+    let policy_wpo_weights = take(wpo)?;
     Ok(PairScores {
-        policy: Some((t(&cols[0], dtype)?, t(&cols[1], dtype)?)),
+        policy: Some(pair_at(0)?),
         reference: None,
+        policy_unweighted,
+        policy_wpo_weights,
         tokens: (t(&cols[2], DType::F32)?, t(&cols[3], DType::F32)?),
         real_tokens,
     })

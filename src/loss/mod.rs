@@ -15,6 +15,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+pub mod combined;
+
+pub use combined::{combined_loss, LossSpec, LossTerm, LossTypes, PairExtras};
+
 // ------------------------------------------------------------------------------------------
 // Stable log-sigmoid
 // ------------------------------------------------------------------------------------------
@@ -147,6 +151,12 @@ impl LossType {
             let names: Vec<_> = Self::ALL.iter().map(|l| l.name()).collect();
             Error::Config(format!("unknown loss type {s:?}; should be one of {names:?}"))
         })
+    }
+
+    /// Whether TRL 1.16 reads `label_smoothing` in this loss (`robust`, `exo_pair`, `aot`,
+    /// `aot_unpaired`).
+    pub fn reads_label_smoothing(self) -> bool {
+        matches!(self, LossType::Robust | LossType::ExoPair | LossType::Aot | LossType::AotUnpaired)
     }
 
     /// The valid `label_smoothing` values for this loss, or the reason a value is refused.
@@ -553,24 +563,22 @@ impl RewardMetrics {
 /// The batch loss and what is logged about it.
 #[derive(Debug, Clone)]
 pub struct LossOutput {
-    /// The scalar to differentiate: `mean_b L_b (+ rpo_alpha · sft)`.
+    /// The scalar to differentiate: `Σ_k w_k mean_b L_k,b` ([`combined_loss`]).
     pub loss: Tensor,
-    /// `L_b`, `(B,)`.
+    /// `Σ_k w_k L_k,b`, `(B,)`.
     pub per_pair: Tensor,
     /// TRL's reward metrics.
     pub metrics: RewardMetrics,
+    /// Each term's batch mean before its weight, by [`LossTerm::metric_name`], in the
+    /// configured order.
+    pub terms: Vec<(&'static str, f64)>,
 }
 
 /// The preference loss of a batch: `mean_b L_b`, plus `rpo_alpha ·` [`sft_loss`] when
-/// `rpo_alpha` is set; with TRL's reward metrics.
+/// `rpo_alpha` is set (the spec `[(loss_type, 1), ("sft", rpo_alpha)]`, [`LossSpec::single`]);
+/// with TRL's reward metrics.
 pub fn preference_loss(loss_type: LossType, logps: &PairLogps, p: &LossParams, rpo_alpha: Option<f64>) -> Result<LossOutput> {
-    let per_pair = per_pair_loss(loss_type, logps, p)?;
-    let mut loss = per_pair.mean_all()?;
-    if let Some(alpha) = rpo_alpha {
-        loss = (loss + sft_loss(&logps.policy_chosen, &logps.chosen_tokens)?.affine(alpha, 0.0)?)?;
-    }
-    let metrics = RewardMetrics::compute(logps, p.beta)?;
-    Ok(LossOutput { loss, per_pair, metrics })
+    combined_loss(&LossSpec::single(loss_type, rpo_alpha), logps, &PairExtras::default(), p)
 }
 
 #[cfg(test)]
