@@ -130,7 +130,9 @@ fn two_ranks_are_bit_identical_to_one_process_with_the_same_global_batch() {
         let o = run(mpirun(&[(2, &write(dir.path(), "two.toml", &config(&two, 1, extra)))], &[]));
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains("(2 x 1 accumulation x 2 ranks)") && err.contains("data parallel: 2 ranks; exchange"), "{err}");
-        assert_eq!(err.matches("ropo train: model").count(), 1, "only rank 0 prints: {err}");
+        for line in ["ropo train: model", "eval at step 0:", "eval at step 6:", "done: 6 steps"] {
+            assert_eq!(err.matches(line).count(), 1, "only rank 0 prints {line:?}: {err}");
+        }
         assert_same_run(&one, &two);
     }
 }

@@ -784,6 +784,8 @@ fn eval_and_log(cfg: &RunConfig, s: &Setup, refs: &Refs, st: &mut State, print: 
     let secs = t0.elapsed().as_secs_f64();
     let (step, epoch) = (st.step, st.trainer.epoch);
     let e = EvalStats { step, epoch, loss, rewards, terms: logged_terms(terms), tokens_per_second: tokens as f64 / secs.max(1e-9), elapsed_seconds: st.clock.elapsed() };
+    // the ranks other than 0 print nothing (their progress bar is hidden, not silent)
+    let print = |l: &str| if s.world.is_main() { print(l) };
     print(&format!("eval at step {step}: loss {:.4}, rewards/accuracies {:.3}, rewards/ties {:.3}, rewards/margins {:.4}", e.loss, e.rewards.rewards_accuracies, e.rewards.rewards_ties, e.rewards.rewards_margins));
     st.log(e.record())?;
     Ok(Some(e))
