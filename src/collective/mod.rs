@@ -108,7 +108,6 @@ pub fn from_launch() -> Result<Box<dyn Collective>> {
 pub struct ExchangeStats {
     seconds: Cell<f64>,
     bytes: Cell<u64>,
-    calls: Cell<u64>,
 }
 
 impl ExchangeStats {
@@ -118,13 +117,12 @@ impl ExchangeStats {
         let out = f();
         self.seconds.set(self.seconds.get() + t0.elapsed().as_secs_f64());
         self.bytes.set(self.bytes.get() + bytes as u64);
-        self.calls.set(self.calls.get() + 1);
         out
     }
 
-    /// `(seconds, bytes sent by this rank, calls)` so far.
-    pub fn totals(&self) -> (f64, u64, u64) {
-        (self.seconds.get(), self.bytes.get(), self.calls.get())
+    /// `(seconds, bytes sent by this rank)` so far.
+    pub fn totals(&self) -> (f64, u64) {
+        (self.seconds.get(), self.bytes.get())
     }
 }
 

@@ -391,7 +391,7 @@ pub fn run_in(cfg: &RunConfig, opts: &TrainOptions, world: &dyn Collective) -> R
 /// The data-parallel report (collective): every rank's time in the exchange, its bytes sent a
 /// step and its peak RSS, printed by rank 0.
 fn report_exchange(s: &Setup, steps: u64) -> Result<()> {
-    let (secs, bytes, _) = s.exchange.totals();
+    let (secs, bytes) = s.exchange.totals();
     let rss = crate::process::peak_rss_kib().unwrap_or(0) as f64 / 1048576.0;
     let all = s.world.all_gather_f64(&[secs, bytes as f64, rss])?;
     let steps = steps.max(1) as f64;

@@ -13,6 +13,8 @@
 //!   same padding and the same float results) as in one process; the per-pair values are gathered
 //!   in pair order.
 
+use std::ops::Range;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::collective::{block_shares, Collective, ExchangeStats};
@@ -120,8 +122,34 @@ fn unflatten(flat: &[f32], layout: &[(Vec<usize>, DType)], device: &Device) -> R
     Ok(Grads(out))
 }
 
+/// Every rank's per-pair columns, joined in pair order. `local`: this rank's `ncols` columns of
+/// its share's length (`shares[rank].len()` values each, one after the other), then `tail`
+/// per-rank totals. Returns the `ncols` columns over all pairs and the tails summed over ranks.
+///
+/// Errors: a rank that sent another count than its share says.
+fn gather_pair_columns(world: &dyn Collective, stats: &ExchangeStats, shares: &[Range<usize>], ncols: usize, tail: usize, local: &[f64]) -> Result<(Vec<Vec<f64>>, Vec<f64>)> {
+    let all = stats.timed(local.len() * 8, || world.all_gather_f64(local))?;
+    let total: usize = shares.iter().map(|r| r.len()).sum();
+    let mut cols: Vec<Vec<f64>> = vec![Vec::with_capacity(total); ncols];
+    let mut tails = vec![0f64; tail];
+    for (r, part) in all.iter().enumerate() {
+        let n = shares[r].len();
+        if part.len() != ncols * n + tail {
+            return Err(Error::Msg(format!("rank {r} sent {} values for {n} pairs ({ncols} a pair and {tail} more expected)", part.len())));
+        }
+        for (c, col) in cols.iter_mut().enumerate() {
+            col.extend_from_slice(&part[c * n..(c + 1) * n]);
+        }
+        for (t, v) in tails.iter_mut().zip(&part[ncols * n..]) {
+            *t += v;
+        }
+    }
+    Ok((cols, tails))
+}
+
 /// The reference log-probs of every pair of `pairs`, each rank scoring its share of whole
-/// `batch_size` batches ([`reference::compute_all`]) and the shares gathered in pair order.
+/// `batch_size` batches ([`reference::compute_all`]) and the shares gathered in pair order
+/// (as f64: exact for the f32 values).
 #[allow(clippy::too_many_arguments)]
 pub fn reference_logps(world: &dyn Collective, stats: &ExchangeStats, model: &Model, pairs: &[TokenizedPair], batch_size: usize, pad: u32, share_prompt: bool, ld_alpha: Option<f64>) -> Result<PairRefLogps> {
     let shares = block_shares(pairs.len(), batch_size, world.size());
@@ -133,42 +161,29 @@ pub fn reference_logps(world: &dyn Collective, stats: &ExchangeStats, model: &Mo
     if world.size() == 1 {
         return Ok(local);
     }
-    let mut v = local.chosen;
-    v.extend(local.rejected);
-    let all = stats.timed(v.len() * 4, || world.all_gather_f32(&v))?;
-    let mut out = PairRefLogps { chosen: Vec::with_capacity(pairs.len()), rejected: Vec::with_capacity(pairs.len()) };
-    for (r, part) in all.iter().enumerate() {
-        let n = shares[r].len();
-        if part.len() != 2 * n {
-            return Err(Error::Msg(format!("rank {r} sent {} reference log-probs for {n} pairs", part.len())));
-        }
-        out.chosen.extend_from_slice(&part[..n]);
-        out.rejected.extend_from_slice(&part[n..]);
-    }
-    Ok(out)
+    let v: Vec<f64> = local.chosen.iter().chain(&local.rejected).map(|&x| f64::from(x)).collect();
+    let (cols, _) = gather_pair_columns(world, stats, &shares, 2, 0, &v)?;
+    let f32s = |c: &[f64]| c.iter().map(|&x| x as f32).collect();
+    Ok(PairRefLogps { chosen: f32s(&cols[0]), rejected: f32s(&cols[1]) })
 }
 
-/// Rank 0's value, on every rank: `value` is read on rank 0 only (the others pass `None`),
-/// sent as f32 (`PairRefLogps`: the reference cache that rank 0 read).
+/// Rank 0's reference cache, on every rank: `value` is read on rank 0 only (the others pass
+/// `None`) and sent as f32; `None` on every rank when rank 0 has none.
 pub fn from_main(world: &dyn Collective, stats: &ExchangeStats, value: Option<PairRefLogps>) -> Result<Option<PairRefLogps>> {
     if world.size() == 1 {
         return Ok(value);
     }
-    let mut v: Vec<f32> = Vec::new();
-    if world.is_main() {
-        if let Some(r) = &value {
-            v.push(r.len() as f32);
-            v.extend(&r.chosen);
-            v.extend(&r.rejected);
-        }
-    }
+    let v: Vec<f32> = match (world.is_main(), &value) {
+        (true, Some(r)) => r.chosen.iter().chain(&r.rejected).copied().collect(),
+        _ => Vec::new(),
+    };
     let all = stats.timed(v.len() * 4, || world.all_gather_f32(&v))?;
     let main = &all[0];
     if main.is_empty() {
         return Ok(None);
     }
-    let n = (main.len() - 1) / 2;
-    Ok(Some(PairRefLogps { chosen: main[1..1 + n].to_vec(), rejected: main[1 + n..].to_vec() }))
+    let (chosen, rejected) = main.split_at(main.len() / 2);
+    Ok(Some(PairRefLogps { chosen: chosen.to_vec(), rejected: rejected.to_vec() }))
 }
 
 /// The policy's scores of every pair of `pairs` ([`score_pairs_with`], `Pass::Policy`, with
@@ -181,16 +196,16 @@ pub fn policy_scores(world: &dyn Collective, stats: &ExchangeStats, model: &Mode
     }
     let shares = block_shares(pairs.len(), batch_size, world.size());
     let mine = &pairs[shares[world.rank()].clone()];
-    // columns: policy chosen, rejected, tokens chosen, rejected, then (when present) the
-    // unweighted sums and the WPO weights, chosen and rejected; the same on every rank (opts)
+    // columns, chosen then rejected each: the policy log-probs, the token counts, then (when
+    // opts asks for them, so on every rank alike) the unweighted sums and the WPO weights
     let (unweighted, wpo) = (opts.ld_alpha.is_some(), opts.use_weighting);
     let ncols = 4 + 2 * usize::from(unweighted) + 2 * usize::from(wpo);
     let mut v: Vec<f64> = Vec::with_capacity(ncols * mine.len() + 1);
+    let mut real_tokens = 0;
     if !mine.is_empty() {
         let s = score_pairs_with(model, mine, pad, batch_size, share_prompt, Pass::Policy, opts, |_| {})?;
-        let (pc, pr) = s.policy.expect("a policy pass");
-        let mut cols = vec![pc, pr, s.tokens.0, s.tokens.1];
-        for (on, pair, what) in [(unweighted, s.policy_unweighted, "unweighted sums"), (wpo, s.policy_wpo_weights, "WPO weights")] {
+        let mut cols = Vec::with_capacity(ncols);
+        for (on, pair, what) in [(true, s.policy, "policy log-probs"), (true, Some(s.tokens), "token counts"), (unweighted, s.policy_unweighted, "unweighted sums"), (wpo, s.policy_wpo_weights, "WPO weights")] {
             if on {
                 let (c, r) = pair.ok_or_else(|| Error::Msg(format!("the policy pass gave no {what}")))?;
                 cols.extend([c, r]);
@@ -199,44 +214,24 @@ pub fn policy_scores(world: &dyn Collective, stats: &ExchangeStats, model: &Mode
         for t in &cols {
             v.extend(t.to_dtype(DType::F64)?.to_vec1::<f64>()?);
         }
-        v.push(s.real_tokens as f64);
-    } else {
-        v.push(0.0);
+        real_tokens = s.real_tokens;
     }
-    let all = stats.timed(v.len() * 8, || world.all_gather_f64(&v))?;
-    let mut cols: Vec<Vec<f64>> = vec![Vec::with_capacity(pairs.len()); ncols];
-    let mut real_tokens = 0usize;
-    for (r, part) in all.iter().enumerate() {
-        let n = shares[r].len();
-        if part.len() != ncols * n + 1 {
-            return Err(Error::Msg(format!("rank {r} sent {} scores for {n} pairs", part.len())));
-        }
-        for (c, col) in cols.iter_mut().enumerate() {
-            col.extend_from_slice(&part[c * n..(c + 1) * n]);
-        }
-        real_tokens += part[ncols * n] as usize;
-    }
-    // the log-probs (and sums, weights) come in the model's dtype, the token counts in f32:
-    // every rank rebuilds them so (a rank with an empty share too)
+    v.push(real_tokens as f64);
+    let (cols, tails) = gather_pair_columns(world, stats, &shares, ncols, 1, &v)?;
+    // every rank rebuilds the tensors in their own dtypes (a rank with an empty share too):
+    // token counts f32, the rest the model's dtype
     let (dtype, device) = (model.dtype(), model.device());
-    let t = |v: &Vec<f64>, d: DType| -> Result<Tensor> { Ok(Tensor::from_slice(v, v.len(), device)?.to_dtype(d)?) };
-    let pair_at = |k: usize| -> Result<(Tensor, Tensor)> { Ok((t(&cols[k], dtype)?, t(&cols[k + 1], dtype)?)) };
-    let mut next = 4;
-    let mut take = |on: bool| -> Result<Option<(Tensor, Tensor)>> {
-        if !on {
-            return Ok(None);
+    let mut tensors = cols.iter().enumerate().map(|(k, c)| -> Result<Tensor> {
+        let d = if k == 2 || k == 3 { DType::F32 } else { dtype };
+        Ok(Tensor::from_slice(c, c.len(), device)?.to_dtype(d)?)
+    });
+    let mut pair = |on: bool| -> Result<Option<(Tensor, Tensor)>> {
+        match on {
+            true => Ok(Some((tensors.next().expect("a column")?, tensors.next().expect("a column")?))),
+            false => Ok(None),
         }
-        next += 2;
-        pair_at(next - 2).map(Some)
     };
-    let policy_unweighted = take(unweighted)?;
-    let policy_wpo_weights = take(wpo)?;
-    Ok(PairScores {
-        policy: Some(pair_at(0)?),
-        reference: None,
-        policy_unweighted,
-        policy_wpo_weights,
-        tokens: (t(&cols[2], DType::F32)?, t(&cols[3], DType::F32)?),
-        real_tokens,
-    })
+    let policy = pair(true)?;
+    let tokens = pair(true)?.expect("token columns");
+    Ok(PairScores { policy, reference: None, policy_unweighted: pair(unweighted)?, policy_wpo_weights: pair(wpo)?, tokens, real_tokens: tails[0] as usize })
 }
