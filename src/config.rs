@@ -310,6 +310,8 @@ const MODEL_KEYS: &[&str] = &["path_or_id", "revision", "dtype", "reference"];
 const DATA_KEYS: &[&str] = &[
     "train_files",
     "eval_file",
+    "split",
+    "eval_split_name",
     "eval_split",
     "format",
     "max_length",
@@ -546,6 +548,11 @@ fn check_data(d: &DataSection, c: &mut Checks) {
         c.check(s > 0.0 && s < 1.0, format!("data.eval_split must be in (0, 1) (got {s})"));
         c.check(d.eval_file.is_none(), "data.eval_split and data.eval_file are exclusive".into());
         c.check(d.eval_rows.is_none(), "data.eval_split and data.eval_rows are exclusive".into());
+        c.check(d.eval_split_name.is_none(), "data.eval_split and data.eval_split_name are exclusive".into());
+    }
+    c.check(!d.split.trim().is_empty(), "data.split must not be empty".into());
+    if let Some(s) = &d.eval_split_name {
+        c.check(!s.trim().is_empty(), "data.eval_split_name must not be empty when set".into());
     }
     c.check(d.max_length >= 2, format!("data.max_length must be >= 2 (got {})", d.max_length));
     if let Some(p) = d.max_prompt_length {

@@ -23,8 +23,12 @@ pub enum DataCommand {
 /// one example with the prompt/completion boundary marked.
 #[derive(Debug, clap::Args)]
 pub struct InspectArgs {
-    /// The preference file: .jsonl or .json (an array), optionally gzip'd (.gz).
-    pub file: PathBuf,
+    /// The preference data: a .jsonl, .json (an array, both optionally gzip'd) or .parquet file, a
+    /// glob of them (`data/*.parquet`, quoted), or a Hub dataset `hf://datasets/ORG/NAME[@REV]`.
+    pub file: String,
+    /// The split of a Hub dataset (its `data/<split>-*` files, or `<split>/` folder, ...).
+    #[arg(long, value_name = "NAME", default_value = "train")]
+    pub split: String,
     /// The model whose tokenizer and chat template are used.
     #[command(flatten)]
     pub model: super::ModelArgs,
@@ -71,7 +75,7 @@ fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
         on_identical: if args.fail_on_identical { OnIdentical::Error } else { OnIdentical::Skip },
     };
     let options = TokenizeOptions { max_length: args.max_length, max_prompt_length: args.max_prompt_length };
-    let report = inspect(&args.file, &tokenizer, template.as_deref(), &load_opts, options)?;
+    let report = inspect(&args.file, &args.split, &tokenizer, template.as_deref(), &load_opts, options)?;
     print!("{report}");
     Ok(())
 }

@@ -39,10 +39,14 @@ pub struct EvalArgs {
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
 
-    /// Preference pairs (any format `ropo data inspect` reads): rewards/accuracies,
-    /// rewards/margins, logps/chosen, logps/rejected and the DPO loss, against the base model.
+    /// Preference pairs (any format `ropo data inspect` reads; a file, a glob such as
+    /// `data/*.parquet`, or `hf://datasets/ORG/NAME`): rewards/accuracies, rewards/margins,
+    /// logps/chosen, logps/rejected and the DPO loss, against the base model.
     #[arg(long, value_name = "FILE", help_heading = "Preference metrics")]
     pub prefs: Option<PathBuf>,
+    /// The split of a Hub dataset given to --prefs or --prompts (TRL's `dataset_test_split`).
+    #[arg(long, value_name = "NAME", default_value = "test")]
+    pub split: String,
     /// β of the implicit reward.
     #[arg(long, default_value_t = 0.1, help_heading = "Preference metrics")]
     pub beta: f64,
@@ -134,7 +138,10 @@ fn columns(args: &EvalArgs) -> Vec<(&'static str, bool)> {
 fn check_inputs(args: &EvalArgs) -> anyhow::Result<()> {
     for (flag, p) in [("--prefs", &args.prefs), ("--prompts", &args.prompts), ("--chat-template", &args.chat_template)] {
         if let Some(p) = p {
-            anyhow::ensure!(p.is_file(), "{flag} {}: no such file", p.display());
+            // a glob or a Hub dataset is resolved when read
+            if let crate::data::sources::Spec::Path(_) = crate::data::sources::Spec::parse(&p.to_string_lossy())? {
+                anyhow::ensure!(p.is_file(), "{flag} {}: no such file", p.display());
+            }
         }
     }
     if let Some(dir) = &args.mmlu {
@@ -205,8 +212,13 @@ fn ensure_parent(file: &Path) -> anyhow::Result<()> {
 
 /// Whether `path`'s first record is a preference pair rather than a prompt.
 fn is_preference_file(path: &Path) -> anyhow::Result<bool> {
+    const PAIR_KEYS: [&str; 4] = ["chosen", "rejected", "preferred_output", "non_preferred_output"];
     if path.extension().is_some_and(|e| e == "gz" || e == "json") {
         return Ok(true);
+    }
+    if crate::data::load::is_parquet(path) {
+        let columns = crate::data::parquet::columns(path)?;
+        return Ok(PAIR_KEYS.iter().any(|k| columns.0.contains_key(*k)));
     }
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let Some(first) = text.lines().find(|l| !l.trim().is_empty()) else { return Ok(false) };
@@ -214,13 +226,19 @@ fn is_preference_file(path: &Path) -> anyhow::Result<bool> {
         Ok(v) => v,
         Err(_) => return Ok(false), // load_prompts reports it with file:line
     };
-    Ok(["chosen", "rejected", "preferred_output", "non_preferred_output"].iter().any(|k| v.get(k).is_some()))
+    Ok(PAIR_KEYS.iter().any(|k| v.get(k).is_some()))
 }
 
 /// The prompts to generate from: `(text, ids)`, at most `k`.
 fn prompts(args: &EvalArgs, path: &Path, tok: &Tokenizer, template: Option<&str>) -> anyhow::Result<Vec<(String, Vec<u32>)>> {
-    let mut out: Vec<(String, Vec<u32>)> = if is_preference_file(path)? {
-        let loaded = crate::data::load(path, &Default::default())?;
+    let spec = path.to_string_lossy();
+    let is_prefs = match crate::data::sources::Spec::parse(&spec)? {
+        crate::data::sources::Spec::Path(p) => is_preference_file(&p)?,
+        _ => true,
+    };
+    let mut out: Vec<(String, Vec<u32>)> = if is_prefs {
+        let loaded = crate::data::load_spec(&spec, &args.split, &Default::default())?;
+        let path = loaded.source.as_path();
         let pt = PairTokenizer::new(tok, template, TokenizeOptions::default())?;
         let mut v = Vec::new();
         for ex in loaded.examples.iter().take(args.samples) {
@@ -325,7 +343,7 @@ impl Section<'_> {
     fn preference_section(&self, path: &Path, reports: &mut [ModelReport]) -> anyhow::Result<()> {
         let Section { args, model, tok, template, cols } = *self;
         let opts = TokenizeOptions { max_length: Some(args.max_length), max_prompt_length: None };
-        let mut prepared = crate::data::prepare(path, tok, template, &Default::default(), opts)?;
+        let mut prepared = crate::data::prepare_spec(&path.to_string_lossy(), &args.split, tok, template, &Default::default(), opts)?;
         if let Some(n) = args.limit {
             prepared.pairs.truncate(n);
         }

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::load::{load, LoadOptions};
+use super::load::{load_spec, LoadOptions};
 use super::tokenize::{PairTokenizer, TokenizeOptions, TokenizedPair};
 use super::{DataReport, Format};
 use crate::error::{Error, Result};
@@ -70,18 +70,20 @@ pub struct InspectReport {
     pub example: Option<String>,
 }
 
-/// Load `path`, tokenize it with `tokenizer` (and `template` instead of the model's chat
-/// template when given), and summarise.
+/// Load `spec` (a file, a glob or a Hub dataset's `split`, [`load_spec`]), tokenize it with
+/// `tokenizer` (and `template` instead of the model's chat template when given), and summarise.
 ///
-/// Errors: as [`load`] and [`PairTokenizer::encode`]; a decoding error of the example.
+/// Errors: as [`load_spec`] and [`PairTokenizer::encode`]; a decoding error of the example.
 pub fn inspect(
-    path: &Path,
+    spec: &str,
+    split: &str,
     tokenizer: &Tokenizer,
     template: Option<&str>,
     load_opts: &LoadOptions,
     options: TokenizeOptions,
 ) -> Result<InspectReport> {
-    let loaded = load(path, load_opts)?;
+    let loaded = load_spec(spec, split, load_opts)?;
+    let path = loaded.source.as_path();
     let tok = PairTokenizer::new(tokenizer, template, options)?.with_on_identical(load_opts.on_identical);
     let mut report = loaded.report.clone();
     tok.check_template(&loaded.examples, path)?;

@@ -1,9 +1,12 @@
 //! Reading preference files: `.jsonl` (one row a line) or `.json` (an array of rows), either
-//! of them gzip-compressed; format detection per row then per file; counted skips.
+//! of them gzip-compressed, and `.parquet` ([`super::parquet`]); format detection per row then
+//! per file; counted skips.
 //!
-//! [`load`] opens the file and hands it to [`parse_reader`], so tests feed bytes (ripgrep's
+//! [`load`] opens the file and hands JSON to [`parse_reader`], so tests feed bytes (ripgrep's
 //! `parse` / `parse_reader` split). Errors name the file and line (and column for JSON syntax):
-//! `data/train.jsonl:17: missing field "rejected"`.
+//! `data/train.jsonl:17: missing field "rejected"`; in a Parquet file the row, its row group and
+//! the column's type: `train.parquet: row 17 (row group 0, row 17): field "chosen": expected a
+//! string or a list of messages, got 3 (Parquet column "chosen" has type Int64)`.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -12,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::formats::{self, Format, Normalized};
+use super::parquet::{self, Columns, RowAt};
 use super::{DataReport, PreferenceExample, SkipReason};
 use crate::error::{Error, Result};
 
@@ -48,13 +52,53 @@ pub struct Loaded {
     pub report: DataReport,
 }
 
-/// Read the preference file at `path` (see [`parse_reader`]).
+/// Read the preference file at `path`: Parquet when its name ends in `.parquet` ([`load_parquet`]),
+/// else JSON ([`parse_reader`]).
 ///
-/// Errors: the file cannot be opened, plus everything [`parse_reader`] reports.
+/// Errors: the file cannot be opened, plus everything [`parse_reader`] / [`load_parquet`] report.
 pub fn load(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Loaded> {
     let path = path.as_ref();
+    if is_parquet(path) {
+        return load_parquet(path, opts);
+    }
     let file = std::fs::File::open(path).map_err(|e| Error::input(path, None, format!("cannot open: {e}")))?;
     parse_reader(std::io::BufReader::new(file), path, opts)
+}
+
+/// Read every file a spec names ([`super::sources::resolve`] with `split`) as one [`Loaded`]:
+/// one file as [`load`]; several (a glob, a Hub split's shards) concatenated in order, `source`
+/// then being the spec, `format` the first file's, each example's line that of its own file.
+///
+/// Errors: as [`super::sources::resolve`] and [`load`].
+pub fn load_spec(spec: &str, split: &str, opts: &LoadOptions) -> Result<Loaded> {
+    let mut files = super::sources::resolve(spec, split)?.into_iter();
+    let first = files.next().ok_or_else(|| Error::input(spec, None, "no file"))?;
+    let mut all = load(&first, opts)?;
+    for path in files {
+        let next = load(&path, opts)?;
+        all.examples.extend(next.examples);
+        all.report.absorb(next.report);
+        all.source = PathBuf::from(spec);
+    }
+    Ok(all)
+}
+
+/// True when the file name ends in `.parquet` (any case).
+pub fn is_parquet(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
+}
+
+/// Read a Parquet preference file row group by row group ([`parquet::for_each_row`]); each row's
+/// [`PreferenceExample::line`] is its 1-based row number in the file.
+///
+/// Errors: as [`parquet::for_each_row`]; row errors as [`parse_reader`]'s, located by row and row
+/// group instead of line and naming the Arrow type of the column involved; an empty file.
+pub fn load_parquet(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
+    let mut out = Rows::new(path, opts);
+    // the schema is known before the first row: read it for the hints first
+    out.columns = parquet::columns(path)?;
+    parquet::for_each_row(path, |at, row| out.add(At::Row(at), &row))?;
+    out.finish()
 }
 
 /// Parse preference rows from `reader`; `source` names it in errors (and its extension tells a
@@ -75,11 +119,11 @@ pub fn parse_reader<R: Read>(mut reader: R, source: impl AsRef<Path>, opts: &Loa
         return Err(Error::input(source, None, "empty file: no rows"));
     }
 
-    let mut out = Rows { source, opts, format: opts.format.map(|f| (f, 0)), examples: Vec::new(), report: DataReport::default() };
+    let mut out = Rows::new(source, opts);
     if is_json_array(text, source)? {
         let (rows, lines) = json_array(text, source)?;
         for (row, line) in rows.into_iter().zip(lines) {
-            out.add(line, &row)?;
+            out.add(At::Line(line), &row)?;
         }
     } else {
         for (i, line) in text.split('\n').enumerate() {
@@ -88,28 +132,66 @@ pub fn parse_reader<R: Read>(mut reader: R, source: impl AsRef<Path>, opts: &Loa
                 continue;
             }
             let row: Value = serde_json::from_str(line).map_err(|e| json_error(source, i + e.line(), e))?;
-            out.add(i + 1, &row)?;
+            out.add(At::Line(i + 1), &row)?;
         }
     }
-    let format = match out.format {
-        Some((f, _)) => f,
-        None => return Err(Error::input(source, None, "empty file: no rows")),
-    };
-    Ok(Loaded { source: source.to_path_buf(), format, examples: out.examples, report: out.report })
+    out.finish()
 }
 
-/// The rows seen so far and the file's format (with the line it was detected from).
+/// Where a row is: a line of a JSON file, or a row of a Parquet file.
+#[derive(Debug, Clone, Copy)]
+enum At {
+    Line(usize),
+    Row(RowAt),
+}
+
+impl At {
+    /// The 1-based line or row number ([`PreferenceExample::line`]).
+    fn number(self) -> usize {
+        match self {
+            At::Line(l) => l,
+            At::Row(r) => r.row,
+        }
+    }
+}
+
+impl std::fmt::Display for At {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            At::Line(l) => write!(f, "line {l}"),
+            At::Row(r) => write!(f, "{r}"),
+        }
+    }
+}
+
+/// The rows seen so far and the file's format (with the row it was detected from).
 struct Rows<'a> {
     source: &'a Path,
     opts: &'a LoadOptions,
-    format: Option<(Format, usize)>,
+    format: Option<(Format, At)>,
     examples: Vec<PreferenceExample>,
     report: DataReport,
+    /// A Parquet file's columns (for the type hints of row errors); empty for JSON.
+    columns: Columns,
 }
 
-impl Rows<'_> {
-    fn add(&mut self, line: usize, row: &Value) -> Result<()> {
-        let err = |msg: String| Error::input(self.source, Some(line), msg);
+impl<'a> Rows<'a> {
+    fn new(source: &'a Path, opts: &'a LoadOptions) -> Self {
+        let format = opts.format.map(|f| (f, At::Line(0)));
+        Rows { source, opts, format, examples: Vec::new(), report: DataReport::default(), columns: Columns::default() }
+    }
+
+    fn finish(self) -> Result<Loaded> {
+        let format = match self.format {
+            Some((f, _)) => f,
+            None => return Err(Error::input(self.source, None, "empty file: no rows")),
+        };
+        Ok(Loaded { source: self.source.to_path_buf(), format, examples: self.examples, report: self.report })
+    }
+
+    fn add(&mut self, at: At, row: &Value) -> Result<()> {
+        let line = at.number();
+        let err = |msg: String| row_error(self.source, &self.columns, at, msg);
         self.report.rows_read += 1;
         let format = match (self.opts.format, self.format) {
             (Some(forced), _) => forced,
@@ -117,13 +199,13 @@ impl Rows<'_> {
                 let detected = formats::detect(row).map_err(|e| err(e.0))?;
                 match first {
                     None => {
-                        self.format = Some((detected, line));
+                        self.format = Some((detected, at));
                         detected
                     }
-                    Some((f, first_line)) if f != detected => {
+                    Some((f, first)) if f != detected => {
                         return Err(err(format!(
-                            "row is in format {detected}, but the file's format is {f} (detected from line \
-                             {first_line}); a file must not mix formats (or force one with --format)"
+                            "row is in format {detected}, but the file's format is {f} (detected from {first}); a \
+                             file must not mix formats (or force one with --format)"
                         )))
                     }
                     Some((f, _)) => f,
@@ -138,6 +220,14 @@ impl Rows<'_> {
             Normalized::Skip(reason) => self.report.skip(reason, line),
         }
         Ok(())
+    }
+}
+
+/// `file:line: msg`, or `file: row R (row group G, row r): msg (column type)` for Parquet.
+fn row_error(source: &Path, columns: &Columns, at: At, msg: String) -> Error {
+    match at {
+        At::Line(line) => Error::input(source, Some(line), msg),
+        At::Row(r) => Error::input(source, None, format!("{r}: {msg}{}", columns.hint(&msg))),
     }
 }
 

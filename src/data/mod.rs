@@ -1,8 +1,10 @@
 //! Preference data: row formats, chat templates, tokenization with completion masks, batching.
 //!
 //! The flow, one module a step (TRL 1.16 `DPOTrainer` semantics throughout):
-//! 1. [`load`]: read `.jsonl` / `.json` (array), optionally gzip'd, into JSON rows with their
-//!    line numbers (`file:line:column` on malformed JSON).
+//! 1. [`sources`] resolves a data spec (a path, a glob, `hf://datasets/ORG/NAME` through
+//!    [`hub`]) to files; [`load`] reads `.jsonl` / `.json` (array), optionally gzip'd, into JSON
+//!    rows with their line numbers (`file:line:column` on malformed JSON), and `.parquet`
+//!    ([`parquet`]) into the same rows, located by row and row group.
 //! 2. [`formats`]: detect the row format (per row, then per file) and normalise every row into a
 //!    [`PreferenceExample`]; rows that cannot be used are counted in a [`DataReport`].
 //! 3. [`tokenize`]: chat template + tokenizer -> prompt ids and chosen/rejected completion ids,
@@ -17,8 +19,11 @@
 
 pub mod batch;
 pub mod formats;
+pub mod hub;
 pub mod inspect;
 pub mod load;
+pub mod parquet;
+pub mod sources;
 pub mod splits;
 pub mod template;
 pub mod tokenize;
@@ -30,7 +35,7 @@ use crate::error::Result;
 use crate::model::tokenizer::Tokenizer;
 
 pub use formats::{Format, FormatChoice};
-pub use load::{load, parse_reader, LoadOptions, Loaded, OnIdentical};
+pub use load::{load, load_spec, parse_reader, LoadOptions, Loaded, OnIdentical};
 pub use template::{ChatTemplate, Message};
 
 /// A file loaded and tokenized: what `train` and `eval` batch from.
@@ -70,6 +75,34 @@ pub fn prepare(
     let pt = tokenize::PairTokenizer::new(tokenizer, template, options)?.with_on_identical(load_opts.on_identical);
     let pairs = pt.tokenize_all(&loaded.examples, path, &mut report)?;
     Ok(Prepared { source: loaded.source, format: loaded.format, pairs, report })
+}
+
+/// [`prepare`] every file of a spec (a path, a glob or a Hub dataset's `split`,
+/// [`sources::resolve`]), the pairs concatenated in file order; one file keeps its own source,
+/// several take the spec as source and the first file's format.
+///
+/// Errors: as [`sources::resolve`] and [`prepare`].
+pub fn prepare_spec(
+    spec: &str,
+    split: &str,
+    tokenizer: &Tokenizer,
+    template: Option<&str>,
+    load_opts: &LoadOptions,
+    options: tokenize::TokenizeOptions,
+) -> Result<Prepared> {
+    let mut all: Option<Prepared> = None;
+    for path in sources::resolve(spec, split)? {
+        let p = prepare(&path, tokenizer, template, load_opts, options)?;
+        match all.as_mut() {
+            None => all = Some(p),
+            Some(a) => {
+                a.pairs.extend(p.pairs);
+                a.report.absorb(p.report);
+                a.source = PathBuf::from(spec);
+            }
+        }
+    }
+    all.ok_or_else(|| crate::error::Error::input(spec, None, "no file"))
 }
 
 /// One preference pair, normalised from any of the supported row formats.
@@ -193,6 +226,13 @@ impl Counted {
     /// How many line numbers are kept.
     pub const KEEP_LINES: usize = 5;
 
+    /// Add another count (of another file).
+    pub fn absorb(&mut self, other: Counted) {
+        self.count += other.count;
+        let room = Self::KEEP_LINES.saturating_sub(self.first_lines.len());
+        self.first_lines.extend(other.first_lines.into_iter().take(room));
+    }
+
     /// Count one more row at `line`.
     pub fn add(&mut self, line: usize) {
         self.count += 1;
@@ -229,6 +269,17 @@ impl DataReport {
     /// Count a skipped row.
     pub fn skip(&mut self, reason: SkipReason, line: usize) {
         self.skipped.entry(reason).or_default().add(line);
+    }
+
+    /// Add `other`'s counts (another file's) to these; line numbers are kept while fewer than
+    /// [`Counted::KEEP_LINES`].
+    pub fn absorb(&mut self, other: DataReport) {
+        self.rows_read += other.rows_read;
+        for (reason, c) in other.skipped {
+            self.skipped.entry(reason).or_default().absorb(c);
+        }
+        self.prompt_mismatch.absorb(other.prompt_mismatch);
+        self.truncated.absorb(other.truncated);
     }
 
     /// Total number of skipped rows.

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::tokenize::{PairTokenizer, TokenizeOptions, TokenizedPair};
-use super::{load, DataReport, FormatChoice, LoadOptions, Loaded, OnIdentical, PreferenceExample};
+use super::{load, sources, DataReport, FormatChoice, LoadOptions, Loaded, OnIdentical, PreferenceExample};
 use crate::error::{Error, Result};
 use crate::model::tokenizer::Tokenizer;
 
@@ -17,11 +17,19 @@ use crate::model::tokenizer::Tokenizer;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataSection {
-    /// Training files (`.jsonl`, `.json`, optionally `.gz`), read in this order.
+    /// Training files, read in this order: paths (`.jsonl`, `.json`, optionally `.gz`, or
+    /// `.parquet`), shell globs (`data/*.parquet`, sorted) or Hub datasets
+    /// (`hf://datasets/ORG/NAME[@REVISION]`, their `split` files) (see `ropo::data::sources`).
     pub train_files: Vec<String>,
-    /// A separate evaluation file. Unset: evaluation rows come from the training files, through
-    /// `eval_rows` or `eval_split`, or there is no evaluation.
+    /// A separate evaluation file (path, glob or Hub dataset: its `eval_split_name` split). Unset:
+    /// evaluation rows come from `eval_split_name`, `eval_rows` or `eval_split`, or there is no
+    /// evaluation.
     pub eval_file: Option<String>,
+    /// The split of the Hub datasets in `train_files` (TRL's `dataset_train_split`).
+    pub split: String,
+    /// A split of the same Hub datasets to evaluate on (TRL's `dataset_test_split`), or of the
+    /// Hub dataset in `eval_file`. Unset: none.
+    pub eval_split_name: Option<String>,
     /// Fraction of the training rows held out for evaluation (the last ones), in (0, 1).
     pub eval_split: Option<f64>,
     /// Row format, or `"auto"` to detect it per file.
@@ -47,6 +55,8 @@ impl Default for DataSection {
         Self {
             train_files: Vec::new(),
             eval_file: None,
+            split: "train".into(),
+            eval_split_name: None,
             eval_split: None,
             format: FormatChoice::Auto,
             max_length: 1024,
@@ -145,27 +155,57 @@ fn slice<T: Clone>(v: &[T], s: Option<RowSlice>) -> Vec<T> {
     }
 }
 
+/// Load every file of `specs` (resolved with `split`, [`sources::resolve`]) into `files`; the
+/// usable rows, as `(index into files, example)`, in order.
+fn load_specs<'a>(
+    specs: impl IntoIterator<Item = &'a String>,
+    split: &str,
+    opts: &LoadOptions,
+    files: &mut Vec<Loaded>,
+) -> Result<Vec<(usize, PreferenceExample)>> {
+    let mut rows = Vec::new();
+    for spec in specs {
+        for path in sources::resolve(spec, split)? {
+            let loaded = load(&path, opts)?;
+            rows.extend(loaded.examples.iter().cloned().map(|e| (files.len(), e)));
+            files.push(loaded);
+        }
+    }
+    Ok(rows)
+}
+
 /// Read the data files of `d` and split the rows.
 ///
 /// Row slices index the usable rows of the concatenated train files (rows dropped while loading,
 /// e.g. identical chosen/rejected, are counted and not indexed). Evaluation rows: `eval_file`
-/// (sliced by `eval_rows`), else `eval_rows` of the train files, else the last `eval_split`
-/// fraction (rounded, at least 1) of the training rows, which are then left out of training.
+/// (sliced by `eval_rows`), else the `eval_split_name` split of the Hub datasets of
+/// `train_files` (sliced by `eval_rows`), else `eval_rows` of the train files, else the last
+/// `eval_split` fraction (rounded, at least 1) of the training rows, which are then left out of
+/// training.
 ///
-/// Errors: a missing or malformed file (named, with its line).
+/// Errors: a missing or malformed file (named, with its line or row), a Hub dataset that cannot be
+/// resolved ([`super::hub::resolve`]), `eval_split_name` with no Hub dataset to take it from.
 pub fn read_rows(d: &DataSection) -> Result<Rows> {
-        let opts = LoadOptions { format: d.format.fixed(), on_identical: d.on_identical };
+    let opts = LoadOptions { format: d.format.fixed(), on_identical: d.on_identical };
     let mut files = Vec::new();
-    let mut all = Vec::new();
-    for f in &d.train_files {
-        let loaded = load(f, &opts)?;
-        all.extend(loaded.examples.iter().cloned().map(|e| (files.len(), e)));
-        files.push(loaded);
-    }
+    let all = load_specs(&d.train_files, &d.split, &opts, &mut files)?;
+    let hub_train: Vec<&String> = d.train_files.iter().filter(|f| f.starts_with(super::hub::PREFIX)).collect();
     let (train, eval) = if let Some(ef) = &d.eval_file {
-        let loaded = load(ef, &opts)?;
-        let ev: Vec<_> = loaded.examples.iter().cloned().map(|e| (files.len(), e)).collect();
-        files.push(loaded);
+        let split = match (&d.eval_split_name, ef.starts_with(super::hub::PREFIX)) {
+            (Some(s), true) => s.as_str(),
+            (None, true) => return Err(Error::Config(format!("data.eval_file {ef:?} is a Hub dataset: name its split with data.eval_split_name"))),
+            (Some(_), false) => return Err(Error::Config(format!("data.eval_split_name names a split of a Hub dataset, but data.eval_file {ef:?} is not one"))),
+            (None, false) => "",
+        };
+        let ev = load_specs([ef], split, &opts, &mut files)?;
+        (slice(&all, d.train_rows), slice(&ev, d.eval_rows))
+    } else if let Some(split) = &d.eval_split_name {
+        if hub_train.is_empty() {
+            return Err(Error::Config(format!(
+                "data.eval_split_name = {split:?} names a split of the Hub datasets in data.train_files, but none is one (hf://datasets/ORG/NAME)"
+            )));
+        }
+        let ev = load_specs(hub_train, split, &opts, &mut files)?;
         (slice(&all, d.train_rows), slice(&ev, d.eval_rows))
     } else if d.eval_rows.is_some() {
         (slice(&all, d.train_rows), slice(&all, d.eval_rows))

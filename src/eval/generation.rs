@@ -186,24 +186,19 @@ pub struct Prompt {
 /// rendered by the chat template (`template` replacing the tokenizer's) with the generation
 /// prompt added.
 ///
+/// A `.parquet` file is read the same way, a row a record (its row number as the line).
+///
 /// Errors (`path:line: ...`): a missing file, invalid JSON, neither field, a conversation and
 /// no chat template, a template or tokenizer error, an empty prompt; a file with no prompt.
 pub fn load_prompts(path: &Path, tokenizer: &Tokenizer, template: Option<&str>) -> Result<Vec<Prompt>> {
-    let f = std::fs::File::open(path).map_err(|e| Error::input(path, None, format!("cannot open prompts file: {e}")))?;
     let tpl = template
         .or(tokenizer.chat_template.as_deref())
         .map(|s| ChatTemplate::new(s, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref()))
         .transpose()
         .map_err(|e| Error::Config(format!("chat template does not compile: {e:#}")))?;
     let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let ln = i + 1;
+    for (ln, v) in prompt_records(path)? {
         let err = |m: String| Error::input(path, Some(ln), m);
-        let line = line.map_err(|e| err(e.to_string()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| err(format!("invalid JSON: {e}")))?;
         let field = v.get("prompt").or_else(|| v.get("messages")).ok_or_else(|| err("expected a \"prompt\" or \"messages\" field".into()))?;
         let (text, special) = match field {
             // special tokens (a BOS) added unless the text starts with the BOS already, as the
@@ -227,6 +222,28 @@ pub fn load_prompts(path: &Path, tokenizer: &Tokenizer, template: Option<&str>) 
     }
     if out.is_empty() {
         return Err(Error::input(path, None, "no prompts in the file"));
+    }
+    Ok(out)
+}
+
+/// The records of a prompts file with their 1-based line (JSONL, blank lines skipped) or row
+/// (Parquet). Errors: an unreadable file, invalid JSON (`path:line`).
+fn prompt_records(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
+    let mut out = Vec::new();
+    if crate::data::load::is_parquet(path) {
+        crate::data::parquet::for_each_row(path, |at, row| {
+            out.push((at.row, row));
+            Ok(())
+        })?;
+        return Ok(out);
+    }
+    let f = std::fs::File::open(path).map_err(|e| Error::input(path, None, format!("cannot open prompts file: {e}")))?;
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let err = |m: String| Error::input(path, Some(i + 1), m);
+        let line = line.map_err(|e| err(e.to_string()))?;
+        if !line.trim().is_empty() {
+            out.push((i + 1, serde_json::from_str(&line).map_err(|e| err(format!("invalid JSON: {e}")))?));
+        }
     }
     Ok(out)
 }
