@@ -13,6 +13,7 @@ Writes tests/fixtures/parquet/ (about 100 KB):
   multi_group.parquet (+ .jsonl)      20 standard rows in row groups of 6 (zstd)
   hub/data/train-0000{0,1}-of-00002.parquet, hub/data/test-00000-of-00001.parquet (+ .jsonl twins
                                       in hub_twins/): a dataset repo's files in the Hub's layout
+  prompts.parquet (+ .jsonl)          3 prompts for `ropo eval --prompts` (null columns = absent keys)
   bad_type.parquet                    `chosen` stored as int64
 """
 
@@ -101,6 +102,13 @@ def main():
     for stem, part in parts.items():
         write("hub/data/" + stem, part)
         write_jsonl(os.path.join(OUT, "hub_twins", stem + ".jsonl"), part)
+
+    # a prompts file (`ropo eval --prompts`): text prompts and message lists
+    prompts = [{"prompt": "Write a brief sentence.", "messages": None},
+               {"prompt": None, "messages": [{"role": "user", "content": "Name a colour."}]},
+               {"prompt": None, "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."}]}]
+    write("prompts", prompts)
+    write_jsonl(os.path.join(OUT, "prompts.jsonl"), [{k: v for k, v in r.items() if v is not None} for r in prompts])
 
     bad = [{"prompt": "p", "chosen": 3, "rejected": "b"}]
     write("bad_type", bad)

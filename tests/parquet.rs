@@ -232,3 +232,45 @@ fn data_inspect_reads_a_hub_split_and_a_parquet_file() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success() && out.contains("format: openai") && out.contains("rows read: 8"), "{out}");
 }
+
+/// `split_files` picks the files `datasets` 5.2 itself picks for each split
+/// (`scripts/golden_split_files.py`: `get_data_patterns` + `DataFilesDict.from_patterns`).
+#[test]
+fn split_files_match_the_datasets_library() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hub_split_files_golden.json");
+    let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let strings = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect::<Vec<_>>();
+    let cases = golden["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 11);
+    for case in cases {
+        let files = strings(&case["files"]);
+        for (split, want) in case["splits"].as_object().unwrap() {
+            assert_eq!(ropo::data::hub::split_files(&files, split), strings(want), "split {split} of {files:?}");
+        }
+    }
+}
+
+/// `ropo eval --prefs` takes a glob of Parquet shards and `--prompts` a Parquet prompts file,
+/// with the same numbers and generations as their JSONL twins.
+#[test]
+fn eval_reads_parquet_prefs_and_prompts_as_jsonl() {
+    let model = common::smollm2_gguf();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |prefs: &str, prompts: &str, tag: &str| {
+        let (report, gens) = (dir.path().join(format!("{tag}.json")), dir.path().join(format!("{tag}.jsonl")));
+        let o = Command::new(env!("CARGO_BIN_EXE_ropo"))
+            .args(["eval", "--model", model.to_str().unwrap(), "--prefs", prefs, "--max-length", "128", "--prompts", prompts])
+            .args(["--samples", "3", "--max-new-tokens", "4", "--out", report.to_str().unwrap(), "--generations", gens.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
+        (report["base"].clone(), std::fs::read_to_string(gens).unwrap())
+    };
+    let (p_report, p_gens) = run(&format!("{}/*.parquet", fixture("hub/data").display()), fixture("prompts.parquet").to_str().unwrap(), "p");
+    let (j_report, j_gens) = run(&format!("{}/*.jsonl", fixture("hub_twins").display()), fixture("prompts.jsonl").to_str().unwrap(), "j");
+    assert_eq!(p_report["preference"]["pairs"], 9);
+    assert_eq!(p_report, j_report);
+    assert_eq!(p_gens.lines().count(), 6); // 3 prompts, greedy and sampled
+    assert_eq!(p_gens, j_gens);
+}

@@ -62,34 +62,43 @@ impl DatasetRef {
     }
 }
 
-/// The files of `split` of a dataset as `datasets` picks them (its `data_files.py` default
-/// patterns, in its order of precedence), as repo paths, sorted:
-/// 1. the Hub's Parquet layout `data/<split>-NNNNN-of-NNNNN.<ext>` (where any file has that form,
-///    the splits are exactly those names: `train_prefs`, `test`, ...);
-/// 2. a folder named after the split (`<split>/...`, `<config>/<split>/...`);
-/// 3. a file name starting with the split and a separator (`train.jsonl`, `test-0001.parquet`);
-/// 4. no file named after any split: every data file is `train`.
+/// The files of `split` of a dataset as `datasets` picks them (`datasets/data_files.py`,
+/// `_get_data_files_patterns`, its default patterns and order of precedence), as repo paths,
+/// sorted:
+/// 1. the Hub's sharded layout `data/<split>-NNNNN-of-NNNNN*.*` (`SPLIT_PATTERN_SHARDED`; where any
+///    file has that form, the splits are exactly those names: `train_prefs`, `test`, ...);
+/// 2. else folders named for a split (`DEFAULT_PATTERNS_SPLIT_IN_DIR_NAME`: `**/train/**`,
+///    `**/*[-._ 0-9]train[-._ 0-9]*/**`, ...);
+/// 3. else file names holding a split's keyword between separators
+///    (`DEFAULT_PATTERNS_SPLIT_IN_FILENAME`: `**/train[-._ 0-9]*`, `**/*[-._ 0-9]train[-._ 0-9]*`);
+/// 4. else every data file is `train` (`DEFAULT_PATTERNS_ALL`).
 ///
-/// Steps 2-3 also accept `datasets`' aliases (`training`; `valid`, `dev`, `val` for
-/// `validation`; `testing`, `eval`, `evaluation` for `test`). Only [`DATA_EXTENSIONS`] count.
+/// The keywords are `datasets`' (`train`, `training`; `validation`, `valid`, `dev`, `val`;
+/// `test`, `testing`, `eval`, `evaluation`); another split name is its own keyword in steps 2-3
+/// (an extension: `datasets` knows only those three there). Hidden paths (a component starting
+/// with `.` or `__`) and files not ending in one of [`DATA_EXTENSIONS`] never count.
 pub fn split_files(files: &[String], split: &str) -> Vec<String> {
     let data: Vec<&String> = files.iter().filter(|f| is_data_file(f)).collect();
-    let hub_layout: Vec<&String> = data.iter().copied().filter(|f| hub_layout_split(f).is_some()).collect();
-    let mut out: Vec<String> = if !hub_layout.is_empty() {
-        hub_layout.into_iter().filter(|f| hub_layout_split(f) == Some(split)).cloned().collect()
+    let sharded: Vec<&String> = data.iter().copied().filter(|f| sharded_split(f).is_some()).collect();
+    let mut out: Vec<String> = if !sharded.is_empty() {
+        sharded.into_iter().filter(|f| sharded_split(f) == Some(split)).cloned().collect()
     } else {
-        let words = aliases(split);
-        let by_dir: Vec<String> = data.iter().filter(|f| in_split_dir(f, &words)).map(|f| f.to_string()).collect();
-        if !by_dir.is_empty() {
-            by_dir
+        let mut splits: Vec<&str> = KNOWN_SPLITS.to_vec();
+        if !splits.contains(&split) {
+            splits.push(split);
+        }
+        let pick = |dirs: bool, s: &str| -> Vec<String> {
+            data.iter().filter(|f| keyword_patterns(s, dirs).iter().any(|p| matches(p, f))).map(|f| f.to_string()).collect()
+        };
+        let step = |dirs: bool| splits.iter().any(|s| !pick(dirs, s).is_empty());
+        if step(true) {
+            pick(true, split)
+        } else if step(false) {
+            pick(false, split)
+        } else if split == "train" {
+            data.iter().map(|f| f.to_string()).collect()
         } else {
-            let by_name: Vec<String> = data.iter().filter(|f| named_for(f, &words)).map(|f| f.to_string()).collect();
-            let any_split_named = data.iter().any(|f| KNOWN_SPLITS.iter().any(|s| in_split_dir(f, &aliases(s)) || named_for(f, &aliases(s))));
-            if by_name.is_empty() && split == "train" && !any_split_named {
-                data.iter().map(|f| f.to_string()).collect()
-            } else {
-                by_name
-            }
+            Vec::new()
         }
     };
     out.sort();
@@ -98,7 +107,7 @@ pub fn split_files(files: &[String], split: &str) -> Vec<String> {
 
 /// The split names the repo's files show (for the "no such split" error).
 pub fn available_splits(files: &[String]) -> Vec<String> {
-    let mut names: Vec<String> = files.iter().filter_map(|f| hub_layout_split(f).map(str::to_string)).collect();
+    let mut names: Vec<String> = files.iter().filter(|f| is_data_file(f)).filter_map(|f| sharded_split(f).map(str::to_string)).collect();
     if names.is_empty() {
         names = KNOWN_SPLITS.iter().filter(|s| !split_files(files, s).is_empty()).map(|s| s.to_string()).collect();
     }
@@ -109,7 +118,8 @@ pub fn available_splits(files: &[String]) -> Vec<String> {
 
 const KNOWN_SPLITS: [&str; 3] = ["train", "validation", "test"];
 
-fn aliases(split: &str) -> Vec<&str> {
+/// `datasets`' `SPLIT_KEYWORDS`.
+fn keywords(split: &str) -> Vec<&str> {
     match split {
         "train" => vec!["train", "training"],
         "validation" => vec!["validation", "valid", "dev", "val"],
@@ -118,28 +128,34 @@ fn aliases(split: &str) -> Vec<&str> {
     }
 }
 
+/// `KEYWORDS_IN_DIR_NAME_BASE_PATTERNS` (`dirs`) or `KEYWORDS_IN_FILENAME_BASE_PATTERNS` for the
+/// keywords of `split`, with `datasets`' separators `[-._ 0-9]`.
+fn keyword_patterns(split: &str, dirs: bool) -> Vec<String> {
+    const SEP: &str = "[-._ 0-9]";
+    let bases: &[&str] = if dirs {
+        &["**/{k}/**", "**/{k}{s}*/**", "**/*{s}{k}/**", "**/*{s}{k}{s}*/**"]
+    } else {
+        &["**/{k}{s}*", "**/*{s}{k}{s}*"]
+    };
+    keywords(split).iter().flat_map(|k| bases.iter().map(move |b| b.replace("{k}", k).replace("{s}", SEP))).collect()
+}
+
+/// fsspec-style glob matching: `*` stays within a path component, `**` spans components.
+fn matches(pattern: &str, path: &str) -> bool {
+    let opts = glob::MatchOptions { case_sensitive: true, require_literal_separator: true, require_literal_leading_dot: true };
+    glob::Pattern::new(pattern).is_ok_and(|p| p.matches_with(path, opts))
+}
+
 fn is_data_file(path: &str) -> bool {
     let name = path.rsplit('/').next().unwrap_or(path);
-    !name.starts_with('.') && !path.split('/').any(|c| c.starts_with('.')) && DATA_EXTENSIONS.iter().any(|e| name.ends_with(e))
+    !path.split('/').any(|c| c.starts_with('.') || c.starts_with("__")) && DATA_EXTENSIONS.iter().any(|e| name.ends_with(e))
 }
 
-/// `<split>` of `data/<split>-NNNNN-of-NNNNN*.<ext>` (`datasets`' `DEFAULT_PATTERNS_SPLIT_IN_FILENAME`).
-fn hub_layout_split(path: &str) -> Option<&str> {
+/// `<split>` of `data/<split>-NNNNN-of-NNNNN*.*` (`SPLIT_PATTERN_SHARDED`).
+fn sharded_split(path: &str) -> Option<&str> {
     static SHARD: std::sync::LazyLock<regex::Regex> =
-        std::sync::LazyLock::new(|| regex::Regex::new(r"^data/([^/]+?)-[0-9]{5}-of-[0-9]{5}[^/]*\.[^/]+$").expect("valid regex"));
+        std::sync::LazyLock::new(|| regex::Regex::new(r"^data/([^/]+?)-[0-9]{5}-of-[0-9]{5}[^/]*\.[^/]*$").expect("valid regex"));
     SHARD.captures(path).and_then(|c| c.get(1)).map(|m| m.as_str())
-}
-
-fn in_split_dir(path: &str, words: &[&str]) -> bool {
-    let dirs: Vec<&str> = path.split('/').collect();
-    dirs[..dirs.len() - 1].iter().any(|d| words.contains(d))
-}
-
-fn named_for(path: &str, words: &[&str]) -> bool {
-    let name = path.rsplit('/').next().unwrap_or(path);
-    words.iter().any(|w| {
-        name.strip_prefix(w).is_some_and(|rest| rest.starts_with(|c: char| matches!(c, '-' | '.' | '_' | ' ') || c.is_ascii_digit()))
-    })
 }
 
 /// The local paths of `split`'s files of `dataset` (or of its pattern's files), in repo path
