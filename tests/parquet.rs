@@ -60,6 +60,13 @@ fn a_file_of_several_row_groups_reads_every_row_in_order() {
     // rows are numbered through the file: 20 rows in groups of 6
     let got = load(fixture("multi_group.parquet"), &LoadOptions::default()).unwrap();
     assert_eq!(got.examples.iter().map(|e| e.line).collect::<Vec<_>>(), (1..=20).collect::<Vec<_>>());
+    let mut at = Vec::new();
+    ropo::data::parquet::for_each_row(&fixture("multi_group.parquet"), |a, _| {
+        at.push((a.row, a.group, a.in_group));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!((at[5], at[6], at[19]), ((6, 0, 6), (7, 1, 1), (20, 3, 2)));
 }
 
 #[test]

@@ -99,7 +99,7 @@ pub fn for_each_row(path: &Path, mut each: impl FnMut(RowAt, Value) -> Result<()
     let reader = builder.with_batch_size(BATCH_ROWS).build().map_err(|e| bad(format!("cannot read: {e}")))?;
     let mut at = Cursor { group_rows, group: 0, in_group: 0, row: 0 };
     for batch in reader {
-        let batch = batch.map_err(|e| bad(format!("row group {}: cannot decode: {e}", at.group)))?;
+        let batch = batch.map_err(|e| bad(format!("row group {}: cannot decode: {e}", at.next_group())))?;
         for row in batch_rows(&batch) {
             each(at.next(), row)?;
         }
@@ -116,9 +116,21 @@ struct Cursor {
 }
 
 impl Cursor {
+    /// The row group the next row is in.
+    fn next_group(&self) -> usize {
+        let mut g = self.group;
+        let mut in_group = self.in_group;
+        while g < self.group_rows.len() && in_group >= self.group_rows[g] {
+            g += 1;
+            in_group = 0;
+        }
+        g
+    }
+
     fn next(&mut self) -> RowAt {
-        while self.group < self.group_rows.len() && self.in_group >= self.group_rows[self.group] {
-            self.group += 1;
+        let g = self.next_group();
+        if g != self.group {
+            self.group = g;
             self.in_group = 0;
         }
         self.in_group += 1;
