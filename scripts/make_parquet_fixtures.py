@@ -9,7 +9,8 @@ ones, rewritten into each of ropo's row formats.
     ~/.cache/ropo/anchor/venv/bin/python scripts/make_parquet_fixtures.py   # pyarrow 26
 
 Writes tests/fixtures/parquet/ (about 100 KB):
-  <format>.parquet + <format>.jsonl   standard, implicit_prompt, conversational, openai, hh, sharegpt
+  <format>.parquet + <format>.jsonl   standard, implicit_prompt (lz4), conversational, openai, hh (brotli),
+                                      sharegpt (gzip); the others snappy
   multi_group.parquet (+ .jsonl)      20 standard rows in row groups of 6 (zstd)
   hub/data/train-0000{0,1}-of-00002.parquet, hub/data/test-00000-of-00001.parquet (+ .jsonl twins
                                       in hub_twins/): a dataset repo's files in the Hub's layout
@@ -88,8 +89,10 @@ def write_jsonl(path, rows):
 
 def main():
     orca = orca_rows(8)
+    # every codec pyarrow writes, one format each (snappy, pyarrow's default, for the rest)
+    codecs = {"hh": "brotli", "sharegpt": "gzip", "implicit_prompt": "lz4"}
     for name, rows in formats(orca, hh_rows(8)).items():
-        write(name, rows)
+        write(name, rows, compression=codecs.get(name, "snappy"))
         write_jsonl(os.path.join(OUT, name + ".jsonl"), rows)
 
     many = formats(orca_rows(20), [])["standard"]

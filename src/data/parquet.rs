@@ -63,15 +63,31 @@ impl Columns {
         let path = &msg[start..];
         let end = path.find(['"', '.', '[']).unwrap_or(path.len());
         let column = &path[..end];
+        let whole_column = msg.starts_with("missing field") && !path[end..].starts_with(['.', '[']);
         match self.0.get(column) {
             None => String::new(),
-            Some(t) if msg.starts_with("missing field") && !path[end..].starts_with(['.', '[']) => {
-                format!(" (Parquet column {column:?}, of type {t}, is null in this row)")
+            Some(t) if !readable(t) => format!(" (Parquet column {column:?} has type {t}, which no row format reads)"),
+            Some(t @ (DataType::Binary | DataType::LargeBinary | DataType::BinaryView)) if whole_column => {
+                format!(" (Parquet column {column:?} has type {t}: null or not UTF-8 in this row)")
             }
+            Some(t) if whole_column => format!(" (Parquet column {column:?}, of type {t}, is null in this row)"),
             Some(t) => format!(" (Parquet column {column:?} has type {t})"),
         }
     }
 }
+
+/// Whether [`values`] reads values of type `t` (else it reads them as absent).
+pub fn readable(t: &DataType) -> bool {
+    match t {
+        DataType::List(f) | DataType::LargeList(f) | DataType::FixedSizeList(f, _) => readable(f.data_type()),
+        DataType::Struct(fields) => fields.iter().all(|f| readable(f.data_type())),
+        DataType::Dictionary(_, v) => readable(v),
+        t => t.is_null() || *t == DataType::Boolean || t.is_integer() || t.is_floating() || STRINGS.contains(t),
+    }
+}
+
+const STRINGS: [DataType; 6] =
+    [DataType::Utf8, DataType::LargeUtf8, DataType::Utf8View, DataType::Binary, DataType::LargeBinary, DataType::BinaryView];
 
 fn open(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<std::fs::File>> {
     let file = std::fs::File::open(path).map_err(|e| Error::input(path, None, format!("cannot open: {e}")))?;
@@ -90,8 +106,8 @@ pub fn columns(path: &Path) -> Result<Columns> {
 /// Read the Parquet file at `path` row group by row group, calling `each` with every row (a JSON
 /// object, columns as keys) and where it is. `each`'s errors stop the reading and are returned.
 ///
-/// Errors (naming `path`): the file cannot be opened, is not Parquet, uses a codec this build
-/// lacks (brotli), or a page cannot be decoded (with the row group).
+/// Errors (naming `path`): the file cannot be opened, is not Parquet, or a page cannot be decoded
+/// (a corrupt page, a codec this build lacks; with the row group).
 pub fn for_each_row(path: &Path, mut each: impl FnMut(RowAt, Value) -> Result<()>) -> Result<()> {
     let bad = |msg: String| Error::input(path, None, msg);
     let builder = open(path)?;
@@ -290,5 +306,9 @@ mod tests {
         assert_eq!(c.hint("field \"chosen\": expected a string, got 3"), " (Parquet column \"chosen\" has type Int64)");
         assert_eq!(c.hint("missing field \"rejected\""), " (Parquet column \"rejected\", of type Utf8, is null in this row)");
         assert_eq!(c.hint("missing field \"prompt\""), "");
+        let c = Columns([("chosen".to_string(), DataType::Date32), ("rejected".to_string(), DataType::Binary)].into());
+        assert_eq!(c.hint("missing field \"chosen\""), " (Parquet column \"chosen\" has type Date32, which no row format reads)");
+        assert_eq!(c.hint("missing field \"rejected\""), " (Parquet column \"rejected\" has type Binary: null or not UTF-8 in this row)");
+        assert!(readable(&DataType::Float16) && !readable(&DataType::Decimal128(10, 2)));
     }
 }
