@@ -279,7 +279,7 @@ fn eval_identity_adapter_equals_base() {
         "--prefs", prefs.to_str().unwrap(), "--limit", "3", "--max-length", "256", "--batch-size", "1",
         "--prompts", prefs.to_str().unwrap(), "--samples", "2", "--max-new-tokens", "12",
         "--mmlu", mmlu_dir.to_str().unwrap(), "--subjects", "astronomy", "--mmlu-limit", "2", "--shots", "1",
-        "--energy", "--out", out.to_str().unwrap(), "--dtype", "f64",
+        "--energy", "--drift", "--out", out.to_str().unwrap(), "--dtype", "f64",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let table = String::from_utf8_lossy(&o.stdout);
@@ -309,6 +309,13 @@ fn eval_identity_adapter_equals_base() {
     assert_eq!(recs.len(), 8); // 2 prompts x greedy/sampled x base/adapted
     let greedy = |m: &str| recs.iter().filter(|x| x["model"] == m && x["mode"] == "greedy").map(|x| x["completion"].clone()).collect::<Vec<_>>();
     assert_eq!(greedy("base"), greedy("adapted"));
+    // drift from the reference: 0 for the base itself, float noise for the identity adapter
+    // (its magnitudes, the row norms, were saved in f32: m / rho = 1 + ~1e-8, so the NLL moves
+    // by ~5e-8 per token; measured 5.3e-8, KL 4e-14)
+    assert_eq!(f(&base["drift"]["kl"]), 0.0);
+    assert!(f(&adapted["drift"]["kl"]).abs() < 1e-12, "{}", adapted["drift"]);
+    assert!((f(&adapted["drift"]["nll_policy"]) - f(&base["drift"]["nll_policy"])).abs() < 1e-6, "{} vs {}", adapted["drift"], base["drift"]);
+    assert!(table.contains("drift/kl") && table.contains("drift/nll"), "{table}");
     // MMLU within 1e-4
     let (mb, ma) = (&base["mmlu"]["overall"], &adapted["mmlu"]["overall"]);
     assert_eq!(mb["accuracy"], ma["accuracy"]);
@@ -386,4 +393,79 @@ fn eval_bad_inputs_leave_no_output() {
         assert!(err.contains(msg) && !err.contains("loading model"), "{args:?}: {err}");
         assert!(!out.parent().unwrap().exists(), "{args:?}: output folder created");
     }
+}
+
+// ---------------------------------------------------------------- drift (KL from the reference)
+
+/// Random token ids in `0..vocab`.
+fn random_ids(n: usize, vocab: usize, rng: &mut impl rand::Rng) -> Vec<u32> {
+    (0..n).map(|_| rng.random_range(0..vocab as u32)).collect()
+}
+
+/// `drift` against a by-hand computation from the full logits of `Model::forward`, in f64:
+/// zero for the model against itself, equal across batch sizes, positive for a moved adapter.
+#[test]
+fn drift_kl_matches_full_logits_and_is_zero_against_itself() {
+    use candle_core::IndexOp;
+    use rand::SeedableRng;
+    use ropo::eval::drift::drift;
+    use ropo::model::config::Arch;
+    let cfg = common::tiny::tiny_config(Arch::Llama, 40, 16, false);
+    let (model, _set) = common::tiny::model_with_perturbed_ropo(&cfg, 3, 4);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let prompts: Vec<Vec<u32>> = [3, 7, 1, 5].iter().map(|&n| random_ids(n, 40, &mut rng)).collect();
+    let completions: Vec<Vec<u32>> = [4, 2, 6, 0].iter().map(|&n| random_ids(n, 40, &mut rng)).collect();
+    // by hand: full (1, T, V) logits of each sequence, adapters off and on
+    let (mut kl, mut nll_p, mut nll_r, mut tokens) = (0.0, 0.0, 0.0, 0);
+    for (p, c) in prompts.iter().zip(&completions) {
+        let ids: Vec<u32> = p.iter().chain(c).copied().collect();
+        let input = candle_core::Tensor::new(ids.as_slice(), &candle_core::Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let lsm = |adapters: bool| -> Vec<Vec<f64>> {
+            let l = model.forward(&input, None, adapters).unwrap().i(0).unwrap();
+            candle_nn::ops::log_softmax(&l, 1).unwrap().to_vec2::<f64>().unwrap()
+        };
+        let (r, q) = (lsm(false), lsm(true));
+        for (t, &y) in c.iter().enumerate() {
+            let pos = p.len() - 1 + t;
+            kl += r[pos].iter().zip(&q[pos]).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
+            nll_p -= q[pos][y as usize];
+            nll_r -= r[pos][y as usize];
+            tokens += 1;
+        }
+    }
+    let n = tokens as f64;
+    let d1 = drift(&model, &prompts, &completions, true, 1).unwrap();
+    assert_eq!((d1.prompts, d1.tokens), (4, 12));
+    assert!((d1.kl - kl / n).abs() < 1e-12 && d1.kl > 1e-3, "{d1:?} vs {}", kl / n);
+    assert!((d1.nll_policy - nll_p / n).abs() < 1e-12 && (d1.nll_reference - nll_r / n).abs() < 1e-12, "{d1:?}");
+    // right-padded batches give the same numbers
+    let d3 = drift(&model, &prompts, &completions, true, 3).unwrap();
+    assert!((d3.kl - d1.kl).abs() < 1e-12 && (d3.nll_policy - d1.nll_policy).abs() < 1e-12, "{d3:?} vs {d1:?}");
+    // the reference against itself: exactly 0, the same NLL on both sides
+    let d0 = drift(&model, &prompts, &completions, false, 2).unwrap();
+    assert_eq!(d0.kl, 0.0);
+    assert_eq!(d0.nll_policy, d0.nll_reference);
+    assert!((d0.nll_reference - d1.nll_reference).abs() < 1e-12);
+    assert!(drift(&model, &prompts, &completions[..2], true, 1).is_err());
+}
+
+/// A fresh (identity) adapter on the real model, in f64: drift 0 up to float noise.
+#[test]
+fn drift_of_an_identity_adapter_is_zero() {
+    let mut lm = ropo::model::load(
+        common::smollm2_gguf().to_str().unwrap(),
+        &ropo::model::LoadOptions { dtype: candle_core::DType::F64, ..Default::default() },
+    )
+    .unwrap();
+    let _set = ropo::adapter::ropo::inject(&mut lm.model, &Default::default(), "smollm2").unwrap();
+    let tok = &lm.tokenizer;
+    let prompts: Vec<Vec<u32>> = ["The capital of France is", "Water boils at"]
+        .iter()
+        .map(|p| tok.inner.encode(*p, true).unwrap().get_ids().to_vec())
+        .collect();
+    let completions = ropo::eval::drift::reference_completions(&lm.model, tok, &prompts, 6).unwrap();
+    assert!(completions.iter().all(|c| !c.is_empty()));
+    let d = ropo::eval::drift::drift(&lm.model, &prompts, &completions, true, 2).unwrap();
+    assert!(d.kl.abs() < 1e-12, "{d:?}");
+    assert!((d.nll_policy - d.nll_reference).abs() < 1e-9, "{d:?}");
 }

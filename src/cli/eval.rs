@@ -89,6 +89,11 @@ pub struct EvalArgs {
     /// current folder].
     #[arg(long, value_name = "FILE", help_heading = "Generations")]
     pub generations: Option<PathBuf>,
+    /// Drift from the reference on the --prompts: the base model generates greedily, then each
+    /// model's per-token KL(reference || model) and negative log-likelihood over those
+    /// completions (drift/kl, drift/nll; 0 and the base NLL for the base model).
+    #[arg(long, requires = "prompts", help_heading = "Generations")]
+    pub drift: bool,
 
     /// MMLU data folder (holding dev/ and test/, or data/dev and data/test).
     #[arg(long, value_name = "DIR", requires = "subjects", help_heading = "Knowledge retention (MMLU)")]
@@ -307,6 +312,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         Some(path) => Some(section.generation_section(path, &mut reports)?),
         None => None,
     };
+    if let (true, Some(path)) = (args.drift, &args.prompts) {
+        section.drift_section(path, &mut reports)?;
+    }
     if let Some(data) = &mmlu_data {
         section.mmlu_section(data, &mut reports)?;
     }
@@ -411,6 +419,17 @@ impl Section<'_> {
             None => PathBuf::from("generations.jsonl"),
         });
         Ok((out, lines))
+    }
+
+    /// 2b. Drift: the reference's greedy completions of the prompts, scored by each column.
+    fn drift_section(&self, path: &Path, reports: &mut [ModelReport]) -> anyhow::Result<()> {
+        let Section { args, model, tok, template, cols } = *self;
+        let ids: Vec<Vec<u32>> = prompts(args, path, tok, template)?.into_iter().map(|p| p.1).collect();
+        let completions = crate::eval::drift::reference_completions(model, tok, &ids, args.max_new_tokens)?;
+        for ((_, adapted), r) in cols.iter().zip(reports.iter_mut()) {
+            r.drift = Some(crate::eval::drift::drift(model, &ids, &completions, *adapted, args.batch_size)?);
+        }
+        Ok(())
     }
 
     /// 3. MMLU, each column scored on `data`.

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::drift::Drift;
 use super::energy::EnergyReport;
 use super::generation::GenerationStats;
 use super::mmlu::MmluScores;
@@ -27,6 +28,9 @@ pub struct ModelReport {
     /// MMLU accuracy and answer log-likelihood.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mmlu: Option<MmluScores>,
+    /// Drift from the reference on the `--prompts` (`--drift`; 0 for the base model itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<Drift>,
 }
 
 /// Everything `ropo eval` measured.
@@ -51,7 +55,8 @@ pub struct EvalReport {
 /// The table rows of one model: `(metric name, value)`, in a fixed order.
 ///
 /// Names: the preference metrics under TRL's names (`loss` as `dpo_loss`),
-/// `greedy/...` and `sampled/...` generation statistics, `mmlu/accuracy`,
+/// `greedy/...` and `sampled/...` generation statistics, `drift/kl` and `drift/nll` (per token),
+/// `mmlu/accuracy`,
 /// `mmlu/logprob_correct` overall, then per subject (`mmlu/<subject>/accuracy`, ...).
 pub fn metric_rows(r: &ModelReport) -> Vec<(String, f64)> {
     let mut rows = Vec::new();
@@ -81,6 +86,10 @@ pub fn metric_rows(r: &ModelReport) -> Vec<(String, f64)> {
                 rows.push((format!("{mode}/{k}"), v));
             }
         }
+    }
+    if let Some(d) = &r.drift {
+        rows.push(("drift/kl".into(), d.kl));
+        rows.push(("drift/nll".into(), d.nll_policy));
     }
     if let Some(m) = &r.mmlu {
         rows.push(("mmlu/accuracy".into(), m.overall.accuracy));
