@@ -469,3 +469,67 @@ fn drift_of_an_identity_adapter_is_zero() {
     assert!(d.kl.abs() < 1e-12, "{d:?}");
     assert!((d.nll_policy - d.nll_reference).abs() < 1e-9, "{d:?}");
 }
+
+// ---------------------------------------------------------------- MMLU in cloze form
+
+/// A handmade MMLU folder: subject `easy_facts` with questions whose answers the real model
+/// knows (dev: one example), in the hendrycks CSV layout.
+fn handmade_mmlu(dir: &Path) -> std::path::PathBuf {
+    let root = dir.join("mmlu");
+    for split in ["dev", "test"] {
+        std::fs::create_dir_all(root.join(split)).unwrap();
+    }
+    std::fs::write(root.join("dev/easy_facts_dev.csv"), "What do bees make?,honey,steel,glass,plastic,A\n").unwrap();
+    std::fs::write(
+        root.join("test/easy_facts_test.csv"),
+        "What is the capital of France?,Berlin,Paris,Madrid,Tokyo,B\n\
+         \"What colour is the sky on a clear, sunny day?\",green,red,black,blue,D\n\
+         How many legs does a dog have?,four,eleven,twenty,one hundred,A\n",
+    )
+    .unwrap();
+    root
+}
+
+/// Cloze scores of the real model: each choice's log-likelihood equals a by-hand sum over the
+/// full logits of that sequence alone (so the 4-row batch changes nothing), the known answers
+/// win, and `ropo eval --mmlu-format cloze` reports them.
+#[test]
+fn mmlu_cloze_scores_answer_texts() {
+    use ropo::eval::mmlu::{build_cloze_prompt, cloze_choices, score_cloze, ClozeScorer, ModelScorer};
+    let dir = tempfile::tempdir().unwrap();
+    let root = handmade_mmlu(dir.path());
+    let lm = smollm2();
+    let sd = mmlu::load_subject(&root, "easy_facts", Split::Test, None).unwrap();
+    let mut sc = ModelScorer::new(&lm.model, &lm.tokenizer, false, None).unwrap();
+    let prompt = build_cloze_prompt(&sd.subject, &sd.dev, 1, &sd.questions[0]);
+    let conts = cloze_choices(&sd.questions[0]);
+    let lp = sc.continuation_logprobs(&prompt, &conts).unwrap();
+    // oracle: each continuation alone, full (1, T, V) logits, candle's log-softmax
+    let ctx = lm.tokenizer.inner.encode(prompt.as_str(), true).unwrap().get_ids().to_vec();
+    for (i, c) in conts.iter().enumerate() {
+        let whole = lm.tokenizer.inner.encode(format!("{prompt}{c}").as_str(), true).unwrap().get_ids().to_vec();
+        assert!(whole.starts_with(&ctx) && whole.len() > ctx.len(), "{c:?}");
+        let input = candle_core::Tensor::new(whole.as_slice(), &candle_core::Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits = lm.model.forward(&input, None, false).unwrap().get(0).unwrap();
+        let ls = candle_nn::ops::log_softmax(&logits, 1).unwrap().to_vec2::<f32>().unwrap();
+        let want: f64 = (ctx.len()..whole.len()).map(|t| ls[t - 1][whole[t] as usize] as f64).sum();
+        assert!((lp[i] - want).abs() < 1e-3, "{c:?}: {} vs {want}", lp[i]);
+    }
+    let s = score_cloze(std::slice::from_ref(&sd), 1, &mut sc, || {}).unwrap();
+    assert_eq!(s.overall.n, 3);
+    assert_eq!(s.overall.accuracy, 1.0, "{s:?}");
+    assert!(s.overall.mean_logprob_correct < 0.0 && s.overall.accuracy_norm.is_some());
+    // the CLI
+    let out = dir.path().join("r.json");
+    let o = ropo_eval(&[
+        "--model", common::smollm2_gguf().to_str().unwrap(), "--mmlu", root.to_str().unwrap(), "--subjects", "easy_facts",
+        "--shots", "1", "--mmlu-format", "cloze", "--out", out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.contains("mmlu/accuracy_norm") && table.contains("mmlu/easy_facts/accuracy"), "{table}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(r["base"]["mmlu"]["format"], "cloze");
+    let got = r["base"]["mmlu"]["overall"]["mean_logprob_correct"].as_f64().unwrap();
+    assert!((got - s.overall.mean_logprob_correct).abs() < 1e-9, "{got} vs {}", s.overall.mean_logprob_correct);
+}

@@ -104,6 +104,11 @@ pub struct EvalArgs {
     /// Dev examples per prompt (0 = zero-shot; 5 as the original evaluation).
     #[arg(long, default_value_t = 5, help_heading = "Knowledge retention (MMLU)")]
     pub shots: usize,
+    /// letter: the choices listed A-D, the answer letter's log-prob (hendrycks/test); cloze:
+    /// each choice's text scored by its log-likelihood after the question, plus accuracy per
+    /// character (lighteval's mmlu_cloze, how small models are evaluated).
+    #[arg(long, value_enum, default_value = "letter", help_heading = "Knowledge retention (MMLU)")]
+    pub mmlu_format: mmlu::MmluFormat,
     /// Score only the first N test questions of each subject.
     #[arg(long, value_name = "N", help_heading = "Knowledge retention (MMLU)")]
     pub mmlu_limit: Option<usize>,
@@ -439,7 +444,10 @@ impl Section<'_> {
         for ((name, adapted), r) in cols.iter().zip(reports.iter_mut()) {
             let mut scorer = ModelScorer::new(model, tok, *adapted, Some(args.mmlu_max_tokens))?;
             let b = bar(n, &format!("{name} MMLU questions"));
-            r.mmlu = Some(mmlu::score(data, args.shots, &mut scorer, || b.inc(1))?);
+            r.mmlu = Some(match args.mmlu_format {
+                mmlu::MmluFormat::Letter => mmlu::score(data, args.shots, &mut scorer, || b.inc(1))?,
+                mmlu::MmluFormat::Cloze => mmlu::score_cloze(data, args.shots, &mut scorer, || b.inc(1))?,
+            });
             b.finish_and_clear();
         }
         Ok(())

@@ -26,6 +26,16 @@
 //!
 //! Like `evaluate.py`, a prompt longer than the model's context drops dev examples (k -> k-1)
 //! until it fits ([`LetterScorer::fits`]).
+//!
+//! **Cloze** ([`MmluFormat::Cloze`], as the SmolLM2 / cosmopedia evaluations score small models,
+//! lighteval's `mmlu_cloze_prompt`): no letters; the prompt is
+//! `"The following are questions about {subject}.\nQuestion: {q}\nAnswer:"` (after `k` dev examples
+//! `"Question: {q}\nAnswer: {correct text}\n\n"`), and each choice's *text* `" {choice}"` is
+//! scored by its summed log-likelihood after the prompt ([`ClozeScorer`]). Accuracy: the best
+//! sum; length-normalised accuracy: the best sum divided by the choice's length in characters
+//! (lighteval's `loglikelihood_acc_norm`, `LogProbCharNorm`); the retention measure is the summed
+//! log-likelihood of the correct text. A 135M model answers letters at chance, but its
+//! likelihood of the right answer text still tells what it knows.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -320,32 +330,152 @@ impl LetterScorer for ModelScorer<'_> {
     }
 }
 
-/// Accuracy and mean log-prob of the correct letter over a set of questions.
+impl ModelScorer<'_> {
+    /// The ids of `continuation` after `prompt`, as lighteval splits them: the tokens of
+    /// `prompt + continuation` past the prompt's own tokens, when those start it; else the
+    /// continuation tokenized alone.
+    fn continuation_ids(&mut self, prompt: &str, continuation: &str) -> Result<Vec<u32>> {
+        let ctx = self.ids(prompt)?;
+        let whole = format!("{prompt}{continuation}");
+        let enc = self.tokenizer.inner.encode(whole.as_str(), true).map_err(|e| Error::Msg(format!("tokenizer: {e}")))?;
+        let ids = enc.get_ids();
+        if ids.len() > ctx.len() && ids.starts_with(&ctx) {
+            return Ok(ids[ctx.len()..].to_vec());
+        }
+        let enc = self.tokenizer.inner.encode(continuation, false).map_err(|e| Error::Msg(format!("tokenizer: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+}
+
+impl ClozeScorer for ModelScorer<'_> {
+    /// The four `prompt + continuation` sequences in one right-padded batch (causal attention:
+    /// the padding after a row does not reach its positions); only the continuation positions
+    /// go through the LM head; log-softmax in f64.
+    fn continuation_logprobs(&mut self, prompt: &str, continuations: &[String; 4]) -> Result<[f64; 4]> {
+        let ctx = self.ids(prompt)?;
+        let conts: Vec<Vec<u32>> = continuations.iter().map(|c| self.continuation_ids(prompt, c)).collect::<Result<_>>()?;
+        if let Some(i) = conts.iter().position(Vec::is_empty) {
+            return Err(Error::Msg(format!("MMLU cloze: choice {} tokenizes to nothing", LETTERS[i])));
+        }
+        let width = ctx.len() + conts.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(4 * width);
+        for c in &conts {
+            ids.extend_from_slice(&ctx);
+            ids.extend_from_slice(c);
+            ids.resize(ids.len() + width - ctx.len() - c.len(), 0);
+        }
+        let input = Tensor::from_vec(ids, (4, width), self.model.device())?;
+        let mut out = [0.0; 4];
+        crate::model::grad::no_grad(|| -> Result<()> {
+            let hidden = self.model.forward_hidden(&input, None, self.use_adapters)?; // (4, W, D)
+            for (b, c) in conts.iter().enumerate() {
+                let h = hidden.narrow(0, b, 1)?.narrow(1, ctx.len() - 1, c.len())?; // (1, C, D)
+                let logits = self.model.lm_head(&h, self.use_adapters)?.squeeze(0)?.to_dtype(DType::F64)?; // (C, V)
+                for (row, &y) in logits.to_vec2::<f64>()?.iter().zip(c) {
+                    let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let lse = max + row.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
+                    out[b] += row[y as usize] - lse;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn fits_with(&mut self, prompt: &str, continuations: &[String; 4]) -> Result<bool> {
+        let n = self.ids(prompt)?.len();
+        let mut longest = 0;
+        for c in continuations {
+            longest = longest.max(self.continuation_ids(prompt, c)?.len());
+        }
+        Ok(n + longest <= self.max_tokens)
+    }
+}
+
+/// Accuracy and mean log-prob of the correct answer over a set of questions.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Score {
     /// Number of questions.
     pub n: usize,
     /// Share (0..=1) predicted correctly.
     pub accuracy: f64,
-    /// Mean of `log p(correct letter | prompt)` (nats; 0 is certainty).
+    /// Cloze only: share predicted correctly by log-likelihood per character of the choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy_norm: Option<f64>,
+    /// Mean of `log p(correct letter | prompt)`, or in cloze form of the correct answer text's
+    /// summed log-likelihood (nats; 0 is certainty).
     pub mean_logprob_correct: f64,
 }
 
+/// One scored question: right by the plain score, right by the normalised one (cloze), and
+/// the correct answer's log-likelihood.
+type Item = (bool, Option<bool>, f64);
+
 impl Score {
-    fn from_items(items: &[(bool, f64)]) -> Self {
+    fn from_items(items: &[Item]) -> Self {
         let n = items.len();
-        if n == 0 {
-            return Score { n, accuracy: 0.0, mean_logprob_correct: 0.0 };
-        }
-        let correct = items.iter().filter(|(c, _)| *c).count();
-        let lp = items.iter().map(|(_, l)| l).sum::<f64>();
-        Score { n, accuracy: correct as f64 / n as f64, mean_logprob_correct: lp / n as f64 }
+        let share = |k: usize| if n == 0 { 0.0 } else { k as f64 / n as f64 };
+        let correct = items.iter().filter(|(c, _, _)| *c).count();
+        let norm: Option<usize> = items.iter().map(|(_, c, _)| c.map(usize::from)).sum();
+        let lp = items.iter().map(|(_, _, l)| l).sum::<f64>();
+        Score { n, accuracy: share(correct), accuracy_norm: norm.map(share), mean_logprob_correct: if n == 0 { 0.0 } else { lp / n as f64 } }
+    }
+}
+
+/// How MMLU questions are put to the model (`ropo eval --mmlu-format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum MmluFormat {
+    /// The choices listed with letters; the answer letter's next-token log-prob (hendrycks/test).
+    #[default]
+    Letter,
+    /// No letters; each choice's text scored by its log-likelihood after the question.
+    Cloze,
+}
+
+/// `"The following are questions about {subject}.\n"` (lighteval's `mmlu_cloze_prompt`).
+pub fn cloze_header(subject: &str) -> String {
+    format!("The following are questions about {}.\n", subject.replace('_', " "))
+}
+
+/// The cloze prompt for `q`: header, `k` dev examples `"Question: {q}\nAnswer: {text}\n\n"`,
+/// then `"Question: {q}\nAnswer:"`.
+pub fn build_cloze_prompt(subject: &str, dev: &[Question], k: usize, q: &Question) -> String {
+    let mut s = cloze_header(subject);
+    for ex in dev.iter().take(k) {
+        s.push_str(&format!("Question: {}\nAnswer: {}\n\n", ex.question, ex.choices[ex.answer]));
+    }
+    s.push_str(&format!("Question: {}\nAnswer:", q.question));
+    s
+}
+
+/// The cloze continuations of `q`: `" {choice}"`, A to D.
+pub fn cloze_choices(q: &Question) -> [String; 4] {
+    q.choices.clone().map(|c| format!(" {c}"))
+}
+
+/// What cloze scoring needs from a model: each continuation's summed log-likelihood.
+pub trait ClozeScorer {
+    /// `[Σ_t log p(c_t | prompt, c_<t)]` for each of the four continuations.
+    fn continuation_logprobs(&mut self, prompt: &str, continuations: &[String; 4]) -> Result<[f64; 4]>;
+    /// Whether `prompt` with its longest continuation fits the model's context.
+    fn fits_with(&mut self, _prompt: &str, _continuations: &[String; 4]) -> Result<bool> {
+        Ok(true)
+    }
+}
+
+impl<F: FnMut(&str, &[String; 4]) -> Result<[f64; 4]>> ClozeScorer for F {
+    fn continuation_logprobs(&mut self, prompt: &str, continuations: &[String; 4]) -> Result<[f64; 4]> {
+        self(prompt, continuations)
     }
 }
 
 /// MMLU results: one [`Score`] per subject and the pooled one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MmluScores {
+    /// How the questions were asked.
+    #[serde(default)]
+    pub format: MmluFormat,
     /// Number of dev examples requested per prompt (a prompt may use fewer to fit).
     pub k_shot: usize,
     /// Per subject, by name.
@@ -355,7 +485,7 @@ pub struct MmluScores {
 }
 
 /// Index of the largest value (the first one on ties, as `np.argmax`).
-fn argmax(v: &[f64; 4]) -> usize {
+pub fn argmax(v: &[f64; 4]) -> usize {
     let mut best = 0;
     for i in 1..4 {
         if v[i] > v[best] {
@@ -374,7 +504,46 @@ pub fn score(
     data: &[SubjectData],
     k: usize,
     scorer: &mut dyn LetterScorer,
+    on_question: impl FnMut(),
+) -> Result<MmluScores> {
+    score_with(data, k, MmluFormat::Letter, on_question, |sd, q, kk| {
+        let prompt = build_prompt(&sd.subject, &sd.dev, kk, q);
+        if !scorer.fits(&prompt)? {
+            return Ok(None);
+        }
+        let lp = scorer.letter_logprobs(&prompt)?;
+        Ok(Some((lp, argmax(&lp) == q.answer, None)))
+    })
+}
+
+/// [`score`] in cloze form ([`MmluFormat::Cloze`]).
+///
+/// Errors: as [`score`].
+pub fn score_cloze(data: &[SubjectData], k: usize, scorer: &mut dyn ClozeScorer, on_question: impl FnMut()) -> Result<MmluScores> {
+    score_with(data, k, MmluFormat::Cloze, on_question, |sd, q, kk| {
+        let prompt = build_cloze_prompt(&sd.subject, &sd.dev, kk, q);
+        let conts = cloze_choices(q);
+        if !scorer.fits_with(&prompt, &conts)? {
+            return Ok(None);
+        }
+        let lp = scorer.continuation_logprobs(&prompt, &conts)?;
+        let per_char: [f64; 4] = std::array::from_fn(|i| lp[i] / conts[i].chars().count().max(1) as f64);
+        Ok(Some((lp, argmax(&lp) == q.answer, Some(argmax(&per_char) == q.answer))))
+    })
+}
+
+/// One question asked with `kk` shots: `None` when the prompt does not fit, else the four
+/// log-likelihoods and whether the plain (and normalised) prediction is right.
+type Asked = Option<([f64; 4], bool, Option<bool>)>;
+
+/// The scoring loop both formats share: shots dropped until the prompt fits, finite checks,
+/// per-subject and pooled scores.
+fn score_with(
+    data: &[SubjectData],
+    k: usize,
+    format: MmluFormat,
     mut on_question: impl FnMut(),
+    mut ask: impl FnMut(&SubjectData, &Question, usize) -> Result<Asked>,
 ) -> Result<MmluScores> {
     let mut subjects = BTreeMap::new();
     let mut all = Vec::new();
@@ -382,8 +551,10 @@ pub fn score(
         let mut items = Vec::with_capacity(sd.questions.len());
         for (i, q) in sd.questions.iter().enumerate() {
             let mut kk = k.min(sd.dev.len());
-            let mut prompt = build_prompt(&sd.subject, &sd.dev, kk, q);
-            while !scorer.fits(&prompt)? {
+            let (lp, right, right_norm) = loop {
+                if let Some(r) = ask(sd, q, kk)? {
+                    break r;
+                }
                 if kk == 0 {
                     return Err(Error::Msg(format!(
                         "MMLU {} question {}: the zero-shot prompt is longer than the model's context",
@@ -392,19 +563,17 @@ pub fn score(
                     )));
                 }
                 kk -= 1;
-                prompt = build_prompt(&sd.subject, &sd.dev, kk, q);
-            }
-            let lp = scorer.letter_logprobs(&prompt)?;
+            };
             if lp.iter().any(|x| !x.is_finite()) {
                 return Err(Error::Msg(format!("MMLU {} question {}: non-finite log-probs {lp:?}", sd.subject, i + 1)));
             }
-            items.push((argmax(&lp) == q.answer, lp[q.answer]));
+            items.push((right, right_norm, lp[q.answer]));
             on_question();
         }
         all.extend_from_slice(&items);
         subjects.insert(sd.subject.clone(), Score::from_items(&items));
     }
-    Ok(MmluScores { k_shot: k, subjects, overall: Score::from_items(&all) })
+    Ok(MmluScores { format, k_shot: k, subjects, overall: Score::from_items(&all) })
 }
 
 #[cfg(test)]
@@ -475,15 +644,36 @@ mod tests {
         let s = score(&data, 1, &mut scorer, || calls += 1).unwrap();
         assert_eq!(calls, 3);
         // s1: answers A, B -> both wrong; log p(correct) = -1, -2 -> mean -1.5
-        assert_eq!(s.subjects["s1"], Score { n: 2, accuracy: 0.0, mean_logprob_correct: -1.5 });
+        assert_eq!(s.subjects["s1"], Score { n: 2, accuracy: 0.0, accuracy_norm: None, mean_logprob_correct: -1.5 });
         // s2: answer C -> right; -0.5
-        assert_eq!(s.subjects["s2"], Score { n: 1, accuracy: 1.0, mean_logprob_correct: -0.5 });
+        assert_eq!(s.subjects["s2"], Score { n: 1, accuracy: 1.0, accuracy_norm: None, mean_logprob_correct: -0.5 });
         // pooled: 1/3 right; (-1 - 2 - 0.5) / 3
         assert_eq!(s.overall.n, 3);
         assert!((s.overall.accuracy - 1.0 / 3.0).abs() < 1e-15);
         assert!((s.overall.mean_logprob_correct - (-3.5 / 3.0)).abs() < 1e-15);
         // ties go to the first letter
         assert_eq!(argmax(&[-1.0, -1.0, -2.0, -1.0]), 0);
+    }
+
+    #[test]
+    fn cloze_prompt_and_scoring_by_hand() {
+        let q = |ans, text: &str| Question {
+            question: format!("Q{text}?"),
+            choices: ["a".into(), "bbbb".into(), "cc".into(), "d".into()],
+            answer: ans,
+        };
+        let p = build_cloze_prompt("college_physics", &[q(1, "0")], 1, &q(0, "1"));
+        assert_eq!(p, "The following are questions about college physics.\nQuestion: Q0?\nAnswer: bbbb\n\nQuestion: Q1?\nAnswer:");
+        assert_eq!(cloze_choices(&q(0, "")), [" a", " bbbb", " cc", " d"].map(String::from));
+        // sums [-2, -3, -2.5, -4]: plain argmax A; per character (" a" 2, " bbbb" 5, " cc" 3,
+        // " d" 2 chars) [-1, -0.6, -0.833, -2]: argmax B
+        let data = vec![SubjectData { subject: "s".into(), dev: vec![], questions: vec![q(0, "x"), q(1, "y")] }];
+        let mut scorer = |_: &str, _: &[String; 4]| -> Result<[f64; 4]> { Ok([-2.0, -3.0, -2.5, -4.0]) };
+        let s = score_cloze(&data, 0, &mut scorer, || {}).unwrap();
+        assert_eq!(s.format, MmluFormat::Cloze);
+        // question 1 (answer A): right, not by norm; question 2 (answer B): wrong, right by norm
+        assert_eq!(s.overall, Score { n: 2, accuracy: 0.5, accuracy_norm: Some(0.5), mean_logprob_correct: (-2.0 - 3.0) / 2.0 });
+        assert_eq!(s.subjects["s"], s.overall);
     }
 
     #[test]

@@ -92,11 +92,16 @@ pub fn metric_rows(r: &ModelReport) -> Vec<(String, f64)> {
         rows.push(("drift/nll".into(), d.nll_policy));
     }
     if let Some(m) = &r.mmlu {
-        rows.push(("mmlu/accuracy".into(), m.overall.accuracy));
-        rows.push(("mmlu/logprob_correct".into(), m.overall.mean_logprob_correct));
+        let mut push = |prefix: String, sc: &super::mmlu::Score| {
+            rows.push((format!("{prefix}accuracy"), sc.accuracy));
+            if let Some(a) = sc.accuracy_norm {
+                rows.push((format!("{prefix}accuracy_norm"), a));
+            }
+            rows.push((format!("{prefix}logprob_correct"), sc.mean_logprob_correct));
+        };
+        push("mmlu/".into(), &m.overall);
         for (s, sc) in &m.subjects {
-            rows.push((format!("mmlu/{s}/accuracy"), sc.accuracy));
-            rows.push((format!("mmlu/{s}/logprob_correct"), sc.mean_logprob_correct));
+            push(format!("mmlu/{s}/"), sc);
         }
     }
     rows
