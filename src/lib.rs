@@ -38,6 +38,8 @@ pub mod eval;
 pub mod generate;
 /// Training-curve PNGs.
 pub mod plot;
+/// The picture of a sweep of runs: win (held-out preference accuracy, margin) against drift.
+pub mod sweep_plot;
 /// Small filesystem helpers: atomic writes (temporary file, then rename), safetensors bytes.
 pub mod fsutil;
 /// Process tuning for every subcommand (threads, candle's element-wise pool, allocator) and peak RSS.

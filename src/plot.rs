@@ -96,7 +96,7 @@ pub fn read_metrics(path: &Path) -> Result<Curves> {
 }
 
 /// Register the embedded DejaVu Sans as plotters' `sans-serif` (once per process).
-fn register_font() {
+pub(crate) fn register_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // The bytes are a valid TrueType font compiled into the binary; failure is a build bug.
@@ -107,7 +107,7 @@ fn register_font() {
 }
 
 /// `[lo, hi]` padded by 5% (a flat or empty range is widened so the axis is drawable).
-fn padded(values: impl Iterator<Item = f64>) -> (f64, f64) {
+pub(crate) fn padded(values: impl Iterator<Item = f64>) -> (f64, f64) {
     let (mut lo, mut hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| (l.min(v), h.max(v)));
     if !lo.is_finite() || !hi.is_finite() {
         return (0.0, 1.0);

@@ -13,13 +13,25 @@ pub struct PlotArgs {
     /// values from the same names prefixed `eval/` (or TRL's `eval_`); each record needs a
     /// numeric `step`.
     pub metrics: PathBuf,
-    /// Where to write the PNG [default: curves.png beside the metrics file].
+    /// Where to write the PNG [default: curves.png beside the metrics file, sweep.png beside
+    /// a sweep's results].
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// The file is a sweep's results.json (`scripts/sweep.py`): draw held-out accuracy and
+    /// margin, length ratio and distinct-2 against the KL drift, one line per method.
+    #[arg(long)]
+    pub sweep: bool,
 }
 
 /// Run `ropo plot`.
 pub fn run(args: PlotArgs) -> anyhow::Result<()> {
+    if args.sweep {
+        let out = args.out.unwrap_or_else(|| args.metrics.with_file_name("sweep.png"));
+        let runs = crate::sweep_plot::read_runs(&args.metrics)?;
+        crate::sweep_plot::plot_sweep(&runs, &out)?;
+        println!("wrote {} ({} runs)", out.display(), runs.len());
+        return Ok(());
+    }
     let out = args.out.unwrap_or_else(|| args.metrics.with_file_name(crate::checkpoint::CURVES_FILE));
     let curves = crate::plot::plot_metrics_file(&args.metrics, &out)
         .with_context(|| format!("plotting {}", args.metrics.display()))?;
