@@ -7,8 +7,10 @@
 //! (TRL's `log_history`). Blank lines are ignored; records without a `step` (run summaries) are
 //! skipped and counted; metrics that are `null` or not numbers are left out of the curve.
 //!
-//! Output: a PNG of `WIDTH x HEIGHT` pixels, three panels side by side; train as a blue line,
-//! eval as a red line with dots (eval is sparse), ln 2 (the DPO loss at step 0) as a grey line
+//! Output: a PNG of `WIDTH x HEIGHT` pixels, three panels side by side; train as a light blue
+//! line (the raw values: with batches of 2 pairs they jump between 0.3 and 2.5) under its
+//! smoothed curve ([`smoothed`], TensorBoard's debiased exponential moving average, weight
+//! [`SMOOTHING`]), eval as a red line with dots (eval is sparse), ln 2 (the DPO loss at step 0) as a grey line
 //! on the loss panel. Text uses DejaVu Sans embedded in the binary (the `dejavu` crate), so the
 //! plot does not depend on the fonts of the machine. Written atomically (temporary file, then
 //! rename).
@@ -26,6 +28,28 @@ pub const WIDTH: u32 = 1800;
 pub const HEIGHT: u32 = 520;
 /// The plotted metrics (train names), one panel each, in order.
 pub const PANELS: [&str; 3] = ["loss", "rewards/accuracies", "rewards/margins"];
+
+/// The smoothing weight of the train curves (TensorBoard's default, 0.6).
+pub const SMOOTHING: f64 = 0.6;
+
+/// TensorBoard's smoothing of a scalar curve: the exponential moving average
+/// `last = w * last + (1 - w) * v`, started at 0 and debiased by `1 - w^k` after `k` points
+/// (TensorBoard `vz_line_chart2` `resmoothDataset`), so the first point is its own value.
+/// Non-finite values pass through and do not enter the average.
+pub fn smoothed(points: &[(f64, f64)], weight: f64) -> Vec<(f64, f64)> {
+    let (mut last, mut k) = (0.0, 0);
+    points
+        .iter()
+        .map(|&(x, v)| {
+            if !v.is_finite() {
+                return (x, v);
+            }
+            last = last * weight + (1.0 - weight) * v;
+            k += 1;
+            (x, last / (1.0 - weight.powi(k)))
+        })
+        .collect()
+}
 
 /// One panel's data: `(step, value)` points, in file order.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -190,10 +214,16 @@ fn draw(curves: &Curves, path: &Path) -> Result<()> {
         let blue = RGBColor(31, 119, 180);
         let red = RGBColor(214, 39, 40);
         if !s.train.is_empty() {
+            let light = RGBColor(174, 199, 232);
             chart
-                .draw_series(LineSeries::new(s.train.iter().copied(), blue.stroke_width(2)))
+                .draw_series(LineSeries::new(s.train.iter().copied(), light.stroke_width(1)))
                 .map_err(draw_err)?
-                .label("train")
+                .label("train (raw)")
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], light.stroke_width(1)));
+            chart
+                .draw_series(LineSeries::new(smoothed(&s.train, SMOOTHING), blue.stroke_width(2)))
+                .map_err(draw_err)?
+                .label("train (smoothed)")
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], blue.stroke_width(2)));
         }
         if !s.eval.is_empty() {
@@ -271,6 +301,17 @@ mod tests {
         let e = plot_curves(&c, &jpg).unwrap_err().to_string();
         assert!(e.contains("written as PNG") && !jpg.exists(), "{e}");
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn smoothing_is_tensorboards_debiased_ema() {
+        // w = 0.6: last = 0.4 * 1 = 0.4 -> 0.4 / 0.4 = 1; then 0.6 * 0.4 + 0.4 * 3 = 1.44 -> / 0.64
+        let s = smoothed(&[(1.0, 1.0), (2.0, 3.0), (3.0, f64::NAN)], 0.6);
+        assert_eq!(s[0], (1.0, 1.0));
+        assert!((s[1].1 - 1.44 / 0.64).abs() < 1e-15);
+        assert!(s[2].1.is_nan());
+        // a constant curve stays constant
+        assert!(smoothed(&[(0.0, 2.0); 5], 0.6).iter().all(|p| (p.1 - 2.0).abs() < 1e-12));
     }
 
     #[test]
