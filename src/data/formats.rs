@@ -14,7 +14,7 @@
 //! | `axolotl_icr`     | `input`, `chosen`, `rejected`: strings, optional `system`         | yes (`input` a string, no `instruction`) | chat |
 //! | `axolotl_intel`   | `question`, `chosen`, `rejected`: strings, optional `system`      | yes (`question` + `chosen`) | chat |
 //! | `axolotl_prompt_pairs` | `prompt`, `chosen`, `rejected`: strings, optional `system`   | no: the keys are `standard`'s | chat |
-//! | `axolotl_ultra`   | `prompt` string, `chosen`/`rejected` `[user, assistant]` lists, optional `system` | yes (`prompt` a string, `chosen` a list) | chat |
+//! | `axolotl_ultra`   | `prompt` string, `chosen`/`rejected` `[user, assistant]` lists, optional `system` | yes (`prompt` a string, `chosen` and `rejected` lists) | chat |
 //! | `axolotl_nectar`  | `prompt`, `answers` `[{answer, rank}]`                          | yes (`answers`) | chat |
 //!
 //! Where a source renders the prompt through a fixed template (axolotl's `chatml.*` /
@@ -232,11 +232,12 @@ pub fn detect(row: &Value) -> Result<Format, RowError> {
         return Ok(f);
     }
     if let Some(p) = obj.get("prompt") {
-        return match (p, obj.get("chosen")) {
-            (Value::String(_), Some(Value::Array(_))) => Ok(Format::AxolotlUltra),
-            (Value::String(_), _) => Ok(Format::Standard),
-            (Value::Array(_), _) => Ok(Format::Conversational),
-            (other, _) => Err(wrong_type("prompt", "a string or a list of messages", other)),
+        let lists = [obj.get("chosen"), obj.get("rejected")].iter().all(|v| matches!(v, Some(Value::Array(_))));
+        return match p {
+            Value::String(_) if lists => Ok(Format::AxolotlUltra),
+            Value::String(_) => Ok(Format::Standard),
+            Value::Array(_) => Ok(Format::Conversational),
+            other => Err(wrong_type("prompt", "a string or a list of messages", other)),
         };
     }
     match obj.get("chosen") {
