@@ -235,6 +235,62 @@ fn sharegpt_and_json_array_files() {
     assert_eq!(e, "t.json:3: field \"rejected.from\": expected \"gpt\" for an answer, got \"human\"");
 }
 
+/// The shared orca_dpo_pairs rows rewritten into Intel's own layout (axolotl `chatml.intel`:
+/// `system`, `question`, `chosen`, `rejected`) load, detected, as the same pairs as the OpenAI file.
+#[test]
+fn orca_in_axolotl_intel_layout_loads_as_the_openai_pairs() {
+    let openai = load(common::shared("data/orca_dpo_pairs/validation.jsonl"), &LoadOptions::default()).unwrap();
+    let text = std::fs::read_to_string(common::shared("data/orca_dpo_pairs/validation.jsonl")).unwrap();
+    let mut out = String::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        let m = &r["input"]["messages"];
+        assert_eq!((m[0]["role"].as_str(), m[1]["role"].as_str()), (Some("system"), Some("user")));
+        let row = serde_json::json!({
+            "system": m[0]["content"], "question": m[1]["content"],
+            "chosen": r["preferred_output"][0]["content"], "rejected": r["non_preferred_output"][0]["content"],
+        });
+        out.push_str(&format!("{row}\n"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("orca_intel.jsonl");
+    std::fs::write(&path, out).unwrap();
+    let got = load(&path, &LoadOptions::default()).unwrap();
+    assert_eq!(got.format, Format::AxolotlIntel);
+    assert_eq!(got.report.rows_read, 284);
+    assert_eq!(got.examples, openai.examples);
+    // forced to prompt_pairs the `prompt` field is missing, named with the line
+    let opts = LoadOptions { format: Some(Format::AxolotlPromptPairs), ..Default::default() };
+    let e = load(&path, &opts).unwrap_err().to_string();
+    assert!(e.ends_with("orca_intel.jsonl:1: missing field \"prompt\""), "{e}");
+}
+
+#[test]
+fn alpaca_and_nectar_files_load() {
+    let text = concat!(
+        r#"{"instruction": "Translate to English", "input": "Bonjour", "chosen": "Hello", "rejected": "Goodbye", "history": [["Hi", "Hello!"]]}"#,
+        "\n",
+        r#"{"instruction": "Say hi", "input": "", "chosen": "hi", "rejected": "hi"}"#,
+        "\n",
+        r#"{"instruction": "Say hi", "chosen": "hi", "rejected": null}"#,
+        "\n",
+    );
+    let e = parse_err(text.as_bytes(), "a.jsonl");
+    assert_eq!(e, "a.jsonl:3: field \"rejected\": expected a string, got null");
+    let two: String = text.lines().take(2).map(|l| format!("{l}\n")).collect();
+    let got = parse(two.as_bytes(), "a.jsonl").unwrap();
+    assert_eq!(got.format, Format::Alpaca);
+    assert_eq!(got.examples.len(), 1);
+    assert_eq!(got.report.skipped[&SkipReason::Identical].first_lines, vec![2]);
+    let Pair::Chat { prompt, .. } = &got.examples[0].pair else { panic!("not a conversation") };
+    assert_eq!(prompt.last().unwrap(), &Message::new("user", "Translate to English\nBonjour"));
+    let nectar = r#"{"prompt": "\n\nHuman: hi\n\nAssistant: ", "answers": [{"answer": "b", "rank": 2}, {"answer": "a", "rank": 1}]}"#;
+    let got = parse(nectar.as_bytes(), "n.jsonl").unwrap();
+    assert_eq!(got.format, Format::AxolotlNectar);
+    let Pair::Chat { chosen, rejected, .. } = &got.examples[0].pair else { panic!("not a conversation") };
+    assert_eq!((chosen[0].content.as_str(), rejected[0].content.as_str()), ("a", "b"));
+}
+
 #[test]
 fn missing_file_is_an_error_naming_it() {
     let e = load("/nonexistent/x.jsonl", &LoadOptions::default()).unwrap_err().to_string();

@@ -361,7 +361,7 @@ fn json_messages(m: &[(&str, String)]) -> serde_json::Value {
     m.iter().map(|(r, c)| serde_json::json!({"role": r, "content": c})).collect()
 }
 
-/// A row of one of the six formats, sometimes ill-formed in the ways the rule refuses.
+/// A row of one of the detected formats, sometimes ill-formed in the ways the rule refuses.
 fn row() -> impl Strategy<Value = serde_json::Value> {
     // mostly assistant answers; sometimes the roles are left as drawn (user, system, robot)
     let answers = || {
@@ -394,7 +394,30 @@ fn row() -> impl Strategy<Value = serde_json::Value> {
             let conv: Vec<serde_json::Value> = conv.iter().map(|(f, v)| serde_json::json!({"from": f, "value": v})).collect();
             serde_json::json!({"conversations": conv, "chosen": {"from": "gpt", "value": c}, "rejected": {"from": from, "value": r}})
         });
-    prop_oneof![standard, implicit_text, implicit_chat, conversational, openai, hh, sharegpt]
+    prop_oneof![1 => standard, 1 => implicit_text, 1 => implicit_chat, 1 => conversational, 1 => openai, 1 => hh, 1 => sharegpt, 3 => other_trainers()]
+}
+
+/// Rows of the LLaMA-Factory and axolotl layouts that are detected (`axolotl_prompt_pairs` is not).
+fn other_trainers() -> impl Strategy<Value = serde_json::Value> {
+    let sys = || proptest::option::of(content());
+    let alpaca = (sys(), content(), content(), content(), content())
+        .prop_map(|(s, i, q, c, r)| serde_json::json!({"system": s, "instruction": i, "input": q, "chosen": c, "rejected": r, "history": [[i, c]]}));
+    let chat_template = (messages(1..3), content(), content(), "assistant|user").prop_map(|(m, c, r, role)| {
+        serde_json::json!({"messages": json_messages(&m), "chosen": {"role": "assistant", "content": c}, "rejected": {"role": role, "content": r}})
+    });
+    let argilla = (sys(), content(), content(), content())
+        .prop_map(|(s, p, c, r)| serde_json::json!({"system": s, "instruction": p, "chosen_response": c, "rejected_response": r}));
+    let icr = (sys(), content(), content(), content()).prop_map(|(s, p, c, r)| serde_json::json!({"system": s, "input": p, "chosen": c, "rejected": r}));
+    let intel = (sys(), content(), content(), content()).prop_map(|(s, p, c, r)| serde_json::json!({"system": s, "question": p, "chosen": c, "rejected": r}));
+    let ultra = (sys(), content(), content(), content()).prop_map(|(s, p, c, r)| {
+        let side = |a: &str| serde_json::json!([{"role": "user", "content": p}, {"role": "assistant", "content": a}]);
+        serde_json::json!({"system": s, "prompt": p, "chosen": side(&c), "rejected": side(&r)})
+    });
+    let nectar = (content(), proptest::collection::vec((content(), 1u32..4), 1..4)).prop_map(|(p, a)| {
+        let answers: Vec<serde_json::Value> = a.iter().map(|(t, k)| serde_json::json!({"answer": t, "rank": k})).collect();
+        serde_json::json!({"prompt": p, "answers": answers})
+    });
+    prop_oneof![alpaca, chat_template, argilla, icr, intel, ultra, nectar]
 }
 
 /// The rule, checked on a kept pair from what the row says (independently of the tokenizer's
@@ -500,7 +523,7 @@ proptest! {
     }
 }
 
-/// The format names of the generated rows (so the property really covers all six).
+/// The format names of the generated rows (so the property really covers every detected format).
 #[test]
 fn generated_rows_cover_every_format() {
     use proptest::strategy::ValueTree;
@@ -512,5 +535,6 @@ fn generated_rows_cover_every_format() {
             seen.insert(f);
         }
     }
-    assert_eq!(seen.into_iter().collect::<Vec<_>>(), Format::ALL.to_vec());
+    let detectable: Vec<Format> = Format::ALL.into_iter().filter(|f| *f != Format::AxolotlPromptPairs).collect();
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), detectable);
 }

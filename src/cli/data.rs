@@ -43,7 +43,9 @@ pub struct InspectArgs {
     pub max_prompt_length: Option<usize>,
     /// Read the rows as this format instead of detecting it.
     ///
-    /// One of standard, implicit_prompt, conversational, openai, hh, sharegpt.
+    /// One of standard, implicit_prompt, conversational, openai, hh, sharegpt, alpaca,
+    /// chat_template, axolotl_argilla, axolotl_icr, axolotl_intel, axolotl_prompt_pairs,
+    /// axolotl_ultra, axolotl_nectar.
     #[arg(long, value_name = "F")]
     pub format: Option<Format>,
     /// A Jinja chat template file to use instead of the model's.

@@ -1,17 +1,40 @@
-//! The six preference row formats: detection and normalisation into [`Pair`].
+//! The preference row formats: detection and normalisation into [`Pair`].
 //!
-//! | format            | keys                                                            | becomes |
-//! |-------------------|-----------------------------------------------------------------|---------|
-//! | `standard`        | `prompt`, `chosen`, `rejected`: strings                           | text    |
-//! | `implicit_prompt` | `chosen`, `rejected` only: strings or message lists              | text / chat |
-//! | `conversational`  | `prompt`, `chosen`, `rejected`: lists of `{role, content}`        | chat    |
-//! | `openai`          | `input.messages`, `preferred_output`, `non_preferred_output`    | chat    |
-//! | `hh`              | `chosen`, `rejected`: `"\n\nHuman: ...\n\nAssistant: ..."` transcripts | chat |
-//! | `sharegpt`        | `conversations` `[{from, value}]`, optional `system`, `chosen`/`rejected` `{from, value}` | chat |
+//! | format            | keys                                                            | detected | becomes |
+//! |-------------------|-----------------------------------------------------------------|----------|---------|
+//! | `standard`        | `prompt`, `chosen`, `rejected`: strings                           | yes | text    |
+//! | `implicit_prompt` | `chosen`, `rejected` only: strings or message lists              | yes | text / chat |
+//! | `conversational`  | `prompt`, `chosen`, `rejected`: lists of `{role, content}`        | yes | chat    |
+//! | `openai`          | `input.messages`, `preferred_output`, `non_preferred_output`    | yes | chat    |
+//! | `hh`              | `chosen`, `rejected`: `"\n\nHuman: ...\n\nAssistant: ..."` transcripts | yes | chat |
+//! | `sharegpt`        | `conversations` `[{from, value}]`, optional `system`, `chosen`/`rejected` `{from, value}` | yes | chat |
+//! | `alpaca`          | `instruction`, optional `input`, `chosen`, `rejected`: strings; optional `system`, `history` `[[user, assistant], ...]` | yes (`instruction` + `chosen`) | chat |
+//! | `chat_template`   | `messages` `[{role, content}]` (or a string), `chosen`/`rejected`: a `{role, content}` message, a string or a message list (its last) | yes (`messages` + `chosen`, no `prompt`) | chat |
+//! | `axolotl_argilla` | `instruction`, `chosen_response`, `rejected_response`, optional `system` | yes (`chosen_response` / `rejected_response`) | chat |
+//! | `axolotl_icr`     | `input`, `chosen`, `rejected`: strings, optional `system`         | yes (`input` a string, no `instruction`) | chat |
+//! | `axolotl_intel`   | `question`, `chosen`, `rejected`: strings, optional `system`      | yes (`question` + `chosen`) | chat |
+//! | `axolotl_prompt_pairs` | `prompt`, `chosen`, `rejected`: strings, optional `system`   | no: the keys are `standard`'s | chat |
+//! | `axolotl_ultra`   | `prompt` string, `chosen`/`rejected` `[user, assistant]` lists, optional `system` | yes (`prompt` a string, `chosen` and `rejected` lists) | chat |
+//! | `axolotl_nectar`  | `prompt`, `answers` `[{answer, rank}]`                          | yes (`answers`) | chat |
+//!
+//! Where a source renders the prompt through a fixed template (axolotl's `chatml.*` /
+//! `llama3.*` strategies write ChatML / Llama-3 text), the row becomes the messages that template
+//! was given (system, then user) and the model's own chat template renders them.
 //!
 //! Sources: TRL 1.16 dataset formats (`trl/data_utils.py`: `is_conversational`,
 //! `extract_prompt`), OpenAI preference fine-tuning JSONL, Anthropic HH-RLHF (`anthropics/hh-rlhf`),
-//! LLaMA-Factory `data/README.md` (ShareGPT preference layout).
+//! LLaMA-Factory `data/README.md` and `src/llamafactory/data/converter.py`
+//! (`AlpacaDatasetConverter`, `SharegptDatasetConverter`, `OpenAIDatasetConverter`: `alpaca`,
+//! `sharegpt`, and `chat_template` for its OpenAI-style `messages` layout), axolotl
+//! `docs/rlhf.qmd` and `src/axolotl/prompt_strategies/dpo/` (`chatml.py` / `llama3.py`:
+//! `argilla`, `icr`, `intel`, `prompt_pairs`, `ultra`; `zephyr.py`: `nectar`;
+//! `chat_template.py`: `default`). Axolotl layouts covered by an existing format:
+//! `chatml.argilla_chat` / `llama3.argilla_chat` / `chat_template.argilla_chat` are
+//! `implicit_prompt` conversations (the prompt is the shared leading turns; a row whose rejected
+//! turns differ from chosen's before the answer is skipped, where axolotl would pair the rejected
+//! answer with chosen's prompt); `user_defined.default` with its default fields and formats is
+//! `standard` (custom field names and format strings are not supported); `passthrough` is TRL's
+//! own formats.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -19,7 +42,9 @@ use serde_json::{Map, Value};
 use super::{Message, Pair, SkipReason};
 
 /// A preference row format. Names (config `data.format`, `--format`): `standard`,
-/// `implicit_prompt`, `conversational`, `openai`, `hh`, `sharegpt`.
+/// `implicit_prompt`, `conversational`, `openai`, `hh`, `sharegpt`, `alpaca`, `chat_template`,
+/// `axolotl_argilla`, `axolotl_icr`, `axolotl_intel`, `axolotl_prompt_pairs`, `axolotl_ultra`,
+/// `axolotl_nectar`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Format {
@@ -35,12 +60,54 @@ pub enum Format {
     Hh,
     /// ShareGPT as LLaMA-Factory writes it.
     Sharegpt,
+    /// LLaMA-Factory's Alpaca preference layout (`data/README.md`, `AlpacaDatasetConverter` in
+    /// `src/llamafactory/data/converter.py`): `instruction`, optional `input`, `chosen`,
+    /// `rejected`, optional `system` and `history`.
+    Alpaca,
+    /// A `messages` list and single `chosen` / `rejected` messages: axolotl's
+    /// `chat_template.default` (`src/axolotl/prompt_strategies/dpo/chat_template.py`), and
+    /// LLaMA-Factory's OpenAI-style sharegpt preference rows (`OpenAIDatasetConverter`).
+    ChatTemplate,
+    /// axolotl `chatml.argilla` / `llama3.argilla` (`docs/rlhf.qmd`; `default` in
+    /// `src/axolotl/prompt_strategies/dpo/chatml.py`): `instruction`, `chosen_response`,
+    /// `rejected_response`, optional `system`.
+    AxolotlArgilla,
+    /// axolotl `chatml.icr` / `llama3.icr` (`icr` in `prompt_strategies/dpo/chatml.py`):
+    /// `input`, `chosen`, `rejected`, optional `system`.
+    AxolotlIcr,
+    /// axolotl `chatml.intel` / `llama3.intel` (`intel` in `prompt_strategies/dpo/chatml.py`,
+    /// Intel/orca_dpo_pairs): `question`, `chosen`, `rejected`, optional `system`.
+    AxolotlIntel,
+    /// axolotl `chatml.prompt_pairs` / `llama3.prompt_pairs` (`prompt_pairs` in
+    /// `prompt_strategies/dpo/chatml.py`): `prompt`, `chosen`, `rejected` strings, optional
+    /// `system`; never detected (the keys are [`Format::Standard`]'s).
+    AxolotlPromptPairs,
+    /// axolotl `chatml.ultra` / `llama3.ultra` (`ultra` in `prompt_strategies/dpo/chatml.py`):
+    /// `prompt` string, `chosen` / `rejected` `[user, assistant]` lists, optional `system`.
+    AxolotlUltra,
+    /// axolotl `zephyr.nectar` (`nectar` in `prompt_strategies/dpo/zephyr.py`,
+    /// berkeley-nest/Nectar): `prompt`, `answers` `[{answer, rank}]`.
+    AxolotlNectar,
 }
 
 impl Format {
     /// Every format, in the order of the table above.
-    pub const ALL: [Format; 6] =
-        [Format::Standard, Format::ImplicitPrompt, Format::Conversational, Format::Openai, Format::Hh, Format::Sharegpt];
+    pub const ALL: [Format; 14] = [
+        Format::Standard,
+        Format::ImplicitPrompt,
+        Format::Conversational,
+        Format::Openai,
+        Format::Hh,
+        Format::Sharegpt,
+        Format::Alpaca,
+        Format::ChatTemplate,
+        Format::AxolotlArgilla,
+        Format::AxolotlIcr,
+        Format::AxolotlIntel,
+        Format::AxolotlPromptPairs,
+        Format::AxolotlUltra,
+        Format::AxolotlNectar,
+    ];
 
     /// The config/CLI name.
     pub fn name(self) -> &'static str {
@@ -51,6 +118,14 @@ impl Format {
             Format::Openai => "openai",
             Format::Hh => "hh",
             Format::Sharegpt => "sharegpt",
+            Format::Alpaca => "alpaca",
+            Format::ChatTemplate => "chat_template",
+            Format::AxolotlArgilla => "axolotl_argilla",
+            Format::AxolotlIcr => "axolotl_icr",
+            Format::AxolotlIntel => "axolotl_intel",
+            Format::AxolotlPromptPairs => "axolotl_prompt_pairs",
+            Format::AxolotlUltra => "axolotl_ultra",
+            Format::AxolotlNectar => "axolotl_nectar",
         }
     }
 }
@@ -147,19 +222,19 @@ pub const HH_ASSISTANT: &str = "\n\nAssistant:";
 pub const ASSISTANT_MARKERS: [&str; 4] = [HH_ASSISTANT, "<|im_start|>assistant\n", "<|assistant|>\n", "[/INST]"];
 
 /// The format a single row looks like, from its keys (and, for `chosen`-only rows, whether
-/// `chosen` is an HH transcript).
+/// `chosen` is an HH transcript). [`Format::AxolotlPromptPairs`] is never detected (its keys are
+/// [`Format::Standard`]'s).
 ///
 /// Errors: the row is not an object, a key has a type no format allows, or no known key set.
 pub fn detect(row: &Value) -> Result<Format, RowError> {
     let obj = object(row)?;
-    if obj.contains_key("input") || obj.contains_key("preferred_output") || obj.contains_key("non_preferred_output") {
-        return Ok(Format::Openai);
-    }
-    if obj.contains_key("conversations") {
-        return Ok(Format::Sharegpt);
+    if let Some(f) = detect_by_key(obj) {
+        return Ok(f);
     }
     if let Some(p) = obj.get("prompt") {
+        let lists = [obj.get("chosen"), obj.get("rejected")].iter().all(|v| matches!(v, Some(Value::Array(_))));
         return match p {
+            Value::String(_) if lists => Ok(Format::AxolotlUltra),
             Value::String(_) => Ok(Format::Standard),
             Value::Array(_) => Ok(Format::Conversational),
             other => Err(wrong_type("prompt", "a string or a list of messages", other)),
@@ -174,17 +249,56 @@ pub fn detect(row: &Value) -> Result<Format, RowError> {
             let keys: Vec<&str> = obj.keys().map(|k| k.as_str()).collect();
             Err(RowError(format!(
                 "cannot detect the row format from keys [{}]; expected prompt/chosen/rejected, chosen/rejected, \
-                 input/preferred_output/non_preferred_output, or conversations/chosen/rejected",
+                 input/preferred_output/non_preferred_output, conversations/chosen/rejected, \
+                 instruction/chosen/rejected, messages/chosen/rejected, instruction/chosen_response/rejected_response, \
+                 input/chosen/rejected, question/chosen/rejected or prompt/answers",
                 keys.join(", ")
             )))
         }
     }
 }
 
+/// Detection by a key only one format has (checked before the `prompt` / `chosen` rules).
+fn detect_by_key(obj: &Map<String, Value>) -> Option<Format> {
+    let has = |k: &str| obj.contains_key(k);
+    if has("preferred_output") || has("non_preferred_output") {
+        return Some(Format::Openai);
+    }
+    if has("chosen_response") || has("rejected_response") {
+        return Some(Format::AxolotlArgilla);
+    }
+    match obj.get("input") {
+        Some(Value::String(_)) if has("instruction") => return Some(Format::Alpaca),
+        Some(Value::String(_)) => return Some(Format::AxolotlIcr),
+        Some(_) => return Some(Format::Openai),
+        None => {}
+    }
+    if has("conversations") {
+        return Some(Format::Sharegpt);
+    }
+    if has("answers") {
+        return Some(Format::AxolotlNectar);
+    }
+    if !has("chosen") {
+        return None;
+    }
+    if has("instruction") {
+        Some(Format::Alpaca)
+    } else if has("question") {
+        Some(Format::AxolotlIntel)
+    } else if has("messages") && !has("prompt") {
+        Some(Format::ChatTemplate)
+    } else {
+        None
+    }
+}
+
 /// Normalise `row`, read as `format`, into a [`Pair`] or a counted skip (empty chosen/rejected,
 /// identical chosen/rejected, HH rows without a shared prompt).
 ///
-/// Errors: a missing field, a field of the wrong type, an unknown ShareGPT role.
+/// Errors: a missing field, a field of the wrong type, an unknown role, a ShareGPT conversation
+/// out of turn order, tool-calling rows (`tools`, observation / function_call turns), Nectar
+/// answers without a preference.
 pub fn normalize(format: Format, row: &Value) -> Result<Normalized, RowError> {
     let obj = object(row)?;
     match format {
@@ -194,6 +308,14 @@ pub fn normalize(format: Format, row: &Value) -> Result<Normalized, RowError> {
         Format::Openai => openai(obj),
         Format::Hh => hh(obj),
         Format::Sharegpt => sharegpt(obj),
+        Format::Alpaca => alpaca(obj),
+        Format::ChatTemplate => chat_template(obj),
+        Format::AxolotlArgilla => single_turn(obj, "instruction", "chosen_response", "rejected_response"),
+        Format::AxolotlIcr => single_turn(obj, "input", "chosen", "rejected"),
+        Format::AxolotlIntel => single_turn(obj, "question", "chosen", "rejected"),
+        Format::AxolotlPromptPairs => single_turn(obj, "prompt", "chosen", "rejected"),
+        Format::AxolotlUltra => ultra(obj),
+        Format::AxolotlNectar => nectar(obj),
     }
 }
 
@@ -319,23 +441,49 @@ fn hh_turns(text: &str) -> Result<Vec<Message>, RowError> {
     Ok(turns)
 }
 
-/// ShareGPT (LLaMA-Factory): `conversations` with `from` in human/gpt/system, optional `system`,
-/// `chosen`/`rejected` `{from: "gpt", value}`.
+/// ShareGPT (LLaMA-Factory `SharegptDatasetConverter`): `conversations` `[{from, value}]`,
+/// optional `system` (a leading `from: "system"` turn replaces it), `chosen`/`rejected`
+/// `{from: "gpt", value}`. As LLaMA-Factory, the turns alternate human, gpt, human, ... and end
+/// in a human turn. Tool-calling rows (a non-empty `tools`, `observation` / `function_call`
+/// turns) are refused: ropo's messages carry no tool calls.
 fn sharegpt(obj: &Map<String, Value>) -> Result<Normalized, RowError> {
+    no_tools(obj)?;
     let conv = array(field(obj, "conversations")?, "conversations")?;
-    let mut prompt = Vec::with_capacity(conv.len() + 1);
-    if let Some(sys) = obj.get("system") {
-        let sys = string(sys, "system")?;
-        if !sys.is_empty() {
-            prompt.push(Message::new("system", sys));
-        }
-    }
+    let mut system = optional_string(obj, "system")?.map(str::to_owned);
+    let mut turns = Vec::with_capacity(conv.len());
     for (i, turn) in conv.iter().enumerate() {
-        prompt.push(sharegpt_turn(turn, &format!("conversations[{i}]"), false)?);
+        let path = format!("conversations[{i}]");
+        let m = sharegpt_turn(turn, &path, false)?;
+        if m.role == "system" && i == 0 {
+            system = Some(m.content);
+            continue;
+        }
+        let want = if turns.len() % 2 == 0 { "user" } else { "assistant" };
+        if m.role != want {
+            let (tag, got) = (if want == "user" { "human" } else { "gpt" }, sharegpt_tag(&m.role));
+            return Err(RowError(format!("field \"{path}.from\": expected {tag:?} here (turns alternate human, gpt, ...), got {got:?}")));
+        }
+        turns.push(m);
     }
+    if turns.len() % 2 == 0 {
+        return Err(RowError(format!(
+            "field \"conversations\": a preference conversation ends in a \"human\" turn (an odd number of turns), got {}",
+            turns.len()
+        )));
+    }
+    let mut prompt = system_message(system.as_deref());
+    prompt.extend(turns);
     let chosen = sharegpt_turn(field(obj, "chosen")?, "chosen", true)?;
     let rejected = sharegpt_turn(field(obj, "rejected")?, "rejected", true)?;
     Ok(checked(Pair::Chat { prompt, chosen: vec![chosen], rejected: vec![rejected] }))
+}
+
+fn sharegpt_tag(role: &str) -> &str {
+    match role {
+        "user" => "human",
+        "assistant" => "gpt",
+        other => other,
+    }
 }
 
 fn sharegpt_turn(v: &Value, path: &str, answer: bool) -> Result<Message, RowError> {
@@ -348,6 +496,9 @@ fn sharegpt_turn(v: &Value, path: &str, answer: bool) -> Result<Message, RowErro
         "gpt" => "assistant",
         "human" if !answer => "user",
         "system" if !answer => "system",
+        "observation" | "function_call" => {
+            return Err(RowError(format!("field \"{from_path}\": tool-calling turns ({from:?}) are not supported")))
+        }
         other if answer => {
             return Err(RowError(format!("field \"{from_path}\": expected \"gpt\" for an answer, got {other:?}")))
         }
@@ -356,6 +507,176 @@ fn sharegpt_turn(v: &Value, path: &str, answer: bool) -> Result<Message, RowErro
         }
     };
     Ok(Message::new(role, value))
+}
+
+/// Refuse a row with tool descriptions: a non-empty `tools` (string, list or object).
+fn no_tools(obj: &Map<String, Value>) -> Result<(), RowError> {
+    let empty = match obj.get("tools") {
+        None | Some(Value::Null) => true,
+        Some(Value::String(s)) => s.trim().is_empty(),
+        Some(Value::Array(a)) => a.is_empty(),
+        Some(Value::Object(o)) => o.is_empty(),
+        Some(other) => return Err(wrong_type("tools", "a string, a list or an object", other)),
+    };
+    if empty {
+        Ok(())
+    } else {
+        Err(RowError("field \"tools\": tool descriptions are not supported (ropo's messages carry no tools)".into()))
+    }
+}
+
+/// An optional string field: absent or null is `None`, as is an empty string (axolotl's
+/// `if sample["system"]`, LLaMA-Factory's empty `_system`).
+fn optional_string<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<Option<&'a str>, RowError> {
+    match obj.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => Ok(Some(string(v, name)?).filter(|s| !s.is_empty())),
+    }
+}
+
+/// `[system]` when there is a system prompt, else no message.
+fn system_message(system: Option<&str>) -> Vec<Message> {
+    system.filter(|s| !s.is_empty()).map(|s| Message::new("system", s)).into_iter().collect()
+}
+
+/// One answer string as an assistant turn.
+fn answer_turn(obj: &Map<String, Value>, name: &str) -> Result<Vec<Message>, RowError> {
+    Ok(vec![Message::new("assistant", string(field(obj, name)?, name)?)])
+}
+
+/// axolotl's single-turn DPO strategies (`chatml.py` / `llama3.py`: `argilla` (`default`), `icr`,
+/// `intel`, `prompt_pairs`): optional `system`, the `prompt_key` string as the user turn, the
+/// `chosen_key` / `rejected_key` strings as the assistant answers.
+fn single_turn(obj: &Map<String, Value>, prompt_key: &str, chosen_key: &str, rejected_key: &str) -> Result<Normalized, RowError> {
+    let prompt = system_user(obj, prompt_key)?;
+    let chosen = answer_turn(obj, chosen_key)?;
+    let rejected = answer_turn(obj, rejected_key)?;
+    Ok(checked(Pair::Chat { prompt, chosen, rejected }))
+}
+
+/// `[system (optional `system`), user (the `key` string)]`.
+fn system_user(obj: &Map<String, Value>, key: &str) -> Result<Vec<Message>, RowError> {
+    let user = string(field(obj, key)?, key)?;
+    let mut prompt = system_message(optional_string(obj, "system")?);
+    prompt.push(Message::new("user", user));
+    Ok(prompt)
+}
+
+/// LLaMA-Factory Alpaca preference rows (`AlpacaDatasetConverter`): optional `system`; each
+/// `history` `[user, assistant]` pair as two turns; then one user turn, the non-empty of
+/// `instruction` and `input` joined by `"\n"`; `chosen` / `rejected` strings as the answers.
+fn alpaca(obj: &Map<String, Value>) -> Result<Normalized, RowError> {
+    no_tools(obj)?;
+    let mut prompt = system_message(optional_string(obj, "system")?);
+    if let Some(h) = obj.get("history").filter(|h| !h.is_null()) {
+        for (i, pair) in array(h, "history")?.iter().enumerate() {
+            let path = format!("history[{i}]");
+            match pair.as_array().map(Vec::as_slice) {
+                Some([q, a]) => {
+                    prompt.push(Message::new("user", string(q, &format!("{path}[0]"))?));
+                    prompt.push(Message::new("assistant", string(a, &format!("{path}[1]"))?));
+                }
+                _ => return Err(wrong_type(&path, "a [prompt, response] pair", pair)),
+            }
+        }
+    }
+    let instruction = string(field(obj, "instruction")?, "instruction")?;
+    let input = optional_string(obj, "input")?;
+    let query: Vec<&str> = [Some(instruction), input].into_iter().flatten().filter(|s| !s.is_empty()).collect();
+    prompt.push(Message::new("user", query.join("\n")));
+    let chosen = answer_turn(obj, "chosen")?;
+    let rejected = answer_turn(obj, "rejected")?;
+    Ok(checked(Pair::Chat { prompt, chosen, rejected }))
+}
+
+/// axolotl `chat_template.default`: `messages` (a list, or a string for one user turn) is the
+/// prompt; `chosen` / `rejected` are each a `{role, content}` message, a string (an assistant
+/// turn) or a message list (its last message, as axolotl). LLaMA-Factory's OpenAI-style rows
+/// read the same (its leading system message stays the first message).
+fn chat_template(obj: &Map<String, Value>) -> Result<Normalized, RowError> {
+    no_tools(obj)?;
+    let prompt = match field(obj, "messages")? {
+        Value::String(s) => vec![Message::new("user", s.as_str())],
+        v => messages(v, "messages")?,
+    };
+    let chosen = one_answer(field(obj, "chosen")?, "chosen")?;
+    let rejected = one_answer(field(obj, "rejected")?, "rejected")?;
+    Ok(checked(Pair::Chat { prompt, chosen: vec![chosen], rejected: vec![rejected] }))
+}
+
+/// A `chat_template` answer: a string, a message, or a list of messages (the last one); it must
+/// be an assistant message.
+fn one_answer(v: &Value, path: &str) -> Result<Message, RowError> {
+    let (m, at) = match v {
+        Value::String(s) => return Ok(Message::new("assistant", s.as_str())),
+        Value::Object(_) => (message(v, path)?, path.to_owned()),
+        Value::Array(list) if !list.is_empty() => {
+            let at = format!("{path}[{}]", list.len() - 1);
+            (message(&list[list.len() - 1], &at)?, at)
+        }
+        Value::Array(_) => return Err(RowError(format!("field \"{path}\": expected at least one message, got an empty list"))),
+        other => return Err(wrong_type(path, "a string, a message or a list of messages", other)),
+    };
+    if m.role != "assistant" {
+        return Err(RowError(format!("field \"{at}.role\": an answer is an assistant message, got {:?}", m.role)));
+    }
+    Ok(m)
+}
+
+/// axolotl `chatml.ultra` / `llama3.ultra`: optional `system` and the `prompt` string are the
+/// prompt; the answers are `chosen[1]` / `rejected[1]` of `[user, assistant]` lists (the user
+/// turn repeats the prompt and is not used, as axolotl).
+fn ultra(obj: &Map<String, Value>) -> Result<Normalized, RowError> {
+    let prompt = system_user(obj, "prompt")?;
+    let chosen = second_message(field(obj, "chosen")?, "chosen")?;
+    let rejected = second_message(field(obj, "rejected")?, "rejected")?;
+    Ok(checked(Pair::Chat { prompt, chosen: vec![chosen], rejected: vec![rejected] }))
+}
+
+fn second_message(v: &Value, path: &str) -> Result<Message, RowError> {
+    let list = messages(v, path)?;
+    if list.len() != 2 {
+        return Err(RowError(format!("field \"{path}\": expected 2 messages [user, assistant], got {}", list.len())));
+    }
+    let m = list.into_iter().nth(1).unwrap_or_else(|| Message::new("", ""));
+    if m.role != "assistant" {
+        return Err(RowError(format!("field \"{path}[1].role\": an answer is an assistant message, got {:?}", m.role)));
+    }
+    Ok(m)
+}
+
+/// axolotl `zephyr.nectar` (berkeley-nest/Nectar): the `prompt` string is one user turn (as
+/// axolotl, which writes it after an empty Zephyr system turn; the empty system message is left
+/// out). Nectar ranks 1 as best: chosen is the best-ranked answer (lowest `rank`), rejected the
+/// worst-ranked (highest; the first of equal ranks in both cases). Axolotl instead sorts by rank
+/// and takes the last two (chosen = worst, rejected = second worst), which inverts Nectar's
+/// ranking; ropo does not follow that.
+fn nectar(obj: &Map<String, Value>) -> Result<Normalized, RowError> {
+    let prompt = vec![Message::new("user", string(field(obj, "prompt")?, "prompt")?)];
+    let answers = array(field(obj, "answers")?, "answers")?;
+    let mut ranked = Vec::with_capacity(answers.len());
+    for (i, a) in answers.iter().enumerate() {
+        let path = format!("answers[{i}]");
+        let a = object_field(a, &path)?;
+        let (ap, rp) = (format!("{path}.answer"), format!("{path}.rank"));
+        let text = string(a.get("answer").ok_or_else(|| missing(&ap))?, &ap)?;
+        let rank_v = a.get("rank").ok_or_else(|| missing(&rp))?;
+        let rank = rank_v.as_f64().ok_or_else(|| wrong_type(&rp, "a number", rank_v))?;
+        ranked.push((rank, text));
+    }
+    let best = ranked.iter().fold(None::<&(f64, &str)>, |b, a| if b.is_none_or(|b| a.0 < b.0) { Some(a) } else { b });
+    let worst = ranked.iter().fold(None::<&(f64, &str)>, |w, a| if w.is_none_or(|w| a.0 > w.0) { Some(a) } else { w });
+    match (best, worst) {
+        (Some(b), Some(w)) if b.0 < w.0 => Ok(checked(Pair::Chat {
+            prompt,
+            chosen: vec![Message::new("assistant", b.1)],
+            rejected: vec![Message::new("assistant", w.1)],
+        })),
+        _ => Err(RowError(format!(
+            "field \"answers\": expected at least two answers of different rank, got {} answer(s) and no preference",
+            ranked.len()
+        ))),
+    }
 }
 
 /// Apply the row checks every format shares: empty chosen/rejected, identical chosen/rejected.
@@ -429,21 +750,20 @@ fn completion(v: &Value, path: &str) -> Result<Vec<Message>, RowError> {
 /// `{"type": "text", "text": ...}` parts (OpenAI), joined. Roles must be one of [`ROLES`].
 fn messages(v: &Value, path: &str) -> Result<Vec<Message>, RowError> {
     let list = v.as_array().ok_or_else(|| wrong_type(path, "a list of messages", v))?;
-    list.iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let p = format!("{path}[{i}]");
-            let obj = object_field(m, &p)?;
-            let role_path = format!("{p}.role");
-            let role = string(obj.get("role").ok_or_else(|| missing(&role_path))?, &role_path)?;
-            if !ROLES.contains(&role) {
-                return Err(RowError(format!("field \"{role_path}\": unknown role {role:?} (expected system, user or assistant)")));
-            }
-            let content_path = format!("{p}.content");
-            let content = obj.get("content").ok_or_else(|| missing(&content_path))?;
-            Ok(Message::new(role, content_text(content, &content_path)?))
-        })
-        .collect()
+    list.iter().enumerate().map(|(i, m)| message(m, &format!("{path}[{i}]"))).collect()
+}
+
+/// One `{role, content}` message at `path` (see [`messages`]).
+fn message(m: &Value, p: &str) -> Result<Message, RowError> {
+    let obj = object_field(m, p)?;
+    let role_path = format!("{p}.role");
+    let role = string(obj.get("role").ok_or_else(|| missing(&role_path))?, &role_path)?;
+    if !ROLES.contains(&role) {
+        return Err(RowError(format!("field \"{role_path}\": unknown role {role:?} (expected system, user or assistant)")));
+    }
+    let content_path = format!("{p}.content");
+    let content = obj.get("content").ok_or_else(|| missing(&content_path))?;
+    Ok(Message::new(role, content_text(content, &content_path)?))
 }
 
 fn content_text(v: &Value, path: &str) -> Result<String, RowError> {
@@ -518,7 +838,13 @@ mod tests {
             assert_eq!(f.name().parse::<Format>().unwrap(), f);
         }
         let e = "orca".parse::<Format>().unwrap_err();
-        assert!(e.contains("standard, implicit_prompt, conversational, openai, hh, sharegpt"), "{e}");
+        assert!(
+            e.contains(
+                "standard, implicit_prompt, conversational, openai, hh, sharegpt, alpaca, chat_template, axolotl_argilla, \
+                 axolotl_icr, axolotl_intel, axolotl_prompt_pairs, axolotl_ultra, axolotl_nectar"
+            ),
+            "{e}"
+        );
     }
 
     #[test]
@@ -574,7 +900,32 @@ mod tests {
             "rejected": {"from": "gpt", "value": "bad"},
         });
         let e = normalize(Format::Sharegpt, &row).unwrap_err();
-        assert!(e.0.contains("\"conversations[0].from\": unknown role \"observation\""), "{e}");
+        assert_eq!(e.0, "field \"conversations[0].from\": tool-calling turns (\"observation\") are not supported");
+    }
+
+    /// LLaMA-Factory `SharegptDatasetConverter`: a leading system turn replaces the `system`
+    /// column; turns alternate human, gpt, ... and end in a human turn; tools are refused.
+    #[test]
+    fn sharegpt_follows_llama_factory_turn_rules() {
+        let ans = |v: &str| json!({"from": "gpt", "value": v});
+        let row = json!({
+            "system": "column",
+            "conversations": [{"from": "system", "value": "turn"}, {"from": "human", "value": "q1"},
+                              {"from": "gpt", "value": "a1"}, {"from": "human", "value": "q2"}],
+            "chosen": ans("good"), "rejected": ans("bad"),
+        });
+        let want = chat(&[("system", "turn"), ("user", "q1"), ("assistant", "a1"), ("user", "q2")], "good", "bad");
+        assert_eq!(normalize(Format::Sharegpt, &row).unwrap(), want);
+        let row = json!({"conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "q"}], "chosen": ans("a"), "rejected": ans("b")});
+        let e = normalize(Format::Sharegpt, &row).unwrap_err();
+        assert_eq!(e.0, "field \"conversations[1].from\": expected \"gpt\" here (turns alternate human, gpt, ...), got \"human\"");
+        let row = json!({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "chosen": ans("a"), "rejected": ans("b")});
+        let e = normalize(Format::Sharegpt, &row).unwrap_err();
+        assert!(e.0.starts_with("field \"conversations\": a preference conversation ends in a \"human\" turn"), "{e}");
+        let row = json!({"conversations": [{"from": "human", "value": "q"}], "tools": "[{\"name\": \"f\"}]", "chosen": ans("a"), "rejected": ans("b")});
+        assert!(normalize(Format::Sharegpt, &row).unwrap_err().0.starts_with("field \"tools\": tool descriptions are not supported"));
+        let row = json!({"conversations": [{"from": "human", "value": "q"}], "system": null, "tools": "", "chosen": ans("a"), "rejected": ans("b")});
+        assert_eq!(normalize(Format::Sharegpt, &row).unwrap(), chat(&[("user", "q")], "a", "b"));
     }
 
     #[test]
@@ -605,5 +956,184 @@ mod tests {
         assert_eq!(e.0, "missing field \"input.messages\"");
         let e = normalize(Format::Standard, &json!({"prompt": "p", "chosen": 1, "rejected": "r"})).unwrap_err();
         assert_eq!(e.0, "field \"chosen\": expected a string, got a number");
+    }
+
+    // ---- other trainers' layouts
+
+    /// The first row of ../shared/data/orca_dpo_pairs (Intel/orca_dpo_pairs), shortened, in the
+    /// layout Intel publishes it: `system`, `question`, `chosen`, `rejected`.
+    fn orca_row() -> Value {
+        json!({
+            "system": "You are an AI assistant. User will you give you a task.",
+            "question": "MM. Georges Colombier, Samad Seyidov (pour un rappel au R\u{e8}glement).\n\nTranslate to English",
+            "chosen": "Step 1: Identify the names and phrases in the given text.",
+            "rejected": "Sure, I'd be happy to help!",
+        })
+    }
+
+    fn orca_pair() -> Normalized {
+        chat(
+            &[
+                ("system", "You are an AI assistant. User will you give you a task."),
+                ("user", "MM. Georges Colombier, Samad Seyidov (pour un rappel au R\u{e8}glement).\n\nTranslate to English"),
+            ],
+            "Step 1: Identify the names and phrases in the given text.",
+            "Sure, I'd be happy to help!",
+        )
+    }
+
+    #[test]
+    fn detects_other_trainers_layouts() {
+        let msg = |r: &str, c: &str| json!({"role": r, "content": c});
+        let cases = [
+            (json!({"instruction": "i", "input": "", "chosen": "a", "rejected": "b"}), Format::Alpaca),
+            (json!({"instruction": "i", "chosen": "a", "rejected": "b", "history": []}), Format::Alpaca),
+            (json!({"messages": [msg("user", "q")], "chosen": msg("assistant", "a"), "rejected": msg("assistant", "b")}), Format::ChatTemplate),
+            (json!({"instruction": "i", "chosen_response": "a", "rejected_response": "b"}), Format::AxolotlArgilla),
+            (json!({"system": "", "input": "q", "chosen": "a", "rejected": "b"}), Format::AxolotlIcr),
+            (orca_row(), Format::AxolotlIntel),
+            (json!({"prompt": "q", "chosen": [msg("user", "q"), msg("assistant", "a")], "rejected": []}), Format::AxolotlUltra),
+            (json!({"prompt": "q", "answers": [{"answer": "a", "rank": 1}]}), Format::AxolotlNectar),
+            // prompt_pairs has standard's keys: never detected
+            (json!({"system": "s", "prompt": "q", "chosen": "a", "rejected": "b"}), Format::Standard),
+            // HuggingFaceH4/ultrafeedback_binarized carries `messages` beside `prompt`: ultra, not chat_template
+            (json!({"prompt": "q", "messages": [], "chosen": [], "rejected": []}), Format::AxolotlUltra),
+        ];
+        for (row, want) in cases {
+            assert_eq!(detect(&row).unwrap(), want, "{row}");
+        }
+        // `question` / `messages` alone are no layout
+        assert!(detect(&json!({"question": "q", "answer": "a"})).unwrap_err().0.starts_with("cannot detect"));
+        assert!(detect(&json!({"messages": []})).unwrap_err().0.starts_with("cannot detect"));
+    }
+
+    #[test]
+    fn axolotl_intel_is_system_then_question() {
+        assert_eq!(normalize(Format::AxolotlIntel, &orca_row()).unwrap(), orca_pair());
+        let mut row = orca_row();
+        row["system"] = json!(null);
+        let Normalized::Pair(Pair::Chat { prompt, .. }) = normalize(Format::AxolotlIntel, &row).unwrap() else { panic!() };
+        assert_eq!(prompt.iter().map(|m| m.role.as_str()).collect::<Vec<_>>(), ["user"]);
+        row.as_object_mut().unwrap().remove("question");
+        assert_eq!(normalize(Format::AxolotlIntel, &row).unwrap_err().0, "missing field \"question\"");
+        let mut row = orca_row();
+        row["chosen"] = json!(null);
+        assert_eq!(normalize(Format::AxolotlIntel, &row).unwrap_err().0, "field \"chosen\": expected a string, got null");
+        row["chosen"] = json!("same");
+        row["rejected"] = json!("same");
+        assert_eq!(normalize(Format::AxolotlIntel, &row).unwrap(), Normalized::Skip(SkipReason::Identical));
+    }
+
+    #[test]
+    fn axolotl_icr_argilla_and_prompt_pairs_are_one_turn() {
+        let o = orca_row();
+        let icr = json!({"system": o["system"], "input": o["question"], "chosen": o["chosen"], "rejected": o["rejected"]});
+        assert_eq!(normalize(Format::AxolotlIcr, &icr).unwrap(), orca_pair());
+        let argilla = json!({"system": o["system"], "instruction": o["question"], "chosen_response": o["chosen"], "rejected_response": o["rejected"]});
+        assert_eq!(normalize(Format::AxolotlArgilla, &argilla).unwrap(), orca_pair());
+        let pairs = json!({"system": o["system"], "prompt": o["question"], "chosen": o["chosen"], "rejected": o["rejected"]});
+        assert_eq!(normalize(Format::AxolotlPromptPairs, &pairs).unwrap(), orca_pair());
+        let e = normalize(Format::AxolotlArgilla, &json!({"instruction": "q", "chosen_response": "a"})).unwrap_err();
+        assert_eq!(e.0, "missing field \"rejected_response\"");
+        let e = normalize(Format::AxolotlIcr, &json!({"input": "q", "chosen": "a", "rejected": "b", "system": 1})).unwrap_err();
+        assert_eq!(e.0, "field \"system\": expected a string, got a number");
+        let e = normalize(Format::AxolotlPromptPairs, &json!({"prompt": ["q"], "chosen": "a", "rejected": "b"})).unwrap_err();
+        assert_eq!(e.0, "field \"prompt\": expected a string, got a list");
+        let e = normalize(Format::AxolotlIcr, &json!({"input": "q", "chosen": "", "rejected": "b"})).unwrap();
+        assert_eq!(e, Normalized::Skip(SkipReason::EmptyChosen));
+    }
+
+    /// LLaMA-Factory `AlpacaDatasetConverter`: system, history pairs, then `instruction\ninput`.
+    #[test]
+    fn alpaca_joins_instruction_and_input_after_history() {
+        let row = json!({
+            "system": "Be brief.",
+            "history": [["What is 2 plus 2?", "4."]],
+            "instruction": "Translate to English",
+            "input": "Bonjour",
+            "chosen": "Hello",
+            "rejected": "Goodbye",
+        });
+        let want = chat(
+            &[("system", "Be brief."), ("user", "What is 2 plus 2?"), ("assistant", "4."), ("user", "Translate to English\nBonjour")],
+            "Hello",
+            "Goodbye",
+        );
+        assert_eq!(normalize(Format::Alpaca, &row).unwrap(), want);
+        let row = json!({"instruction": "Say hi", "input": "", "chosen": "hi", "rejected": "no"});
+        assert_eq!(normalize(Format::Alpaca, &row).unwrap(), chat(&[("user", "Say hi")], "hi", "no"));
+        let e = normalize(Format::Alpaca, &json!({"input": "x", "chosen": "a", "rejected": "b"})).unwrap_err();
+        assert_eq!(e.0, "missing field \"instruction\"");
+        let e = normalize(Format::Alpaca, &json!({"instruction": "i", "history": [["q"]], "chosen": "a", "rejected": "b"})).unwrap_err();
+        assert_eq!(e.0, "field \"history[0]\": expected a [prompt, response] pair, got a list");
+        let e = normalize(Format::Alpaca, &json!({"instruction": "i", "history": [["q", null]], "chosen": "a", "rejected": "b"})).unwrap_err();
+        assert_eq!(e.0, "field \"history[0][1]\": expected a string, got null");
+    }
+
+    #[test]
+    fn chat_template_reads_messages_and_single_answers() {
+        let row = json!({
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 17 plus 25?"}],
+            "chosen": {"role": "assistant", "content": "42."},
+            "rejected": {"role": "assistant", "content": "41."},
+        });
+        let want = chat(&[("system", "Be brief."), ("user", "What is 17 plus 25?")], "42.", "41.");
+        assert_eq!(normalize(Format::ChatTemplate, &row).unwrap(), want);
+        // axolotl: a string is an assistant turn, a list gives its last message; a string prompt is one user turn
+        let row = json!({
+            "messages": "What is 17 plus 25?",
+            "chosen": "42.",
+            "rejected": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "41."}],
+        });
+        assert_eq!(normalize(Format::ChatTemplate, &row).unwrap(), chat(&[("user", "What is 17 plus 25?")], "42.", "41."));
+        let e = normalize(Format::ChatTemplate, &json!({"messages": [], "chosen": {"role": "user", "content": "a"}, "rejected": "b"})).unwrap_err();
+        assert_eq!(e.0, "field \"chosen.role\": an answer is an assistant message, got \"user\"");
+        let e = normalize(Format::ChatTemplate, &json!({"messages": [], "chosen": {"role": "assistant", "content": null}, "rejected": "b"})).unwrap_err();
+        assert_eq!(e.0, "field \"chosen.content\": expected a string or a list of text parts, got null");
+        let e = normalize(Format::ChatTemplate, &json!({"chosen": "a", "rejected": "b"})).unwrap_err();
+        assert_eq!(e.0, "missing field \"messages\"");
+        let e = normalize(Format::ChatTemplate, &json!({"messages": [{"role": "tool", "content": "x"}], "chosen": "a", "rejected": "b"})).unwrap_err();
+        assert!(e.0.starts_with("field \"messages[0].role\": unknown role \"tool\""), "{e}");
+    }
+
+    #[test]
+    fn axolotl_ultra_takes_the_second_message() {
+        let row = json!({
+            "prompt": "What is 17 plus 25?",
+            "chosen": [{"role": "user", "content": "What is 17 plus 25?"}, {"role": "assistant", "content": "42."}],
+            "rejected": [{"role": "user", "content": "What is 17 plus 25?"}, {"role": "assistant", "content": "41."}],
+        });
+        assert_eq!(normalize(Format::AxolotlUltra, &row).unwrap(), chat(&[("user", "What is 17 plus 25?")], "42.", "41."));
+        let mut bad = row.clone();
+        bad["rejected"] = json!([{"role": "user", "content": "q"}]);
+        assert_eq!(normalize(Format::AxolotlUltra, &bad).unwrap_err().0, "field \"rejected\": expected 2 messages [user, assistant], got 1");
+        bad["rejected"] = json!("41.");
+        assert_eq!(normalize(Format::AxolotlUltra, &bad).unwrap_err().0, "field \"rejected\": expected a list of messages, got a string");
+        bad["rejected"] = json!([{"role": "user", "content": "q"}, {"role": "user", "content": "r"}]);
+        assert_eq!(normalize(Format::AxolotlUltra, &bad).unwrap_err().0, "field \"rejected[1].role\": an answer is an assistant message, got \"user\"");
+        let mut bad = row;
+        bad.as_object_mut().unwrap().remove("prompt");
+        assert_eq!(normalize(Format::AxolotlUltra, &bad).unwrap_err().0, "missing field \"prompt\"");
+    }
+
+    /// Nectar ranks 1 as best: chosen is rank 1, rejected the highest rank.
+    #[test]
+    fn axolotl_nectar_pairs_best_with_worst() {
+        let row = json!({
+            "prompt": "\n\nHuman: What is 17 plus 25?\n\nAssistant: ",
+            "answers": [
+                {"answer": "41.", "model": "m2", "rank": 2.0},
+                {"answer": "42.", "model": "m1", "rank": 1.0},
+                {"answer": "I don't know.", "model": "m3", "rank": 3.0},
+            ],
+        });
+        let want = chat(&[("user", "\n\nHuman: What is 17 plus 25?\n\nAssistant: ")], "42.", "I don't know.");
+        assert_eq!(normalize(Format::AxolotlNectar, &row).unwrap(), want);
+        let e = normalize(Format::AxolotlNectar, &json!({"prompt": "q", "answers": [{"answer": "a", "rank": 1}]})).unwrap_err();
+        assert!(e.0.starts_with("field \"answers\": expected at least two answers of different rank"), "{e}");
+        let e = normalize(Format::AxolotlNectar, &json!({"prompt": "q", "answers": [{"answer": "a"}]})).unwrap_err();
+        assert_eq!(e.0, "missing field \"answers[0].rank\"");
+        let e = normalize(Format::AxolotlNectar, &json!({"prompt": "q", "answers": [{"answer": "a", "rank": "1"}]})).unwrap_err();
+        assert_eq!(e.0, "field \"answers[0].rank\": expected a number, got a string");
     }
 }
