@@ -10,7 +10,8 @@ ones, rewritten into each of ropo's row formats.
 
 Writes tests/fixtures/parquet/ (about 100 KB):
   <format>.parquet + <format>.jsonl   standard, implicit_prompt (lz4), conversational, openai, hh (brotli),
-                                      sharegpt (gzip); the others snappy
+                                      sharegpt (gzip), alpaca, chat_template, axolotl_argilla, axolotl_icr,
+                                      axolotl_intel, axolotl_ultra, axolotl_nectar; the others snappy
   multi_group.parquet (+ .jsonl)      20 standard rows in row groups of 6 (zstd)
   hub/data/train-0000{0,1}-of-00002.parquet, hub/data/test-00000-of-00001.parquet (+ .jsonl twins
                                       in hub_twins/): a dataset repo's files in the Hub's layout
@@ -70,6 +71,20 @@ def formats(orca, hh):
          "rejected": {"from": "gpt", "value": j}}
         for s, u, c, j in map(split, orca)
     ]
+    # the LLaMA-Factory and axolotl layouts (src/data/formats.rs)
+    trio = list(map(split, orca))
+    out["alpaca"] = [{"instruction": u, "input": "", "chosen": c, "rejected": j, "system": s or "",
+                      "history": [["Hello.", "Hi! How can I help?"]] if i % 2 else []} for i, (s, u, c, j) in enumerate(trio)]
+    out["chat_template"] = [{"messages": r["input"]["messages"], "chosen": r["preferred_output"][0],
+                             "rejected": r["non_preferred_output"][0]} for r in orca]
+    out["axolotl_argilla"] = [{"system": s or "", "instruction": u, "chosen_response": c, "rejected_response": j} for s, u, c, j in trio]
+    out["axolotl_icr"] = [{"system": s or "", "input": u, "chosen": c, "rejected": j} for s, u, c, j in trio]
+    out["axolotl_intel"] = [{"system": s or "", "question": u, "chosen": c, "rejected": j} for s, u, c, j in trio]
+    out["axolotl_ultra"] = [{"prompt": u, "chosen": [{"role": "user", "content": u}, {"role": "assistant", "content": c}],
+                             "rejected": [{"role": "user", "content": u}, {"role": "assistant", "content": j}]} for _, u, c, j in trio]
+    out["axolotl_nectar"] = [{"prompt": f"\n\nHuman: {u}\n\nAssistant: ",
+                              "answers": [{"answer": j, "rank": 2.0}, {"answer": c, "rank": 1.0}, {"answer": j + " Maybe.", "rank": 3.0}]}
+                             for _, u, c, j in trio]
     return out
 
 

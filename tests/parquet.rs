@@ -45,6 +45,15 @@ fn every_row_format_reads_from_parquet_as_from_jsonl() {
         ("openai", Format::Openai),
         ("hh", Format::Hh),
         ("sharegpt", Format::Sharegpt),
+        // LLaMA-Factory's and axolotl's layouts: nested lists (alpaca's history), a struct
+        // answer (chat_template), lists of structs with numbers (nectar's ranked answers)
+        ("alpaca", Format::Alpaca),
+        ("chat_template", Format::ChatTemplate),
+        ("axolotl_argilla", Format::AxolotlArgilla),
+        ("axolotl_icr", Format::AxolotlIcr),
+        ("axolotl_intel", Format::AxolotlIntel),
+        ("axolotl_ultra", Format::AxolotlUltra),
+        ("axolotl_nectar", Format::AxolotlNectar),
     ];
     for (name, format) in cases {
         let parquet = fixture(&format!("{name}.parquet"));
