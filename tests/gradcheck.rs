@@ -113,6 +113,44 @@ fn every_weight_matches_finite_differences_qwen2_tied_biases() -> Result<()> {
     gradcheck_all(&tiny_config(Arch::Qwen2, 40, 16, true), 2)
 }
 
+/// Qwen3: a per-head RMSNorm on q and k before RoPE, head_dim 6 != hidden / heads = 4.
+fn qwen3_config() -> ModelConfig {
+    let mut cfg = tiny_config(Arch::Qwen3, 40, 16, false);
+    cfg.head_dim = 6;
+    cfg
+}
+
+#[test]
+fn every_weight_matches_finite_differences_qwen3_qk_norm() -> Result<()> {
+    let f = fixture(&qwen3_config(), 4)?;
+    assert_eq!(f.vars.len(), 1 + 2 * 11 + 2, "embedding, 11 tensors per layer (q/k norms included), final norm, head");
+    drop(f);
+    gradcheck_all(&qwen3_config(), 4)
+}
+
+/// Qwen3's q/k norm path, every entry: the norm weights `(hd,)` of both layers (reached only
+/// through RoPE and the attention softmax) and layer 0's q_proj and k_proj, whose gradient now
+/// also flows through the per-head norm's input backward.
+#[test]
+fn qwen3_qk_norm_path_every_entry() -> Result<()> {
+    let f = fixture(&qwen3_config(), 5)?;
+    let grads = loss(&f)?.backward()?;
+    let mut failures = vec![];
+    for name in [
+        "model.layers.0.self_attn.q_norm.weight",
+        "model.layers.0.self_attn.k_norm.weight",
+        "model.layers.1.self_attn.q_norm.weight",
+        "model.layers.1.self_attn.k_norm.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+    ] {
+        let n = f.vars[name].as_tensor().elem_count();
+        failures.extend(check_entries(&f, &grads, name, &(0..n).collect::<Vec<_>>())?);
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}
+
 /// q_proj and k_proj reach the loss only through RoPE and the attention softmax, the norm
 /// weights only through rms_norm: check every entry of layer 0's, not a sample.
 #[test]

@@ -4,8 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Which member of the Llama family; decides only the HF `architectures`/`model_type` written
-/// back on merge and whether q/k/v carry biases.
+/// Which member of the Llama family; decides the HF `architectures`/`model_type` written back on
+/// merge, whether q/k/v carry biases (Qwen2) and whether queries and keys are RMS-normalised per
+/// head (Qwen3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Arch {
@@ -15,6 +16,17 @@ pub enum Arch {
     Mistral,
     /// Qwen2 / Qwen2.5: biases on q, k, v.
     Qwen2,
+    /// Qwen3 (dense): per-head RMSNorm on queries and keys (`self_attn.q_norm` / `k_norm`,
+    /// weight `(hd,)`) after the projections and before RoPE; biases only with
+    /// `attention_bias` (on q, k, v and o). HF `modeling_qwen3.py`, `Qwen3Attention`.
+    Qwen3,
+}
+
+impl Arch {
+    /// Queries and keys go through a per-head RMSNorm before RoPE (Qwen3's `q_norm`/`k_norm`).
+    pub fn has_qk_norm(self) -> bool {
+        self == Arch::Qwen3
+    }
 }
 
 /// Llama-3 style RoPE frequency scaling (`rope_scaling.rope_type = "llama3"`).
@@ -47,7 +59,7 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
     /// lm_head shares the embedding matrix.
     pub tie_word_embeddings: bool,
-    /// q/k/v projections carry biases (Qwen2).
+    /// q/k/v projections carry biases (Qwen2; Qwen3 and Llama with `attention_bias`, then o too).
     pub attention_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
