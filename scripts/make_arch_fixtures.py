@@ -65,6 +65,29 @@ CONVERSATIONS = {
 }
 
 
+# A preference pair tokenized as TRL 1.16's DPOTrainer does for conversations:
+# prompt_ids = template(prompt, add_generation_prompt=True), chosen_ids = template(prompt +
+# chosen)[len(prompt_ids):] (likewise rejected), add_special_tokens=False.
+PAIR = {
+    "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}],
+    "chosen": [{"role": "assistant", "content": "Paris."}],
+    "rejected": [{"role": "assistant", "content": "It is Lyon, I think."}],
+}
+
+
+def trl_pair_ids(tok):
+    """PAIR's prompt / chosen / rejected ids as TRL splits them (the prompt is a prefix)."""
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]
+    prompt = ids(tok.apply_chat_template(PAIR["prompt"], tokenize=False, add_generation_prompt=True))
+    out = {"pair": PAIR, "prompt_ids": prompt}
+    for side in ("chosen", "rejected"):
+        full = ids(tok.apply_chat_template(PAIR["prompt"] + PAIR[side], tokenize=False))
+        assert full[: len(prompt)] == prompt, "the rendered prompt is not a prefix"
+        out[f"{side}_ids"] = full[len(prompt):]
+        out[f"{side}_text"] = tok.decode(full[len(prompt):])
+    return out
+
+
 def byte_tokenizer(chat_template):
     """A byte-level BPE of the 256 byte symbols (no merges) plus SPECIALS (ids 256..)."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -157,6 +180,7 @@ def make_qwen3():
         "logits": logits.tolist(),
         "token_logps": logp.tolist(),
         "chat_template": renders,
+        "dpo_pair": trl_pair_ids(tok),
     }
     with open(os.path.join(out, "expected.json"), "w") as f:
         json.dump(expected, f)

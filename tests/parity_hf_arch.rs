@@ -174,6 +174,30 @@ fn qwen3_chat_template_renders_like_transformers() {
     assert!(think.ends_with("<|im_start|>assistant\n<think>\nadd them\n</think>\n\n5<|im_end|>\n"), "{think:?}");
 }
 
+/// The data rule on Qwen3's template: a conversational pair tokenizes to TRL's ids (prompt with
+/// the generation prompt; completion = the final assistant turn as the template writes it, the
+/// empty `<think>\n\n</think>\n\n` block Qwen3 puts before a non-thinking answer included,
+/// then `<|im_end|>\n`), and the pair keeps the rule (no violation).
+#[test]
+fn qwen3_pair_tokenizes_as_trl() {
+    use ropo::data::tokenize::{PairTokenizer, TokenizeOptions};
+    use ropo::data::{DataReport, Pair, PreferenceExample};
+    let e = expected("qwen3");
+    let p = &e["dpo_pair"];
+    let m = load("qwen3", DType::F32);
+    let pt = PairTokenizer::new(&m.tokenizer, None, TokenizeOptions { max_length: None, max_prompt_length: None }).unwrap();
+    let msgs = |k: &str| -> Vec<Message> { serde_json::from_value(p["pair"][k].clone()).unwrap() };
+    let ex = PreferenceExample { line: 1, pair: Pair::Chat { prompt: msgs("prompt"), chosen: msgs("chosen"), rejected: msgs("rejected") } };
+    let mut report = DataReport::default();
+    let t = pt.tokenize(&ex, std::path::Path::new("pair.jsonl"), &mut report).unwrap().expect("the pair is kept");
+    let ids = |k: &str| -> Vec<u32> { p[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+    assert_eq!(t.prompt_ids, ids("prompt_ids"));
+    assert_eq!(t.chosen_ids, ids("chosen_ids"), "chosen: {:?}", p["chosen_text"]);
+    assert_eq!(t.rejected_ids, ids("rejected_ids"));
+    assert_eq!(p["chosen_text"].as_str(), Some("<think>\n\n</think>\n\nParis.<|im_end|>\n"));
+    assert_eq!(pt.violation(&t), None);
+}
+
 fn section(kind: AdapterKind) -> AdapterSection {
     let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
     AdapterSection { kind, target_modules: targets.iter().map(|s| s.to_string()).collect(), ..Default::default() }
