@@ -6,7 +6,7 @@ Run with the anchor venv (torch + transformers 5.x):
 
     ~/.cache/ropo/anchor/venv/bin/python scripts/make_arch_fixtures.py
 
-writes, per family (today: qwen3), tests/fixtures/arch/<family>/:
+writes, per family (qwen3, phi3), tests/fixtures/arch/<family>/:
   - the model as transformers' `save_pretrained` writes it (config.json, model.safetensors,
     generation_config.json) and its tokenizer (tokenizer.json, tokenizer_config.json with the
     family's chat template), a byte-level tokenizer of 256 byte tokens + the special tokens;
@@ -29,12 +29,13 @@ import sys
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 OUT = os.path.join(ROOT, "tests", "fixtures", "arch")
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+QWEN3_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+PHI3_SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
 IDS = [
     [3, 17, 42, 8, 8, 29, 1, 49, 0, 21, 5, 33],
     [11, 2, 7, 30, 45, 19, 4, 0, 0, 0, 0, 0],
@@ -88,27 +89,29 @@ def trl_pair_ids(tok):
     return out
 
 
-def byte_tokenizer(chat_template):
-    """A byte-level BPE of the 256 byte symbols (no merges) plus SPECIALS (ids 256..)."""
+def byte_tokenizer(chat_template, specials, eos):
+    """A byte-level BPE of the 256 byte symbols (no merges) plus `specials` (ids 256..);
+    `<|endoftext|>` pads."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIALS)
+    tok.add_special_tokens(specials)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|im_end|>",
+        eos_token=eos,
         pad_token="<|endoftext|>",
         chat_template=chat_template,
     )
 
 
-def qwen3_chat_template():
-    """Qwen3's original template as trl ships it (trl/chat_templates/qwen3.jinja)."""
+def trl_template(name):
+    """A model's original chat template as trl ships it (trl/chat_templates/NAME.jinja:
+    qwen3 = Qwen3's, phi3 = Phi-3's)."""
     import trl
 
-    path = os.path.join(os.path.dirname(trl.__file__), "chat_templates", "qwen3.jinja")
+    path = os.path.join(os.path.dirname(trl.__file__), "chat_templates", f"{name}.jinja")
     with open(path, encoding="utf-8") as f:
         return f.read()
 
@@ -136,8 +139,8 @@ def outputs(model):
 
 
 def make_qwen3():
-    tok = byte_tokenizer(qwen3_chat_template())
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    """Qwen3 with head_dim 32 != hidden / heads = 16, tied embeddings, rope_theta 1e6."""
+    tok = byte_tokenizer(trl_template("qwen3"), QWEN3_SPECIALS, "<|im_end|>")
     cfg = Qwen3Config(
         vocab_size=272,
         hidden_size=64,
@@ -153,33 +156,55 @@ def make_qwen3():
         attention_bias=False,
         use_sliding_window=False,
         bos_token_id=None,
-        eos_token_id=eos,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tok.pad_token_id,
     )
+    write_family("qwen3", Qwen3ForCausalLM, cfg, tok)
+
+
+def make_phi3():
+    """Phi-3 (fused qkv_proj and gate_up_proj), untied head, GQA 4 / 2 heads of 16."""
+    tok = byte_tokenizer(trl_template("phi3"), PHI3_SPECIALS, "<|endoftext|>")
+    cfg = Phi3Config(
+        vocab_size=272,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        original_max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+        sliding_window=None,
+        bos_token_id=None,
+        eos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+        pad_token_id=tok.pad_token_id,
+    )
+    write_family("phi3", Phi3ForCausalLM, cfg, tok)
+
+
+def write_family(family, model_cls, cfg, tok):
+    """Build `model_cls(cfg)` with seeded random weights, save it and `tok` to
+    tests/fixtures/arch/FAMILY/ with expected.json (outputs, renderings, a TRL-tokenized pair)."""
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = Qwen3ForCausalLM(cfg).float().eval()
+    model = model_cls(cfg).float().eval()
     randomize(model, 1)
     model.tie_weights()
-    out = os.path.join(OUT, "qwen3")
+    out = os.path.join(OUT, family)
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     logits, logp = outputs(model)
-    renders = {}
-    for name, msgs in CONVERSATIONS.items():
-        entry = {"messages": msgs}
-        for agp in (False, True):
-            entry[f"add_generation_prompt_{str(agp).lower()}"] = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=agp)
-        entry["ids_add_generation_prompt_false"] = tok(entry["add_generation_prompt_false"], add_special_tokens=False)["input_ids"]
-        renders[name] = entry
     expected = {
         "source": "scripts/make_arch_fixtures.py, transformers " + __import__("transformers").__version__ + ", torch " + torch.__version__,
         "input_ids": IDS,
         "attention_mask": MASK,
         "logits": logits.tolist(),
         "token_logps": logp.tolist(),
-        "chat_template": renders,
+        "chat_template": renders(tok),
         "dpo_pair": trl_pair_ids(tok),
     }
     with open(os.path.join(out, "expected.json"), "w") as f:
@@ -187,7 +212,20 @@ def make_qwen3():
     # the saved folder reloads to the same logits
     again = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
     l2, _ = outputs(again)
-    print(f"qwen3: wrote {out}; reload max |delta| = {(l2 - logits).abs().max().item():.3e}, max |logit| = {logits.abs().max().item():.3f}")
+    print(f"{family}: wrote {out}; reload max |delta| = {(l2 - logits).abs().max().item():.3e}, max |logit| = {logits.abs().max().item():.3f}")
+
+
+def renders(tok):
+    """CONVERSATIONS rendered by apply_chat_template (with and without the generation prompt),
+    and the ids of the rendering without it."""
+    out = {}
+    for name, msgs in CONVERSATIONS.items():
+        entry = {"messages": msgs}
+        for agp in (False, True):
+            entry[f"add_generation_prompt_{str(agp).lower()}"] = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=agp)
+        entry["ids_add_generation_prompt_false"] = tok(entry["add_generation_prompt_false"], add_special_tokens=False)["input_ids"]
+        out[name] = entry
+    return out
 
 
 def check_merged(folder):
@@ -209,6 +247,7 @@ def main():
     if a.check_merged:
         sys.exit(0 if check_merged(a.check_merged) < 1e-4 else 1)
     make_qwen3()
+    make_phi3()
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@
 use serde::{Deserialize, Serialize};
 
 /// Which member of the Llama family; decides the HF `architectures`/`model_type` written back on
-/// merge, whether q/k/v carry biases (Qwen2) and whether queries and keys are RMS-normalised per
-/// head (Qwen3).
+/// merge, whether q/k/v carry biases (Qwen2), whether queries and keys are RMS-normalised per
+/// head (Qwen3) and whether the projections are fused (Phi-3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Arch {
@@ -20,12 +20,22 @@ pub enum Arch {
     /// weight `(hd,)`) after the projections and before RoPE; biases only with
     /// `attention_bias` (on q, k, v and o). HF `modeling_qwen3.py`, `Qwen3Attention`.
     Qwen3,
+    /// Phi-3 (mini/medium, 4k/128k-free): q/k/v stored as one `self_attn.qkv_proj`
+    /// `((H + 2 Hkv) hd, D)` and gate/up as one `mlp.gate_up_proj` `(2I, D)`, no biases, untied
+    /// head. HF `modeling_phi3.py`, `Phi3Attention`, `Phi3MLP`.
+    Phi3,
 }
 
 impl Arch {
     /// Queries and keys go through a per-head RMSNorm before RoPE (Qwen3's `q_norm`/`k_norm`).
     pub fn has_qk_norm(self) -> bool {
         self == Arch::Qwen3
+    }
+
+    /// q/k/v and gate/up are each one fused projection (Phi-3's `qkv_proj`, `gate_up_proj`;
+    /// [`crate::model::proj`]).
+    pub fn has_fused_projections(self) -> bool {
+        self == Arch::Phi3
     }
 }
 

@@ -1,8 +1,9 @@
-//! A lenient serde mirror of an HF `config.json` (Llama / Mistral / Qwen2 / Qwen3), resolved once into
+//! A lenient serde mirror of an HF `config.json` (Llama / Mistral / Qwen2 / Qwen3 / Phi-3), resolved once into
 //! [`ModelConfig`] by [`HfConfig::into_config`] (candle's two-stage config habit).
 //!
 //! Unknown keys are ignored (HF configs carry dozens we do not use); never `deny_unknown_fields`.
-//! Defaults follow transformers' `LlamaConfig` / `MistralConfig` / `Qwen2Config` / `Qwen3Config`.
+//! Defaults follow transformers' `LlamaConfig` / `MistralConfig` / `Qwen2Config` / `Qwen3Config` /
+//! `Phi3Config`.
 //! Both RoPE spellings are read: the legacy `rope_theta` + `rope_scaling` keys (hub configs
 //! written by transformers 4.x) and transformers 5's `rope_parameters` object
 //! (`{"rope_type": "default", "rope_theta": ...}`; `configuration_utils.py`,
@@ -38,7 +39,7 @@ impl OneOrMany {
 /// The fields of `config.json` that the Llama family uses; everything optional that HF defaults.
 #[derive(Debug, Clone, Deserialize)]
 pub struct HfConfig {
-    /// `llama`, `mistral`, `qwen2` or `qwen3`; anything else is rejected.
+    /// `llama`, `mistral`, `qwen2`, `qwen3` or `phi3`; anything else is rejected.
     pub model_type: Option<String>,
     /// Class names (`LlamaForCausalLM`); used when `model_type` is absent.
     pub architectures: Option<Vec<String>>,
@@ -71,6 +72,13 @@ pub struct HfConfig {
     /// transformers 5's per-layer attention kinds (`full_attention` / `sliding_attention`);
     /// a `sliding_attention` layer is rejected for Qwen3.
     pub layer_types: Option<Vec<String>>,
+    /// Phi-3 / Mistral attention window (`null` = none). Not implemented: attention is full,
+    /// which equals the window for sequences of at most `sliding_window` tokens (Phi-3-mini-4k:
+    /// 2047); a window shorter than the context is warned about.
+    pub sliding_window: Option<usize>,
+    /// Rotated fraction of each head (GPT-NeoX style partial RoPE, also inside
+    /// `rope_parameters`); only 1.0 (every dimension rotated) is supported.
+    pub partial_rotary_factor: Option<f64>,
     /// Context length.
     pub max_position_embeddings: Option<usize>,
     /// lm_head shares the embedding; default false (LlamaConfig's default).
@@ -89,6 +97,7 @@ const SUPPORTED: &[(&str, &str, Arch)] = &[
     ("mistral", "MistralForCausalLM", Arch::Mistral),
     ("qwen2", "Qwen2ForCausalLM", Arch::Qwen2),
     ("qwen3", "Qwen3ForCausalLM", Arch::Qwen3),
+    ("phi3", "Phi3ForCausalLM", Arch::Phi3),
 ];
 
 /// The HF `model_type` string of `arch` (written back by export).
@@ -124,12 +133,18 @@ impl HfConfig {
         let arch = self.arch().map_err(err)?;
         self.check_heads().map_err(err)?;
         self.check_sliding_window(arch).map_err(err)?;
+        self.check_partial_rotary().map_err(err)?;
         let num_key_value_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
         let (rope_theta, rope_scaling) = self.rope().map_err(err)?;
         let (default_theta, default_eps, default_max_pos) = match arch {
             Arch::Llama => (10000.0, 1e-6, 2048),
             Arch::Mistral | Arch::Qwen2 | Arch::Qwen3 => (10000.0, 1e-6, 32768),
+            Arch::Phi3 => (10000.0, 1e-5, 4096),
         };
+        let max_position_embeddings = self.max_position_embeddings.unwrap_or(default_max_pos);
+        if let Some(w) = self.sliding_window.filter(|&w| arch == Arch::Phi3 && w + 1 < max_position_embeddings) {
+            tracing::warn!("{}: sliding_window {w} is not implemented; attention is full, equal to the window's for sequences of at most {w} tokens", path.display());
+        }
         Ok(ModelConfig {
             arch,
             vocab_size: self.vocab_size,
@@ -142,10 +157,10 @@ impl HfConfig {
             rms_norm_eps: self.rms_norm_eps.unwrap_or(default_eps),
             rope_theta: rope_theta.unwrap_or(default_theta),
             rope_scaling,
-            max_position_embeddings: self.max_position_embeddings.unwrap_or(default_max_pos),
+            max_position_embeddings,
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
-            // Qwen2 always has q/k/v biases (its config has no attention_bias key).
-            attention_bias: arch == Arch::Qwen2 || self.attention_bias.unwrap_or(false),
+            // Qwen2 always has q/k/v biases (its config has no attention_bias key); Phi-3 none.
+            attention_bias: arch == Arch::Qwen2 || (arch != Arch::Phi3 && self.attention_bias.unwrap_or(false)),
             bos_token_id: self.bos_token_id,
             eos_token_ids: self.eos_token_id.clone().map(|e| e.to_vec()).unwrap_or_default(),
         })
@@ -195,6 +210,15 @@ impl HfConfig {
             return Err(format!("layer_types[{i}] = \"{kind}\": only full_attention layers are supported for qwen3"));
         }
         Ok(())
+    }
+
+    /// `partial_rotary_factor` (top level or in `rope_parameters`) other than 1.0 is refused.
+    fn check_partial_rotary(&self) -> std::result::Result<(), String> {
+        let nested = self.rope_parameters.as_ref().and_then(|p| p.get("partial_rotary_factor")).and_then(|f| f.as_f64());
+        match self.partial_rotary_factor.or(nested) {
+            Some(f) if f != 1.0 => Err(format!("partial_rotary_factor = {f}: only 1.0 (RoPE on every head dimension) is supported")),
+            _ => Ok(()),
+        }
     }
 
     /// `(rope_theta, llama3 scaling)` from `rope_theta` / `rope_scaling`, falling back to
@@ -260,6 +284,10 @@ pub fn to_json(cfg: &ModelConfig) -> serde_json::Value {
     let m = v.as_object_mut().expect("object literal");
     if cfg.arch != Arch::Qwen2 {
         m.insert("attention_bias".into(), cfg.attention_bias.into());
+    }
+    if cfg.arch == Arch::Phi3 {
+        // Phi3Config defaults pad_token_id to 32000, out of range for other vocabularies
+        m.insert("pad_token_id".into(), serde_json::Value::Null);
     }
     if cfg.arch == Arch::Qwen3 {
         // full attention in every layer (Qwen3Config: sliding_window is None unless enabled)
@@ -392,6 +420,36 @@ mod tests {
         let lt = QWEN3_06B.replace(r#""use_cache": true"#, r#""layer_types": ["full_attention", "sliding_attention"]"#);
         let e = resolve(&lt).unwrap_err().to_string();
         assert!(e.contains("layer_types[1]") && e.contains("sliding_attention"), "{e}");
+    }
+
+    // microsoft/Phi-3-mini-4k-instruct's config.json (abridged: auto_map dropped).
+    const PHI3_MINI: &str = r#"{
+      "architectures": ["Phi3ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1,
+      "embd_pdrop": 0.0, "eos_token_id": 32000, "hidden_act": "silu", "hidden_size": 3072,
+      "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 4096,
+      "model_type": "phi3", "num_attention_heads": 32, "num_hidden_layers": 32,
+      "num_key_value_heads": 32, "original_max_position_embeddings": 4096, "pad_token_id": 32000,
+      "resid_pdrop": 0.0, "rms_norm_eps": 1e-05, "rope_scaling": null, "rope_theta": 10000.0,
+      "sliding_window": 2047, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+      "transformers_version": "4.40.2", "use_cache": true, "vocab_size": 32064 }"#;
+
+    #[test]
+    fn phi3_resolves_and_round_trips() {
+        let c = resolve(PHI3_MINI).unwrap();
+        assert_eq!(c.arch, Arch::Phi3);
+        assert!(c.arch.has_fused_projections() && !c.arch.has_qk_norm() && !Arch::Llama.has_fused_projections());
+        assert_eq!((c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size), (3072, 32, 32, 96, 8192));
+        assert_eq!((c.rope_theta, c.rms_norm_eps, c.max_position_embeddings), (1e4, 1e-5, 4096));
+        assert!(!c.tie_word_embeddings && !c.attention_bias);
+        let j = to_json(&c);
+        assert_eq!((j["model_type"].as_str(), j["architectures"][0].as_str()), (Some("phi3"), Some("Phi3ForCausalLM")));
+        assert!(j["pad_token_id"].is_null());
+        assert_eq!(resolve(&j.to_string()).unwrap(), c);
+        // the 128k variants' longrope and a partial rotary factor are refused, naming the key
+        let e = resolve(&PHI3_MINI.replace(r#""rope_scaling": null"#, r#""rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}"#)).unwrap_err().to_string();
+        assert!(e.contains("rope_scaling") && e.contains("longrope"), "{e}");
+        let e = resolve(&PHI3_MINI.replace(r#""use_cache": true"#, r#""partial_rotary_factor": 0.5"#)).unwrap_err().to_string();
+        assert!(e.contains("q/config.json") && e.contains("partial_rotary_factor"), "{e}");
     }
 
     #[test]
