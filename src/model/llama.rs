@@ -148,7 +148,7 @@ impl Attention {
     fn head_norm(&self, x: Tensor, weight: Option<&Tensor>, heads: usize) -> Result<Tensor> {
         let Some(w) = weight else { return Ok(x) };
         let (rows, width) = x.dims2()?;
-        // (N*T, heads*hd) -> (N*T, heads, hd): contiguous, no copy
+        // (N*T, heads*hd) -> (N*T, heads, hd): the projection's rows, no copy
         let xh = x.reshape((rows, heads, self.head_dim))?;
         let y = if fused_layer_ops() { rms_norm(&xh, w, self.eps)? } else { rms_norm_composed(&xh, w, self.eps)? };
         y.reshape((rows, width))
