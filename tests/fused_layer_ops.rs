@@ -1,7 +1,10 @@
 //! The decoder with its fused layer ops (SwiGLU, the attention heads' layout + RoPE ops, no-op
 //! reshapes out of the graph, no gradient for constant norm weights) equals the composed candle
 //! path: completion log-probs and every adapter gradient, through the plain concatenated forward
-//! and the shared-prompt forward (f64 tiny model, RoPO on every projection; 1e-12 relative).
+//! and the shared-prompt forward (f64 tiny model, RoPO on every projection; 1e-12 relative);
+//! for Llama and for Qwen3, whose per-head q/k RMSNorm takes the custom op (`ops::rms_norm`)
+//! fused and its composed twin (`ops::rms_norm_composed`) otherwise, and for Phi-3 (fused
+//! `qkv_proj` and `gate_up_proj`, split on both paths).
 //!
 //! Its own test binary: it flips the process-wide `set_fused_layer_ops` switch, which would race
 //! with other tests running in parallel threads of the same binary.
@@ -17,9 +20,19 @@ use ropo::model::config::Arch;
 use ropo::model::ops::{fused_layer_ops, set_fused_layer_ops};
 use ropo::model::prefix::SharedPromptBatch;
 
+/// One test function for every architecture: the switch is process-wide (see the module doc).
 #[test]
 fn fused_layer_ops_equal_the_composed_path_values_and_gradients() {
-    let cfg = tiny_config(Arch::Llama, 31, 16, true);
+    let mut qwen3 = tiny_config(Arch::Qwen3, 31, 16, true);
+    qwen3.head_dim = 6; // the per-head q/k RMSNorm (fused op vs rms_norm_composed), hd != D / H
+    // Phi-3: the fused qkv_proj / gate_up_proj split by narrow on both paths
+    for cfg in [tiny_config(Arch::Llama, 31, 16, true), qwen3, tiny_config(Arch::Phi3, 31, 16, true)] {
+        check_arch(&cfg);
+    }
+}
+
+fn check_arch(cfg: &ropo::model::config::ModelConfig) {
+    let cfg = cfg.clone();
     let dev = Device::Cpu;
     let (model, set) = model_with_perturbed_ropo(&cfg, 21, 4);
     // two pairs: [chosen_0, chosen_1, rejected_0, rejected_1], prompts of 2 and 3 tokens
@@ -46,7 +59,8 @@ fn fused_layer_ops_equal_the_composed_path_values_and_gradients() {
         set_fused_layer_ops(true);
         assert!(diff(&lf, &lp) < 1e-12, "share {share}: {lf} vs {lp}");
         let vars = set.vars();
-        assert_eq!(vars.len(), 2 * 7 * 3);
+        let per_layer = if cfg.arch == Arch::Phi3 { 4 } else { 7 };
+        assert_eq!(vars.len(), 2 * per_layer * 3);
         for (name, v) in &vars {
             let a = gf.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient with the fused ops"));
             let b = gp.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient on the composed path"));

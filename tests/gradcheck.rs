@@ -88,7 +88,8 @@ fn gradcheck_all(cfg: &ModelConfig, seed: u64) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed + 100);
     let mut failures = vec![];
     let mut checked = 0;
-    assert!(f.vars.len() >= 2 * 9 + 2, "expected every weight to be a Var, got {}", f.vars.len());
+    let n_weights = ropo::model::llama::weight_shapes(cfg).len();
+    assert!(f.vars.len() == n_weights && n_weights >= 2 * 6 + 2, "expected every weight to be a Var, got {} of {n_weights}", f.vars.len());
     for (name, var) in &f.vars {
         let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient (the graph was cut)"));
         let gv = g.flatten_all()?.to_vec1::<f64>()?;
@@ -111,6 +112,55 @@ fn every_weight_matches_finite_differences_llama_untied() -> Result<()> {
 #[test]
 fn every_weight_matches_finite_differences_qwen2_tied_biases() -> Result<()> {
     gradcheck_all(&tiny_config(Arch::Qwen2, 40, 16, true), 2)
+}
+
+/// Qwen3: a per-head RMSNorm on q and k before RoPE, head_dim 6 != hidden / heads = 4.
+fn qwen3_config() -> ModelConfig {
+    let mut cfg = tiny_config(Arch::Qwen3, 40, 16, false);
+    cfg.head_dim = 6;
+    cfg
+}
+
+#[test]
+fn every_weight_matches_finite_differences_qwen3_qk_norm() -> Result<()> {
+    let f = fixture(&qwen3_config(), 4)?;
+    assert_eq!(f.vars.len(), 1 + 2 * 11 + 2, "embedding, 11 tensors per layer (q/k norms included), final norm, head");
+    drop(f);
+    gradcheck_all(&qwen3_config(), 4)
+}
+
+/// Phi-3: the fused qkv_proj and gate_up_proj (their gradients assembled from the narrowed
+/// q/k/v and gate/up slices).
+#[test]
+fn every_weight_matches_finite_differences_phi3_fused() -> Result<()> {
+    let cfg = tiny_config(Arch::Phi3, 40, 16, false);
+    let f = fixture(&cfg, 6)?;
+    assert_eq!(f.vars.len(), 1 + 2 * 6 + 2, "embedding, 6 tensors per layer, final norm, head");
+    drop(f);
+    gradcheck_all(&cfg, 6)
+}
+
+/// Qwen3's q/k norm path, every entry: the norm weights `(hd,)` of both layers (reached only
+/// through RoPE and the attention softmax) and layer 0's q_proj and k_proj, whose gradient now
+/// also flows through the per-head norm's input backward.
+#[test]
+fn qwen3_qk_norm_path_every_entry() -> Result<()> {
+    let f = fixture(&qwen3_config(), 5)?;
+    let grads = loss(&f)?.backward()?;
+    let mut failures = vec![];
+    for name in [
+        "model.layers.0.self_attn.q_norm.weight",
+        "model.layers.0.self_attn.k_norm.weight",
+        "model.layers.1.self_attn.q_norm.weight",
+        "model.layers.1.self_attn.k_norm.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+    ] {
+        let n = f.vars[name].as_tensor().elem_count();
+        failures.extend(check_entries(&f, &grads, name, &(0..n).collect::<Vec<_>>())?);
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
 }
 
 /// q_proj and k_proj reach the loss only through RoPE and the attention softmax, the norm

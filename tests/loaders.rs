@@ -329,9 +329,10 @@ fn hub_id_loads_a_runnable_model() {
 }
 
 /// A GGUF written the way llama.cpp's converter writes one (llama.cpp names, q/k rows permuted
-/// for `llama`, not for `qwen2`; f32 tensors; the SmolLM2 tokenizer metadata) loads back to the
-/// original HF tensors: checks the name map, the un-permutation, untied `output.weight` and
-/// Qwen2's q/k/v biases end to end.
+/// for `llama`, not for `qwen2` / `qwen3`; f32 tensors; the SmolLM2 tokenizer metadata) loads
+/// back to the original HF tensors: checks the name map, the un-permutation, untied
+/// `output.weight`, Qwen2's q/k/v biases and Qwen3's `attn_q_norm` / `attn_k_norm` with a
+/// `key_length` (head_dim 6) other than width / heads end to end.
 #[test]
 fn synthetic_gguf_loads_back_to_the_hf_tensors() {
     use candle_core::quantized::gguf_file::{self, Value};
@@ -345,14 +346,24 @@ fn synthetic_gguf_loads_back_to_the_hf_tensors() {
     let reference = smollm2().tokenizer;
     let smollm2_tokenizer_ref = || reference.clone();
 
-    for arch in [Arch::Llama, Arch::Qwen2] {
+    for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3] {
         let mut cfg = tiny_config();
         cfg.arch = arch;
+        if arch == Arch::Qwen3 {
+            cfg.head_dim = 6;
+        }
         cfg.attention_bias = arch == Arch::Qwen2;
         cfg.rms_norm_eps = 1e-6;
         cfg.rope_theta = 500000.0;
         cfg.max_position_embeddings = 128;
         let mut hf = random_tensors(&cfg, 11);
+        if arch == Arch::Qwen3 {
+            for i in 0..cfg.num_hidden_layers {
+                for (n, c) in [("q_norm", 1.5f32), ("k_norm", 0.5)] {
+                    hf.insert(format!("model.layers.{i}.self_attn.{n}.weight"), Tensor::new(&[c, 1.0, 0.9, 1.1, 1.2, 0.8], &Device::Cpu).unwrap());
+                }
+            }
+        }
         if cfg.attention_bias {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
             for i in 0..cfg.num_hidden_layers {
@@ -374,6 +385,8 @@ fn synthetic_gguf_loads_back_to_the_hf_tensors() {
                 .replace("self_attn.k_proj", "attn_k")
                 .replace("self_attn.v_proj", "attn_v")
                 .replace("self_attn.o_proj", "attn_output")
+                .replace("self_attn.q_norm", "attn_q_norm")
+                .replace("self_attn.k_norm", "attn_k_norm")
                 .replace("mlp.gate_proj", "ffn_gate")
                 .replace("mlp.up_proj", "ffn_up")
                 .replace("mlp.down_proj", "ffn_down")
@@ -386,7 +399,11 @@ fn synthetic_gguf_loads_back_to_the_hf_tensors() {
             };
             qts.push((g, QTensor::quantize(&t, GgmlDType::F32).unwrap()));
         }
-        let a = if arch == Arch::Llama { "llama" } else { "qwen2" };
+        let a = match arch {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            _ => "qwen3",
+        };
         let k = |s: &str| format!("{a}.{s}");
         let mut meta: Vec<(String, Value)> = vec![
             ("general.architecture".into(), Value::String(a.into())),
@@ -396,6 +413,7 @@ fn synthetic_gguf_loads_back_to_the_hf_tensors() {
             (k("feed_forward_length"), Value::U32(12)),
             (k("attention.head_count"), Value::U32(2)),
             (k("attention.head_count_kv"), Value::U32(1)),
+            (k("attention.key_length"), Value::U32(cfg.head_dim as u32)),
             (k("rope.freq_base"), Value::F32(500000.0)),
             (k("attention.layer_norm_rms_epsilon"), Value::F32(1e-6)),
         ];

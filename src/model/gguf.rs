@@ -170,6 +170,9 @@ pub fn hf_name(gguf: &str) -> Option<String> {
         "ffn_down" => "mlp.down_proj",
         "attn_norm" => "input_layernorm",
         "ffn_norm" => "post_attention_layernorm",
+        // Qwen3's per-head q/k RMSNorm (llama.cpp `LLM_TENSOR_ATTN_Q_NORM` / `ATTN_K_NORM`)
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}.{suffix}"))
@@ -285,7 +288,9 @@ fn config_from_metadata(md: &Metadata, content: &Content) -> Result<ModelConfig>
     let arch = match arch_name {
         "llama" => Arch::Llama,
         "qwen2" => Arch::Qwen2,
-        other => return Err(md.err(format!("unsupported GGUF architecture \"{other}\" (supported: llama, qwen2)"))),
+        // llama.cpp's `qwen3`: Qwen2's layout (no q/k permutation) plus blk.N.attn_{q,k}_norm
+        "qwen3" => Arch::Qwen3,
+        other => return Err(md.err(format!("unsupported GGUF architecture \"{other}\" (supported: llama, qwen2, qwen3)"))),
     };
     if content.tensor_infos.contains_key("rope_freqs.weight") {
         return Err(md.err("GGUF rope_freqs.weight (Llama-3.1 RoPE scaling) is not supported; load the HF folder instead".into()));
@@ -467,6 +472,8 @@ mod tests {
         assert_eq!(hf_name("blk.3.ffn_down.weight").unwrap(), "model.layers.3.mlp.down_proj.weight");
         assert_eq!(hf_name("blk.3.attn_norm.weight").unwrap(), "model.layers.3.input_layernorm.weight");
         assert_eq!(hf_name("blk.3.ffn_norm.weight").unwrap(), "model.layers.3.post_attention_layernorm.weight");
+        assert_eq!(hf_name("blk.2.attn_q_norm.weight").unwrap(), "model.layers.2.self_attn.q_norm.weight");
+        assert_eq!(hf_name("blk.2.attn_k_norm.weight").unwrap(), "model.layers.2.self_attn.k_norm.weight");
         assert_eq!(hf_name("token_embd.weight").unwrap(), "model.embed_tokens.weight");
         assert_eq!(hf_name("output.weight").unwrap(), "lm_head.weight");
         assert!(hf_name("blk.x.attn_q.weight").is_none());

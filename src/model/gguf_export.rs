@@ -92,6 +92,8 @@ fn model_metadata(config: &ModelConfig, name: &str, dtype: GgufDtype) -> Vec<(St
     let arch = match config.arch {
         Arch::Llama | Arch::Mistral => "llama",
         Arch::Qwen2 => "qwen2",
+        Arch::Qwen3 => "qwen3",
+        Arch::Phi3 => "phi3",
     };
     let k = |s: &str| format!("{arch}.{s}");
     let u = |x: usize| Value::U32(x as u32);

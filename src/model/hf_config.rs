@@ -1,8 +1,13 @@
-//! A lenient serde mirror of an HF `config.json` (Llama / Mistral / Qwen2), resolved once into
+//! A lenient serde mirror of an HF `config.json` (Llama / Mistral / Qwen2 / Qwen3 / Phi-3), resolved once into
 //! [`ModelConfig`] by [`HfConfig::into_config`] (candle's two-stage config habit).
 //!
 //! Unknown keys are ignored (HF configs carry dozens we do not use); never `deny_unknown_fields`.
-//! Defaults follow transformers' `LlamaConfig` / `MistralConfig` / `Qwen2Config`.
+//! Defaults follow transformers' `LlamaConfig` / `MistralConfig` / `Qwen2Config` / `Qwen3Config` /
+//! `Phi3Config`.
+//! Both RoPE spellings are read: the legacy `rope_theta` + `rope_scaling` keys (hub configs
+//! written by transformers 4.x) and transformers 5's `rope_parameters` object
+//! (`{"rope_type": "default", "rope_theta": ...}`; `configuration_utils.py`,
+//! `modeling_rope_utils.py`).
 
 use std::path::Path;
 
@@ -34,7 +39,7 @@ impl OneOrMany {
 /// The fields of `config.json` that the Llama family uses; everything optional that HF defaults.
 #[derive(Debug, Clone, Deserialize)]
 pub struct HfConfig {
-    /// `llama`, `mistral` or `qwen2`; anything else is rejected.
+    /// `llama`, `mistral`, `qwen2`, `qwen3` or `phi3`; anything else is rejected.
     pub model_type: Option<String>,
     /// Class names (`LlamaForCausalLM`); used when `model_type` is absent.
     pub architectures: Option<Vec<String>>,
@@ -54,15 +59,31 @@ pub struct HfConfig {
     pub head_dim: Option<usize>,
     /// RMSNorm epsilon; default 1e-6 (transformers' default).
     pub rms_norm_eps: Option<f64>,
-    /// RoPE base; default 10000.
+    /// RoPE base; default `rope_parameters.rope_theta`, else 10000.
     pub rope_theta: Option<f64>,
     /// `null` or a `llama3` scaling object; other kinds are rejected.
     pub rope_scaling: Option<serde_json::Value>,
+    /// transformers 5's RoPE object: `rope_type` (`default` or `llama3`, with the llama3
+    /// factors) and `rope_theta`; read when `rope_scaling` / `rope_theta` are absent.
+    pub rope_parameters: Option<serde_json::Value>,
+    /// Qwen2/Qwen3 sliding-window attention switch; `true` is rejected for Qwen3 (not
+    /// implemented), released Qwen3 configs have `false`.
+    pub use_sliding_window: Option<bool>,
+    /// transformers 5's per-layer attention kinds (`full_attention` / `sliding_attention`);
+    /// a `sliding_attention` layer is rejected for Qwen3.
+    pub layer_types: Option<Vec<String>>,
+    /// Phi-3 / Mistral attention window (`null` = none). Not implemented: attention is full,
+    /// which equals the window for sequences of at most `sliding_window` tokens (Phi-3-mini-4k:
+    /// 2047); a window shorter than the context is warned about.
+    pub sliding_window: Option<usize>,
+    /// Rotated fraction of each head (GPT-NeoX style partial RoPE, also inside
+    /// `rope_parameters`); only 1.0 (every dimension rotated) is supported.
+    pub partial_rotary_factor: Option<f64>,
     /// Context length.
     pub max_position_embeddings: Option<usize>,
     /// lm_head shares the embedding; default false (LlamaConfig's default).
     pub tie_word_embeddings: Option<bool>,
-    /// Biases on q/k/v/o (Llama); Qwen2 always has q/k/v biases.
+    /// Biases on q/k/v/o (Llama, Qwen3; default false); Qwen2 always has q/k/v biases.
     pub attention_bias: Option<bool>,
     /// Beginning-of-sequence id.
     pub bos_token_id: Option<u32>,
@@ -75,6 +96,8 @@ const SUPPORTED: &[(&str, &str, Arch)] = &[
     ("llama", "LlamaForCausalLM", Arch::Llama),
     ("mistral", "MistralForCausalLM", Arch::Mistral),
     ("qwen2", "Qwen2ForCausalLM", Arch::Qwen2),
+    ("qwen3", "Qwen3ForCausalLM", Arch::Qwen3),
+    ("phi3", "Phi3ForCausalLM", Arch::Phi3),
 ];
 
 /// The HF `model_type` string of `arch` (written back by export).
@@ -104,42 +127,24 @@ impl HfConfig {
     /// Resolve into a [`ModelConfig`] (no `Option`s left). `path` names the file in errors.
     ///
     /// Errors: an unsupported `model_type` (e.g. `gpt_neox`), a rope scaling other than
-    /// `llama3`, heads that do not divide the width.
+    /// `llama3`, heads that do not divide the width, Qwen3 sliding-window attention.
     pub fn into_config(self, path: &Path) -> Result<ModelConfig> {
         let err = |msg: String| Error::input(path, None, msg);
-        let names: Vec<&str> = SUPPORTED.iter().map(|s| s.0).collect();
-        let arch = match (&self.model_type, &self.architectures) {
-            (Some(mt), _) => SUPPORTED.iter().find(|s| s.0 == mt).map(|s| s.2).ok_or_else(|| {
-                err(format!("unsupported model_type \"{mt}\" (supported: {})", names.join(", ")))
-            })?,
-            (None, Some(archs)) => archs
-                .iter()
-                .find_map(|a| SUPPORTED.iter().find(|s| s.1 == a).map(|s| s.2))
-                .ok_or_else(|| err(format!("unsupported architectures {archs:?} (supported model_type: {})", names.join(", "))))?,
-            (None, None) => return Err(err("neither model_type nor architectures is set".into())),
-        };
-        if self.num_attention_heads == 0 || (self.hidden_size % self.num_attention_heads != 0 && self.head_dim.is_none()) {
-            return Err(err(format!(
-                "hidden_size {} is not a multiple of num_attention_heads {}",
-                self.hidden_size, self.num_attention_heads
-            )));
-        }
+        let arch = self.arch().map_err(err)?;
+        self.check_heads().map_err(err)?;
+        self.check_sliding_window(arch).map_err(err)?;
+        self.check_partial_rotary().map_err(err)?;
         let num_key_value_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
-        if num_key_value_heads == 0 || self.num_attention_heads % num_key_value_heads != 0 {
-            return Err(err(format!(
-                "num_attention_heads {} is not a multiple of num_key_value_heads {num_key_value_heads}",
-                self.num_attention_heads
-            )));
-        }
-        let rope_scaling = match &self.rope_scaling {
-            None | Some(serde_json::Value::Null) => None,
-            Some(v) => Some(parse_rope_scaling(v).map_err(|m| err(format!("rope_scaling: {m}")))?),
-        };
+        let (rope_theta, rope_scaling) = self.rope().map_err(err)?;
         let (default_theta, default_eps, default_max_pos) = match arch {
             Arch::Llama => (10000.0, 1e-6, 2048),
-            Arch::Mistral => (10000.0, 1e-6, 32768),
-            Arch::Qwen2 => (10000.0, 1e-6, 32768),
+            Arch::Mistral | Arch::Qwen2 | Arch::Qwen3 => (10000.0, 1e-6, 32768),
+            Arch::Phi3 => (10000.0, 1e-5, 4096),
         };
+        let max_position_embeddings = self.max_position_embeddings.unwrap_or(default_max_pos);
+        if let Some(w) = self.sliding_window.filter(|&w| arch == Arch::Phi3 && w + 1 < max_position_embeddings) {
+            tracing::warn!("{}: sliding_window {w} is not implemented; attention is full, equal to the window's for sequences of at most {w} tokens", path.display());
+        }
         Ok(ModelConfig {
             arch,
             vocab_size: self.vocab_size,
@@ -150,15 +155,92 @@ impl HfConfig {
             num_key_value_heads,
             head_dim: self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads),
             rms_norm_eps: self.rms_norm_eps.unwrap_or(default_eps),
-            rope_theta: self.rope_theta.unwrap_or(default_theta),
+            rope_theta: rope_theta.unwrap_or(default_theta),
             rope_scaling,
-            max_position_embeddings: self.max_position_embeddings.unwrap_or(default_max_pos),
+            max_position_embeddings,
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
-            // Qwen2 always has q/k/v biases (its config has no attention_bias key).
-            attention_bias: arch == Arch::Qwen2 || self.attention_bias.unwrap_or(false),
+            // Qwen2 always has q/k/v biases (its config has no attention_bias key); Phi-3 none.
+            attention_bias: arch == Arch::Qwen2 || (arch != Arch::Phi3 && self.attention_bias.unwrap_or(false)),
             bos_token_id: self.bos_token_id,
-            eos_token_ids: self.eos_token_id.map(|e| e.to_vec()).unwrap_or_default(),
+            eos_token_ids: self.eos_token_id.clone().map(|e| e.to_vec()).unwrap_or_default(),
         })
+    }
+
+    /// The [`Arch`] of `model_type`, else of the first known `architectures` class name.
+    fn arch(&self) -> std::result::Result<Arch, String> {
+        let names: Vec<&str> = SUPPORTED.iter().map(|s| s.0).collect();
+        match (&self.model_type, &self.architectures) {
+            (Some(mt), _) => SUPPORTED
+                .iter()
+                .find(|s| s.0 == mt)
+                .map(|s| s.2)
+                .ok_or_else(|| format!("unsupported model_type \"{mt}\" (supported: {})", names.join(", "))),
+            (None, Some(archs)) => archs
+                .iter()
+                .find_map(|a| SUPPORTED.iter().find(|s| s.1 == a).map(|s| s.2))
+                .ok_or_else(|| format!("unsupported architectures {archs:?} (supported model_type: {})", names.join(", "))),
+            (None, None) => Err("neither model_type nor architectures is set".into()),
+        }
+    }
+
+    /// Heads that divide the width (unless `head_dim` is given) and kv heads that divide the heads.
+    fn check_heads(&self) -> std::result::Result<(), String> {
+        let h = self.num_attention_heads;
+        if h == 0 || (self.hidden_size % h != 0 && self.head_dim.is_none()) {
+            return Err(format!("hidden_size {} is not a multiple of num_attention_heads {h}", self.hidden_size));
+        }
+        let hkv = self.num_key_value_heads.unwrap_or(h);
+        if hkv == 0 || h % hkv != 0 {
+            return Err(format!("num_attention_heads {h} is not a multiple of num_key_value_heads {hkv}"));
+        }
+        Ok(())
+    }
+
+    /// Qwen3 with sliding-window attention (`use_sliding_window = true`, or a
+    /// `sliding_attention` entry in `layer_types`) is refused: only full attention is implemented.
+    fn check_sliding_window(&self, arch: Arch) -> std::result::Result<(), String> {
+        if arch != Arch::Qwen3 {
+            return Ok(());
+        }
+        if self.use_sliding_window == Some(true) {
+            return Err("use_sliding_window = true: sliding-window attention is not supported for qwen3 (only full attention; released Qwen3 configs set it to false)".into());
+        }
+        if let Some(i) = self.layer_types.iter().flatten().position(|t| t != "full_attention") {
+            let kind = &self.layer_types.as_ref().expect("position found an entry")[i];
+            return Err(format!("layer_types[{i}] = \"{kind}\": only full_attention layers are supported for qwen3"));
+        }
+        Ok(())
+    }
+
+    /// `partial_rotary_factor` (top level or in `rope_parameters`) other than 1.0 is refused.
+    fn check_partial_rotary(&self) -> std::result::Result<(), String> {
+        let nested = self.rope_parameters.as_ref().and_then(|p| p.get("partial_rotary_factor")).and_then(|f| f.as_f64());
+        match self.partial_rotary_factor.or(nested) {
+            Some(f) if f != 1.0 => Err(format!("partial_rotary_factor = {f}: only 1.0 (RoPE on every head dimension) is supported")),
+            _ => Ok(()),
+        }
+    }
+
+    /// `(rope_theta, llama3 scaling)` from `rope_theta` / `rope_scaling`, falling back to
+    /// transformers 5's `rope_parameters` (`rope_type` `default` = no scaling).
+    fn rope(&self) -> std::result::Result<(Option<f64>, Option<Llama3RopeScaling>), String> {
+        let params = self.rope_parameters.as_ref().filter(|v| !v.is_null());
+        if let Some(p) = params.filter(|p| !p.is_object()) {
+            return Err(format!("rope_parameters: expected an object, got {p}"));
+        }
+        let theta = match (self.rope_theta, params.and_then(|p| p.get("rope_theta"))) {
+            (Some(t), _) => Some(t),
+            (None, Some(t)) => Some(t.as_f64().ok_or_else(|| format!("rope_parameters: non-numeric \"rope_theta\" {t}"))?),
+            (None, None) => None,
+        };
+        let scaling = match (&self.rope_scaling, params) {
+            (Some(v), _) if !v.is_null() => Some(parse_rope_scaling(v).map_err(|m| format!("rope_scaling: {m}"))?),
+            (_, Some(p)) if p.get("rope_type").and_then(|k| k.as_str()).unwrap_or("default") != "default" => {
+                Some(parse_rope_scaling(p).map_err(|m| format!("rope_parameters: {m}"))?)
+            }
+            _ => None,
+        };
+        Ok((theta, scaling))
     }
 }
 
@@ -202,6 +284,16 @@ pub fn to_json(cfg: &ModelConfig) -> serde_json::Value {
     let m = v.as_object_mut().expect("object literal");
     if cfg.arch != Arch::Qwen2 {
         m.insert("attention_bias".into(), cfg.attention_bias.into());
+    }
+    if cfg.arch == Arch::Phi3 {
+        // Phi3Config defaults pad_token_id to 32000, out of range for other vocabularies
+        m.insert("pad_token_id".into(), serde_json::Value::Null);
+    }
+    if cfg.arch == Arch::Qwen3 {
+        // full attention in every layer (Qwen3Config: sliding_window is None unless enabled)
+        m.insert("use_sliding_window".into(), false.into());
+        m.insert("sliding_window".into(), serde_json::Value::Null);
+        m.insert("max_window_layers".into(), cfg.num_hidden_layers.into());
     }
     m.insert(
         "rope_scaling".into(),
@@ -276,6 +368,88 @@ mod tests {
         // round trip through the exported JSON
         let back = HfConfig::parse(&to_json(&c).to_string(), Path::new("c")).unwrap().into_config(Path::new("c")).unwrap();
         assert_eq!(back, c);
+    }
+
+    // Qwen/Qwen3-0.6B's config.json, as published on the hub (transformers 4.51).
+    const QWEN3_06B: &str = r#"{
+      "architectures": ["Qwen3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+      "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+      "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 3072,
+      "max_position_embeddings": 40960, "max_window_layers": 28, "model_type": "qwen3",
+      "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8,
+      "rms_norm_eps": 1e-06, "rope_scaling": null, "rope_theta": 1000000, "sliding_window": null,
+      "tie_word_embeddings": true, "torch_dtype": "bfloat16", "transformers_version": "4.51.0",
+      "use_cache": true, "use_sliding_window": false, "vocab_size": 151936 }"#;
+
+    fn resolve(text: &str) -> Result<ModelConfig> {
+        HfConfig::parse(text, Path::new("q/config.json"))?.into_config(Path::new("q/config.json"))
+    }
+
+    #[test]
+    fn qwen3_resolves_with_head_dim_and_round_trips() {
+        let c = resolve(QWEN3_06B).unwrap();
+        assert_eq!(c.arch, Arch::Qwen3);
+        assert!(c.arch.has_qk_norm() && !Arch::Qwen2.has_qk_norm());
+        assert_eq!((c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim), (1024, 16, 8, 128));
+        assert_eq!((c.rope_theta, c.rms_norm_eps, c.max_position_embeddings), (1e6, 1e-6, 40960));
+        assert!(c.tie_word_embeddings && !c.attention_bias);
+        let j = to_json(&c);
+        assert_eq!((j["model_type"].as_str(), j["architectures"][0].as_str()), (Some("qwen3"), Some("Qwen3ForCausalLM")));
+        assert_eq!((j["attention_bias"].as_bool(), j["use_sliding_window"].as_bool()), (Some(false), Some(false)));
+        assert_eq!(resolve(&j.to_string()).unwrap(), c);
+    }
+
+    /// transformers 5 writes `rope_parameters` instead of `rope_theta` / `rope_scaling`.
+    #[test]
+    fn rope_parameters_of_transformers_5() {
+        let text = QWEN3_06B.replace(r#""rope_scaling": null, "rope_theta": 1000000,"#, r#""rope_parameters": {"rope_theta": 5e5, "rope_type": "default"},"#);
+        let c = resolve(&text).unwrap();
+        assert_eq!((c.rope_theta, c.rope_scaling.is_none()), (5e5, true));
+        let l3 = r#""rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},"#;
+        let c = resolve(&QWEN3_06B.replace(r#""rope_scaling": null, "rope_theta": 1000000,"#, l3)).unwrap();
+        assert_eq!((c.rope_theta, c.rope_scaling.map(|s| s.factor)), (5e5, Some(8.0)));
+        let bad = QWEN3_06B.replace(r#""rope_scaling": null, "rope_theta": 1000000,"#, r#""rope_parameters": {"rope_type": "yarn", "factor": 4.0},"#);
+        let e = resolve(&bad).unwrap_err().to_string();
+        assert!(e.contains("q/config.json") && e.contains("rope_parameters") && e.contains("yarn"), "{e}");
+    }
+
+    #[test]
+    fn qwen3_sliding_window_is_refused_naming_file_and_key() {
+        let e = resolve(&QWEN3_06B.replace(r#""use_sliding_window": false"#, r#""use_sliding_window": true"#)).unwrap_err().to_string();
+        assert!(e.contains("q/config.json") && e.contains("use_sliding_window"), "{e}");
+        let lt = QWEN3_06B.replace(r#""use_cache": true"#, r#""layer_types": ["full_attention", "sliding_attention"]"#);
+        let e = resolve(&lt).unwrap_err().to_string();
+        assert!(e.contains("layer_types[1]") && e.contains("sliding_attention"), "{e}");
+    }
+
+    // microsoft/Phi-3-mini-4k-instruct's config.json (abridged: auto_map dropped).
+    const PHI3_MINI: &str = r#"{
+      "architectures": ["Phi3ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1,
+      "embd_pdrop": 0.0, "eos_token_id": 32000, "hidden_act": "silu", "hidden_size": 3072,
+      "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 4096,
+      "model_type": "phi3", "num_attention_heads": 32, "num_hidden_layers": 32,
+      "num_key_value_heads": 32, "original_max_position_embeddings": 4096, "pad_token_id": 32000,
+      "resid_pdrop": 0.0, "rms_norm_eps": 1e-05, "rope_scaling": null, "rope_theta": 10000.0,
+      "sliding_window": 2047, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+      "transformers_version": "4.40.2", "use_cache": true, "vocab_size": 32064 }"#;
+
+    #[test]
+    fn phi3_resolves_and_round_trips() {
+        let c = resolve(PHI3_MINI).unwrap();
+        assert_eq!(c.arch, Arch::Phi3);
+        assert!(c.arch.has_fused_projections() && !c.arch.has_qk_norm() && !Arch::Llama.has_fused_projections());
+        assert_eq!((c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size), (3072, 32, 32, 96, 8192));
+        assert_eq!((c.rope_theta, c.rms_norm_eps, c.max_position_embeddings), (1e4, 1e-5, 4096));
+        assert!(!c.tie_word_embeddings && !c.attention_bias);
+        let j = to_json(&c);
+        assert_eq!((j["model_type"].as_str(), j["architectures"][0].as_str()), (Some("phi3"), Some("Phi3ForCausalLM")));
+        assert!(j["pad_token_id"].is_null());
+        assert_eq!(resolve(&j.to_string()).unwrap(), c);
+        // the 128k variants' longrope and a partial rotary factor are refused, naming the key
+        let e = resolve(&PHI3_MINI.replace(r#""rope_scaling": null"#, r#""rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}"#)).unwrap_err().to_string();
+        assert!(e.contains("rope_scaling") && e.contains("longrope"), "{e}");
+        let e = resolve(&PHI3_MINI.replace(r#""use_cache": true"#, r#""partial_rotary_factor": 0.5"#)).unwrap_err().to_string();
+        assert!(e.contains("q/config.json") && e.contains("partial_rotary_factor"), "{e}");
     }
 
     #[test]

@@ -1,8 +1,11 @@
-//! The trainable Llama-family decoder (Llama 2/3, SmolLM/SmolLM2, TinyLlama, Mistral, Qwen2).
+//! The trainable Llama-family decoder (Llama 2/3, SmolLM/SmolLM2, TinyLlama, Mistral, Qwen2,
+//! Qwen3, Phi-3).
 //!
 //! See ["LLaMA: Open and Efficient Foundation Language Models"](https://arxiv.org/abs/2302.13971)
 //! and the reference code, HF transformers `models/llama/modeling_llama.py` (Qwen2:
-//! `models/qwen2/modeling_qwen2.py`, the same network with biases on q, k, v).
+//! `models/qwen2/modeling_qwen2.py`, the same network with biases on q, k, v; Qwen3:
+//! `models/qwen3/modeling_qwen3.py`, with a per-head RMSNorm on q and k before RoPE; Phi-3:
+//! `models/phi3/modeling_phi3.py`, q/k/v and gate/up each one fused matrix, [`crate::model::proj`]).
 //!
 //! Built bottom-up: [`Attention`], [`Mlp`], [`Block`], [`Model`]. Every projection is a
 //! [`Linear`] named by its full HF path (`model.layers.{i}.self_attn.q_proj`, ...,
@@ -18,7 +21,8 @@
 //!
 //! One block (pre-norm residual):
 //! `h = x + Attn(RMSNorm(x))`, `out = h + Mlp(RMSNorm(h))`,
-//! `Attn(x) = softmax(q k^T / sqrt(hd) + bias) v W_o^T` with RoPE on q and k,
+//! `Attn(x) = softmax(q k^T / sqrt(hd) + bias) v W_o^T` with RoPE on q and k (Qwen3:
+//! `q = RoPE(RMSNorm_hd(x W_q^T))` per head, the same for k),
 //! `Mlp(x) = (silu(x W_gate^T) * (x W_up^T)) W_down^T` (SwiGLU, Shazeer 2020).
 //!
 //! Works in the dtype of the loaded weights (F32 or F64); positions are 0-based per row, so
@@ -30,44 +34,51 @@ use candle_nn::VarBuilder;
 use crate::model::attention::attention;
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::linear::Linear;
+use crate::model::proj::{load_linear, GateUpProj, QkvProj};
 use crate::model::heads::{from_heads, from_heads_composed, to_heads, to_heads_composed};
-use crate::model::ops::{attention_bias, from_rows, fused_layer_ops, rms_norm, rope_inv_freq, rope_tables, swiglu, swiglu_composed, to_rows};
-
-/// Loads `{path}.weight` `(out, inp)` (and `{path}.bias` `(out,)` when `bias`) into a [`Linear`].
-fn load_linear(vb: &VarBuilder, path: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-    let weight = vb.get((out, inp), &format!("{path}.weight"))?;
-    let bias = if bias { Some(vb.get(out, &format!("{path}.bias"))?) } else { None };
-    Ok(Linear::new(path, weight, bias))
-}
+use crate::model::ops::{attention_bias, from_rows, fused_layer_ops, rms_norm, rms_norm_composed, rope_inv_freq, rope_tables, swiglu, swiglu_composed, to_rows};
 
 /// Multi-head causal self-attention with grouped-query heads and RoPE
-/// (HF `LlamaAttention` / `Qwen2Attention`).
+/// (HF `LlamaAttention` / `Qwen2Attention` / `Qwen3Attention` / `Phi3Attention`).
 #[derive(Debug, Clone)]
 pub struct Attention {
-    /// `(H*hd, D)`, bias `(H*hd,)` when `attention_bias`.
-    pub q_proj: Linear,
-    /// `(Hkv*hd, D)`, bias when `attention_bias`.
-    pub k_proj: Linear,
-    /// `(Hkv*hd, D)`, bias when `attention_bias`.
-    pub v_proj: Linear,
-    /// `(D, H*hd)`; bias only for a Llama/Mistral with `attention_bias` (HF Llama puts
-    /// `bias=config.attention_bias` on all four, Qwen2 only on q, k, v).
+    /// q `(H*hd, D)`, k and v `(Hkv*hd, D)`, biases when `attention_bias`; Phi-3: one fused
+    /// `qkv_proj`.
+    pub qkv: QkvProj,
+    /// `(D, H*hd)`; bias only for a Llama/Mistral/Qwen3 with `attention_bias` (HF Llama and
+    /// Qwen3 put `bias=config.attention_bias` on all four, Qwen2 only on q, k, v).
     pub o_proj: Linear,
+    /// Qwen3's `{prefix}.q_norm.weight` `(hd,)`: RMSNorm of each query head (over its `hd`
+    /// features) after `q_proj`, before RoPE; `None` for the other families.
+    pub q_norm: Option<Tensor>,
+    /// Qwen3's `{prefix}.k_norm.weight` `(hd,)`, the same for each key head.
+    pub k_norm: Option<Tensor>,
+    /// The q/k norms' epsilon (`rms_norm_eps`).
+    eps: f64,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
 }
 
 impl Attention {
-    /// Loads `{prefix}.{q,k,v,o}_proj` from HF names (`prefix` = `model.layers.{i}.self_attn`).
+    /// Loads `{prefix}.{q,k,v,o}_proj` from HF names (`prefix` = `model.layers.{i}.self_attn`;
+    /// Phi-3: `{prefix}.{qkv,o}_proj`), and `{prefix}.{q,k}_norm.weight` `(hd,)` for Qwen3.
     pub fn load(vb: &VarBuilder, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
         let (d, h, hkv, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let qkv_bias = cfg.attention_bias;
         let o_bias = cfg.attention_bias && cfg.arch != Arch::Qwen2;
+        let norm = |which: &str| -> Result<Option<Tensor>> {
+            if cfg.arch.has_qk_norm() {
+                Ok(Some(vb.get(hd, &format!("{prefix}.{which}.weight"))?))
+            } else {
+                Ok(None)
+            }
+        };
         Ok(Self {
-            q_proj: load_linear(vb, &format!("{prefix}.q_proj"), h * hd, d, qkv_bias)?,
-            k_proj: load_linear(vb, &format!("{prefix}.k_proj"), hkv * hd, d, qkv_bias)?,
-            v_proj: load_linear(vb, &format!("{prefix}.v_proj"), hkv * hd, d, qkv_bias)?,
+            q_norm: norm("q_norm")?,
+            k_norm: norm("k_norm")?,
+            eps: cfg.rms_norm_eps,
+            qkv: QkvProj::load(vb, prefix, (h * hd, hkv * hd, d), qkv_bias, cfg.arch.has_fused_projections())?,
             o_proj: load_linear(vb, &format!("{prefix}.o_proj"), d, h * hd, o_bias)?,
             n_heads: h,
             n_kv_heads: hkv,
@@ -99,10 +110,11 @@ impl Attention {
         // by 1/sqrt(hd) there is cheaper than scaling the scores.
         // The composed path when the fused ops are off (`ops::set_fused_layer_ops`).
         let heads = if fused_layer_ops() { to_heads } else { to_heads_composed };
-        let q = heads(&self.q_proj.forward(&x2, use_adapters)?, n, h, Some((cos, sin)), 1.0 / (hd as f64).sqrt())?;
+        let (q, k, v) = self.qkv.forward(&x2, h * hd, hkv * hd, use_adapters)?;
+        let q = heads(&self.head_norm(q, self.q_norm.as_ref(), h)?, n, h, Some((cos, sin)), 1.0 / (hd as f64).sqrt())?;
         // (N, Hkv, T, hd)
-        let k = heads(&self.k_proj.forward(&x2, use_adapters)?, n, hkv, Some((cos, sin)), 1.0)?;
-        let v = heads(&self.v_proj.forward(&x2, use_adapters)?, n, hkv, None, 1.0)?;
+        let k = heads(&self.head_norm(k, self.k_norm.as_ref(), hkv)?, n, hkv, Some((cos, sin)), 1.0)?;
+        let v = heads(&v, n, hkv, None, 1.0)?;
         let (k, v) = match kv {
             Some(slot) => {
                 let (k, v) = match slot.take() {
@@ -127,26 +139,38 @@ impl Attention {
         let o = self.o_proj.forward(&y, use_adapters)?; // (N*T, D)
         o.reshape((n, t, o.dim(1)?))
     }
+
+    /// Qwen3's per-head RMSNorm of projected rows `x (N*T, heads*hd)` with `weight (hd,)`
+    /// (HF `Qwen3Attention.forward`: `q_norm(q_proj(x).view(..., -1, hd))`): each head's `hd`
+    /// features normalised on their own, `(N*T, heads*hd)` out; `x` unchanged without a weight.
+    /// The custom op with its backward ([`rms_norm`]), or its composed twin
+    /// ([`rms_norm_composed`]) when the fused layer ops are off.
+    fn head_norm(&self, x: Tensor, weight: Option<&Tensor>, heads: usize) -> Result<Tensor> {
+        let Some(w) = weight else { return Ok(x) };
+        let (rows, width) = x.dims2()?;
+        // (N*T, heads*hd) -> (N*T, heads, hd): the projection's rows, no copy
+        let xh = x.reshape((rows, heads, self.head_dim))?;
+        let y = if fused_layer_ops() { rms_norm(&xh, w, self.eps)? } else { rms_norm_composed(&xh, w, self.eps)? };
+        y.reshape((rows, width))
+    }
 }
 
-/// The SwiGLU feed-forward network, `down(silu(gate(x)) * up(x))` (HF `LlamaMLP`).
+/// The SwiGLU feed-forward network, `down(silu(gate(x)) * up(x))` (HF `LlamaMLP`, `Phi3MLP`).
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    /// `(I, D)`.
-    pub gate_proj: Linear,
-    /// `(I, D)`.
-    pub up_proj: Linear,
+    /// gate and up, each `(I, D)`; Phi-3: one fused `gate_up_proj` `(2I, D)`.
+    pub gate_up: GateUpProj,
     /// `(D, I)`.
     pub down_proj: Linear,
 }
 
 impl Mlp {
-    /// Loads `{prefix}.{gate,up,down}_proj` (`prefix` = `model.layers.{i}.mlp`).
+    /// Loads `{prefix}.{gate,up,down}_proj` (`prefix` = `model.layers.{i}.mlp`; Phi-3:
+    /// `{prefix}.{gate_up,down}_proj`).
     pub fn load(vb: &VarBuilder, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
         let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: load_linear(vb, &format!("{prefix}.gate_proj"), i, d, false)?,
-            up_proj: load_linear(vb, &format!("{prefix}.up_proj"), i, d, false)?,
+            gate_up: GateUpProj::load(vb, prefix, i, d, cfg.arch.has_fused_projections())?,
             down_proj: load_linear(vb, &format!("{prefix}.down_proj"), d, i, false)?,
         })
     }
@@ -156,14 +180,12 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor, use_adapters: bool) -> Result<Tensor> {
         if !fused_layer_ops() {
             // the composed path (ops::set_fused_layer_ops): (N, T, I) activations
-            let g = self.gate_proj.forward(x, use_adapters)?;
-            let u = self.up_proj.forward(x, use_adapters)?;
+            let (g, u) = self.gate_up.forward(x, use_adapters)?;
             return self.down_proj.forward(&swiglu_composed(&g, &u)?, use_adapters);
         }
         // One flattening for the three projections: (..., D) -> (rows, D), and one back.
         let (x2, dims) = to_rows(x)?;
-        let g = self.gate_proj.forward(&x2, use_adapters)?; // (rows, I)
-        let u = self.up_proj.forward(&x2, use_adapters)?;
+        let (g, u) = self.gate_up.forward(&x2, use_adapters)?; // (rows, I) each
         from_rows(&self.down_proj.forward(&swiglu(&g, &u)?, use_adapters)?, &dims) // (rows, D) -> (..., D)
     }
 }
@@ -247,7 +269,8 @@ impl KvCache {
     }
 }
 
-/// The decoder-only language model (HF `LlamaForCausalLM` / `Qwen2ForCausalLM`).
+/// The decoder-only language model (HF `LlamaForCausalLM` / `Qwen2ForCausalLM` /
+/// `Qwen3ForCausalLM`).
 #[derive(Debug, Clone)]
 pub struct Model {
     cfg: ModelConfig,
@@ -397,12 +420,16 @@ impl Model {
         Ok(())
     }
 
-    /// Every [`Linear`] in a fixed order: layer by layer q, k, v, o, gate, up, down; `lm_head` last.
+    /// Every [`Linear`] in a fixed order: layer by layer q, k, v, o, gate, up, down (Phi-3:
+    /// qkv, o, gate_up, down); `lm_head` last.
     pub fn linears(&self) -> Vec<&Linear> {
         let mut out = Vec::with_capacity(7 * self.layers.len() + 1);
         for l in &self.layers {
             let (a, m) = (&l.self_attn, &l.mlp);
-            out.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]);
+            out.extend(a.qkv.linears());
+            out.push(&a.o_proj);
+            out.extend(m.gate_up.linears());
+            out.push(&m.down_proj);
         }
         out.push(&self.lm_head);
         out
@@ -413,22 +440,18 @@ impl Model {
         let mut out = Vec::with_capacity(7 * self.layers.len() + 1);
         for l in &mut self.layers {
             let (a, m) = (&mut l.self_attn, &mut l.mlp);
-            out.extend([
-                &mut a.q_proj,
-                &mut a.k_proj,
-                &mut a.v_proj,
-                &mut a.o_proj,
-                &mut m.gate_proj,
-                &mut m.up_proj,
-                &mut m.down_proj,
-            ]);
+            out.extend(a.qkv.linears_mut());
+            out.push(&mut a.o_proj);
+            out.extend(m.gate_up.linears_mut());
+            out.push(&mut m.down_proj);
         }
         out.push(&mut self.lm_head);
         out
     }
 
     /// Every weight under its HF name, in a fixed order: `model.embed_tokens.weight`; per layer
-    /// `input_layernorm`, q, k, v, o (weight, then bias if any), `post_attention_layernorm`,
+    /// `input_layernorm`, q, k, v, o (weight, then bias if any), Qwen3's `q_norm` and `k_norm`,
+    /// `post_attention_layernorm`,
     /// gate, up, down; `model.norm.weight`; `lm_head.weight` only when untied. These are the
     /// base (frozen) weights; adapters are not merged in.
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
@@ -443,11 +466,16 @@ impl Model {
             let p = format!("model.layers.{}", l.index);
             out.push((format!("{p}.input_layernorm.weight"), l.input_layernorm.clone()));
             let a = &l.self_attn;
-            for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj] {
+            for lin in a.qkv.linears().into_iter().chain([&a.o_proj]) {
                 push_linear(&mut out, lin);
             }
+            for (which, w) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
+                if let Some(w) = w {
+                    out.push((format!("{p}.self_attn.{which}.weight"), w.clone()));
+                }
+            }
             out.push((format!("{p}.post_attention_layernorm.weight"), l.post_attention_layernorm.clone()));
-            for lin in [&l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj] {
+            for lin in l.mlp.gate_up.linears().into_iter().chain([&l.mlp.down_proj]) {
                 push_linear(&mut out, lin);
             }
         }
@@ -460,25 +488,13 @@ impl Model {
 }
 
 /// The HF name and shape of every weight a model of `cfg` stores, in the order of
-/// [`Model::tensors`] (biases of q/k/v when `attention_bias`; `lm_head.weight` only when untied).
+/// [`Model::tensors`] (biases of q/k/v when `attention_bias`; Qwen3's `q_norm`/`k_norm` `(hd,)`;
+/// Phi-3's fused `qkv_proj` / `gate_up_proj`; `lm_head.weight` only when untied).
 pub fn weight_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    let (d, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let (q, kv) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
-    let o_bias = cfg.attention_bias && cfg.arch != Arch::Qwen2;
+    let (d, v) = (cfg.hidden_size, cfg.vocab_size);
     let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, d])];
     for l in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        out.push((format!("{p}.input_layernorm.weight"), vec![d]));
-        for (n, o, inp, bias) in [("q", q, d, cfg.attention_bias), ("k", kv, d, cfg.attention_bias), ("v", kv, d, cfg.attention_bias), ("o", d, q, o_bias)] {
-            out.push((format!("{p}.self_attn.{n}_proj.weight"), vec![o, inp]));
-            if bias {
-                out.push((format!("{p}.self_attn.{n}_proj.bias"), vec![o]));
-            }
-        }
-        out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
-        for (n, o, inp) in [("gate", i, d), ("up", i, d), ("down", d, i)] {
-            out.push((format!("{p}.mlp.{n}_proj.weight"), vec![o, inp]));
-        }
+        out.extend(layer_shapes(cfg, &format!("model.layers.{l}")));
     }
     out.push(("model.norm.weight".to_string(), vec![d]));
     if !cfg.tie_word_embeddings {
@@ -487,8 +503,40 @@ pub fn weight_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
+/// The weights of one layer `p` (`model.layers.{i}`) in the order of [`Model::tensors`]:
+/// `input_layernorm`; q, k, v (Phi-3: `qkv_proj`), o with their biases; Qwen3's q/k norms;
+/// `post_attention_layernorm`; gate, up (Phi-3: `gate_up_proj`), down.
+fn layer_shapes(cfg: &ModelConfig, p: &str) -> Vec<(String, Vec<usize>)> {
+    let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let (q, kv) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
+    let (qkv_bias, o_bias) = (cfg.attention_bias, cfg.attention_bias && cfg.arch != Arch::Qwen2);
+    let fused = cfg.arch.has_fused_projections();
+    let mut out = vec![(format!("{p}.input_layernorm.weight"), vec![d])];
+    let attn: Vec<(&str, usize, usize, bool)> = if fused {
+        vec![("qkv", q + 2 * kv, d, false), ("o", d, q, false)]
+    } else {
+        vec![("q", q, d, qkv_bias), ("k", kv, d, qkv_bias), ("v", kv, d, qkv_bias), ("o", d, q, o_bias)]
+    };
+    for (n, o, inp, bias) in attn {
+        out.push((format!("{p}.self_attn.{n}_proj.weight"), vec![o, inp]));
+        if bias {
+            out.push((format!("{p}.self_attn.{n}_proj.bias"), vec![o]));
+        }
+    }
+    if cfg.arch.has_qk_norm() {
+        out.push((format!("{p}.self_attn.q_norm.weight"), vec![cfg.head_dim]));
+        out.push((format!("{p}.self_attn.k_norm.weight"), vec![cfg.head_dim]));
+    }
+    out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
+    let mlp: Vec<(&str, usize, usize)> = if fused { vec![("gate_up", 2 * i, d), ("down", d, i)] } else { vec![("gate", i, d), ("up", i, d), ("down", d, i)] };
+    for (n, o, inp) in mlp {
+        out.push((format!("{p}.mlp.{n}_proj.weight"), vec![o, inp]));
+    }
+    out
+}
+
 /// Random weights for every tensor of [`weight_shapes`], for tests and benches: matrices and
-/// biases `~ N(0, std^2)`, RMSNorm weights `~ 1 + N(0, std^2)`, drawn in the order of
+/// biases `~ N(0, std^2)`, RMSNorm weights (Qwen3's q/k norms too) `~ 1 + N(0, std^2)`, drawn in the order of
 /// [`weight_shapes`] from `rng` (so a seeded RNG gives the same weights), then cast to `dtype`.
 pub fn random_weights(
     cfg: &ModelConfig,
@@ -500,7 +548,7 @@ pub fn random_weights(
     let normal = rand_distr::Normal::new(0.0f64, std).map_err(|e| candle_core::Error::Msg(format!("random_weights: std {std}: {e}")))?;
     let mut out = std::collections::BTreeMap::new();
     for (name, shape) in weight_shapes(cfg) {
-        let shift = if name.ends_with("layernorm.weight") || name == "model.norm.weight" { 1.0 } else { 0.0 };
+        let shift = if name.ends_with("layernorm.weight") || name.ends_with("_norm.weight") || name == "model.norm.weight" { 1.0 } else { 0.0 };
         let n: usize = shape.iter().product();
         let values: Vec<f64> = (0..n).map(|_| shift + rng.sample(normal)).collect();
         let t = Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?;
@@ -565,7 +613,7 @@ mod tests {
 
     #[test]
     fn names_orders_and_shapes() -> Result<()> {
-        for (tied, arch) in [(true, Arch::Llama), (false, Arch::Qwen2)] {
+        for (tied, arch) in [(true, Arch::Llama), (false, Arch::Qwen2), (true, Arch::Qwen3)] {
             let cfg = tiny(tied, arch);
             let w = weights(&cfg, !tied);
             let shapes = weight_shapes(&cfg);
@@ -591,6 +639,56 @@ mod tests {
             assert_eq!(model.linears_mut().len(), 15);
             assert_eq!(model.num_parameters(), w.values().map(|t| t.elem_count()).sum::<usize>());
         }
+        Ok(())
+    }
+
+    /// Phi-3 stores `self_attn.qkv_proj` `((H + 2 Hkv) hd, D)` and `mlp.gate_up_proj` `(2I, D)`:
+    /// four linears a layer, the fused ones split as q | k | v and gate | up (the same logits
+    /// as the separate model built from the row blocks).
+    #[test]
+    fn phi3_fused_projections_equal_the_separate_ones() -> Result<()> {
+        let cfg = tiny(false, Arch::Phi3);
+        let w = weights(&cfg, true);
+        assert_eq!(w["model.layers.0.self_attn.qkv_proj.weight"].dims(), &[16, 8]);
+        assert_eq!(w["model.layers.1.mlp.gate_up_proj.weight"].dims(), &[24, 8]);
+        let fused = Model::load(VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu), &cfg)?;
+        let paths: Vec<&str> = fused.linears().iter().map(|l| l.path.as_str()).collect();
+        assert_eq!(&paths[..4], ["model.layers.0.self_attn.qkv_proj", "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.gate_up_proj", "model.layers.0.mlp.down_proj"]);
+        assert_eq!(fused.tensors().len(), w.len());
+        // the same weights split into q/k/v and gate/up, as a Llama
+        let mut split = w.clone();
+        for l in 0..2 {
+            let p = format!("model.layers.{l}");
+            let qkv = split.remove(&format!("{p}.self_attn.qkv_proj.weight")).unwrap();
+            for (n, start, len) in [("q", 0, 8), ("k", 8, 4), ("v", 12, 4)] {
+                split.insert(format!("{p}.self_attn.{n}_proj.weight"), qkv.narrow(0, start, len)?);
+            }
+            let gu = split.remove(&format!("{p}.mlp.gate_up_proj.weight")).unwrap();
+            split.insert(format!("{p}.mlp.gate_proj.weight"), gu.narrow(0, 0, 12)?);
+            split.insert(format!("{p}.mlp.up_proj.weight"), gu.narrow(0, 12, 12)?);
+        }
+        let llama = Model::load(VarBuilder::from_tensors(split, DType::F32, &Device::Cpu), &tiny(false, Arch::Llama))?;
+        let ids = Tensor::new(&[[1u32, 2, 3, 9]], &Device::Cpu)?;
+        let d = (fused.forward(&ids, None, false)? - llama.forward(&ids, None, false)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(d < 1e-6, "fused vs split logits differ by {d}");
+        Ok(())
+    }
+
+    /// Qwen3 stores `self_attn.{q,k}_norm.weight` `(hd,)` per layer; a missing one is named.
+    #[test]
+    fn qwen3_q_k_norm_weights_are_loaded_and_required() -> Result<()> {
+        let mut cfg = tiny(false, Arch::Qwen3);
+        cfg.head_dim = 4; // != hidden / heads = 2
+        let w = weights(&cfg, true);
+        assert_eq!(w["model.layers.1.self_attn.q_norm.weight"].dims(), &[4]);
+        assert_eq!(w["model.layers.0.self_attn.q_proj.weight"].dims(), &[16, 8]);
+        let model = Model::load(VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu), &cfg)?;
+        assert!(model.layers.iter().all(|l| l.self_attn.q_norm.is_some() && l.self_attn.k_norm.is_some()));
+        assert_eq!(model.forward(&Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?, None, false)?.dims(), &[1, 3, 11]);
+        let mut missing = w;
+        missing.remove("model.layers.1.self_attn.k_norm.weight");
+        let err = Model::load(VarBuilder::from_tensors(missing, DType::F32, &Device::Cpu), &cfg).unwrap_err();
+        assert!(err.to_string().contains("model.layers.1.self_attn.k_norm.weight"), "{err}");
         Ok(())
     }
 

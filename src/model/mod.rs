@@ -21,6 +21,7 @@ pub mod linear;
 pub mod llama;
 pub mod ops;
 pub mod prefix;
+pub mod proj;
 pub(crate) mod slice_gemm;
 pub mod tokenizer;
 pub mod vexp;
@@ -168,7 +169,15 @@ impl LoadedModel {
 
     /// Write the model as the GGUF file `path` (llama.cpp's layout, weights in `dtype`,
     /// `general.name` = `name`; atomic): [`gguf_export::write_gguf`].
+    ///
+    /// Errors: a Qwen3 or Phi-3 model (no GGUF export of their q/k norms or fused projections
+    /// yet; write an HF folder), and
+    /// everything [`gguf_export::write_gguf`] reports.
     pub fn export_gguf(&self, path: &Path, dtype: gguf_export::GgufDtype, name: &str) -> Result<()> {
+        if matches!(self.config.arch, config::Arch::Qwen3 | config::Arch::Phi3) {
+            let arch = hf_config::model_type(self.config.arch);
+            return Err(Error::Config(format!("{}: GGUF export of {arch} models is not supported (export an HF folder with `ropo merge --out DIR`)", path.display())));
+        }
         let tensors: BTreeMap<String, Tensor> = self.model.tensors().into_iter().collect();
         gguf_export::write_gguf(path, &self.config, &tensors, &self.tokenizer, dtype, name)
     }
