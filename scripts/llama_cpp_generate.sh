@@ -7,14 +7,16 @@
 #     builds the CPU tools llama-completion, llama-quantize and llama-perplexity there
 #     (skipped when they are already built).
 #
-# NOT DONE YET (time ran out): the export (ropo merge --dtype f32|f16|q8_0), the llama.cpp /
-# ropo generate greedy comparison and the q8_0 block comparison. Done by hand, see the commit
-# message.
+#  2. trains a 4-step adapter on the quickstart data (unless ADAPTER names one), merges it
+#     with `ropo merge --out merged-<dtype>.gguf` for f32, f16 and q8_0;
+#  3. generates greedily from each file with llama.cpp (`llama-completion`, the GGUF's own chat
+#     template) and from the f32 file with `ropo generate --chat`, prints the texts and says
+#     whether each llama.cpp text equals ropo's.
 # Usage: bash scripts/llama_cpp_generate.sh
 # Env:   MODEL (GGUF, default the SmolLM2-135M-Instruct Q4_1 from scripts/fetch-model.sh),
-#        ADAPTER (an adapter dir to merge; default none = the base model),
+#        ADAPTER (an adapter dir to merge; default: a 4-step adapter trained here),
 #        PROMPT, N_TOKENS (40), WORK (scratch dir, default target/llama_cpp_check),
-#        ROPO (binary, default target/release/ropo, built if missing), JOBS (2).
+#        ROPO (binary, default target/release/ropo), JOBS (2).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -79,3 +81,56 @@ build_llama_cpp() {
 fetch_llama_cpp
 build_llama_cpp
 [[ ${1:-} == --build-only ]] && exit 0
+[[ -x $ROPO ]] || { echo "build ropo first: cargo build --release" >&2; exit 1; }
+
+# ---------------------------------------------------------------- an adapter, merged and exported
+mkdir -p "$WORK"
+if [[ -z $ADAPTER ]]; then
+    ADAPTER=$WORK/adapter
+    if [[ ! -f $ADAPTER/adapter_config.json ]]; then
+        log "training a short adapter (4 steps of the quickstart data) into $ADAPTER"
+        cat >"$WORK/train.toml" <<TOML
+[model]
+path_or_id = "$MODEL"
+
+[data]
+train_files = ["$ROOT/data/concise_prefs/train.jsonl"]
+max_length = 192
+
+[training]
+output_dir = "$ADAPTER"
+overwrite = true
+learning_rate = 5e-4
+per_device_train_batch_size = 2
+max_steps = 4
+eval_steps = 0
+save_steps = 1000
+save_total_limit = 0
+TOML
+        "$ROPO" train --config "$WORK/train.toml" >&2
+    fi
+fi
+for dtype in f32 f16 q8_0; do
+    out=$WORK/merged-$dtype.gguf
+    [[ -f $out ]] || { log "ropo merge --out $out --dtype $dtype"; "$ROPO" merge --model "$MODEL" --adapter "$ADAPTER" --out "$out" --dtype "$dtype" >&2; }
+done
+
+# ---------------------------------------------------------------- greedy text from both
+for dtype in f32 f16 q8_0; do
+    log "llama.cpp ($dtype): $PROMPT"
+    "$BIN/llama-completion" -m "$WORK/merged-$dtype.gguf" --jinja -cnv -st -p "$PROMPT" -n "$N_TOKENS" \
+        --temp 0 --seed "$SEED" -t 2 --no-warmup --simple-io --no-display-prompt 2>"$WORK/llama-$dtype.log" </dev/null |
+        tee "$WORK/llama-$dtype.txt"
+done
+log "ropo generate (f32 merged GGUF): $PROMPT"
+"$ROPO" generate --model "$WORK/merged-f32.gguf" --chat --prompt "$PROMPT" --temperature 0 --seed "$SEED" \
+    --max-new-tokens "$N_TOKENS" 2>"$WORK/ropo.log" | tee "$WORK/ropo-f32.txt"
+norm() { tr -s '[:space:]' ' ' <"$1" | sed 's/\[end of text\]//; s/^ *//; s/ *$//'; }
+for dtype in f32 f16 q8_0; do
+    if [[ $(norm "$WORK/llama-$dtype.txt") == "$(norm "$WORK/ropo-f32.txt")" ]]; then
+        log "llama.cpp $dtype: the same text as ropo"
+    else
+        log "llama.cpp $dtype: differs from ropo's text"
+    fi
+done
+
