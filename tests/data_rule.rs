@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use proptest::prelude::*;
+use proptest::test_runner::RngSeed;
 use ropo::data::formats::Format;
 use ropo::data::tokenize::{PairTokenizer, TokenizeOptions, TokenizedPair};
 use ropo::data::{parse_reader, ChatTemplate, DataReport, LoadOptions, Message, OnIdentical, Pair, PreferenceExample, SkipReason};
@@ -491,7 +492,7 @@ fn full_starts(tmpl: &ChatTemplate, prompt: &[Message], answer: &[Message], prom
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 300, rng_seed: RngSeed::Fixed(20261203), ..ProptestConfig::default() })]
 
     /// Every generated row of every format is either refused (an error naming `t.jsonl:1`, or a
     /// skip counted with line 1) or a pair that keeps the rule, after tokenization and
