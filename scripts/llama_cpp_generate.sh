@@ -8,7 +8,9 @@
 #     (skipped when they are already built).
 #
 #  2. trains a 4-step adapter on the quickstart data (unless ADAPTER names one), merges it
-#     with `ropo merge --out merged-<dtype>.gguf` for f32, f16 and q8_0;
+#     with `ropo merge --out merged-<dtype>.gguf` for f32, f16 and q8_0; quantizes the f32 file
+#     with `llama-quantize` to Q8_0 and compares it with ropo's q8_0 block by block
+#     (scripts/compare_q8_0.py);
 #  3. generates greedily from each file with llama.cpp (`llama-completion`, the GGUF's own chat
 #     template) and from the f32 file with `ropo generate --chat`, prints the texts and says
 #     whether each llama.cpp text equals ropo's.
@@ -16,7 +18,8 @@
 # Env:   MODEL (GGUF, default the SmolLM2-135M-Instruct Q4_1 from scripts/fetch-model.sh),
 #        ADAPTER (an adapter dir to merge; default: a 4-step adapter trained here),
 #        PROMPT, N_TOKENS (40), WORK (scratch dir, default target/llama_cpp_check),
-#        ROPO (binary, default target/release/ropo), JOBS (2).
+#        ROPO (binary, default target/release/ropo), JOBS (2),
+#        PYTHON (with numpy; default the anchor venv's python).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -114,6 +117,15 @@ for dtype in f32 f16 q8_0; do
     out=$WORK/merged-$dtype.gguf
     [[ -f $out ]] || { log "ropo merge --out $out --dtype $dtype"; "$ROPO" merge --model "$MODEL" --adapter "$ADAPTER" --out "$out" --dtype "$dtype" >&2; }
 done
+
+# ---------------------------------------------------------------- Q8_0 blocks against llama-quantize
+# llama.cpp's own quantizer on ropo's f32 export of the same merge; the blocks must be the same
+# bytes (f16 scale + 32 int8 each). Read with llama.cpp's own gguf-py (needs numpy: the anchor venv).
+PYTHON=${PYTHON:-$HOME/.cache/ropo/anchor/venv/bin/python}
+log "llama-quantize merged-f32.gguf -> llama-quantize-q8_0.gguf; block-by-block comparison with ropo's q8_0"
+"$BIN/llama-quantize" "$WORK/merged-f32.gguf" "$WORK/llama-quantize-q8_0.gguf" Q8_0 "$JOBS" >"$WORK/llama-quantize.log" 2>&1
+PYTHONPATH="$SRC/gguf-py" "$PYTHON" "$ROOT/scripts/compare_q8_0.py" "$WORK/merged-q8_0.gguf" "$WORK/llama-quantize-q8_0.gguf" ||
+    log "ropo's q8_0 blocks differ from llama-quantize's (above)"
 
 # ---------------------------------------------------------------- greedy text from both
 for dtype in f32 f16 q8_0; do
