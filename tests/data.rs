@@ -505,6 +505,7 @@ proptest! {
             encode(&tok, &tmpl.render(&m, false).unwrap())
         };
         let (full_c, full_r) = (full(&chosen), full(&rejected));
+        let cut = |f: &[u32]| f[..f.len().min(max_length)].to_vec();
         prop_assert_eq!(&full_c[..prompt_ids.len()], &prompt_ids[..], "prompt ids not a prefix");
         prop_assert_eq!(&full_r[..prompt_ids.len()], &prompt_ids[..], "prompt ids not a prefix");
         prop_assert_eq!(report.prompt_mismatch.count, 0);
@@ -514,15 +515,14 @@ proptest! {
             }
             None => {
                 // the only other drop: chosen and rejected equal once cut to max_length
-                let cut = |f: &[u32]| f[..f.len().min(max_length)].to_vec();
                 prop_assert_eq!(cut(&full_c), cut(&full_r), "dropped, but the cut pair differs");
                 prop_assert_eq!(report.skipped_for(SkipReason::IdenticalAfterTruncation), 1);
             }
             Some(t) => {
                 prop_assert!(t.chosen_len() <= max_length && t.rejected_len() <= max_length);
                 prop_assert_eq!(&t.prompt_ids, &prompt_ids);
-                prop_assert_eq!(t.chosen_input_ids(), full_c[..full_c.len().min(max_length)].to_vec());
-                prop_assert_eq!(t.rejected_input_ids(), full_r[..full_r.len().min(max_length)].to_vec());
+                prop_assert_eq!(t.chosen_input_ids(), cut(&full_c));
+                prop_assert_eq!(t.rejected_input_ids(), cut(&full_r));
                 let other = chat_example(vec![Message::new("user", "x")], "y", "z");
                 let o = pt.tokenize(&other, Path::new("t"), &mut report).unwrap();
                 let pairs: Vec<_> = std::iter::once(&t).chain(o.as_ref()).collect();
