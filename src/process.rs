@@ -49,13 +49,17 @@ pub fn single_threaded_elementwise() {
 /// Let the allocator keep freed activation buffers for reuse (glibc: `mallopt`; elsewhere a
 /// no-op): allocations below 32 MiB come from the heap instead of fresh `mmap`s
 /// (`M_MMAP_THRESHOLD`), up to 1 GiB of free heap top is kept instead of returned to the OS
-/// (`M_TRIM_THRESHOLD`), and the heap grows 256 MiB at a time (`M_TOP_PAD`).
+/// (`M_TRIM_THRESHOLD`), the heap grows 256 MiB at a time (`M_TOP_PAD`), and every thread
+/// allocates from the one main heap (`M_ARENA_MAX = 1`).
 ///
 /// Why: a training step allocates and frees thousands of activation and gradient tensors of
 /// 0.1-30 MB; with glibc's defaults many of them are fresh pages, each touched page a page
 /// fault and a kernel zeroing (`clear_page`): ~8% of the step's samples in a profile
 /// (benches/step.rs, prefix path). Measured there: minor page faults per 3-step run 2.2-2.5M ->
-/// 0.99M, peak RSS unchanged (3.47 GiB). No effect on any value.
+/// 0.99M, peak RSS unchanged (3.47 GiB). With a heap per thread (glibc's default arenas) the
+/// compute threads' freed buffers stay in their own heaps, unusable by the main thread: one heap
+/// took the anchor run's (configs/bench/anchor.toml, bf16) peak RSS from 3.15 to 2.72 GiB at
+/// the same tokens/s. No effect on any value.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tuning parameters; any value is valid to pass.
@@ -63,6 +67,7 @@ pub fn keep_freed_memory() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
