@@ -23,7 +23,7 @@ use common::gradients::central_difference;
 use common::tiny::{max_abs, tiny_config};
 use ropo::adapter::ropo::{self as ropo_adapter, RopoConfig};
 use ropo::adapter::targets::TargetModules;
-use ropo::logps::fused::completion_logps_from_hidden_with;
+use ropo::logps::fused::{completion_logps_from_hidden_with, logps_at_picks_chunked, picks_concatenated};
 use ropo::logps::shared_prompt::completion_logps_shared_prompt_with;
 use ropo::logps::{completion_logps, completion_logps_from_hidden, completion_logps_shared_prompt, seq_logps_from_logits, LogpOptions};
 use ropo::model::config::{Arch, ModelConfig};
@@ -161,6 +161,26 @@ fn fast_path_extras_equal_the_logits_route_f64() {
         same_values_and_grads(got.unweighted.as_ref().unwrap(), want.unweighted.as_ref().unwrap(), &vars, 1e-10);
         assert!(max_abs(got.wpo_weights.as_ref().unwrap(), want.wpo_weights.as_ref().unwrap()) < 1e-10);
     }
+}
+
+// The LM head run in chunks of rows (logps_at_picks_chunked: 1, 3 and 5 rows; the batch has 14
+// picks, so a last short chunk too) equals it in one piece, values and every adapter gradient
+// (the LM head's own adapter included), with and without LD-DPO; 0 rows is an error.
+#[test]
+fn chunked_lm_head_equals_one_piece_f64() {
+    let (model, vars) = adapted_model(&tiny_config(Arch::Qwen2, 37, 16, false), 5, true);
+    let (ids, am, cm) = batch();
+    let hidden = model.forward_hidden(&ids, Some(&am), true).unwrap().flatten_to(1).unwrap(); // (N*T, D)
+    let picks = picks_concatenated(&ids, &cm).unwrap();
+    assert_eq!(picks.len(), 14);
+    for opts in [LogpOptions::default(), LogpOptions { ld_alpha: Some(0.3), use_weighting: false }] {
+        let whole = logps_at_picks_chunked(&model, &hidden, &picks, 4, true, &opts, usize::MAX).unwrap();
+        for rows in [1, 3, 5] {
+            let got = logps_at_picks_chunked(&model, &hidden, &picks, 4, true, &opts, rows).unwrap();
+            same_values_and_grads(&got.logps, &whole.logps, &vars, 1e-12);
+        }
+    }
+    assert!(logps_at_picks_chunked(&model, &hidden, &picks, 4, true, &LogpOptions::default(), 0).is_err());
 }
 
 // The shared path's adapter gradients against central finite differences (f64).

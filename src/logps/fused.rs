@@ -73,6 +73,31 @@ pub fn logps_at_picks(model: &Model, hidden: &Tensor, picks: &[Pick], n_seqs: us
 /// weights: [`super::weighting::sums_at_picks`]), from the same LM-head rows.
 /// Errors: as [`logps_at_picks`].
 pub fn logps_at_picks_with(model: &Model, hidden: &Tensor, picks: &[Pick], n_seqs: usize, use_adapters: bool, opts: &LogpOptions) -> Result<SeqLogps> {
+    let chunk = (LM_HEAD_CHUNK_BYTES / (model.config().vocab_size * hidden.dtype().size_in_bytes()).max(1)).max(1);
+    logps_at_picks_chunked(model, hidden, picks, n_seqs, use_adapters, opts, chunk)
+}
+
+/// [`logps_at_picks_with`] with the LM head run on at most `chunk_rows` picked rows at a time
+/// (without WPO; WPO's weights read every row's full softmax, so its logits come in one piece).
+///
+/// Each chunk's logits `(chunk_rows, V)` come from the heap instead of a fresh mmap of one
+/// `(K, V)` block (a page fault and a kernel zeroing per page, every step: measured on the anchor
+/// run, page faults 1.13M -> 0.59M, peak RSS 3.02 -> 2.26 GiB with one heap, tokens/s +9%), and
+/// the backward holds one chunk's logit gradient at a time. Every row's logits, log-softmax and
+/// gradient are computed as before (the bf16 kernel: bit for bit; an f32 gemm: up to its
+/// summation order). Errors: as [`logps_at_picks`]; `chunk_rows = 0`.
+pub fn logps_at_picks_chunked(
+    model: &Model,
+    hidden: &Tensor,
+    picks: &[Pick],
+    n_seqs: usize,
+    use_adapters: bool,
+    opts: &LogpOptions,
+    chunk_rows: usize,
+) -> Result<SeqLogps> {
+    if chunk_rows == 0 {
+        return Err(Error::Msg("LM head chunk of 0 rows".into()));
+    }
     let (r, _) = hidden.dims2()?;
     let dtype = hidden.dtype();
     let dev = hidden.device();
@@ -94,14 +119,29 @@ pub fn logps_at_picks_with(model: &Model, hidden: &Tensor, picks: &[Pick], n_seq
             return Err(Error::Msg(format!("input_ids holds token id {}, outside the vocabulary of {v} logits", p.target)));
         }
     }
-    let k = picks.len();
-    let rows = Tensor::from_vec(picks.iter().map(|p| p.row as u32).collect::<Vec<_>>(), k, dev)?;
-    let targets = Tensor::from_vec(picks.iter().map(|p| p.target).collect::<Vec<_>>(), k, dev)?;
-    let h = hidden.index_select(&rows, 0)?; // (K, D)
-    let logits = model.lm_head(&h, use_adapters)?; // (K, V)
-    let per = log_softmax_gather(&logits, &targets)?; // (K,)
-    sums_at_picks(&per, &logits, picks, n_seqs, opts)
+    let lm_rows = |picks: &[Pick]| -> Result<(Tensor, Tensor)> {
+        let k = picks.len();
+        let rows = Tensor::from_vec(picks.iter().map(|p| p.row as u32).collect::<Vec<_>>(), k, dev)?;
+        let targets = Tensor::from_vec(picks.iter().map(|p| p.target).collect::<Vec<_>>(), k, dev)?;
+        let h = hidden.index_select(&rows, 0)?; // (k, D)
+        let logits = model.lm_head(&h, use_adapters)?; // (k, V)
+        let per = log_softmax_gather(&logits, &targets)?; // (k,)
+        Ok((per, logits))
+    };
+    if opts.use_weighting {
+        // WPO's weights read every row's full softmax: the logits in one piece
+        let (per, logits) = lm_rows(picks)?;
+        return sums_at_picks(&per, Some(&logits), picks, n_seqs, opts);
+    }
+    let per = picks.chunks(chunk_rows).map(|c| Ok(lm_rows(c)?.0)).collect::<Result<Vec<_>>>()?;
+    let per = if per.len() == 1 { per.into_iter().next().expect("one chunk") } else { Tensor::cat(&per, 0)? }; // (K,)
+    sums_at_picks(&per, None, picks, n_seqs, opts)
 }
+
+/// The most bytes of logits [`logps_at_picks_with`] forms at once ([`logps_at_picks_chunked`]),
+/// below glibc's largest `M_MMAP_THRESHOLD` (32 MiB, see `process::keep_freed_memory`): 128
+/// rows of a 49,152-token vocabulary in f32.
+pub const LM_HEAD_CHUNK_BYTES: usize = 24 << 20;
 
 /// The extras-aware summed log-probs of full logits `(N, T, V)` (the definition's route, as
 /// [`super::dense::completion_logps`], through the same sums as the fast paths): the picks of
@@ -120,7 +160,7 @@ pub fn seq_logps_from_logits(logits: &Tensor, input_ids: &Tensor, completion_mas
     let targets = Tensor::from_vec(picks.iter().map(|p| p.target).collect::<Vec<_>>(), k, dev)?;
     let z = logits.reshape((n * t, v))?.index_select(&rows, 0)?; // (K, V)
     let per = log_softmax_gather(&z, &targets)?;
-    sums_at_picks(&per, &z, &picks, n, opts)
+    sums_at_picks(&per, Some(&z), &picks, n, opts)
 }
 
 /// Summed completion log-probs of each sequence from the final hidden states: the fast path of

@@ -104,12 +104,13 @@ pub fn log_sum_squared_probs(logits: &Tensor) -> Result<Vec<f64>> {
 }
 
 /// Sum the per-token log-probs `per (K,)` of `picks` into the sequences, with the extras of
-/// `opts`; `logits (K, V)` are the rows `per` was taken from (read only for WPO).
+/// `opts`; `logits (K, V)` are the rows `per` was taken from, needed only for WPO
+/// (`opts.use_weighting`; an error without them).
 ///
 /// `plain[s] = Σ_{p.seq = s} p.weight · per_p`; `logps` is `plain` or, with `ld_alpha`, the
 /// LD-DPO sum ([`ld_factors`]); WPO's weight of row `s` is `exp(Σ_p p.weight (per_p - log Σ
 /// p²) / max(n_s, 1))`, `n_s = Σ_{p.seq = s} p.weight`. Errors: shape mismatches.
-pub fn sums_at_picks(per: &Tensor, logits: &Tensor, picks: &[Pick], n_seqs: usize, opts: &LogpOptions) -> Result<SeqLogps> {
+pub fn sums_at_picks(per: &Tensor, logits: Option<&Tensor>, picks: &[Pick], n_seqs: usize, opts: &LogpOptions) -> Result<SeqLogps> {
     let k = picks.len();
     let (dtype, dev) = (per.dtype(), per.device());
     let seg = |factor: &dyn Fn(usize) -> f64| -> Result<Tensor> {
@@ -128,7 +129,11 @@ pub fn sums_at_picks(per: &Tensor, logits: &Tensor, picks: &[Pick], n_seqs: usiz
             (seg(&|i| f[i])?.matmul(&column)?.squeeze(1)?, Some(plain))
         }
     };
-    let wpo_weights = if opts.use_weighting { Some(wpo_weights(per, logits, picks, n_seqs)?) } else { None };
+    let wpo_weights = match (opts.use_weighting, logits) {
+        (false, _) => None,
+        (true, Some(logits)) => Some(wpo_weights(per, logits, picks, n_seqs)?),
+        (true, None) => return Err(Error::Msg("WPO weights need the logits of the picked rows".into())),
+    };
     Ok(SeqLogps { logps, unweighted, wpo_weights })
 }
 
