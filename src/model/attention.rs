@@ -11,6 +11,13 @@
 //!
 //! `dV = P^T dY`, `dP = dY V^T`, `dS = P ⊙ (dP - rowsum(P ⊙ dP))`, `dQ = dS K`, `dK = dS^T Q`.
 //!
+//! Masked keys are skipped a block of query rows at a time ([`BLOCK_ROWS`]): a block's products
+//! and softmax run over keys `0..kmax` only, `kmax` the last open key of any of its rows + 1
+//! (the bias says which keys are open, [`open_ends`]). Keys past it have probability exactly 0 in
+//! the full computation ([`MASK_VALUE`] scores: `exp` underflows to 0), so skipping them drops
+//! nothing but the work: under a causal mask about half of the scores and of the four products
+//! of the backward. A row with no open key keeps all keys (uniform weights, as before).
+//!
 //! The softmax is the same code as [`masked_softmax`]'s rows (`ops::softmax_in_place`),
 //! so a fully masked row gets the same uniform, finite result.
 //!
@@ -24,8 +31,8 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, StorageRef, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::model::ops::{data, dispatch, fused_layer_ops, masked_softmax, softmax_in_place, Real};
-use crate::model::slice_gemm::{matmul, View};
+use crate::model::ops::{data, dispatch, fused_layer_ops, masked_softmax, softmax_in_place, Real, MASK_VALUE};
+use crate::model::slice_gemm::{gemm_into, matmul, View};
 
 /// `softmax(q k^T + bias) v` with grouped-query heads, `(N, Hkv, R*T, hd)`.
 ///
@@ -42,8 +49,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, t: u
         return attention_composed(q, k, v, bias, t);
     }
     let bias = bias.map(|b| b.contiguous()).transpose()?;
-    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, AttentionOp { bias, t })
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, AttentionOp { bias, t, block_rows: BLOCK_ROWS })
 }
+
+/// Query rows a block of the fused attention handles at once (see the module doc): fewer rows
+/// skip more masked keys, more rows make longer products. 64 of a slice's `R*T` rows.
+pub const BLOCK_ROWS: usize = 64;
 
 /// [`attention`] composed from candle `matmul`s and [`masked_softmax`]: the scores and the
 /// probabilities stay in the graph. Kept for the equivalence tests and as the path of other
@@ -97,61 +108,103 @@ impl Geometry {
     }
 }
 
-/// The probabilities `P = softmax(Q K^T + bias)` `(R*T, Tk)` of slice `s` (sequence `s / Hkv`).
-fn probs<T: Real + 'static>(q: &[T], k: &[T], bias: Option<&[T]>, geo: &Geometry, s: usize) -> Vec<T> {
-    let (rows, tk, hd) = (geo.rows, geo.tk, geo.hd);
-    let mut p = vec![T::zero(); rows * tk];
-    matmul(rows, tk, hd, &mut p, View::rows(q, hd), View::transposed(k, hd));
+/// Per bias row (`nb * T` rows, or one row without a bias): one past its last open key (bias
+/// above `MASK_VALUE / 2`), or `Tk` when no key is open (such a row keeps uniform weights over
+/// every key, as [`masked_softmax`] gives it).
+fn open_ends<T: Real>(bias: Option<&[T]>, tk: usize) -> Vec<usize> {
+    let Some(b) = bias else { return vec![tk] };
+    let half = T::from_f64(MASK_VALUE / 2.0);
+    b.chunks(tk).map(|row| row.iter().rposition(|&x| x > half).map_or(tk, |j| j + 1)).collect()
+}
+
+/// The rows of one block of slice `s`: `i0..i1` of its `R*T` query rows, and `kmax`, the keys
+/// they attend (module doc).
+#[derive(Debug, Clone, Copy)]
+struct Block {
+    i0: usize,
+    i1: usize,
+    kmax: usize,
+}
+
+/// The blocks of `block_rows` query rows of slice `s` (sequence `s / Hkv`), `ends` from
+/// [`open_ends`].
+fn blocks<'a>(geo: &Geometry, ends: &'a [usize], s: usize, block_rows: usize) -> impl Iterator<Item = Block> + 'a {
+    let geo = *geo;
     let seq = s / geo.hkv;
-    for (i, row) in p.chunks_mut(tk).enumerate() {
-        if let Some(b) = bias {
+    let end = move |i: usize| if geo.nb == 0 { ends[0] } else { ends[(if geo.nb == 1 { 0 } else { seq }) * geo.t + i % geo.t] };
+    (0..geo.rows).step_by(block_rows.max(1)).map(move |i0| {
+        let i1 = (i0 + block_rows.max(1)).min(geo.rows);
+        Block { i0, i1, kmax: (i0..i1).map(end).max().unwrap_or(geo.tk) }
+    })
+}
+
+/// The probabilities `P = softmax(Q K^T + bias)` of block `b` of slice `s` over keys
+/// `0..b.kmax`, `(i1 - i0, kmax)` row-major, into `p` (resized).
+fn block_probs<T: Real + 'static>(p: &mut Vec<T>, q: &[T], k: &[T], bias: Option<&[T]>, geo: &Geometry, s: usize, b: Block) {
+    let (tk, hd, kmax) = (geo.tk, geo.hd, b.kmax);
+    p.clear();
+    p.resize((b.i1 - b.i0) * kmax, T::zero());
+    matmul(b.i1 - b.i0, kmax, hd, p, View::rows(&q[b.i0 * hd..b.i1 * hd], hd), View::transposed(&k[..kmax * hd], hd));
+    let seq = s / geo.hkv;
+    for (i, row) in (b.i0..b.i1).zip(p.chunks_mut(kmax)) {
+        if let Some(bias) = bias {
             let br = (if geo.nb == 1 { 0 } else { seq }) * geo.t + i % geo.t;
-            row.iter_mut().zip(&b[br * tk..(br + 1) * tk]).for_each(|(x, &b)| *x = *x + b);
+            row.iter_mut().zip(&bias[br * tk..br * tk + kmax]).for_each(|(x, &b)| *x = *x + b);
         }
         softmax_in_place(row);
     }
-    p
 }
 
-/// The forward: `Y = P V` per slice, `(N, Hkv, R*T, hd)`.
-fn attention_fwd<T: Real + 'static>(q: &[T], k: &[T], v: &[T], bias: Option<&[T]>, geo: &Geometry) -> Vec<T> {
-    let (ql, kl) = (geo.q_len(), geo.k_len());
+/// The forward: `Y = P V` per slice and block, `(N, Hkv, R*T, hd)`.
+fn attention_fwd<T: Real + 'static>(q: &[T], k: &[T], v: &[T], bias: Option<&[T]>, geo: &Geometry, block_rows: usize) -> Vec<T> {
+    let (ql, kl, hd) = (geo.q_len(), geo.k_len(), geo.hd);
+    let ends = open_ends(bias, geo.tk);
     let mut y = vec![T::zero(); geo.n * geo.hkv * ql];
     y.par_chunks_mut(ql).enumerate().for_each(|(s, ys)| {
         let (qs, ks, vs) = (&q[s * ql..(s + 1) * ql], &k[s * kl..(s + 1) * kl], &v[s * kl..(s + 1) * kl]);
-        let p = probs(qs, ks, bias, geo, s);
-        matmul(geo.rows, geo.hd, geo.tk, ys, View::rows(&p, geo.tk), View::rows(vs, geo.hd));
+        let mut p = Vec::new();
+        for b in blocks(geo, &ends, s, block_rows) {
+            block_probs(&mut p, qs, ks, bias, geo, s, b);
+            matmul(b.i1 - b.i0, hd, b.kmax, &mut ys[b.i0 * hd..b.i1 * hd], View::rows(&p, b.kmax), View::rows(&vs[..b.kmax * hd], hd));
+        }
     });
     y
 }
 
-/// The backward: `(dq, dk, dv)` from `dy (N, Hkv, R*T, hd)`, the probabilities recomputed.
-fn attention_bwd<T: Real + 'static>(q: &[T], k: &[T], v: &[T], dy: &[T], bias: Option<&[T]>, geo: &Geometry) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let (ql, kl) = (geo.q_len(), geo.k_len());
-    let (rows, tk, hd) = (geo.rows, geo.tk, geo.hd);
+/// The backward: `(dq, dk, dv)` from `dy (N, Hkv, R*T, hd)`, the probabilities recomputed a
+/// block at a time; `dK`, `dV` summed over the blocks.
+fn attention_bwd<T: Real + 'static>(q: &[T], k: &[T], v: &[T], dy: &[T], bias: Option<&[T]>, geo: &Geometry, block_rows: usize) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let (ql, kl, hd) = (geo.q_len(), geo.k_len(), geo.hd);
     let slices = geo.n * geo.hkv;
+    let ends = open_ends(bias, geo.tk);
     let (mut dq, mut dk, mut dv) = (vec![T::zero(); slices * ql], vec![T::zero(); slices * kl], vec![T::zero(); slices * kl]);
     dq.par_chunks_mut(ql).zip(dk.par_chunks_mut(kl)).zip(dv.par_chunks_mut(kl)).enumerate().for_each(|(s, ((dqs, dks), dvs))| {
         let (qs, ks, vs) = (&q[s * ql..(s + 1) * ql], &k[s * kl..(s + 1) * kl], &v[s * kl..(s + 1) * kl]);
         let dys = &dy[s * ql..(s + 1) * ql];
-        let p = probs(qs, ks, bias, geo, s);
-        // dV = P^T dY: (Tk, hd)
-        matmul(tk, hd, rows, dvs, View::transposed(&p, tk), View::rows(dys, hd));
-        // dP = dY V^T: (R*T, Tk), then dS = P ⊙ (dP - rowsum(P ⊙ dP)) in place
-        let mut ds = vec![T::zero(); rows * tk];
-        matmul(rows, tk, hd, &mut ds, View::rows(dys, hd), View::transposed(vs, hd));
-        for (dr, pr) in ds.chunks_mut(tk).zip(p.chunks(tk)) {
-            let mut dot = T::zero();
-            for (&pv, &g) in pr.iter().zip(dr.iter()) {
-                dot = dot + pv * g;
+        let (mut p, mut ds) = (Vec::new(), Vec::new());
+        for b in blocks(geo, &ends, s, block_rows) {
+            let (m, kmax) = (b.i1 - b.i0, b.kmax);
+            block_probs(&mut p, qs, ks, bias, geo, s, b);
+            let (qb, dyb) = (&qs[b.i0 * hd..b.i1 * hd], &dys[b.i0 * hd..b.i1 * hd]);
+            // dV[..kmax] += P^T dY: (kmax, hd)
+            gemm_into(kmax, hd, m, &mut dvs[..kmax * hd], 1.0, 1.0, View::transposed(&p, kmax), View::rows(dyb, hd), false);
+            // dP = dY V^T: (m, kmax), then dS = P ⊙ (dP - rowsum(P ⊙ dP)) in place
+            ds.clear();
+            ds.resize(m * kmax, T::zero());
+            matmul(m, kmax, hd, &mut ds, View::rows(dyb, hd), View::transposed(&vs[..kmax * hd], hd));
+            for (dr, pr) in ds.chunks_mut(kmax).zip(p.chunks(kmax)) {
+                let mut dot = T::zero();
+                for (&pv, &g) in pr.iter().zip(dr.iter()) {
+                    dot = dot + pv * g;
+                }
+                for (g, &pv) in dr.iter_mut().zip(pr) {
+                    *g = pv * (*g - dot);
+                }
             }
-            for (g, &pv) in dr.iter_mut().zip(pr) {
-                *g = pv * (*g - dot);
-            }
+            // dQ = dS K: (m, hd); dK[..kmax] += dS^T Q: (kmax, hd)
+            matmul(m, hd, kmax, &mut dqs[b.i0 * hd..b.i1 * hd], View::rows(&ds, kmax), View::rows(&ks[..kmax * hd], hd));
+            gemm_into(kmax, hd, m, &mut dks[..kmax * hd], 1.0, 1.0, View::transposed(&ds, kmax), View::rows(qb, hd), false);
         }
-        // dQ = dS K: (R*T, hd); dK = dS^T Q: (Tk, hd)
-        matmul(rows, hd, tk, dqs, View::rows(&ds, tk), View::rows(ks, hd));
-        matmul(tk, hd, rows, dks, View::transposed(&ds, tk), View::rows(qs, hd));
     });
     (dq, dk, dv)
 }
@@ -164,6 +217,8 @@ pub struct AttentionOp {
     bias: Option<Tensor>,
     /// T, query positions per head.
     t: usize,
+    /// Query rows a block ([`BLOCK_ROWS`]; the tests take fewer).
+    block_rows: usize,
 }
 
 /// The bias storage of an [`AttentionOp`] as a slice of the activations' dtype `T`.
@@ -181,7 +236,7 @@ impl CustomOp3 for AttentionOp {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
         let geo = Geometry::of(l1.dims(), l2.dims(), l3.dims(), self.bias.as_ref().map(|b| b.dims()), self.t)?;
         let bias = self.bias.as_ref().map(|b| b.storage_and_layout());
-        let out = dispatch!(self.name(), [(s1, l1, q), (s2, l2, k), (s3, l3, v)], attention_fwd(q, k, v, bias_slice(bias.as_ref(), self.name())?, &geo));
+        let out = dispatch!(self.name(), [(s1, l1, q), (s2, l2, k), (s3, l3, v)], attention_fwd(q, k, v, bias_slice(bias.as_ref(), self.name())?, &geo, self.block_rows));
         Ok((out, l1.shape().clone()))
     }
 
@@ -201,12 +256,12 @@ impl CustomOp3 for AttentionOp {
         let (dq, dk, dv) = match (sq, sk, sv, sd) {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v), CpuStorage::F32(d)) => {
                 let (q, k, v, d) = (data(q, lq, name)?, data(k, lk, name)?, data(v, lv, name)?, data(d, ld, name)?);
-                let (a, b, c) = attention_bwd(q, k, v, d, bias_slice(b, name)?, &geo);
+                let (a, b, c) = attention_bwd(q, k, v, d, bias_slice(b, name)?, &geo, self.block_rows);
                 (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c))
             }
             (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v), CpuStorage::F64(d)) => {
                 let (q, k, v, d) = (data(q, lq, name)?, data(k, lk, name)?, data(v, lv, name)?, data(d, ld, name)?);
-                let (a, b, c) = attention_bwd(q, k, v, d, bias_slice(b, name)?, &geo);
+                let (a, b, c) = attention_bwd(q, k, v, d, bias_slice(b, name)?, &geo, self.block_rows);
                 (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c))
             }
             _ => candle_core::bail!("{name}: F32 or F64 inputs of one dtype expected"),
@@ -241,24 +296,33 @@ mod tests {
         crate::model::ops::attention_bias(Some(&mask), t, past, dtype, &Device::Cpu).unwrap()
     }
 
+    /// The fused op with `block_rows` query rows a block.
+    fn blocked(block_rows: usize) -> impl Fn(&Tensor, &Tensor, &Tensor, Option<&Tensor>, usize) -> Result<Tensor> {
+        move |q, k, v, bias, t| q.apply_op3(k, v, AttentionOp { bias: bias.cloned(), t, block_rows })
+    }
+
     /// Fused vs composed: values, and the gradients of q, k, v through a random linear loss.
     fn compare(dtype: DType, nb: Option<usize>, tol: f64) {
+        compare_sized(dtype, nb, tol, (2, 2, 3, 5, 2, 4), &[BLOCK_ROWS]);
+    }
+
+    /// [`compare`] at `(n, hkv, r, t, past, hd)`, the fused op at each of `block_rows`.
+    fn compare_sized(dtype: DType, nb: Option<usize>, tol: f64, dims: (usize, usize, usize, usize, usize, usize), block_rows: &[usize]) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        let (n, hkv, r, t, past, hd) = (2, 2, 3, 5, 2, 4);
+        let (n, hkv, r, t, past, hd) = dims;
         let tk = t + past;
         let q = Var::from_tensor(&randn(&[n, hkv, r * t, hd], dtype, &mut rng)).unwrap();
         let k = Var::from_tensor(&randn(&[n, hkv, tk, hd], dtype, &mut rng)).unwrap();
         let v = Var::from_tensor(&randn(&[n, hkv, tk, hd], dtype, &mut rng)).unwrap();
         let w = randn(&[n, hkv, r * t, hd], dtype, &mut rng);
         let bias = nb.map(|nb| causal_bias(nb, t, tk, dtype));
-        let run = |f: fn(&Tensor, &Tensor, &Tensor, Option<&Tensor>, usize) -> Result<Tensor>| {
+        let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor, Option<&Tensor>, usize) -> Result<Tensor>| {
             let y = f(&q, &k, &v, bias.as_ref(), t).unwrap();
             let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
             let grads: Vec<Tensor> = [&q, &k, &v].iter().map(|x| g.get(x).unwrap().clone()).collect();
             (y, grads)
         };
-        let (y_f, g_f) = run(attention);
-        let (y_c, g_c) = run(attention_composed);
+        let (y_c, g_c) = run(&attention_composed);
         let close = |a: &Tensor, b: &Tensor, what: &str| {
             let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
             let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
@@ -267,10 +331,33 @@ mod tests {
             let err = a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
             assert!(err <= tol * scale, "{what}: max |fused - composed| {err:e} > {tol:e} x {scale:e}");
         };
-        close(&y_f, &y_c, "y");
-        for (name, (a, b)) in ["dq", "dk", "dv"].iter().zip(g_f.iter().zip(&g_c)) {
-            close(a, b, name);
+        for &rows in block_rows {
+            let (y_f, g_f) = if rows == BLOCK_ROWS { run(&attention) } else { run(&blocked(rows)) };
+            close(&y_f, &y_c, "y");
+            for (name, (a, b)) in ["dq", "dk", "dv"].iter().zip(g_f.iter().zip(&g_c)) {
+                close(a, b, name);
+            }
         }
+    }
+
+    /// Blocks of 1..7 query rows (blocks that straddle two query heads' row ranges, a last short
+    /// block) at 40 positions: causal masks skip most keys of the early blocks; values and
+    /// gradients still equal the composed path.
+    #[test]
+    fn blocked_matches_composed() {
+        for nb in [None, Some(1), Some(2)] {
+            compare_sized(DType::F64, nb, 1e-12, (2, 2, 3, 40, 3, 4), &[1, 2, 7, 16, BLOCK_ROWS]);
+            compare_sized(DType::F32, nb, 1e-5, (2, 2, 3, 40, 3, 4), &[5, BLOCK_ROWS]);
+        }
+    }
+
+    /// Where each bias row's open keys end: one past the last open key; all keys when none is.
+    #[test]
+    fn open_ends_of_bias_rows() {
+        let m = MASK_VALUE;
+        let bias = [0.0, m, m, /**/ 0.0, m, 0.0, /**/ m, m, m];
+        assert_eq!(open_ends(Some(&bias[..]), 3), vec![1, 3, 3]);
+        assert_eq!(open_ends::<f64>(None, 4), vec![4]);
     }
 
     #[test]
