@@ -41,7 +41,7 @@ fn bench_sgemm(c: &mut Criterion) {
     g.throughput(Throughput::Elements(2 * (N as u64).pow(3)));
     let x: Vec<f32> = (0..N * N).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
     let w: Vec<half::bf16> = (0..N * N).map(|i| half::bf16::from_f32(((i * 104729) % 1000) as f32 / 1000.0 - 0.5)).collect();
-    let packed = bf16_gemm::PackedXWt::new(&w, N, N);
+    let packed = bf16_gemm::PackedWeight::new(&w, N, N);
     g.bench_function("2048_bf16_packed", |bch| bch.iter(|| bf16_gemm::matmul_packed(&x, N, &w, &packed).len()));
     g.finish();
     let mut g = c.benchmark_group("bf16_step_shapes");

@@ -15,7 +15,7 @@
 //! (all rows when there are enough column blocks to keep every thread busy, [`row_blocks`]), run
 //! in parallel with rayon. A task takes its 32 columns of the weight in k-pair-interleaved order
 //! (`panel[p][j] = (B[2p][j], B[2p+1][j])`, `K x 32` bf16): packed once per weight for the
-//! forward ([`PackedXWt`]), else packed by the task into a thread-local buffer. It runs an [`MR`] x 32 microkernel
+//! forward ([`PackedWeight`]), else packed by the task into a thread-local buffer. It runs an [`MR`] x 32 microkernel
 //! (16 zmm accumulators) over the whole contraction for every block of rows. Each output
 //! element is computed by one task in one fixed order, so results do not depend on the thread
 //! count.
@@ -79,36 +79,50 @@ pub fn has_bf16_kernel() -> bool {
     }
 }
 
-/// A frozen weight's [`Product::XWt`] panels, packed once (`Linear::packed`): the forward
-/// products then skip the per-call packing (measured: ~10% of a bf16 training step went to
-/// packing before). `n_blocks = ceil(out / NR)` panels of `ceil(in / 2) x NR` bf16 pairs.
-pub struct PackedXWt {
+/// A frozen weight's panels for one [`Product`], packed once: `Linear::packed` holds the
+/// forward's ([`Product::XWt`]; measured: ~10% of a bf16 training step went to packing before),
+/// `Linear::packed_xw` the LM head's input-gradient product ([`Product::XW`], see
+/// `Linear::pack_bf16`). `ceil(n / NR)` panels of `ceil(k / 2) x NR` bf16 pairs, `(k, n)` =
+/// [`Product::kn`].
+pub struct PackedWeight {
+    product: Product,
     out: usize,
     inp: usize,
     panels: Vec<u32>,
 }
 
-impl std::fmt::Debug for PackedXWt {
+impl std::fmt::Debug for PackedWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PackedXWt({} x {})", self.out, self.inp)
+        write!(f, "PackedWeight({:?}, {} x {})", self.product, self.out, self.inp)
     }
 }
 
-impl PackedXWt {
-    /// Packs `w (out, in)` (row-major bf16), blocks in parallel.
+impl PackedWeight {
+    /// Packs `w (out, in)` (row-major bf16) for [`Product::XWt`], blocks in parallel.
     pub fn new(w: &[bf16], out: usize, inp: usize) -> Self {
+        Self::for_product(w, out, inp, Product::XWt)
+    }
+
+    /// Packs `w (out, in)` (row-major bf16) for `product`, blocks in parallel.
+    pub fn for_product(w: &[bf16], out: usize, inp: usize, product: Product) -> Self {
         assert_eq!(w.len(), out * inp, "bf16 pack: w is not (out, in)");
-        let kp = inp.div_ceil(2);
-        let mut panels = vec![0u32; out.div_ceil(NR) * kp * NR];
+        let (k, n) = product.kn(out, inp);
+        let kp = k.div_ceil(2);
+        let mut panels = vec![0u32; n.div_ceil(NR) * kp * NR];
         if kp > 0 {
-            panels.par_chunks_mut(kp * NR).enumerate().for_each(|(cb, dst)| pack_panel(dst, w, out, inp, Product::XWt, cb * NR));
+            panels.par_chunks_mut(kp * NR).enumerate().for_each(|(cb, dst)| pack_panel(dst, w, out, inp, product, cb * NR));
         }
-        Self { out, inp, panels }
+        Self { product, out, inp, panels }
     }
 
     /// `(out, in)` of the packed weight.
     pub fn dims(&self) -> (usize, usize) {
         (self.out, self.inp)
+    }
+
+    /// The product the panels serve.
+    pub fn product(&self) -> Product {
+        self.product
     }
 
     /// Bytes held.
@@ -117,11 +131,11 @@ impl PackedXWt {
     }
 }
 
-/// `x (rows, in) W^T` from packed panels: [`matmul`] with [`Product::XWt`], the same values bit
-/// for bit, without packing. `w` (the same weight, row-major) serves the fallback.
-pub fn matmul_packed(x: &[f32], rows: usize, w: &[bf16], packed: &PackedXWt) -> Vec<f32> {
+/// `x (rows, k) · B` from packed panels: [`matmul`] with the panels' [`Product`], the same
+/// values bit for bit, without packing. `w` (the same weight, row-major) serves the fallback.
+pub fn matmul_packed(x: &[f32], rows: usize, w: &[bf16], packed: &PackedWeight) -> Vec<f32> {
     let (out, inp) = packed.dims();
-    dispatch(x, rows, w, out, inp, Product::XWt, Some(&packed.panels))
+    dispatch(x, rows, w, out, inp, packed.product, Some(&packed.panels))
 }
 
 /// `x (rows, k) · B` with `B (k, n)` taken from the row-major bf16 weight `w (out, in)` as
@@ -135,7 +149,7 @@ pub fn matmul(x: &[f32], rows: usize, w: &[bf16], out: usize, inp: usize, produc
     dispatch(x, rows, w, out, inp, product, None)
 }
 
-/// [`matmul`] on the kernel when the CPU has it (with `packed` panels for `XWt` when given),
+/// [`matmul`] on the kernel when the CPU has it (with `product`'s `packed` panels when given),
 /// else [`reference`].
 fn dispatch(x: &[f32], rows: usize, w: &[bf16], out: usize, inp: usize, product: Product, packed: Option<&[u32]>) -> Vec<f32> {
     let (k, n) = product.kn(out, inp);
@@ -252,13 +266,12 @@ mod avx512 {
         _mm512_storeu_ps,
     };
 
-    /// [`super::matmul`] on the AVX-512 BF16 kernel; `packed`: the [`Product::XWt`] panels of
-    /// `w` when packed already (then `product` must be `XWt`).
+    /// [`super::matmul`] on the AVX-512 BF16 kernel; `packed`: `product`'s panels of `w` when
+    /// packed already.
     ///
     /// # Safety
     /// The CPU must support `avx512f` and `avx512bf16`.
     pub unsafe fn run(x: &[f32], rows: usize, w: &[bf16], out: usize, inp: usize, product: Product, packed: Option<&[u32]>) -> Vec<f32> {
-        debug_assert!(packed.is_none() || product == Product::XWt);
         let (k, n) = product.kn(out, inp);
         let kp = k.div_ceil(2);
         let a = round_rows(x, rows, k);
@@ -416,9 +429,14 @@ mod tests {
         for &(rows, out, inp) in &[(9, 33, 17), (130, 70, 64), (1, 5, 3)] {
             let x = data(rows * inp, 5);
             let w: Vec<bf16> = data(out * inp, 6).into_iter().map(bf16::from_f32).collect();
-            let p = PackedXWt::new(&w, out, inp);
+            let p = PackedWeight::new(&w, out, inp);
             assert_eq!(p.dims(), (out, inp));
             assert_eq!(matmul_packed(&x, rows, &w, &p), matmul(&x, rows, &w, out, inp, Product::XWt));
+            // the input-gradient product's panels: x (rows, out) W
+            let dy = data(rows * out, 7);
+            let pxw = PackedWeight::for_product(&w, out, inp, Product::XW);
+            assert_eq!(pxw.product(), Product::XW);
+            assert_eq!(matmul_packed(&dy, rows, &w, &pxw), matmul(&dy, rows, &w, out, inp, Product::XW));
         }
     }
 

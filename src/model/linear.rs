@@ -12,7 +12,7 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, Var};
 
-use crate::model::bf16_gemm::{self, PackedXWt, Product};
+use crate::model::bf16_gemm::{self, PackedWeight, Product};
 use crate::model::ops::{data, from_rows, to_rows};
 
 /// A trainable modification of a frozen [`Linear`].
@@ -42,28 +42,35 @@ pub struct Linear {
     pub adapter: Option<Arc<dyn Adapter>>,
     /// With a bf16 `weight`: its forward panels packed once ([`Self::pack_bf16`]), used by
     /// [`Self::frozen_product`]; must describe `weight` (set only through `pack_bf16`).
-    pub packed: Option<Arc<PackedXWt>>,
+    pub packed: Option<Arc<PackedWeight>>,
+    /// With a bf16 `weight` packed `with_backward`: the panels of the input-gradient product
+    /// `dy W` ([`Product::XW`]), used by the backward of [`Self::frozen_product`].
+    pub packed_xw: Option<Arc<PackedWeight>>,
 }
 
 impl Linear {
     /// A plain layer with no adapter.
     pub fn new(path: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { path: path.into(), weight, bias, adapter: None, packed: None }
+        Self { path: path.into(), weight, bias, adapter: None, packed: None, packed_xw: None }
     }
 
     /// Stores the weight in bf16 (rounded to nearest even) with its forward panels packed
-    /// ([`PackedXWt`]): `model.dtype = "bf16"`. Holds bf16 `(out, in)` plus the panels, the
-    /// bytes of the f32 weight it replaces.
+    /// ([`PackedWeight`]): `model.dtype = "bf16"`. Holds bf16 `(out, in)` plus the panels, the
+    /// bytes of the f32 weight it replaces. `with_backward`: the input-gradient product's panels
+    /// too (as many bytes again), for a layer whose backward runs several times a step on few
+    /// rows (the LM head, called once per chunk of logits: packing its 28M weights in each
+    /// backward call took ~3% of a training step).
     ///
     /// Errors: a weight that is not f32 or bf16, or not 2-D.
-    pub fn pack_bf16(&mut self) -> Result<()> {
+    pub fn pack_bf16(&mut self, with_backward: bool) -> Result<()> {
         if !matches!(self.weight.dtype(), DType::F32 | DType::BF16) {
             candle_core::bail!("{}: bf16 projections need an f32 weight (got {:?})", self.path, self.weight.dtype());
         }
         let w = self.weight.to_dtype(DType::BF16)?.contiguous()?;
         let (out, inp) = w.dims2()?;
         let v = w.flatten_all()?.to_vec1::<half::bf16>()?;
-        self.packed = Some(Arc::new(PackedXWt::new(&v, out, inp)));
+        self.packed = Some(Arc::new(PackedWeight::new(&v, out, inp)));
+        self.packed_xw = with_backward.then(|| Arc::new(PackedWeight::for_product(&v, out, inp, Product::XW)));
         self.weight = w;
         Ok(())
     }
@@ -73,7 +80,7 @@ impl Linear {
     pub fn frozen_product(&self, x: &Tensor) -> Result<Tensor> {
         match &self.packed {
             Some(p) if self.weight.dtype() == DType::BF16 && x.dtype() == DType::F32 && x.device().is_cpu() => {
-                bf16_product(x, &self.weight, Bf16Matmul::packed(p.clone()))
+                bf16_product(x, &self.weight, Bf16Matmul::packed(p.clone(), self.packed_xw.clone()))
             }
             _ => frozen_matmul(x, &self.weight),
         }
@@ -226,19 +233,22 @@ impl CustomOp2 for FrozenMatmul {
 #[derive(Debug, Clone)]
 pub struct Bf16Matmul {
     product: Product,
-    /// The weight's packed panels (forward `XWt` only).
-    packed: Option<Arc<PackedXWt>>,
+    /// The weight's panels for `product`, when packed once.
+    packed: Option<Arc<PackedWeight>>,
+    /// The weight's panels for the other product (the backward's), when packed once.
+    packed_other: Option<Arc<PackedWeight>>,
 }
 
 impl Bf16Matmul {
     /// The op for `product`, packing the weight on each call.
     pub fn new(product: Product) -> Self {
-        Self { product, packed: None }
+        Self { product, packed: None, packed_other: None }
     }
 
-    /// The forward `x W^T` from panels packed once (the second operand must be their weight).
-    pub fn packed(p: Arc<PackedXWt>) -> Self {
-        Self { product: Product::XWt, packed: Some(p) }
+    /// The forward `x W^T` from panels packed once, its backward from `xw` when given, else
+    /// packing per call (the second operand must be their weight).
+    pub fn packed(p: Arc<PackedWeight>, xw: Option<Arc<PackedWeight>>) -> Self {
+        Self { product: p.product(), packed: Some(p), packed_other: xw }
     }
 }
 
@@ -255,8 +265,8 @@ impl CustomOp2 for Bf16Matmul {
             candle_core::bail!("bf16 matmul ({:?}): x ({rows}, {k}) does not fit W ({out_f}, {in_f})", self.product);
         }
         if let Some(p) = &self.packed {
-            if p.dims() != (out_f, in_f) {
-                candle_core::bail!("bf16 matmul: packed panels {:?} do not describe W ({out_f}, {in_f})", p.dims());
+            if p.dims() != (out_f, in_f) || p.product() != self.product {
+                candle_core::bail!("bf16 matmul ({:?}): packed panels {p:?} do not describe W ({out_f}, {in_f})", self.product);
             }
         }
         let x = match s1 {
@@ -279,7 +289,8 @@ impl CustomOp2 for Bf16Matmul {
             Product::XWt => Product::XW,
             Product::XW => Product::XWt,
         };
-        Ok((Some(grad_res.contiguous()?.apply_op2(&w.detach(), Bf16Matmul::new(other))?), None))
+        let op = Bf16Matmul { product: other, packed: self.packed_other.clone(), packed_other: self.packed.clone() };
+        Ok((Some(grad_res.contiguous()?.apply_op2(&w.detach(), op)?), None))
     }
 }
 
@@ -377,6 +388,29 @@ mod tests {
         let excess = ((dx - &want_dx)?.abs()? - (bound_dx * 1e-6)?)?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         assert!(excess <= 0.0, "dx off by more than the bound: {excess}");
         assert!(g.get(&w).is_none(), "no gradient for the frozen bf16 weight");
+        Ok(())
+    }
+
+    // A packed bf16 layer (forward panels; with_backward: the input-gradient panels too) gives
+    // the values and dL/dx of the unpacked bf16 weight bit for bit.
+    #[test]
+    fn packed_bf16_layer_equals_unpacked_values_and_input_gradients() -> Result<()> {
+        let w32 = randn(&[37, 13], 21, DType::F32);
+        let proj = randn(&[2, 7, 37], 22, DType::F32);
+        let run = |layer: &Linear| -> Result<(Vec<f32>, Vec<f32>)> {
+            let x = Var::from_tensor(&randn(&[2, 7, 13], 23, DType::F32))?;
+            let y = layer.frozen_product(x.as_tensor())?;
+            let g = (&y * &proj)?.sum_all()?.backward()?;
+            Ok((y.flatten_all()?.to_vec1()?, g.get(x.as_tensor()).expect("dx").flatten_all()?.to_vec1()?))
+        };
+        let plain = Linear::new("w", w32.to_dtype(DType::BF16)?, None);
+        let want = run(&plain)?;
+        for with_backward in [false, true] {
+            let mut packed = Linear::new("w", w32.clone(), None);
+            packed.pack_bf16(with_backward)?;
+            assert_eq!(packed.packed_xw.is_some(), with_backward);
+            assert_eq!(run(&packed)?, want, "with_backward = {with_backward}");
+        }
         Ok(())
     }
 

@@ -415,7 +415,10 @@ impl Model {
             candle_core::bail!("bf16 projections need an f32 model (got {:?})", self.dtype());
         }
         for l in self.linears_mut() {
-            l.pack_bf16()?;
+            // the LM head's backward runs once per chunk of logits (logps::fused): its
+            // input-gradient panels packed once too
+            let with_backward = l.path == "lm_head";
+            l.pack_bf16(with_backward)?;
         }
         Ok(())
     }

@@ -25,7 +25,7 @@ use super::cpu_slice;
 use super::layer::{scale_bwd, scale_rows_in_place};
 use super::givens::{givens_bwd, givens_fwd};
 use super::householder::{reflect_wy_bwd, reflect_wy_fwd};
-use crate::model::bf16_gemm::{self, PackedXWt, Product};
+use crate::model::bf16_gemm::{self, PackedWeight, Product};
 use crate::model::ops::{data, Real};
 use crate::model::slice_gemm::{gemm_into, View};
 
@@ -36,7 +36,7 @@ pub struct FrozenWeight {
     /// `(n, d)`, contiguous, untracked.
     pub weight: Tensor,
     /// The bf16 weight's forward panels ([`crate::model::linear::Linear::packed`]).
-    pub packed: Option<Arc<PackedXWt>>,
+    pub packed: Option<Arc<PackedWeight>>,
 }
 
 /// `y = s ⊙ (W R^T x)` for rows `x (rows, d)`: args `(x, params, s)`.
@@ -288,7 +288,7 @@ mod tests {
             let adtype = DType::F32;
             let mut base = Linear::new("l", randn(&[n, d], 21, wdtype), None);
             if wdtype == DType::BF16 {
-                base.pack_bf16().unwrap();
+                base.pack_bf16(false).unwrap();
             }
             let a = RopoAdapter::init(&base, 4, 2, true, 5).unwrap();
             let x = randn(&[rows, d], 22, adtype);
@@ -308,7 +308,7 @@ mod tests {
             for (r, stages, magnitude, perturb) in [(4, 2, true, true), (4, 2, true, false), (0, 2, true, true), (2, 0, false, true), (0, 0, true, true)] {
                 let mut base = Linear::new("l", randn(&[n, d], 1, wdtype), None);
                 if wdtype == DType::BF16 {
-                    base.pack_bf16().unwrap();
+                    base.pack_bf16(false).unwrap();
                 }
                 let a = RopoAdapter::init(&base, r, stages, magnitude, 3).unwrap();
                 if perturb {
