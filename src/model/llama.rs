@@ -32,6 +32,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::model::attention::attention;
+use crate::model::swiglu_down::{packed_down, swiglu_down};
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::linear::Linear;
 use crate::model::proj::{load_linear, GateUpProj, QkvProj};
@@ -186,7 +187,12 @@ impl Mlp {
         // One flattening for the three projections: (..., D) -> (rows, D), and one back.
         let (x2, dims) = to_rows(x)?;
         let (g, u) = self.gate_up.forward(&x2, use_adapters)?; // (rows, I) each
-        from_rows(&self.down_proj.forward(&swiglu(&g, &u)?, use_adapters)?, &dims) // (rows, D) -> (..., D)
+        let y = match packed_down(&self.down_proj, use_adapters) {
+            // bf16: SwiGLU and the frozen down projection in one op, its output not kept
+            Some(p) if g.dtype() == DType::F32 && g.device().is_cpu() => swiglu_down(&g, &u, &self.down_proj.weight, p)?,
+            _ => self.down_proj.forward(&swiglu(&g, &u)?, use_adapters)?,
+        };
+        from_rows(&y, &dims) // (rows, D) -> (..., D)
     }
 }
 

@@ -23,6 +23,7 @@ pub mod ops;
 pub mod prefix;
 pub mod proj;
 pub(crate) mod slice_gemm;
+pub mod swiglu_down;
 pub mod tokenizer;
 pub mod vexp;
 

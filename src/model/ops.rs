@@ -591,7 +591,7 @@ impl CustomOp3 for RmsNormBwdOp {
 const CHUNK: usize = 16 * 1024;
 
 /// SwiGLU forward, element-wise: `y = g σ(g) u`.
-fn swiglu_rows<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
+pub(crate) fn swiglu_rows<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
     let mut out = vec![T::zero(); g.len()];
     let one = T::from_f64(1.0);
     out.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(o, (gc, uc))| {
@@ -652,7 +652,7 @@ impl CustomOp2 for SwiGluOp {
 }
 
 /// `(g, u, dy) -> [dL/dg ; dL/du]`, shape `(2, ...)`, of [`SwiGluOp`].
-struct SwiGluBwdOp;
+pub(crate) struct SwiGluBwdOp;
 
 impl CustomOp3 for SwiGluBwdOp {
     fn name(&self) -> &'static str {
