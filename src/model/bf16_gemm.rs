@@ -204,14 +204,18 @@ thread_local! {
 /// and read as u32 pairs `(x[r][2p], x[r][2p+1])` (low half first).
 fn round_rows(x: &[f32], rows: usize, k: usize) -> Vec<u32> {
     let kp = k.div_ceil(2);
-    let mut out = vec![0u32; rows * kp];
-    out.par_chunks_mut(kp).zip(x.par_chunks(k)).for_each(|(o, xr)| {
+    // every element is written below: no zero fill first (a pass over the buffer)
+    let mut out: Vec<u32> = Vec::with_capacity(rows * kp);
+    out.spare_capacity_mut()[..rows * kp].par_chunks_mut(kp).zip(x.par_chunks(k)).for_each(|(o, xr)| {
         for (p, o) in o.iter_mut().enumerate() {
             let lo = bf16::from_f32(xr[2 * p]).to_bits() as u32;
             let hi = if 2 * p + 1 < k { bf16::from_f32(xr[2 * p + 1]).to_bits() as u32 } else { 0 };
-            *o = lo | (hi << 16);
+            o.write(lo | (hi << 16));
         }
     });
+    // SAFETY: the loop above wrote all `rows * kp` elements (x holds `rows` rows of `k`, each
+    // giving one chunk of `kp`; callers assert the length).
+    unsafe { out.set_len(rows * kp) };
     out
 }
 
@@ -275,7 +279,10 @@ mod avx512 {
         let (k, n) = product.kn(out, inp);
         let kp = k.div_ceil(2);
         let a = round_rows(x, rows, k);
-        let mut y = vec![0f32; rows * n];
+        // every element is written by exactly one task below (the (row block, column block)
+        // tasks tile the output; the last column block's masked store writes its `cols`): no
+        // zero fill first
+        let mut y: Vec<f32> = Vec::with_capacity(rows * n);
         let col_blocks = n.div_ceil(NR);
         let (row_blocks, per) = row_blocks(rows, n, rayon::current_num_threads());
         let ptr = OutPtr(y.as_mut_ptr());
@@ -318,6 +325,8 @@ mod avx512 {
                 }
             });
         });
+        // SAFETY: the tasks above wrote all rows x n elements (see the allocation).
+        unsafe { y.set_len(rows * n) };
         y
     }
 
