@@ -134,7 +134,7 @@ pub fn logps_at_picks_chunked(
         return sums_at_picks(&per, Some(&logits), picks, n_seqs, opts);
     }
     let per = picks.chunks(chunk_rows).map(|c| Ok(lm_rows(c)?.0)).collect::<Result<Vec<_>>>()?;
-    let per = if per.len() == 1 { per.into_iter().next().expect("one chunk") } else { Tensor::cat(&per, 0)? }; // (K,)
+    let per = Tensor::cat(&per, 0)?; // (K,); one chunk: that tensor itself (candle's cat)
     sums_at_picks(&per, None, picks, n_seqs, opts)
 }
 
