@@ -126,12 +126,16 @@ struct Block {
     kmax: usize,
 }
 
-/// The blocks of `block_rows` query rows of slice `s` (sequence `s / Hkv`), `ends` from
-/// [`open_ends`].
+/// The bias row of query row `i` of slice `s`: position `i % T` of the slice's sequence
+/// (`s / Hkv`), or of the one shared bias (`nb = 1`).
+fn bias_row(geo: &Geometry, s: usize, i: usize) -> usize {
+    (if geo.nb == 1 { 0 } else { s / geo.hkv }) * geo.t + i % geo.t
+}
+
+/// The blocks of `block_rows` query rows of slice `s`, `ends` from [`open_ends`].
 fn blocks<'a>(geo: &Geometry, ends: &'a [usize], s: usize, block_rows: usize) -> impl Iterator<Item = Block> + 'a {
     let geo = *geo;
-    let seq = s / geo.hkv;
-    let end = move |i: usize| if geo.nb == 0 { ends[0] } else { ends[(if geo.nb == 1 { 0 } else { seq }) * geo.t + i % geo.t] };
+    let end = move |i: usize| if geo.nb == 0 { ends[0] } else { ends[bias_row(&geo, s, i)] };
     (0..geo.rows).step_by(block_rows.max(1)).map(move |i0| {
         let i1 = (i0 + block_rows.max(1)).min(geo.rows);
         Block { i0, i1, kmax: (i0..i1).map(end).max().unwrap_or(geo.tk) }
@@ -145,10 +149,9 @@ fn block_probs<T: Real + 'static>(p: &mut Vec<T>, q: &[T], k: &[T], bias: Option
     p.clear();
     p.resize((b.i1 - b.i0) * kmax, T::zero());
     matmul(b.i1 - b.i0, kmax, hd, p, View::rows(&q[b.i0 * hd..b.i1 * hd], hd), View::transposed(&k[..kmax * hd], hd));
-    let seq = s / geo.hkv;
     for (i, row) in (b.i0..b.i1).zip(p.chunks_mut(kmax)) {
         if let Some(bias) = bias {
-            let br = (if geo.nb == 1 { 0 } else { seq }) * geo.t + i % geo.t;
+            let br = bias_row(geo, s, i);
             row.iter_mut().zip(&bias[br * tk..br * tk + kmax]).for_each(|(x, &b)| *x = *x + b);
         }
         softmax_in_place(row);
