@@ -45,6 +45,7 @@ fn config(arch: Arch, vocab: usize, hidden: usize, inter: usize, layers: usize, 
         attention_bias: arch == Arch::Qwen2,
         bos_token_id: None,
         eos_token_ids: vec![],
+        extras: Default::default(),
     }
 }
 

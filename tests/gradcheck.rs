@@ -16,15 +16,17 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use common::gradients::central_difference;
 use common::tiny::tiny_config;
-use ropo::model::config::{Arch, ModelConfig};
+use ropo::model::config::{Activation, Arch, ArchExtras, ModelConfig};
 use ropo::model::llama::{random_weights, Model};
 
 const EPS: f64 = 1e-5;
 const TOL: f64 = 1e-4;
 
-/// The model built from `Var`s (one per HF tensor name), sharing their storage.
+/// The weights as `Var`s (one per HF tensor name) and the batch; [`loss`] builds the model from
+/// the vars on every call, so that weights the loader transforms (Gemma's `1 + w` norms) follow
+/// a finite-difference perturbation too.
 struct Fixture {
-    model: Model,
+    cfg: ModelConfig,
     vars: BTreeMap<String, Var>,
     input_ids: Tensor,
     attention_mask: Tensor,
@@ -37,20 +39,20 @@ fn fixture(cfg: &ModelConfig, seed: u64) -> Result<Fixture> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let w = random_weights(cfg, 0.3, &mut rng, DType::F64, &dev)?;
     let vars: BTreeMap<String, Var> = w.iter().map(|(k, t)| Ok((k.clone(), Var::from_tensor(t)?))).collect::<Result<_>>()?;
-    let map = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-    let model = Model::load(VarBuilder::from_tensors(map, DType::F64, &dev), cfg)?;
     // two rows, right padding in the first: lengths 4 and 6
     let input_ids = Tensor::new(&[[5u32, 17, 3, 29, 0, 0], [11, 2, 38, 7, 7, 20]], &dev)?;
     let attention_mask = Tensor::new(&[[1u32, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], &dev)?;
     let n_logits = 2 * 6 * cfg.vocab_size;
     let proj: Vec<f64> = (0..n_logits).map(|_| rng.random_range(-1.0..1.0)).collect();
     let proj = Tensor::from_vec(proj, (2, 6, cfg.vocab_size), &dev)?;
-    Ok(Fixture { model, vars, input_ids, attention_mask, proj })
+    Ok(Fixture { cfg: cfg.clone(), vars, input_ids, attention_mask, proj })
 }
 
 /// `L = sum_{n,t>=1} m[n,t] log_softmax(z[n,t-1])[ids[n,t]] + 0.1 sum_{n,t} m[n,t] P[n,t,:] . z[n,t,:]`.
 fn loss(f: &Fixture) -> Result<Tensor> {
-    let logits = f.model.forward(&f.input_ids, Some(&f.attention_mask), true)?; // (N, T, V)
+    let map = f.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    let model = Model::load(VarBuilder::from_tensors(map, DType::F64, &Device::Cpu), &f.cfg)?;
+    let logits = model.forward(&f.input_ids, Some(&f.attention_mask), true)?; // (N, T, V)
     let (_, t, _) = logits.dims3()?;
     let mask = f.attention_mask.to_dtype(DType::F64)?; // (N, T)
     let logp = candle_nn::ops::log_softmax(&logits.narrow(1, 0, t - 1)?, D::Minus1)?; // (N, T-1, V)
@@ -138,6 +140,58 @@ fn every_weight_matches_finite_differences_phi3_fused() -> Result<()> {
     assert_eq!(f.vars.len(), 1 + 2 * 6 + 2, "embedding, 6 tensors per layer, final norm, head");
     drop(f);
     gradcheck_all(&cfg, 6)
+}
+
+/// Gemma 2: GeGLU (gelu-tanh gate), 1 + w norms with the two extra feed-forward norms
+/// (sandwich), query_pre_attn_scalar, attention and final logit soft-capping, and a sliding
+/// window of 3 on layer 0 (the fixture's rows are 4 and 6 long, so it masks keys).
+fn gemma2_config() -> ModelConfig {
+    let mut cfg = tiny_config(Arch::Gemma2, 40, 16, true);
+    cfg.head_dim = 6;
+    cfg.extras = ArchExtras {
+        hidden_act: Activation::GeluTanh,
+        query_pre_attn_scalar: Some(10.0),
+        // small caps so that tanh is far from linear at these weights
+        attn_logit_softcapping: Some(1.5),
+        final_logit_softcapping: Some(4.0),
+        sliding_window: Some(3),
+        sliding_layers: vec![true, false],
+        ..Default::default()
+    };
+    cfg
+}
+
+/// Gemma 3: the q/k norms (1 + w) of Qwen3 plus Gemma 2's sandwich norms, no soft-capping, a
+/// local RoPE base on the sliding layer and linear RoPE scaling on the global one.
+fn gemma3_config() -> ModelConfig {
+    let mut cfg = tiny_config(Arch::Gemma3, 40, 16, true);
+    cfg.head_dim = 6;
+    cfg.extras = ArchExtras {
+        hidden_act: Activation::GeluTanh,
+        query_pre_attn_scalar: Some(8.0),
+        sliding_window: Some(3),
+        sliding_layers: vec![true, false],
+        rope_local_theta: Some(100.0),
+        rope_linear_factor: Some(2.0),
+        ..Default::default()
+    };
+    cfg
+}
+
+#[test]
+fn every_weight_matches_finite_differences_gemma2() -> Result<()> {
+    let f = fixture(&gemma2_config(), 7)?;
+    assert_eq!(f.vars.len(), 1 + 2 * 11 + 1, "embedding (tied head), 11 tensors per layer (4 norms), final norm");
+    drop(f);
+    gradcheck_all(&gemma2_config(), 7)
+}
+
+#[test]
+fn every_weight_matches_finite_differences_gemma3() -> Result<()> {
+    let f = fixture(&gemma3_config(), 8)?;
+    assert_eq!(f.vars.len(), 1 + 2 * 13 + 1, "embedding (tied head), 13 tensors per layer (6 norms), final norm");
+    drop(f);
+    gradcheck_all(&gemma3_config(), 8)
 }
 
 /// Qwen3's q/k norm path, every entry: the norm weights `(hd,)` of both layers (reached only

@@ -30,6 +30,7 @@ fn tiny_config() -> ModelConfig {
         attention_bias: false,
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
+        extras: Default::default(),
     }
 }
 

@@ -35,6 +35,7 @@ fn config(arch: Arch, kv_heads: usize, tied: bool, scaling: Option<Llama3RopeSca
         attention_bias: arch == Arch::Qwen2,
         bos_token_id: None,
         eos_token_ids: vec![],
+        extras: Default::default(),
     }
 }
 

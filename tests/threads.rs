@@ -22,7 +22,7 @@ fn micro_batch_bits() -> Vec<String> {
         arch: Arch::Llama, vocab_size: 512, hidden_size: 256, intermediate_size: 512, num_hidden_layers: 2,
         num_attention_heads: 4, num_key_value_heads: 2, head_dim: 64, rms_norm_eps: 1e-6, rope_theta: 10_000.0,
         rope_scaling: None, max_position_embeddings: 512, tie_word_embeddings: true, attention_bias: false,
-        bos_token_id: None, eos_token_ids: vec![],
+        bos_token_id: None, eos_token_ids: vec![], extras: Default::default(),
     };
     let dev = Device::Cpu;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);

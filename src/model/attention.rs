@@ -69,6 +69,20 @@ pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tens
     probs.matmul(v)?.reshape((n, hkv, rows, hd))
 }
 
+/// [`attention_composed`] with Gemma 2's soft-capped scores: `softmax(c tanh(q k^T / c) + bias) v`
+/// (HF `eager_attention_forward`: the cap after the scaling, before the mask). Composed from
+/// candle ops and [`masked_softmax`], so the scores and probabilities stay in the graph (the
+/// fused op has no cap). Shapes as [`attention`]. Errors: inconsistent shapes.
+pub fn attention_softcapped(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, t: usize, cap: f64) -> Result<Tensor> {
+    Geometry::of(q.dims(), k.dims(), v.dims(), bias.map(|b| b.dims()), t)?;
+    let (n, hkv, rows, hd) = q.dims4()?;
+    let r = rows / t;
+    let tk = k.dim(2)?;
+    let scores = crate::model::ops::softcap(&q.matmul(&k.t()?)?, cap)?.reshape((n, hkv * r, t, tk))?;
+    let probs = masked_softmax(&scores, bias)?.reshape((n, hkv, rows, tk))?;
+    probs.matmul(v)?.reshape((n, hkv, rows, hd))
+}
+
 /// The dimensions of one [`attention`] call.
 #[derive(Debug, Clone, Copy)]
 struct Geometry {

@@ -326,6 +326,7 @@ fn config_from_metadata(md: &Metadata, content: &Content) -> Result<ModelConfig>
         attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
         bos_token_id: md.int("tokenizer.ggml.bos_token_id")?.map(|x| x as u32),
         eos_token_ids: eos,
+        extras: Default::default(),
     })
 }
 

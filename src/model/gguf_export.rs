@@ -94,6 +94,8 @@ fn model_metadata(config: &ModelConfig, name: &str, dtype: GgufDtype) -> Vec<(St
         Arch::Qwen2 => "qwen2",
         Arch::Qwen3 => "qwen3",
         Arch::Phi3 => "phi3",
+        Arch::Gemma2 => "gemma2",
+        Arch::Gemma3 => "gemma3",
     };
     let k = |s: &str| format!("{arch}.{s}");
     let u = |x: usize| Value::U32(x as u32);
@@ -145,8 +147,12 @@ fn gguf_tensor(config: &ModelConfig, hf: &str, t: &Tensor, dtype: GgufDtype) -> 
 /// `token_embd`).
 ///
 /// Errors: a tensor llama.cpp has no name for, a tokenizer it cannot represent
-/// ([`tokenizer_metadata`]), I/O (naming `path`; nothing is left at `path` on error).
+/// ([`tokenizer_metadata`]), I/O (naming `path`; nothing is left at `path` on error), a Gemma
+/// model (not written yet: write an HF folder).
 pub fn write_gguf(path: &Path, config: &ModelConfig, tensors: &BTreeMap<String, Tensor>, tokenizer: &Tokenizer, dtype: GgufDtype, name: &str) -> Result<()> {
+    if config.arch.is_gemma() {
+        return Err(Error::input(path, None, format!("GGUF export of {} is not supported yet; merge to an HF folder instead (--out DIR)", crate::model::hf_config::model_type(config.arch))));
+    }
     let mut md = model_metadata(config, name, dtype);
     md.extend(tokenizer_metadata(tokenizer, config)?);
     let mut qs = Vec::with_capacity(tensors.len());

@@ -1,9 +1,10 @@
-//! A lenient serde mirror of an HF `config.json` (Llama / Mistral / Qwen2 / Qwen3 / Phi-3), resolved once into
+//! A lenient serde mirror of an HF `config.json` (Llama / Mistral / Qwen2 / Qwen3 / Phi-3 /
+//! Gemma 2 / Gemma 3 text), resolved once into
 //! [`ModelConfig`] by [`HfConfig::into_config`] (candle's two-stage config habit).
 //!
 //! Unknown keys are ignored (HF configs carry dozens we do not use); never `deny_unknown_fields`.
 //! Defaults follow transformers' `LlamaConfig` / `MistralConfig` / `Qwen2Config` / `Qwen3Config` /
-//! `Phi3Config`.
+//! `Phi3Config` / `Gemma2Config` / `Gemma3TextConfig` (transformers 5.x).
 //! Both RoPE spellings are read: the legacy `rope_theta` + `rope_scaling` keys (hub configs
 //! written by transformers 4.x) and transformers 5's `rope_parameters` object
 //! (`{"rope_type": "default", "rope_theta": ...}`; `configuration_utils.py`,
@@ -14,7 +15,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::config::{Arch, Llama3RopeScaling, ModelConfig};
+use crate::model::config::{Activation, Arch, ArchExtras, Llama3RopeScaling, ModelConfig};
 
 /// `eos_token_id` in HF configs: one id or a list of ids.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,10 +73,29 @@ pub struct HfConfig {
     /// transformers 5's per-layer attention kinds (`full_attention` / `sliding_attention`);
     /// a `sliding_attention` layer is rejected for Qwen3.
     pub layer_types: Option<Vec<String>>,
-    /// Phi-3 / Mistral attention window (`null` = none). Not implemented: attention is full,
-    /// which equals the window for sequences of at most `sliding_window` tokens (Phi-3-mini-4k:
-    /// 2047); a window shorter than the context is warned about.
-    pub sliding_window: Option<usize>,
+    /// The attention window of the sliding layers (Gemma: the `sliding_attention` entries of
+    /// `layer_types`; Phi-3 and Mistral: every layer). `null` = none; absent: the family's
+    /// default (Gemma 2/3 and Mistral 4096, Phi-3 none). Kept as JSON to tell the two apart.
+    #[serde(default, deserialize_with = "present")]
+    pub sliding_window: Option<serde_json::Value>,
+    /// Gemma 3's older spelling of `layer_types`: every `sliding_window_pattern`-th layer is
+    /// global, the others slide (default 6).
+    pub sliding_window_pattern: Option<usize>,
+    /// Gemma 3's RoPE base of the sliding layers (older spelling of
+    /// `rope_parameters.sliding_attention.rope_theta`; default 10000).
+    pub rope_local_base_freq: Option<f64>,
+    /// The MLP activation of Llama-style configs (`silu`; anything else is refused).
+    pub hidden_act: Option<String>,
+    /// Gemma's MLP activation (`gelu_pytorch_tanh`; `hidden_act` in older Gemma configs).
+    pub hidden_activation: Option<String>,
+    /// Gemma: the queries' scale is `query_pre_attn_scalar^-1/2` (default 256).
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 2's attention-score cap (default 50.0; Gemma 3 none); `null` = none.
+    #[serde(default, deserialize_with = "present")]
+    pub attn_logit_softcapping: Option<serde_json::Value>,
+    /// Gemma 2's logit cap (default 30.0; Gemma 3 none); `null` = none.
+    #[serde(default, deserialize_with = "present")]
+    pub final_logit_softcapping: Option<serde_json::Value>,
     /// Rotated fraction of each head (GPT-NeoX style partial RoPE, also inside
     /// `rope_parameters`); only 1.0 (every dimension rotated) is supported.
     pub partial_rotary_factor: Option<f64>,
@@ -91,6 +111,11 @@ pub struct HfConfig {
     pub eos_token_id: Option<OneOrMany>,
 }
 
+/// A key that is present (`null` included) as `Some`, absent as `None` (with `#[serde(default)]`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
+}
+
 /// The supported `model_type`s and the `architectures` class names that imply them.
 const SUPPORTED: &[(&str, &str, Arch)] = &[
     ("llama", "LlamaForCausalLM", Arch::Llama),
@@ -98,6 +123,8 @@ const SUPPORTED: &[(&str, &str, Arch)] = &[
     ("qwen2", "Qwen2ForCausalLM", Arch::Qwen2),
     ("qwen3", "Qwen3ForCausalLM", Arch::Qwen3),
     ("phi3", "Phi3ForCausalLM", Arch::Phi3),
+    ("gemma2", "Gemma2ForCausalLM", Arch::Gemma2),
+    ("gemma3_text", "Gemma3ForCausalLM", Arch::Gemma3),
 ];
 
 /// The HF `model_type` string of `arch` (written back by export).
@@ -127,7 +154,8 @@ impl HfConfig {
     /// Resolve into a [`ModelConfig`] (no `Option`s left). `path` names the file in errors.
     ///
     /// Errors: an unsupported `model_type` (e.g. `gpt_neox`), a rope scaling other than
-    /// `llama3`, heads that do not divide the width, Qwen3 sliding-window attention.
+    /// `llama3` or `linear`, heads that do not divide the width, Qwen3 sliding-window attention,
+    /// an activation other than the family's, malformed Gemma keys (named).
     pub fn into_config(self, path: &Path) -> Result<ModelConfig> {
         let err = |msg: String| Error::input(path, None, msg);
         let arch = self.arch().map_err(err)?;
@@ -135,16 +163,16 @@ impl HfConfig {
         self.check_sliding_window(arch).map_err(err)?;
         self.check_partial_rotary().map_err(err)?;
         let num_key_value_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
-        let (rope_theta, rope_scaling) = self.rope().map_err(err)?;
+        let rope = self.rope().map_err(err)?;
         let (default_theta, default_eps, default_max_pos) = match arch {
             Arch::Llama => (10000.0, 1e-6, 2048),
             Arch::Mistral | Arch::Qwen2 | Arch::Qwen3 => (10000.0, 1e-6, 32768),
             Arch::Phi3 => (10000.0, 1e-5, 4096),
+            Arch::Gemma2 => (10000.0, 1e-6, 8192),
+            Arch::Gemma3 => (1_000_000.0, 1e-6, 131_072),
         };
         let max_position_embeddings = self.max_position_embeddings.unwrap_or(default_max_pos);
-        if let Some(w) = self.sliding_window.filter(|&w| arch == Arch::Phi3 && w + 1 < max_position_embeddings) {
-            tracing::warn!("{}: sliding_window {w} is not implemented; attention is full, equal to the window's for sequences of at most {w} tokens", path.display());
-        }
+        let extras = self.extras(arch, &rope).map_err(err)?;
         Ok(ModelConfig {
             arch,
             vocab_size: self.vocab_size,
@@ -153,16 +181,92 @@ impl HfConfig {
             num_hidden_layers: self.num_hidden_layers,
             num_attention_heads: self.num_attention_heads,
             num_key_value_heads,
-            head_dim: self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads),
+            // Gemma2Config / Gemma3TextConfig default head_dim to 256
+            head_dim: self.head_dim.unwrap_or(if arch.is_gemma() { 256 } else { self.hidden_size / self.num_attention_heads }),
             rms_norm_eps: self.rms_norm_eps.unwrap_or(default_eps),
-            rope_theta: rope_theta.unwrap_or(default_theta),
-            rope_scaling,
+            rope_theta: rope.theta.unwrap_or(default_theta),
+            rope_scaling: rope.llama3,
             max_position_embeddings,
-            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            // Gemma ties by default, LlamaConfig does not
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(arch.is_gemma()),
             // Qwen2 always has q/k/v biases (its config has no attention_bias key); Phi-3 none.
             attention_bias: arch == Arch::Qwen2 || (arch != Arch::Phi3 && self.attention_bias.unwrap_or(false)),
             bos_token_id: self.bos_token_id,
             eos_token_ids: self.eos_token_id.clone().map(|e| e.to_vec()).unwrap_or_default(),
+            extras,
+        })
+    }
+
+    /// The [`ArchExtras`] of `arch`: the activation, Gemma's scalars and caps, the sliding
+    /// window and which layers slide, Gemma 3's local RoPE base.
+    fn extras(&self, arch: Arch, rope: &Rope) -> std::result::Result<ArchExtras, String> {
+        let gemma = arch.is_gemma();
+        let act = self.hidden_activation.as_ref().filter(|_| gemma).or(self.hidden_act.as_ref());
+        let hidden_act = match act.map(|s| s.as_str()) {
+            None if gemma => Activation::GeluTanh,
+            None | Some("silu") => Activation::Silu,
+            Some("gelu_pytorch_tanh") if gemma => Activation::GeluTanh,
+            Some(other) => {
+                let (key, want) = if gemma { ("hidden_activation", "gelu_pytorch_tanh") } else { ("hidden_act", "silu") };
+                return Err(format!("{key} = \"{other}\": only \"{want}\" is supported for {}", model_type(arch)));
+            }
+        };
+        let nullable = |key: &str, v: &Option<serde_json::Value>, default: Option<f64>| -> std::result::Result<Option<f64>, String> {
+            match v {
+                None => Ok(default),
+                Some(serde_json::Value::Null) => Ok(None),
+                Some(x) => x.as_f64().filter(|c| *c > 0.0).map(Some).ok_or_else(|| format!("{key}: expected a positive number or null, got {x}")),
+            }
+        };
+        let (attn_cap, final_cap) = if arch == Arch::Gemma2 { (Some(50.0), Some(30.0)) } else { (None, None) };
+        let default_window = matches!(arch, Arch::Gemma2 | Arch::Gemma3 | Arch::Mistral).then_some(4096.0);
+        let window = nullable("sliding_window", &self.sliding_window, default_window)?;
+        if window.is_some_and(|w| w.fract() != 0.0) {
+            return Err(format!("sliding_window: expected a whole number of positions, got {}", window.unwrap_or_default()));
+        }
+        let n = self.num_hidden_layers;
+        let sliding_layers: Vec<bool> = match (&self.layer_types, arch) {
+            // Qwen3 refuses sliding layers (check_sliding_window); Qwen2's switch is ignored
+            (_, Arch::Qwen2 | Arch::Qwen3 | Arch::Llama) => vec![],
+            (Some(types), _) => {
+                if types.len() != n {
+                    return Err(format!("layer_types has {} entries for {n} layers", types.len()));
+                }
+                types
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| match t.as_str() {
+                        "sliding_attention" => Ok(true),
+                        "full_attention" => Ok(false),
+                        other => Err(format!("layer_types[{i}] = \"{other}\": expected \"sliding_attention\" or \"full_attention\"")),
+                    })
+                    .collect::<std::result::Result<_, _>>()?
+            }
+            // Gemma2Config: every other layer slides, from layer 0
+            (None, Arch::Gemma2) => (0..n).map(|i| (i + 1) % 2 != 0).collect(),
+            (None, Arch::Gemma3) => {
+                let p = self.sliding_window_pattern.unwrap_or(6);
+                if p == 0 {
+                    return Err("sliding_window_pattern: 0".into());
+                }
+                (0..n).map(|i| (i + 1) % p != 0).collect()
+            }
+            // Phi-3, Mistral: one window for every layer
+            (None, _) => vec![window.is_some(); n],
+        };
+        let rope_local_theta = match arch {
+            Arch::Gemma3 => Some(rope.local_theta.or(self.rope_local_base_freq).unwrap_or(10000.0)),
+            _ => None,
+        };
+        Ok(ArchExtras {
+            hidden_act,
+            query_pre_attn_scalar: if gemma { Some(self.query_pre_attn_scalar.unwrap_or(256.0)) } else { None },
+            attn_logit_softcapping: if gemma { nullable("attn_logit_softcapping", &self.attn_logit_softcapping, attn_cap)? } else { None },
+            final_logit_softcapping: if gemma { nullable("final_logit_softcapping", &self.final_logit_softcapping, final_cap)? } else { None },
+            sliding_window: window.map(|w| w as usize).filter(|_| sliding_layers.iter().any(|&s| s)),
+            sliding_layers: if sliding_layers.iter().any(|&s| s) { sliding_layers } else { vec![] },
+            rope_local_theta,
+            rope_linear_factor: rope.linear,
         })
     }
 
@@ -221,13 +325,16 @@ impl HfConfig {
         }
     }
 
-    /// `(rope_theta, llama3 scaling)` from `rope_theta` / `rope_scaling`, falling back to
-    /// transformers 5's `rope_parameters` (`rope_type` `default` = no scaling).
-    fn rope(&self) -> std::result::Result<(Option<f64>, Option<Llama3RopeScaling>), String> {
-        let params = self.rope_parameters.as_ref().filter(|v| !v.is_null());
-        if let Some(p) = params.filter(|p| !p.is_object()) {
+    /// The RoPE settings from `rope_theta` / `rope_scaling`, falling back to transformers 5's
+    /// `rope_parameters` (`rope_type` `default` = no scaling; Gemma 3's is one object per layer
+    /// type, `full_attention` and `sliding_attention`).
+    fn rope(&self) -> std::result::Result<Rope, String> {
+        let all = self.rope_parameters.as_ref().filter(|v| !v.is_null());
+        if let Some(p) = all.filter(|p| !p.is_object()) {
             return Err(format!("rope_parameters: expected an object, got {p}"));
         }
+        let local_theta = all.and_then(|p| p.get("sliding_attention")).and_then(|p| p.get("rope_theta")).and_then(|t| t.as_f64());
+        let params = all.map(|p| p.get("full_attention").unwrap_or(p)).filter(|v| !v.is_null());
         let theta = match (self.rope_theta, params.and_then(|p| p.get("rope_theta"))) {
             (Some(t), _) => Some(t),
             (None, Some(t)) => Some(t.as_f64().ok_or_else(|| format!("rope_parameters: non-numeric \"rope_theta\" {t}"))?),
@@ -240,26 +347,52 @@ impl HfConfig {
             }
             _ => None,
         };
-        Ok((theta, scaling))
+        let (llama3, linear) = match scaling {
+            Some(Scaling::Llama3(s)) => (Some(s), None),
+            Some(Scaling::Linear(f)) => (None, Some(f)),
+            None => (None, None),
+        };
+        Ok(Rope { theta, llama3, linear, local_theta })
     }
 }
 
-/// `rope_scaling` of type `llama3` (keys `rope_type` or the older `type`); other types are errors.
-fn parse_rope_scaling(v: &serde_json::Value) -> std::result::Result<Llama3RopeScaling, String> {
+/// The RoPE settings of a config ([`HfConfig::rope`]).
+struct Rope {
+    theta: Option<f64>,
+    llama3: Option<Llama3RopeScaling>,
+    /// `rope_type = "linear"`: positions divided by this factor.
+    linear: Option<f64>,
+    /// Gemma 3's `rope_parameters.sliding_attention.rope_theta`.
+    local_theta: Option<f64>,
+}
+
+/// A parsed `rope_scaling` object.
+enum Scaling {
+    Llama3(Llama3RopeScaling),
+    Linear(f64),
+}
+
+/// `rope_scaling` of type `llama3` or `linear` (keys `rope_type` or the older `type`); other
+/// types are errors.
+fn parse_rope_scaling(v: &serde_json::Value) -> std::result::Result<Scaling, String> {
     let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|k| k.as_str()).unwrap_or("");
     if kind == "default" {
         return Err("rope_type \"default\" with parameters is not supported".into());
     }
-    if kind != "llama3" {
-        return Err(format!("unsupported rope_type \"{kind}\" (supported: llama3)"));
-    }
     let num = |k: &str| v.get(k).and_then(|x| x.as_f64()).ok_or_else(|| format!("missing or non-numeric \"{k}\""));
-    Ok(Llama3RopeScaling {
+    if kind == "linear" {
+        let f = num("factor")?;
+        return if f > 0.0 { Ok(Scaling::Linear(f)) } else { Err(format!("linear factor {f}: must be positive")) };
+    }
+    if kind != "llama3" {
+        return Err(format!("unsupported rope_type \"{kind}\" (supported: llama3, linear)"));
+    }
+    Ok(Scaling::Llama3(Llama3RopeScaling {
         factor: num("factor")?,
         low_freq_factor: num("low_freq_factor")?,
         high_freq_factor: num("high_freq_factor")?,
         original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
-    })
+    }))
 }
 
 /// The `config.json` object HF's `LlamaForCausalLM` (or Mistral/Qwen2) reads back for `cfg`.
@@ -295,10 +428,36 @@ pub fn to_json(cfg: &ModelConfig) -> serde_json::Value {
         m.insert("sliding_window".into(), serde_json::Value::Null);
         m.insert("max_window_layers".into(), cfg.num_hidden_layers.into());
     }
+    let x = &cfg.extras;
+    if cfg.arch.is_gemma() {
+        // Gemma2Config / Gemma3TextConfig read these (transformers 4.4x and 5.x)
+        m.remove("hidden_act");
+        m.insert("hidden_activation".into(), "gelu_pytorch_tanh".into());
+        // an int in Gemma2Config / Gemma3TextConfig (strictly typed in transformers 5)
+        let scalar = x.query_pre_attn_scalar.unwrap_or(cfg.head_dim as f64);
+        m.insert("query_pre_attn_scalar".into(), if scalar.fract() == 0.0 { (scalar as u64).into() } else { scalar.into() });
+        m.insert("attn_logit_softcapping".into(), x.attn_logit_softcapping.into());
+        m.insert("final_logit_softcapping".into(), x.final_logit_softcapping.into());
+    }
+    if matches!(cfg.arch, Arch::Gemma2 | Arch::Gemma3 | Arch::Mistral | Arch::Phi3) {
+        m.insert("sliding_window".into(), x.sliding_window.into());
+    }
+    if cfg.arch.is_gemma() {
+        let kinds: Vec<&str> = (0..cfg.num_hidden_layers).map(|i| if x.sliding_layers.get(i).copied().unwrap_or(false) { "sliding_attention" } else { "full_attention" }).collect();
+        m.insert("layer_types".into(), kinds.into());
+    }
+    if let Some(local) = x.rope_local_theta {
+        m.insert("rope_local_base_freq".into(), local.into());
+        let mut full = serde_json::json!({"rope_type": "default", "rope_theta": cfg.rope_theta});
+        if let Some(f) = x.rope_linear_factor {
+            full = serde_json::json!({"rope_type": "linear", "rope_theta": cfg.rope_theta, "factor": f});
+        }
+        m.insert("rope_parameters".into(), serde_json::json!({"full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": local}}));
+    }
     m.insert(
         "rope_scaling".into(),
         match &cfg.rope_scaling {
-            None => serde_json::Value::Null,
+            None => x.rope_linear_factor.map_or(serde_json::Value::Null, |f| serde_json::json!({"rope_type": "linear", "factor": f})),
             Some(s) => serde_json::json!({
                 "rope_type": "llama3",
                 "factor": s.factor,
@@ -450,6 +609,74 @@ mod tests {
         assert!(e.contains("rope_scaling") && e.contains("longrope"), "{e}");
         let e = resolve(&PHI3_MINI.replace(r#""use_cache": true"#, r#""partial_rotary_factor": 0.5"#)).unwrap_err().to_string();
         assert!(e.contains("q/config.json") && e.contains("partial_rotary_factor"), "{e}");
+    }
+
+    // google/gemma-2-2b-it's config.json
+    const GEMMA2_2B: &str = r#"{"architectures": ["Gemma2ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0, "attn_logit_softcapping": 50.0, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": [1, 107], "final_logit_softcapping": 30.0, "head_dim": 256, "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304, "initializer_range": 0.02, "intermediate_size": 9216, "max_position_embeddings": 8192, "model_type": "gemma2", "num_attention_heads": 8, "num_hidden_layers": 26, "num_key_value_heads": 4, "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096, "torch_dtype": "float32", "transformers_version": "4.42.4", "use_cache": true, "vocab_size": 256000}"#;
+
+    // google/gemma-3-1b-it's config.json
+    const GEMMA3_1B: &str = r#"{"architectures": ["Gemma3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0, "attn_logit_softcapping": null, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": [1, 106], "final_logit_softcapping": null, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152, "initializer_range": 0.02, "intermediate_size": 6912, "max_position_embeddings": 32768, "model_type": "gemma3_text", "num_attention_heads": 4, "num_hidden_layers": 26, "num_key_value_heads": 1, "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000, "rope_scaling": null, "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6, "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0", "use_cache": true, "vocab_size": 262144}"#;
+
+    /// The full-attention layers of a resolved config.
+    fn global_layers(c: &ModelConfig) -> Vec<usize> {
+        (0..c.num_hidden_layers).filter(|&i| c.extras.window_of(i).is_none()).collect()
+    }
+
+    /// Expected values: transformers 5's `Gemma2Config(**json)` / `Gemma3TextConfig(**json)`
+    /// (layer_types, sliding_window, rope_parameters, caps, head_dim, tie_word_embeddings).
+    #[test]
+    fn gemma2_resolves_and_round_trips() {
+        let c = resolve(GEMMA2_2B).unwrap();
+        assert_eq!(c.arch, Arch::Gemma2);
+        assert_eq!((c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size), (2304, 8, 4, 256, 9216));
+        assert!(c.tie_word_embeddings && c.eos_token_ids == [1, 107]);
+        let x = &c.extras;
+        assert_eq!(x.hidden_act, Activation::GeluTanh);
+        assert_eq!((x.query_pre_attn_scalar, x.attn_logit_softcapping, x.final_logit_softcapping), (Some(256.0), Some(50.0), Some(30.0)));
+        assert_eq!(x.sliding_window, Some(4096));
+        assert_eq!(global_layers(&c), (0..13).map(|i| 2 * i + 1).collect::<Vec<_>>());
+        assert_eq!((x.rope_local_theta, x.rope_linear_factor), (None, None));
+        let j = to_json(&c);
+        assert_eq!((j["model_type"].as_str(), j["hidden_activation"].as_str()), (Some("gemma2"), Some("gelu_pytorch_tanh")));
+        assert_eq!(resolve(&j.to_string()).unwrap(), c);
+        // caps set to null switch soft-capping off; an unknown activation is refused by key
+        let off = resolve(&GEMMA2_2B.replace(r#""attn_logit_softcapping": 50.0"#, r#""attn_logit_softcapping": null"#)).unwrap();
+        assert_eq!((off.extras.attn_logit_softcapping, off.extras.final_logit_softcapping), (None, Some(30.0)));
+        let e = resolve(&GEMMA2_2B.replace(r#""hidden_activation": "gelu_pytorch_tanh""#, r#""hidden_activation": "relu""#)).unwrap_err().to_string();
+        assert!(e.contains("q/config.json") && e.contains("hidden_activation") && e.contains("relu"), "{e}");
+    }
+
+    #[test]
+    fn gemma3_resolves_and_round_trips() {
+        let c = resolve(GEMMA3_1B).unwrap();
+        assert_eq!(c.arch, Arch::Gemma3);
+        assert!(c.arch.has_qk_norm() && c.arch.is_gemma());
+        assert_eq!((c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim), (1152, 4, 1, 256));
+        assert_eq!((c.rope_theta, c.max_position_embeddings), (1e6, 32768));
+        assert!(c.tie_word_embeddings);
+        let x = &c.extras;
+        assert_eq!((x.attn_logit_softcapping, x.final_logit_softcapping, x.query_pre_attn_scalar), (None, None, Some(256.0)));
+        assert_eq!((x.sliding_window, x.rope_local_theta, x.rope_linear_factor), (Some(512), Some(1e4), None));
+        assert_eq!(global_layers(&c), vec![5, 11, 17, 23]);
+        let j = to_json(&c);
+        assert_eq!(j["model_type"].as_str(), Some("gemma3_text"));
+        assert_eq!(resolve(&j.to_string()).unwrap(), c);
+        // the 4B-and-up linear scaling of the global layers
+        let lin = resolve(&GEMMA3_1B.replace(r#""rope_scaling": null"#, r#""rope_scaling": {"rope_type": "linear", "factor": 8.0}"#)).unwrap();
+        assert_eq!(lin.extras.rope_linear_factor, Some(8.0));
+        assert_eq!(resolve(&to_json(&lin).to_string()).unwrap(), lin);
+        let e = resolve(&GEMMA3_1B.replace(r#""sliding_window_pattern": 6"#, r#""sliding_window_pattern": 0"#)).unwrap_err().to_string();
+        assert!(e.contains("sliding_window_pattern"), "{e}");
+    }
+
+    /// Phi-3-mini's window of 2047 applies to every layer (transformers' Phi3 masks with it).
+    #[test]
+    fn phi3_sliding_window_on_every_layer() {
+        let c = resolve(PHI3_MINI).unwrap();
+        assert_eq!(c.extras.sliding_window, Some(2047));
+        assert!((0..32).all(|i| c.extras.window_of(i) == Some(2047)));
+        let none = resolve(&PHI3_MINI.replace(r#""sliding_window": 2047"#, r#""sliding_window": null"#)).unwrap();
+        assert!(none.extras.is_default());
     }
 
     #[test]

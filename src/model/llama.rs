@@ -31,13 +31,13 @@
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::model::attention::attention;
+use crate::model::attention::{attention, attention_softcapped};
 use crate::model::swiglu_down::{packed_down, swiglu_down};
-use crate::model::config::{Arch, ModelConfig};
+use crate::model::config::{Activation, Arch, ModelConfig};
 use crate::model::linear::Linear;
 use crate::model::proj::{load_linear, GateUpProj, QkvProj};
 use crate::model::heads::{from_heads, from_heads_composed, to_heads, to_heads_composed};
-use crate::model::ops::{attention_bias, from_rows, fused_layer_ops, rms_norm, rms_norm_composed, rope_inv_freq, rope_tables, swiglu, swiglu_composed, to_rows};
+use crate::model::ops::{attention_bias_windowed, from_rows, fused_layer_ops, glu, rms_norm, rms_norm_composed, rope_inv_freq, rope_tables, softcap, to_rows};
 
 /// Multi-head causal self-attention with grouped-query heads and RoPE
 /// (HF `LlamaAttention` / `Qwen2Attention` / `Qwen3Attention` / `Phi3Attention`).
@@ -54,8 +54,15 @@ pub struct Attention {
     pub q_norm: Option<Tensor>,
     /// Qwen3's `{prefix}.k_norm.weight` `(hd,)`, the same for each key head.
     pub k_norm: Option<Tensor>,
+    /// The multipliers the q/k norms apply: the weights, or `1 + w` for Gemma 3 ([`norm_scale`]).
+    q_scale: Option<Tensor>,
+    k_scale: Option<Tensor>,
     /// The q/k norms' epsilon (`rms_norm_eps`).
     eps: f64,
+    /// The queries' scale: `head_dim^-1/2`, or Gemma's `query_pre_attn_scalar^-1/2`.
+    query_scale: f64,
+    /// Gemma 2's `attn_logit_softcapping` ([`attention_softcapped`]).
+    softcap: Option<f64>,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -75,10 +82,17 @@ impl Attention {
                 Ok(None)
             }
         };
+        let (q_norm, k_norm) = (norm("q_norm")?, norm("k_norm")?);
+        let gemma = cfg.arch.is_gemma();
+        let scale = |w: &Option<Tensor>| w.as_ref().map(|w| norm_scale(w, gemma)).transpose();
         Ok(Self {
-            q_norm: norm("q_norm")?,
-            k_norm: norm("k_norm")?,
+            q_scale: scale(&q_norm)?,
+            k_scale: scale(&k_norm)?,
+            q_norm,
+            k_norm,
             eps: cfg.rms_norm_eps,
+            query_scale: 1.0 / cfg.extras.query_pre_attn_scalar.unwrap_or(hd as f64).sqrt(),
+            softcap: cfg.extras.attn_logit_softcapping,
             qkv: QkvProj::load(vb, prefix, (h * hd, hkv * hd, d), qkv_bias, cfg.arch.has_fused_projections())?,
             o_proj: load_linear(vb, &format!("{prefix}.o_proj"), d, h * hd, o_bias)?,
             n_heads: h,
@@ -90,7 +104,7 @@ impl Attention {
     /// `x` `(N, T, D)` -> `(N, T, D)`.
     ///
     /// `cos`/`sin` `(T, hd)` for the positions of the T queries; `bias` the additive mask
-    /// `(N or 1, 1, T, Tk)` ([`attention_bias`]), `None` when nothing is masked (one query with
+    /// `(N or 1, 1, T, Tk)` ([`crate::model::ops::attention_bias`]), `None` when nothing is masked (one query with
     /// a cache). `kv`: this layer's cache slot; the new keys/values `(N, Hkv, T, hd)` are appended
     /// to it along the position axis and attention runs over all `Tk` cached positions.
     pub fn forward(
@@ -108,13 +122,14 @@ impl Attention {
         // One flattening for the three projections: (N, T, D) -> (N*T, D)
         let x2 = x.reshape((n * t, x.dim(2)?))?;
         // (N*T, H*hd) -> (N, H, T, hd) with RoPE, one fused op each ([`to_heads`]). Scaling q
-        // by 1/sqrt(hd) there is cheaper than scaling the scores.
+        // by 1/sqrt(hd) (Gemma: 1/sqrt(query_pre_attn_scalar)) there is cheaper than scaling
+        // the scores.
         // The composed path when the fused ops are off (`ops::set_fused_layer_ops`).
         let heads = if fused_layer_ops() { to_heads } else { to_heads_composed };
         let (q, k, v) = self.qkv.forward(&x2, h * hd, hkv * hd, use_adapters)?;
-        let q = heads(&self.head_norm(q, self.q_norm.as_ref(), h)?, n, h, Some((cos, sin)), 1.0 / (hd as f64).sqrt())?;
+        let q = heads(&self.head_norm(q, self.q_scale.as_ref(), h)?, n, h, Some((cos, sin)), self.query_scale)?;
         // (N, Hkv, T, hd)
-        let k = heads(&self.head_norm(k, self.k_norm.as_ref(), hkv)?, n, hkv, Some((cos, sin)), 1.0)?;
+        let k = heads(&self.head_norm(k, self.k_scale.as_ref(), hkv)?, n, hkv, Some((cos, sin)), 1.0)?;
         let v = heads(&v, n, hkv, None, 1.0)?;
         let (k, v) = match kv {
             Some(slot) => {
@@ -133,15 +148,19 @@ impl Attention {
         // stacked along the row axis.
         // (N, H, T, hd) -> (N, Hkv, R*T, hd)
         let q = q.reshape((n, hkv, r * t, hd))?;
-        // softmax(q k^T + bias) v, the probabilities recomputed in the backward: (N, Hkv, R*T, hd)
-        // -> (N, H, T, hd) -> (N*T, H*hd)
-        let y = attention(&q, &k, &v, bias, t)?.reshape((n, h, t, hd))?;
+        // softmax(q k^T + bias) v, the probabilities recomputed in the backward (Gemma 2's
+        // soft-capped scores: composed): (N, Hkv, R*T, hd) -> (N, H, T, hd) -> (N*T, H*hd)
+        let y = match self.softcap {
+            None => attention(&q, &k, &v, bias, t)?,
+            Some(cap) => attention_softcapped(&q, &k, &v, bias, t, cap)?,
+        };
+        let y = y.reshape((n, h, t, hd))?;
         let y = if fused_layer_ops() { from_heads(&y)? } else { from_heads_composed(&y)? };
         let o = self.o_proj.forward(&y, use_adapters)?; // (N*T, D)
         o.reshape((n, t, o.dim(1)?))
     }
 
-    /// Qwen3's per-head RMSNorm of projected rows `x (N*T, heads*hd)` with `weight (hd,)`
+    /// Qwen3's (Gemma 3's) per-head RMSNorm of projected rows `x (N*T, heads*hd)` with `weight (hd,)`
     /// (HF `Qwen3Attention.forward`: `q_norm(q_proj(x).view(..., -1, hd))`): each head's `hd`
     /// features normalised on their own, `(N*T, heads*hd)` out; `x` unchanged without a weight.
     /// The custom op with its backward ([`rms_norm`]), or its composed twin
@@ -156,13 +175,16 @@ impl Attention {
     }
 }
 
-/// The SwiGLU feed-forward network, `down(silu(gate(x)) * up(x))` (HF `LlamaMLP`, `Phi3MLP`).
+/// The gated feed-forward network, `down(act(gate(x)) * up(x))`: SwiGLU (HF `LlamaMLP`,
+/// `Phi3MLP`) or GeGLU with the tanh GELU (HF `Gemma2MLP`, `Gemma3MLP`).
 #[derive(Debug, Clone)]
 pub struct Mlp {
     /// gate and up, each `(I, D)`; Phi-3: one fused `gate_up_proj` `(2I, D)`.
     pub gate_up: GateUpProj,
     /// `(D, I)`.
     pub down_proj: Linear,
+    /// The gate's activation (`hidden_act` / `hidden_activation`).
+    act: Activation,
 }
 
 impl Mlp {
@@ -173,40 +195,59 @@ impl Mlp {
         Ok(Self {
             gate_up: GateUpProj::load(vb, prefix, i, d, cfg.arch.has_fused_projections())?,
             down_proj: load_linear(vb, &format!("{prefix}.down_proj"), d, i, false)?,
+            act: cfg.extras.hidden_act,
         })
     }
 
-    /// `x` `(N, T, D)` -> `(N, T, D)`; `silu(z) = z * sigmoid(z)`, fused with the product
-    /// ([`swiglu`]).
+    /// `x` `(N, T, D)` -> `(N, T, D)`; `silu(z) = z * sigmoid(z)` (or the tanh GELU), fused
+    /// with the product ([`glu`]).
     pub fn forward(&self, x: &Tensor, use_adapters: bool) -> Result<Tensor> {
         if !fused_layer_ops() {
             // the composed path (ops::set_fused_layer_ops): (N, T, I) activations
             let (g, u) = self.gate_up.forward(x, use_adapters)?;
-            return self.down_proj.forward(&swiglu_composed(&g, &u)?, use_adapters);
+            return self.down_proj.forward(&glu(&g, &u, self.act, true)?, use_adapters);
         }
         // One flattening for the three projections: (..., D) -> (rows, D), and one back.
         let (x2, dims) = to_rows(x)?;
         let (g, u) = self.gate_up.forward(&x2, use_adapters)?; // (rows, I) each
         let y = match packed_down(&self.down_proj, use_adapters) {
             // bf16: SwiGLU and the frozen down projection in one op, its output not kept
-            Some(p) if g.dtype() == DType::F32 && g.device().is_cpu() => swiglu_down(&g, &u, &self.down_proj.weight, p)?,
-            _ => self.down_proj.forward(&swiglu(&g, &u)?, use_adapters)?,
+            Some(p) if self.act == Activation::Silu && g.dtype() == DType::F32 && g.device().is_cpu() => swiglu_down(&g, &u, &self.down_proj.weight, p)?,
+            _ => self.down_proj.forward(&glu(&g, &u, self.act, false)?, use_adapters)?,
         };
         from_rows(&y, &dims) // (rows, D) -> (..., D)
     }
 }
 
-/// One pre-norm decoder layer (HF `LlamaDecoderLayer`).
+/// The multiplier an RMSNorm weight `w` stands for: `w` itself, or `1 + w` for Gemma (HF
+/// `Gemma3RMSNorm`: `x_hat * (1.0 + weight.float())`, the same sum in f32).
+fn norm_scale(w: &Tensor, gemma: bool) -> Result<Tensor> {
+    if gemma {
+        w.affine(1.0, 1.0)
+    } else {
+        Ok(w.clone())
+    }
+}
+
+/// One decoder layer: pre-norm (HF `LlamaDecoderLayer`) or Gemma's sandwich of four norms
+/// (HF `Gemma2DecoderLayer`, `Gemma3DecoderLayer`).
 #[derive(Debug, Clone)]
 pub struct Block {
     /// `model.layers.{i}.input_layernorm.weight`, `(D,)`.
     pub input_layernorm: Tensor,
     pub self_attn: Attention,
-    /// `model.layers.{i}.post_attention_layernorm.weight`, `(D,)`.
+    /// `model.layers.{i}.post_attention_layernorm.weight`, `(D,)`: before the MLP (Llama), or on
+    /// the attention's output (Gemma).
     pub post_attention_layernorm: Tensor,
+    /// Gemma's `model.layers.{i}.pre_feedforward_layernorm.weight` and
+    /// `post_feedforward_layernorm.weight`, `(D,)` each, around the MLP; `None` otherwise.
+    pub feedforward_layernorms: Option<(Tensor, Tensor)>,
     pub mlp: Mlp,
     /// This layer's index `i`.
     pub index: usize,
+    /// The multipliers of the norms, in the order input, post-attention, then Gemma's pre- and
+    /// post-feedforward ([`norm_scale`]).
+    scales: Vec<Tensor>,
     eps: f64,
 }
 
@@ -214,17 +255,33 @@ impl Block {
     /// Loads `model.layers.{index}.*`.
     pub fn load(vb: &VarBuilder, index: usize, cfg: &ModelConfig) -> Result<Self> {
         let p = format!("model.layers.{index}");
+        let d = cfg.hidden_size;
+        let gemma = cfg.arch.is_gemma();
+        let input_layernorm = vb.get(d, &format!("{p}.input_layernorm.weight"))?;
+        let post_attention_layernorm = vb.get(d, &format!("{p}.post_attention_layernorm.weight"))?;
+        let feedforward_layernorms = if gemma {
+            Some((vb.get(d, &format!("{p}.pre_feedforward_layernorm.weight"))?, vb.get(d, &format!("{p}.post_feedforward_layernorm.weight"))?))
+        } else {
+            None
+        };
+        let mut scales = vec![norm_scale(&input_layernorm, gemma)?, norm_scale(&post_attention_layernorm, gemma)?];
+        if let Some((pre, post)) = &feedforward_layernorms {
+            scales.extend([norm_scale(pre, gemma)?, norm_scale(post, gemma)?]);
+        }
         Ok(Self {
-            input_layernorm: vb.get(cfg.hidden_size, &format!("{p}.input_layernorm.weight"))?,
+            input_layernorm,
             self_attn: Attention::load(vb, &format!("{p}.self_attn"), cfg)?,
-            post_attention_layernorm: vb.get(cfg.hidden_size, &format!("{p}.post_attention_layernorm.weight"))?,
+            post_attention_layernorm,
+            feedforward_layernorms,
             mlp: Mlp::load(vb, &format!("{p}.mlp"), cfg)?,
             index,
+            scales,
             eps: cfg.rms_norm_eps,
         })
     }
 
-    /// `x` `(N, T, D)` -> `(N, T, D)`: `h = x + Attn(RMSNorm(x))`, `h + Mlp(RMSNorm(h))`.
+    /// `x` `(N, T, D)` -> `(N, T, D)`: `h = x + Attn(RMSNorm(x))`, `h + Mlp(RMSNorm(h))`; Gemma:
+    /// `h = x + RMSNorm(Attn(RMSNorm(x)))`, `h + RMSNorm(Mlp(RMSNorm(h)))`.
     /// Arguments as in [`Attention::forward`].
     pub fn forward(
         &self,
@@ -235,10 +292,17 @@ impl Block {
         kv: Option<&mut Option<(Tensor, Tensor)>>,
         use_adapters: bool,
     ) -> Result<Tensor> {
-        let a = rms_norm(x, &self.input_layernorm, self.eps)?;
-        let h = (x + self.self_attn.forward(&a, cos, sin, bias, kv, use_adapters)?)?;
-        let m = rms_norm(&h, &self.post_attention_layernorm, self.eps)?;
-        &h + self.mlp.forward(&m, use_adapters)?
+        let norm = |x: &Tensor, i: usize| rms_norm(x, &self.scales[i], self.eps);
+        let a = norm(x, 0)?;
+        let attn = self.self_attn.forward(&a, cos, sin, bias, kv, use_adapters)?;
+        if self.feedforward_layernorms.is_none() {
+            let h = (x + attn)?;
+            let m = norm(&h, 1)?;
+            return &h + self.mlp.forward(&m, use_adapters)?;
+        }
+        let h = (x + norm(&attn, 1)?)?;
+        let m = self.mlp.forward(&norm(&h, 2)?, use_adapters)?;
+        &h + norm(&m, 3)?
     }
 }
 
@@ -287,8 +351,12 @@ pub struct Model {
     pub norm: Tensor,
     /// `(V, D)`; with `tie_word_embeddings` its weight is the embedding tensor itself.
     pub lm_head: Linear,
-    /// RoPE inverse frequencies, `(hd/2,)`.
+    /// RoPE inverse frequencies, `(hd/2,)` (of the global layers).
     inv_freq: Vec<f64>,
+    /// Gemma 3's sliding layers' inverse frequencies (`rope_local_base_freq`).
+    inv_freq_local: Option<Vec<f64>>,
+    /// The final norm's multiplier ([`norm_scale`]).
+    norm_scale: Tensor,
 }
 
 impl Model {
@@ -310,8 +378,46 @@ impl Model {
             load_linear(&vb, "lm_head", v, d, false)?
         };
         let hf_f32 = embed_tokens.dtype() != DType::F64;
-        let inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling.as_ref(), hf_f32);
-        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, inv_freq })
+        let mut inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling.as_ref(), hf_f32);
+        if let Some(f) = cfg.extras.rope_linear_factor {
+            // HF `_compute_linear_scaling_rope_parameters`: inv_freq / factor
+            inv_freq.iter_mut().for_each(|x| *x = if hf_f32 { (*x as f32 / f as f32) as f64 } else { *x / f });
+        }
+        let inv_freq_local = cfg.extras.rope_local_theta.map(|theta| rope_inv_freq(cfg.head_dim, theta, None, hf_f32));
+        let norm_scale = norm_scale(&norm, cfg.arch.is_gemma())?;
+        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, inv_freq, inv_freq_local, norm_scale })
+    }
+
+    /// Whether layer `i` is a sliding-window layer (HF `layer_types[i] = "sliding_attention"`):
+    /// its attention window and, for Gemma 3, its RoPE base.
+    pub fn is_sliding(&self, layer: usize) -> bool {
+        self.cfg.extras.sliding_layers.get(layer).copied().unwrap_or(false)
+    }
+
+    /// The attention window of the sliding (`true`) or global (`false`) layers.
+    pub fn window_for(&self, sliding: bool) -> Option<usize> {
+        self.cfg.extras.sliding_window.filter(|_| sliding)
+    }
+
+    /// The RoPE inverse frequencies of the sliding (`true`) or global (`false`) layers.
+    fn inv_freq_for(&self, sliding: bool) -> &[f64] {
+        match (&self.inv_freq_local, sliding) {
+            (Some(local), true) => local,
+            _ => &self.inv_freq,
+        }
+    }
+
+    /// `make(sliding)` once for each kind of layer the model has (global, sliding), indexed by
+    /// `sliding as usize`: the per-kind RoPE tables and attention biases of one forward.
+    pub(crate) fn per_layer_kind<T>(&self, mut make: impl FnMut(bool) -> Result<T>) -> Result<[Option<T>; 2]> {
+        let mut out = [None, None];
+        for i in 0..self.layers.len() {
+            let k = self.is_sliding(i);
+            if out[k as usize].is_none() {
+                out[k as usize] = Some(make(k)?);
+            }
+        }
+        Ok(out)
     }
 
     /// The configuration the model was built from.
@@ -334,22 +440,35 @@ impl Model {
         self.tensors().iter().map(|(_, t)| t.elem_count()).sum()
     }
 
-    /// The RoPE `cos`/`sin` tables `(len, hd)` of positions `start..start+len` for this model
-    /// (its head dim, theta and scaling), in the weights' dtype ([`rope_tables`]).
+    /// The RoPE `cos`/`sin` tables `(len, hd)` of positions `start..start+len` for this model's
+    /// global layers (its head dim, theta and scaling), in the weights' dtype ([`rope_tables`]).
     pub fn rope_tables_at(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
-        rope_tables(&self.inv_freq, start, len, self.dtype(), self.device())
+        self.rope_tables_for(false, start, len)
+    }
+
+    /// [`Model::rope_tables_at`] of the sliding (`true`) or global (`false`) layers (Gemma 3's
+    /// sliding layers have their own base).
+    pub fn rope_tables_for(&self, sliding: bool, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        rope_tables(self.inv_freq_for(sliding), start, len, self.dtype(), self.device())
     }
 
     /// The final RMSNorm (`model.norm`) of `x (..., D)`.
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        rms_norm(x, &self.norm, self.cfg.rms_norm_eps)
+        rms_norm(x, &self.norm_scale, self.cfg.rms_norm_eps)
     }
 
-    /// `(N, T)` token ids -> `(N, T, D)` embeddings.
+    /// `(N, T)` token ids -> `(N, T, D)` embeddings; Gemma's scaled by `sqrt(hidden_size)`
+    /// rounded to f32 (HF `Gemma3TextScaledWordEmbedding`: `torch.tensor(hidden_size**0.5)`, a
+    /// float32 scalar, times the embedding rows).
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (n, t) = input_ids.dims2()?;
         let ids = input_ids.flatten_all()?;
-        self.embed_tokens.index_select(&ids, 0)?.reshape((n, t, self.cfg.hidden_size))
+        let x = self.embed_tokens.index_select(&ids, 0)?.reshape((n, t, self.cfg.hidden_size))?;
+        if self.cfg.arch.is_gemma() {
+            x.affine((self.cfg.hidden_size as f64).sqrt() as f32 as f64, 0.0)
+        } else {
+            Ok(x)
+        }
     }
 
     /// The final hidden states `(N, T, D)` (after `model.norm`) of `input_ids` `(N, T)` u32.
@@ -365,18 +484,27 @@ impl Model {
             }
         }
         let (dtype, dev) = (self.dtype(), self.device());
-        let (cos, sin) = rope_tables(&self.inv_freq, 0, t, dtype, dev)?;
-        let bias = attention_bias(attention_mask, t, 0, dtype, dev)?;
+        // per kind of layer (global, sliding): (cos, sin, bias)
+        let inputs = self.per_layer_kind(|sliding| {
+            let (cos, sin) = rope_tables(self.inv_freq_for(sliding), 0, t, dtype, dev)?;
+            Ok((cos, sin, attention_bias_windowed(attention_mask, t, 0, self.window_for(sliding), dtype, dev)?))
+        })?;
         let mut x = self.embed(input_ids)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, Some(&bias), None, use_adapters)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (cos, sin, bias) = inputs[self.is_sliding(i) as usize].as_ref().expect("made for every kind of layer");
+            x = layer.forward(&x, cos, sin, Some(bias), None, use_adapters)?;
         }
-        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+        self.final_norm(&x)
     }
 
-    /// Logits `(..., V)` of hidden states `(..., D)`: `hidden lm_head^T`.
+    /// Logits `(..., V)` of hidden states `(..., D)`: `hidden lm_head^T`; Gemma 2's soft-capped,
+    /// `c tanh(z / c)` (`final_logit_softcapping`).
     pub fn lm_head(&self, hidden: &Tensor, use_adapters: bool) -> Result<Tensor> {
-        self.lm_head.forward(hidden, use_adapters)
+        let z = self.lm_head.forward(hidden, use_adapters)?;
+        match self.cfg.extras.final_logit_softcapping {
+            Some(cap) => softcap(&z, cap),
+            None => Ok(z),
+        }
     }
 
     /// Logits `(N, T, V)` of every position; arguments as in [`Model::forward_hidden`].
@@ -399,14 +527,20 @@ impl Model {
         }
         let past = cache.len();
         let (dtype, dev) = (self.dtype(), self.device());
-        let (cos, sin) = rope_tables(&self.inv_freq, past, t, dtype, dev)?;
-        // one new query sees every cached key: no mask needed
-        let bias = if t > 1 { Some(attention_bias(None, t, past, dtype, dev)?) } else { None };
+        let inputs = self.per_layer_kind(|sliding| {
+            let (cos, sin) = rope_tables(self.inv_freq_for(sliding), past, t, dtype, dev)?;
+            // one new query sees every cached key (within its window): no mask needed
+            let window = self.window_for(sliding);
+            let masked = t > 1 || window.is_some_and(|w| past + t > w);
+            let bias = if masked { Some(attention_bias_windowed(None, t, past, window, dtype, dev)?) } else { None };
+            Ok((cos, sin, bias))
+        })?;
         let mut x = self.embed(input_ids)?;
-        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, &cos, &sin, bias.as_ref(), Some(slot), use_adapters)?;
+        for (i, (layer, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let (cos, sin, bias) = inputs[self.is_sliding(i) as usize].as_ref().expect("made for every kind of layer");
+            x = layer.forward(&x, cos, sin, bias.as_ref(), Some(slot), use_adapters)?;
         }
-        let hidden = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
+        let hidden = self.final_norm(&x)?;
         self.lm_head(&hidden, use_adapters)
     }
 
@@ -484,6 +618,10 @@ impl Model {
                 }
             }
             out.push((format!("{p}.post_attention_layernorm.weight"), l.post_attention_layernorm.clone()));
+            if let Some((pre, post)) = &l.feedforward_layernorms {
+                out.push((format!("{p}.pre_feedforward_layernorm.weight"), pre.clone()));
+                out.push((format!("{p}.post_feedforward_layernorm.weight"), post.clone()));
+            }
             for lin in l.mlp.gate_up.linears().into_iter().chain([&l.mlp.down_proj]) {
                 push_linear(&mut out, lin);
             }
@@ -537,6 +675,10 @@ fn layer_shapes(cfg: &ModelConfig, p: &str) -> Vec<(String, Vec<usize>)> {
         out.push((format!("{p}.self_attn.k_norm.weight"), vec![cfg.head_dim]));
     }
     out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
+    if cfg.arch.is_gemma() {
+        out.push((format!("{p}.pre_feedforward_layernorm.weight"), vec![d]));
+        out.push((format!("{p}.post_feedforward_layernorm.weight"), vec![d]));
+    }
     let mlp: Vec<(&str, usize, usize)> = if fused { vec![("gate_up", 2 * i, d), ("down", d, i)] } else { vec![("gate", i, d), ("up", i, d), ("down", d, i)] };
     for (n, o, inp) in mlp {
         out.push((format!("{p}.mlp.{n}_proj.weight"), vec![o, inp]));
@@ -545,7 +687,8 @@ fn layer_shapes(cfg: &ModelConfig, p: &str) -> Vec<(String, Vec<usize>)> {
 }
 
 /// Random weights for every tensor of [`weight_shapes`], for tests and benches: matrices and
-/// biases `~ N(0, std^2)`, RMSNorm weights (Qwen3's q/k norms too) `~ 1 + N(0, std^2)`, drawn in the order of
+/// biases `~ N(0, std^2)`, RMSNorm weights (Qwen3's q/k norms too) `~ 1 + N(0, std^2)` (Gemma's,
+/// stored as the offset from one, `~ N(0, std^2)`), drawn in the order of
 /// [`weight_shapes`] from `rng` (so a seeded RNG gives the same weights), then cast to `dtype`.
 pub fn random_weights(
     cfg: &ModelConfig,
@@ -557,7 +700,8 @@ pub fn random_weights(
     let normal = rand_distr::Normal::new(0.0f64, std).map_err(|e| candle_core::Error::Msg(format!("random_weights: std {std}: {e}")))?;
     let mut out = std::collections::BTreeMap::new();
     for (name, shape) in weight_shapes(cfg) {
-        let shift = if name.ends_with("layernorm.weight") || name.ends_with("_norm.weight") || name == "model.norm.weight" { 1.0 } else { 0.0 };
+        let is_norm = name.ends_with("layernorm.weight") || name.ends_with("_norm.weight") || name == "model.norm.weight";
+        let shift = if is_norm && !cfg.arch.is_gemma() { 1.0 } else { 0.0 };
         let n: usize = shape.iter().product();
         let values: Vec<f64> = (0..n).map(|_| shift + rng.sample(normal)).collect();
         let t = Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?;
@@ -605,6 +749,7 @@ mod tests {
             attention_bias: arch == Arch::Qwen2,
             bos_token_id: None,
             eos_token_ids: vec![],
+            extras: Default::default(),
         }
     }
 

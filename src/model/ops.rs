@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, La
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::model::config::Llama3RopeScaling;
+use crate::model::config::{Activation, Llama3RopeScaling};
 
 /// The additive value for a blocked attention entry.
 ///
@@ -122,6 +122,47 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 /// The same function as [`swiglu`] from differentiable candle ops: `silu(g) * u`.
 pub fn swiglu_composed(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     g.silu()? * u
+}
+
+/// GeGLU's gate with the tanh approximation of GELU, `gelu_tanh(g) * u` element-wise, fused,
+/// with its backward beside it ([`GeGluOp`]):
+/// `gelu_tanh(z) = z/2 (1 + tanh(a))`, `a = sqrt(2/pi) (z + 0.044715 z^3)`,
+/// `dL/dg = dy u (1/2 (1 + tanh a) + z/2 (1 - tanh^2 a) sqrt(2/pi) (1 + 3 0.044715 z^2))`,
+/// `dL/du = dy gelu_tanh(g)`.
+///
+/// `g`, `u` `(..., I)` of one shape and dtype (F32/F64); returns `(..., I)`. Source: Shazeer
+/// 2020, "GLU Variants Improve Transformer"; Hendrycks & Gimpel 2016 (GELU); HF `GemmaMLP`
+/// (`hidden_activation = "gelu_pytorch_tanh"`, PyTorch `gelu(approximate="tanh")`). The
+/// composed reference: [`geglu_composed`].
+pub fn geglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if g.dims() != u.dims() {
+        candle_core::bail!("geglu: gate {:?} and up {:?} differ", g.dims(), u.dims());
+    }
+    g.contiguous()?.apply_op2(&u.contiguous()?, GeGluOp)
+}
+
+/// The same function as [`geglu`] from differentiable candle ops: candle's `gelu` (the tanh
+/// approximation) times `u`.
+pub fn geglu_composed(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    g.gelu()? * u
+}
+
+/// The gated MLP activation `act(g) * u` of `act`: [`swiglu`] or [`geglu`] (`composed`: their
+/// candle twins, [`swiglu_composed`] / [`geglu_composed`]).
+pub fn glu(g: &Tensor, u: &Tensor, act: Activation, composed: bool) -> Result<Tensor> {
+    match (act, composed) {
+        (Activation::Silu, false) => swiglu(g, u),
+        (Activation::Silu, true) => swiglu_composed(g, u),
+        (Activation::GeluTanh, false) => geglu(g, u),
+        (Activation::GeluTanh, true) => geglu_composed(g, u),
+    }
+}
+
+/// Soft-capping, `c tanh(x / c)` element-wise (Gemma 2's attention scores and logits), from
+/// differentiable candle ops (`dL/dx = dy (1 - tanh^2(x / c))`). HF `Gemma2ForCausalLM.forward`
+/// (`final_logit_softcapping`) and `eager_attention_forward` (`softcap`).
+pub fn softcap(x: &Tensor, cap: f64) -> Result<Tensor> {
+    x.affine(1.0 / cap, 0.0)?.tanh()?.affine(cap, 0.0)
 }
 
 /// `softmax(scores + bias)` over the last dim, fused, with its backward
@@ -247,6 +288,25 @@ pub fn attention_bias(
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
+    attention_bias_windowed(key_mask, t, past, None, dtype, device)
+}
+
+/// [`attention_bias`] of a sliding-window layer: with `window = Some(W)` query `i` (position
+/// `past + i`) also needs `past + i - j < W`, so it sees at most the last `W` positions,
+/// itself included (transformers `sliding_window_overlay`: `kv_idx > q_idx - W`). `None`: the
+/// plain causal bias. Errors: as [`attention_bias`], a window of 0.
+pub fn attention_bias_windowed(
+    key_mask: Option<&Tensor>,
+    t: usize,
+    past: usize,
+    window: Option<usize>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    if window == Some(0) {
+        candle_core::bail!("attention_bias: a sliding window of 0 positions");
+    }
+    let w = window.unwrap_or(usize::MAX);
     let tk = past + t;
     let rows: Vec<Vec<u32>> = match key_mask {
         Some(m) => {
@@ -263,7 +323,7 @@ pub fn attention_bias(
     for row in &rows {
         for i in 0..t {
             for (j, &real) in row.iter().enumerate() {
-                bias.push(if j <= past + i && real == 1 { 0.0 } else { MASK_VALUE });
+                bias.push(if j <= past + i && past + i - j < w && real == 1 { 0.0 } else { MASK_VALUE });
             }
         }
     }
@@ -288,6 +348,7 @@ pub(crate) trait Real:
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
     fn exp(self) -> Self;
+    fn tanh(self) -> Self;
     /// `exp` of every element in place: vectorised for f32 ([`crate::model::vexp`]: < 2e-7
     /// relative, 0 below -87 and +inf above 88), libm's `exp` a value for f64 (the dtype of the
     /// gradient checks).
@@ -308,6 +369,9 @@ impl Real for f32 {
     }
     fn to_f64(self) -> f64 {
         self as f64
+    }
+    fn tanh(self) -> Self {
+        f32::tanh(self)
     }
     /// `exp`, with the arguments whose result is exactly +0 answered without libm: below -104
     /// `expf` underflows to 0 (e^-104 < 2^-150, half the smallest subnormal), but through
@@ -331,6 +395,9 @@ impl Real for f64 {
     }
     fn to_f64(self) -> f64 {
         self
+    }
+    fn tanh(self) -> Self {
+        f64::tanh(self)
     }
     /// `exp`; below -746 the result is exactly +0 (e^-746 < 2^-1075) without libm's
     /// underflow path (see the f32 case). Bit-identical.
@@ -675,6 +742,90 @@ impl CustomOp3 for SwiGluBwdOp {
     }
 }
 
+/// `sqrt(2 / pi)` and the cubic coefficient of the tanh GELU (PyTorch `gelu(approximate="tanh")`).
+const GELU_K: f64 = 0.797_884_560_802_865_4;
+const GELU_C: f64 = 0.044_715;
+
+/// GeGLU forward, element-wise: `y = gelu_tanh(g) u`.
+fn geglu_rows<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
+    let mut out = vec![T::zero(); g.len()];
+    let (half, one, k, c) = (T::from_f64(0.5), T::from_f64(1.0), T::from_f64(GELU_K), T::from_f64(GELU_C));
+    out.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(o, (gc, uc))| {
+        for ((o, &g), &u) in o.iter_mut().zip(gc).zip(uc) {
+            let t = (k * (g + c * g * g * g)).tanh();
+            *o = half * g * (one + t) * u;
+        }
+    });
+    out
+}
+
+/// GeGLU backward: `[dL/dg ; dL/du]` concatenated (`2 len` values), see [`geglu`].
+fn geglu_bwd_rows<T: Real>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
+    let n = g.len();
+    let (half, one, k, c) = (T::from_f64(0.5), T::from_f64(1.0), T::from_f64(GELU_K), T::from_f64(GELU_C));
+    let three_c = T::from_f64(3.0 * GELU_C);
+    let mut out = vec![T::zero(); 2 * n];
+    let (dg, du) = out.split_at_mut(n);
+    dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK))).for_each(
+        |((dgc, duc), ((gc, uc), yc))| {
+            for ((((dg, du), &g), &u), &dy) in dgc.iter_mut().zip(duc.iter_mut()).zip(gc).zip(uc).zip(yc) {
+                let t = (k * (g + c * g * g * g)).tanh();
+                let dgelu = half * (one + t) + half * g * (one - t * t) * k * (one + three_c * g * g);
+                *dg = dy * u * dgelu;
+                *du = dy * half * g * (one + t);
+            }
+        },
+    );
+    out
+}
+
+/// GeGLU `(g (..., I), u (..., I)) -> gelu_tanh(g) u`; see [`geglu`].
+pub struct GeGluOp;
+
+impl CustomOp2 for GeGluOp {
+    fn name(&self) -> &'static str {
+        "ropo-geglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        if l1.dims() != l2.dims() {
+            candle_core::bail!("geglu: gate {:?} and up {:?} differ", l1.dims(), l2.dims());
+        }
+        let out = dispatch!(self.name(), [(s1, l1, g), (s2, l2, u)], geglu_rows(g, u));
+        Ok((out, l1.shape().clone()))
+    }
+
+    /// Both input gradients from one pass ([`GeGluBwdOp`], `(2, ...)`), split by `get`.
+    fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = g.apply_op3_no_bwd(u, &grad_res.contiguous()?, &GeGluBwdOp)?; // (2, ...)
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// `(g, u, dy) -> [dL/dg ; dL/du]`, shape `(2, ...)`, of [`GeGluOp`].
+struct GeGluBwdOp;
+
+impl CustomOp3 for GeGluBwdOp {
+    fn name(&self) -> &'static str {
+        "ropo-geglu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = dispatch!(self.name(), [(s1, l1, g), (s2, l2, u), (s3, l3, dy)], geglu_bwd_rows(g, u, dy));
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.dims());
+        Ok((out, Shape::from(dims)))
+    }
+}
+
 /// RoPE on rows of `hd`: row `r` of `(N, H, T)` is at position `r % T`;
 /// `y_i = x_i cos_i - x_{i+hd/2} sin_i`, `y_{i+hd/2} = x_{i+hd/2} cos_{i+hd/2} + x_i sin_{i+hd/2}`
 /// (`x cos + rotate_half(x) sin`).
@@ -805,6 +956,61 @@ pub(crate) mod tests {
         let f = swiglu(&g.as_tensor().to_dtype(DType::F32)?, &u.as_tensor().to_dtype(DType::F32)?)?;
         assert!(max_diff(&f.to_dtype(DType::F64)?, &composed) < 1e-4);
         assert!(swiglu(g.as_tensor(), &seeded(&[2, 3, 5], 1)).is_err(), "shapes must match");
+        Ok(())
+    }
+
+    #[test]
+    fn fused_geglu_matches_composed_and_finite_differences() -> Result<()> {
+        let g = Var::from_tensor(&(seeded(&[2, 3, 40_000], 17) * 3.0)?)?; // > CHUNK: several chunks
+        let u = Var::from_tensor(&seeded(&[2, 3, 40_000], 18))?;
+        let c = seeded(&[2, 3, 40_000], 19);
+        let fused = geglu(g.as_tensor(), u.as_tensor())?;
+        let composed = geglu_composed(g.as_tensor(), u.as_tensor())?;
+        assert!(max_diff(&fused, &composed) < 1e-12, "{}", max_diff(&fused, &composed));
+        let gf = (&fused * &c)?.sum_all()?.backward()?;
+        let gc = (&composed * &c)?.sum_all()?.backward()?;
+        // candle's Gelu backward rounds its constants to six digits (0.797885, 0.0356774, ...), so
+        // the two gradients agree to ~1e-6 only; the central differences below decide
+        for (name, v, tol) in [("g", &g, 1e-5), ("u", &u, 1e-11)] {
+            let (a, b) = (gf.get(v.as_tensor()).expect("fused grad"), gc.get(v.as_tensor()).expect("composed grad"));
+            assert!(max_diff(a, b) < tol, "d/d{name}: {}", max_diff(a, b));
+        }
+        // the analytic gradient against central differences of the forward, element by element
+        let (gv, uv) = (g.as_tensor().flatten_all()?.to_vec1::<f64>()?, u.as_tensor().flatten_all()?.to_vec1::<f64>()?);
+        let dg = gf.get(g.as_tensor()).unwrap().flatten_all()?.to_vec1::<f64>()?;
+        let cv = c.flatten_all()?.to_vec1::<f64>()?;
+        let f = |x: f64| geglu_rows(&[x], &[1.0])[0];
+        for i in (0..gv.len()).step_by(997) {
+            let h = 1e-6;
+            let fd = (f(gv[i] + h) - f(gv[i] - h)) / (2.0 * h) * uv[i] * cv[i];
+            assert!((fd - dg[i]).abs() <= 1e-7 * (1.0 + fd.abs()), "dg[{i}]: {} vs fd {fd}", dg[i]);
+        }
+        // PyTorch's gelu(approximate="tanh") at a few points (torch.nn.functional.gelu in f64, the
+        // anchor venv's torch)
+        let want = [(-3.0, -0.003_637_392_081_772_994_3), (-0.5, -0.154_285_990_174_856_06), (1.0, 0.841_191_990_608_276_8), (2.5, 2.484_915_733_910_001)];
+        for (x, y) in want {
+            assert!((f(x) - y).abs() < 1e-12, "gelu_tanh({x}) = {} vs {y}", f(x));
+        }
+        let f32v = geglu(&g.as_tensor().to_dtype(DType::F32)?, &u.as_tensor().to_dtype(DType::F32)?)?;
+        assert!(max_diff(&f32v.to_dtype(DType::F64)?, &composed) < 1e-4);
+        assert!(geglu(g.as_tensor(), &seeded(&[2, 3, 5], 1)).is_err(), "shapes must match");
+        Ok(())
+    }
+
+    #[test]
+    fn softcap_values_and_gradient() -> Result<()> {
+        let x = Var::from_tensor(&(seeded(&[3, 7], 21) * 40.0)?)?;
+        let y = softcap(x.as_tensor(), 30.0)?;
+        let xs = x.as_tensor().flatten_all()?.to_vec1::<f64>()?;
+        let ys = y.flatten_all()?.to_vec1::<f64>()?;
+        let g = y.sum_all()?.backward()?;
+        let gs = g.get(x.as_tensor()).unwrap().flatten_all()?.to_vec1::<f64>()?;
+        for ((&x, &y), &d) in xs.iter().zip(&ys).zip(&gs) {
+            assert!((y - 30.0 * (x / 30.0).tanh()).abs() < 1e-12 && y.abs() < 30.0);
+            let h = 1e-5;
+            let fd = (30.0 * ((x + h) / 30.0).tanh() - 30.0 * ((x - h) / 30.0).tanh()) / (2.0 * h);
+            assert!((d - fd).abs() < 1e-8, "{d} vs {fd}");
+        }
         Ok(())
     }
 
@@ -1001,6 +1207,29 @@ pub(crate) mod tests {
         // padded query rows stay finite after softmax
         let s = softmax_last_dim(&Tensor::zeros((2, 1, 3, 3), DType::F64, &Device::Cpu)?.broadcast_add(&b)?)?;
         assert!(s.flatten_all()?.to_vec1::<f64>()?.iter().all(|v| v.is_finite()));
+        Ok(())
+    }
+
+    /// A window of 2: each query sees itself and the position before it (transformers
+    /// `kv_idx > q_idx - 2`), with padding and with a cache.
+    #[test]
+    fn attention_bias_sliding_window() -> Result<()> {
+        let x = MASK_VALUE;
+        let m = Tensor::new(&[[1u32, 1, 1, 0]], &Device::Cpu)?;
+        let b = attention_bias_windowed(Some(&m), 4, 0, Some(2), DType::F64, &Device::Cpu)?;
+        #[rustfmt::skip]
+        let want = [0.0, x, x, x,
+                    0.0, 0.0, x, x,
+                    x, 0.0, 0.0, x,
+                    x, x, 0.0, x];
+        assert_eq!(b.flatten_all()?.to_vec1::<f64>()?, want);
+        // one new query at position 3 of a 3-position cache: keys 2 and 3
+        let c = attention_bias_windowed(None, 1, 3, Some(2), DType::F64, &Device::Cpu)?;
+        assert_eq!(c.flatten_all()?.to_vec1::<f64>()?, vec![x, x, 0.0, 0.0]);
+        // a window at least as long as the sequence is the causal bias
+        let full = attention_bias(Some(&m), 4, 0, DType::F64, &Device::Cpu)?;
+        assert_eq!(attention_bias_windowed(Some(&m), 4, 0, Some(4), DType::F64, &Device::Cpu)?.flatten_all()?.to_vec1::<f64>()?, full.flatten_all()?.to_vec1::<f64>()?);
+        assert!(attention_bias_windowed(None, 1, 0, Some(0), DType::F64, &Device::Cpu).is_err());
         Ok(())
     }
 }

@@ -122,24 +122,29 @@ impl SharedPromptBatch {
 
     /// The additive attention bias of the completion queries, `(2B, 1, Tc, Tp + Tc)`: key `j < Tp`
     /// (prompt of the row's pair) is open iff it is a real prompt token; key `Tp + i` iff
-    /// `i <= query` and completion token `i` is real. Blocked entries get [`MASK_VALUE`].
-    pub fn completion_bias(&self, dtype: DType) -> Result<Tensor> {
+    /// `i <= query` and completion token `i` is real. Blocked entries get [`MASK_VALUE`]. With a
+    /// sliding `window` W, a key also needs to be among the query's last W positions (query `q`
+    /// at position `lp + q`, prompt key `j` at `j`, completion key `i` at `lp + i`; as
+    /// [`crate::model::ops::attention_bias_windowed`]).
+    pub fn completion_bias(&self, dtype: DType, window: Option<usize>) -> Result<Tensor> {
         let (b, tp) = self.prompt_ids.dims2()?;
         let (n, tc) = self.completion_ids.dims2()?;
         let pm = self.prompt_mask.to_vec2::<u32>()?;
         let ca = self.completion_attn.to_vec2::<u32>()?;
         let tk = tp + tc;
+        let w = window.unwrap_or(usize::MAX);
         let mut bias = vec![MASK_VALUE; n * tc * tk];
         for r in 0..n {
+            let lp = self.prompt_lens[r % b];
             for q in 0..tc {
                 let row = &mut bias[(r * tc + q) * tk..(r * tc + q + 1) * tk];
                 for j in 0..tp {
-                    if pm[r % b][j] == 1 {
+                    if pm[r % b][j] == 1 && lp + q - j < w {
                         row[j] = 0.0;
                     }
                 }
                 for i in 0..=q {
-                    if ca[r][i] == 1 {
+                    if ca[r][i] == 1 && q - i < w {
                         row[tp + i] = 0.0;
                     }
                 }
@@ -163,26 +168,31 @@ impl Model {
             candle_core::bail!("shared prompt: {n} completion rows for {b} prompts");
         }
         let dtype = self.dtype();
-        let (cos_p, sin_p) = self.rope_tables_at(0, tp)?;
-        let bias_p = crate::model::ops::attention_bias(Some(&batch.prompt_mask), tp, 0, dtype, self.device())?;
-        let mut cos = Vec::with_capacity(n);
-        let mut sin = Vec::with_capacity(n);
-        for r in 0..n {
-            let (c, s) = self.rope_tables_at(batch.prompt_lens[r % b], tc)?;
-            cos.push(c);
-            sin.push(s);
-        }
-        let (cos_c, sin_c) = (Tensor::stack(&cos, 0)?, Tensor::stack(&sin, 0)?); // (2B, Tc, hd)
-        let bias_c = batch.completion_bias(dtype)?;
+        // per kind of layer (global, sliding): the prompt's and the completions' RoPE tables and biases
+        let inputs = self.per_layer_kind(|sliding| {
+            let window = self.window_for(sliding);
+            let (cos_p, sin_p) = self.rope_tables_for(sliding, 0, tp)?;
+            let bias_p = crate::model::ops::attention_bias_windowed(Some(&batch.prompt_mask), tp, 0, window, dtype, self.device())?;
+            let mut cos = Vec::with_capacity(n);
+            let mut sin = Vec::with_capacity(n);
+            for r in 0..n {
+                let (c, s) = self.rope_tables_for(sliding, batch.prompt_lens[r % b], tc)?;
+                cos.push(c);
+                sin.push(s);
+            }
+            let (cos_c, sin_c) = (Tensor::stack(&cos, 0)?, Tensor::stack(&sin, 0)?); // (2B, Tc, hd)
+            Ok([(cos_p, sin_p, bias_p), (cos_c, sin_c, batch.completion_bias(dtype, window)?)])
+        })?;
         let mut xp = self.embed(&batch.prompt_ids)?;
         let mut xc = self.embed(&batch.completion_ids)?;
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
+            let [(cos_p, sin_p, bias_p), (cos_c, sin_c, bias_c)] = inputs[self.is_sliding(i) as usize].as_ref().expect("made for every kind of layer");
             let mut slot = None;
-            xp = layer.forward(&xp, &cos_p, &sin_p, Some(&bias_p), Some(&mut slot), use_adapters)?;
+            xp = layer.forward(&xp, cos_p, sin_p, Some(bias_p), Some(&mut slot), use_adapters)?;
             let (kp, vp) = slot.ok_or_else(|| candle_core::Error::Msg("shared prompt: no prompt keys".into()))?;
             // each pair's prompt K,V serve its chosen row and its rejected row
             let mut slot_c = Some((Tensor::cat(&[&kp, &kp], 0)?, Tensor::cat(&[&vp, &vp], 0)?));
-            xc = layer.forward(&xc, &cos_c, &sin_c, Some(&bias_c), Some(&mut slot_c), use_adapters)?;
+            xc = layer.forward(&xc, cos_c, sin_c, Some(bias_c), Some(&mut slot_c), use_adapters)?;
         }
         Ok((self.final_norm(&xp)?, self.final_norm(&xc)?))
     }

@@ -27,6 +27,7 @@ pub fn tiny_config(arch: Arch, vocab: usize, hidden: usize, tied: bool) -> Model
         attention_bias: arch == Arch::Qwen2,
         bos_token_id: None,
         eos_token_ids: vec![],
+        extras: Default::default(),
     }
 }
 
