@@ -6,7 +6,7 @@ Run with the anchor venv (torch + transformers 5.x):
 
     ~/.cache/ropo/anchor/venv/bin/python scripts/make_arch_fixtures.py
 
-writes, per family (qwen3, phi3), tests/fixtures/arch/<family>/:
+writes, per family (qwen3, phi3, gemma2, gemma3), tests/fixtures/arch/<family>/:
   - the model as transformers' `save_pretrained` writes it (config.json, model.safetensors,
     generation_config.json) and its tokenizer (tokenizer.json, tokenizer_config.json with the
     family's chat template), a byte-level tokenizer of 256 byte tokens + the special tokens;
@@ -29,13 +29,25 @@ import sys
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 OUT = os.path.join(ROOT, "tests", "fixtures", "arch")
 
 QWEN3_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 PHI3_SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
 IDS = [
     [3, 17, 42, 8, 8, 29, 1, 49, 0, 21, 5, 33],
     [11, 2, 7, 30, 45, 19, 4, 0, 0, 0, 0, 0],
@@ -76,22 +88,22 @@ PAIR = {
 }
 
 
-def trl_pair_ids(tok):
-    """PAIR's prompt / chosen / rejected ids as TRL splits them (the prompt is a prefix)."""
+def trl_pair_ids(tok, pair=PAIR):
+    """`pair`'s prompt / chosen / rejected ids as TRL splits them (the prompt is a prefix)."""
     ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]
-    prompt = ids(tok.apply_chat_template(PAIR["prompt"], tokenize=False, add_generation_prompt=True))
-    out = {"pair": PAIR, "prompt_ids": prompt}
+    prompt = ids(tok.apply_chat_template(pair["prompt"], tokenize=False, add_generation_prompt=True))
+    out = {"pair": pair, "prompt_ids": prompt}
     for side in ("chosen", "rejected"):
-        full = ids(tok.apply_chat_template(PAIR["prompt"] + PAIR[side], tokenize=False))
+        full = ids(tok.apply_chat_template(pair["prompt"] + pair[side], tokenize=False))
         assert full[: len(prompt)] == prompt, "the rendered prompt is not a prefix"
         out[f"{side}_ids"] = full[len(prompt):]
         out[f"{side}_text"] = tok.decode(full[len(prompt):])
     return out
 
 
-def byte_tokenizer(chat_template, specials, eos):
-    """A byte-level BPE of the 256 byte symbols (no merges) plus `specials` (ids 256..);
-    `<|endoftext|>` pads."""
+def byte_tokenizer(chat_template, specials, eos, pad="<|endoftext|>", bos=None):
+    """A byte-level BPE of the 256 byte symbols (no merges) plus `specials` (ids 256..); `pad`
+    pads."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -101,7 +113,8 @@ def byte_tokenizer(chat_template, specials, eos):
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=eos,
-        pad_token="<|endoftext|>",
+        pad_token=pad,
+        bos_token=bos,
         chat_template=chat_template,
     )
 
@@ -116,14 +129,15 @@ def trl_template(name):
         return f.read()
 
 
-def randomize(model, seed):
-    """Weights ~ N(0, 0.15^2); every RMSNorm weight (incl. q_norm/k_norm) ~ 1 + N(0, 0.1^2)."""
+def randomize(model, seed, norm_offset=1.0):
+    """Weights ~ N(0, 0.15^2); every RMSNorm weight (incl. q_norm/k_norm) ~ norm_offset +
+    N(0, 0.1^2) (Gemma stores w for a scale of 1 + w: norm_offset 0)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
             if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * noise)
+                p.copy_(norm_offset + 0.1 * noise)
             else:
                 p.copy_(0.15 * noise)
 
@@ -185,13 +199,75 @@ def make_phi3():
     write_family("phi3", Phi3ForCausalLM, cfg, tok)
 
 
-def write_family(family, model_cls, cfg, tok):
+# Gemma 2's template refuses a system turn: its pair has none.
+PAIR_NO_SYSTEM = {"prompt": PAIR["prompt"][1:], "chosen": PAIR["chosen"], "rejected": PAIR["rejected"]}
+
+
+def make_gemma2():
+    """Gemma 2: sandwich norms, GeGLU, query_pre_attn_scalar != head_dim, soft-capping small
+    enough to bend the scores and logits, a window of 4 on layers 0 and 2 (of 3), tied."""
+    tok = byte_tokenizer(trl_template("gemma"), GEMMA_SPECIALS, "<eos>", pad="<pad>", bos="<bos>")
+    cfg = Gemma2Config(
+        vocab_size=272,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=1.5,
+        final_logit_softcapping=5.0,
+        sliding_window=4,
+        tie_word_embeddings=True,
+        hidden_activation="gelu_pytorch_tanh",
+        bos_token_id=tok.convert_tokens_to_ids("<bos>"),
+        eos_token_id=[tok.convert_tokens_to_ids("<eos>"), tok.convert_tokens_to_ids("<end_of_turn>")],
+        pad_token_id=tok.pad_token_id,
+    )
+    write_family("gemma2", Gemma2ForCausalLM, cfg, tok, norm_offset=0.0, pair=PAIR_NO_SYSTEM)
+
+
+def make_gemma3():
+    """Gemma 3 (text): Gemma 2's layers with q/k norms, no soft-capping, layer types
+    sliding, sliding, full with a window of 4, two RoPE bases (the global one linearly scaled)."""
+    tok = byte_tokenizer(trl_template("gemma3"), GEMMA_SPECIALS, "<eos>", pad="<pad>", bos="<bos>")
+    cfg = Gemma3TextConfig(
+        vocab_size=272,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        query_pre_attn_scalar=20,
+        sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        tie_word_embeddings=True,
+        hidden_activation="gelu_pytorch_tanh",
+        bos_token_id=tok.convert_tokens_to_ids("<bos>"),
+        eos_token_id=[tok.convert_tokens_to_ids("<eos>"), tok.convert_tokens_to_ids("<end_of_turn>")],
+        pad_token_id=tok.pad_token_id,
+    )
+    write_family("gemma3", Gemma3ForCausalLM, cfg, tok, norm_offset=0.0)
+
+
+def write_family(family, model_cls, cfg, tok, norm_offset=1.0, pair=PAIR):
     """Build `model_cls(cfg)` with seeded random weights, save it and `tok` to
     tests/fixtures/arch/FAMILY/ with expected.json (outputs, renderings, a TRL-tokenized pair)."""
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     model = model_cls(cfg).float().eval()
-    randomize(model, 1)
+    randomize(model, 1, norm_offset)
     model.tie_weights()
     out = os.path.join(OUT, family)
     os.makedirs(out, exist_ok=True)
@@ -205,7 +281,7 @@ def write_family(family, model_cls, cfg, tok):
         "logits": logits.tolist(),
         "token_logps": logp.tolist(),
         "chat_template": renders(tok),
-        "dpo_pair": trl_pair_ids(tok),
+        "dpo_pair": trl_pair_ids(tok, pair),
     }
     with open(os.path.join(out, "expected.json"), "w") as f:
         json.dump(expected, f)
@@ -217,10 +293,17 @@ def write_family(family, model_cls, cfg, tok):
 
 def renders(tok):
     """CONVERSATIONS rendered by apply_chat_template (with and without the generation prompt),
-    and the ids of the rendering without it."""
+    and the ids of the rendering without it; a conversation the template refuses (Gemma 2's
+    system turn) records the message it raises."""
     out = {}
     for name, msgs in CONVERSATIONS.items():
         entry = {"messages": msgs}
+        try:
+            tok.apply_chat_template(msgs, tokenize=False)
+        except Exception as e:  # jinja's raise_exception: TemplateError
+            entry["raises"] = str(e)
+            out[name] = entry
+            continue
         for agp in (False, True):
             entry[f"add_generation_prompt_{str(agp).lower()}"] = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=agp)
         entry["ids_add_generation_prompt_false"] = tok(entry["add_generation_prompt_false"], add_special_tokens=False)["input_ids"]
@@ -243,11 +326,12 @@ def check_merged(folder):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--check-merged", metavar="DIR")
+    ap.add_argument("families", nargs="*", default=["qwen3", "phi3", "gemma2", "gemma3"], help="the fixtures to write (default: all)")
     a = ap.parse_args()
     if a.check_merged:
         sys.exit(0 if check_merged(a.check_merged) < 1e-4 else 1)
-    make_qwen3()
-    make_phi3()
+    for f in a.families:
+        globals()[f"make_{f}"]()
 
 
 if __name__ == "__main__":

@@ -100,6 +100,41 @@ fn qwen3_fixture_resolves_as_qwen3() {
     assert_eq!(m.tokenizer.eos_token.as_deref(), Some("<|im_end|>"));
 }
 
+/// Gemma 2: GeGLU, query_pre_attn_scalar, both soft caps, a window of 4 on layers 0 and 2
+/// (Gemma2Config's default pattern), tied, four norms a layer stored as offsets from 1.
+#[test]
+fn gemma2_fixture_resolves_as_gemma2() {
+    let m = load("gemma2", DType::F32);
+    let c = &m.config;
+    assert_eq!(c.arch, Arch::Gemma2);
+    assert_eq!((c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim), (64, 4, 2, 32));
+    let x = &c.extras;
+    assert_eq!(x.hidden_act, ropo::model::config::Activation::GeluTanh);
+    assert_eq!((x.query_pre_attn_scalar, x.attn_logit_softcapping, x.final_logit_softcapping), (Some(24.0), Some(1.5), Some(5.0)));
+    assert_eq!((x.sliding_window, x.sliding_layers.clone()), (Some(4), vec![true, false, true]));
+    assert!(c.tie_word_embeddings && x.rope_local_theta.is_none());
+    let names: Vec<String> = m.model.tensors().into_iter().map(|(n, _)| n).collect();
+    for n in ["pre_feedforward_layernorm", "post_feedforward_layernorm", "post_attention_layernorm"] {
+        assert!(names.contains(&format!("model.layers.2.{n}.weight")), "{n}");
+    }
+    assert!(!names.iter().any(|n| n.contains("q_norm")));
+    assert_eq!(m.tokenizer.eos_token.as_deref(), Some("<eos>"));
+}
+
+/// Gemma 3 (text): q/k norms, no caps, layer types sliding, sliding, full, two RoPE bases with
+/// a linear factor on the global one (transformers 5's per-layer-type `rope_parameters`).
+#[test]
+fn gemma3_fixture_resolves_as_gemma3() {
+    let m = load("gemma3", DType::F32);
+    let c = &m.config;
+    assert_eq!(c.arch, Arch::Gemma3);
+    let x = &c.extras;
+    assert_eq!((c.rope_theta, x.rope_local_theta, x.rope_linear_factor), (1e6, Some(1e4), Some(2.0)));
+    assert_eq!((x.query_pre_attn_scalar, x.attn_logit_softcapping, x.final_logit_softcapping), (Some(20.0), None, None));
+    assert_eq!((x.sliding_window, x.sliding_layers.clone()), (Some(4), vec![true, true, false]));
+    assert!(m.model.layers.iter().all(|l| l.self_attn.q_norm.is_some() && l.feedforward_layernorms.is_some()));
+}
+
 #[test]
 fn phi3_fixture_resolves_as_phi3() {
     let m = load("phi3", DType::F32);
@@ -124,6 +159,16 @@ fn qwen3_padded_batch_matches_transformers() {
 #[test]
 fn phi3_padded_batch_matches_transformers() {
     check_padded_batch("phi3");
+}
+
+#[test]
+fn gemma2_padded_batch_matches_transformers() {
+    check_padded_batch("gemma2");
+}
+
+#[test]
+fn gemma3_padded_batch_matches_transformers() {
+    check_padded_batch("gemma3");
 }
 
 fn check_padded_batch(family: &str) {
@@ -154,6 +199,17 @@ fn qwen3_kv_cache_matches_transformers() {
 #[test]
 fn phi3_kv_cache_matches_transformers() {
     check_kv_cache("phi3");
+}
+
+/// Past the window of 4, the sliding layers' cached keys are masked too.
+#[test]
+fn gemma2_kv_cache_matches_transformers() {
+    check_kv_cache("gemma2");
+}
+
+#[test]
+fn gemma3_kv_cache_matches_transformers() {
+    check_kv_cache("gemma3");
 }
 
 fn check_kv_cache(family: &str) {
@@ -197,6 +253,24 @@ fn phi3_chat_template_renders_like_transformers() {
     assert_eq!(r, "<|user|>\n2+2?<|end|>\n<|assistant|>\n4<|end|>\n<|endoftext|>");
 }
 
+/// Gemma 2's template (`<start_of_turn>user` / `model`, `<end_of_turn>`): a system turn is refused
+/// (`raise_exception`), as transformers refuses it.
+#[test]
+fn gemma2_chat_template_renders_like_transformers() {
+    let e = check_chat_template("gemma2");
+    let r = e["chat_template"]["with_assistant"]["add_generation_prompt_false"].as_str().unwrap();
+    assert_eq!(r, "<bos><start_of_turn>user\n2+2?<end_of_turn>\n<start_of_turn>model\n4<end_of_turn>\n");
+    assert!(e["chat_template"]["system_user"]["raises"].is_string());
+}
+
+/// Gemma 3's template folds a system turn into the first user turn.
+#[test]
+fn gemma3_chat_template_renders_like_transformers() {
+    let e = check_chat_template("gemma3");
+    let r = e["chat_template"]["system_user"]["add_generation_prompt_true"].as_str().unwrap();
+    assert_eq!(r, "<bos><start_of_turn>user\nYou are terse.\n\nName a prime.<end_of_turn>\n<start_of_turn>model\n");
+}
+
 /// Every rendering of the family's expected.json equals ours, and tokenizes to the same ids.
 fn check_chat_template(family: &str) -> Value {
     let e = expected(family);
@@ -208,6 +282,12 @@ fn check_chat_template(family: &str) -> Value {
     assert!(cases.len() >= 5);
     for (name, case) in cases {
         let msgs: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+        if let Some(why) = case["raises"].as_str() {
+            // the template refuses it (Gemma 2: no system turn); so does ours, with its message
+            let err = tmpl.render(&msgs, false).unwrap_err().to_string();
+            assert!(err.contains(why), "{name}: {err:?} does not carry the template's {why:?}");
+            continue;
+        }
         for agp in [false, true] {
             let want = case[format!("add_generation_prompt_{agp}")].as_str().unwrap();
             assert_eq!(tmpl.render(&msgs, agp).unwrap(), want, "{name}, add_generation_prompt {agp}");
@@ -244,6 +324,21 @@ fn phi3_pair_tokenizes_as_trl_up_to_the_final_eos() {
         let trl = ids(&p[format!("{side}_ids")]);
         assert_eq!(got[..], trl[..trl.len() - 1], "{side}: ropo {:?}", text(got));
     }
+}
+
+/// Gemma: the completion is the final model turn and its `<end_of_turn>\n`, TRL's ids exactly.
+#[test]
+fn gemma2_pair_tokenizes_as_trl() {
+    let (t, p, _) = tokenize_pair("gemma2");
+    assert_eq!(p["chosen_text"].as_str(), Some("Paris.<end_of_turn>\n"));
+    assert_eq!((t.chosen_ids.clone(), t.rejected_ids.clone()), (ids(&p["chosen_ids"]), ids(&p["rejected_ids"])));
+}
+
+#[test]
+fn gemma3_pair_tokenizes_as_trl() {
+    let (t, p, _) = tokenize_pair("gemma3");
+    assert_eq!(p["chosen_text"].as_str(), Some("Paris.<end_of_turn>\n"));
+    assert_eq!((t.chosen_ids.clone(), t.rejected_ids.clone()), (ids(&p["chosen_ids"]), ids(&p["rejected_ids"])));
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -330,6 +425,25 @@ fn phi3_adapters_merge_round_trip_fused() {
     }
 }
 
+/// Gemma 2 and 3: the merged folders keep the norms (offsets from 1, written as stored), the
+/// caps, the window and the layer types; transformers' config keys are checked in
+/// [`check_merge_round_trip`] and `make_arch_fixtures.py --check-merged`.
+#[test]
+fn gemma2_adapters_merge_round_trip() {
+    for m in check_merge_round_trip("gemma2") {
+        assert_eq!(m.config.extras, load("gemma2", DType::F32).config.extras);
+        let post = |m: &LoadedModel| m.model.layers[2].feedforward_layernorms.clone().unwrap().1;
+        assert_eq!(max_abs(&post(&load("gemma2", DType::F32)), &post(&m)), 0.0, "post_feedforward_layernorm written back");
+    }
+}
+
+#[test]
+fn gemma3_adapters_merge_round_trip() {
+    for m in check_merge_round_trip("gemma3") {
+        assert_eq!(m.config.extras, load("gemma3", DType::F32).config.extras);
+    }
+}
+
 /// For RoPO, LoRA and full: inject on every projection, check the identity at init, perturb,
 /// save, `ropo merge` to an HF folder, check its config.json and that it loads back with the
 /// adapted logits. Returns the three merged models.
@@ -354,10 +468,15 @@ fn check_merge_round_trip(family: &str) -> Vec<LoadedModel> {
         set.save(&adapter_dir).unwrap();
         let out = tmp.path().join(format!("merged_{i}"));
         let n_merged = merge::merge_to_folder(source.to_str().unwrap(), &Default::default(), &adapter_dir, &out, DType::F32, false).unwrap();
-        assert_eq!(n_merged, 2 * projections(family).len());
+        assert_eq!(n_merged, m.config.num_hidden_layers * projections(family).len());
         let cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
         for key in ["model_type", "architectures", "hidden_size", "num_key_value_heads", "tie_word_embeddings", "vocab_size", "rms_norm_eps"] {
             assert_eq!(cfg[key], src_cfg[key], "{family}: config.json {key}");
+        }
+        if family.starts_with("gemma") {
+            for key in ["hidden_activation", "sliding_window", "layer_types", "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"] {
+                assert_eq!(cfg[key], src_cfg[key], "{family}: config.json {key}");
+            }
         }
         let head_dim = src_cfg["head_dim"].as_u64().unwrap_or(src_cfg["hidden_size"].as_u64().unwrap() / src_cfg["num_attention_heads"].as_u64().unwrap());
         assert_eq!(cfg["head_dim"].as_u64(), Some(head_dim));
@@ -408,6 +527,19 @@ fn qwen3_identity_at_init_loss_ln2_and_steps_lower_it() {
 #[test]
 fn phi3_identity_at_init_loss_ln2_and_steps_lower_it() {
     check_ln2_then_lower("phi3", &AdapterSection { target_modules: vec!["qkv_proj".into(), "o_proj".into()], ..Default::default() }, 2 * 2 * 3);
+}
+
+/// Gemma 2 with RoPO on q, k, v, o: the soft-capped attention and logits in the graph.
+#[test]
+fn gemma2_identity_at_init_loss_ln2_and_steps_lower_it() {
+    check_ln2_then_lower("gemma2", &AdapterSection::default(), 3 * 4 * 3);
+}
+
+/// Gemma 3 with RoPO on the GeGLU MLP's projections too.
+#[test]
+fn gemma3_identity_at_init_loss_ln2_and_steps_lower_it() {
+    let all = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    check_ln2_then_lower("gemma3", &AdapterSection { target_modules: all.iter().map(|s| s.to_string()).collect(), ..Default::default() }, 3 * 7 * 3);
 }
 
 /// `adapter` (with `n_params` trainable tensors) on the family's fixture in f64: DPO loss ln 2
