@@ -29,7 +29,7 @@ fn shipped() -> Vec<PathBuf> {
 }
 
 /// The example configs with a comment on every key (the README points users at them).
-const EXAMPLES: [&str; 6] = ["quickstart.toml", "orca.toml", "smollm2-360m.toml", "qwen2.5-0.5b.toml", "qwen3-0.6b.toml", "llama-3.2-1b.toml"];
+const EXAMPLES: [&str; 7] = ["quickstart.toml", "orca.toml", "smollm2-360m.toml", "qwen2.5-0.5b.toml", "qwen3-0.6b.toml", "gemma-3-1b.toml", "llama-3.2-1b.toml"];
 
 #[test]
 fn every_shipped_config_loads_and_validates() {
