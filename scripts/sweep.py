@@ -5,7 +5,8 @@ results.json) and one picture (sweep.png: held-out accuracy and margin, length r
 distinct-2 against the KL drift from the reference, one line per method).
 
     python3 scripts/sweep.py sweeps/orca.toml            # the whole grid (resumes)
-    python3 scripts/sweep.py sweeps/orca.toml --only ropo,lora
+    python3 scripts/sweep.py sweeps/orca.toml --only ropo,lora   # train only these; the table
+                                                         # has every finished run
     python3 scripts/sweep.py sweeps/orca.toml --dry-run  # print the commands
 
 The sweep continues where it stopped: a run with its eval.json is done and skipped; a run with
@@ -177,13 +178,14 @@ def main():
 
     done = []
     for v in s["variant"]:
-        if only and v["name"] not in only:
-            continue
         for lr in v.get("learning_rates", s.get("learning_rates", [])):
             run_dir = os.path.join(out, v["name"], lr_name(lr))
             if os.path.exists(os.path.join(run_dir, "eval.json")):
                 print(f"= {run_dir}: done", flush=True)
                 done.append((v["name"], lr, run_dir))
+                continue
+            # --only limits what is trained; every finished run of the grid is tabulated
+            if only and v["name"] not in only:
                 continue
             sets = s.get("set", []) + v.get("set", []) + [f"training.learning_rate={lr!r}", f"training.output_dir={json.dumps(run_dir)}"]
             cmd = [a.ropo, "train", "--config", v.get("base", s["base"])]

@@ -1,6 +1,7 @@
 //! `scripts/sweep.py` end to end on a tiny grid: two variants, one step each, every run
 //! evaluated with drift and MMLU cloze, the table and the picture written; run again, every
-//! finished run is skipped and the results are the same.
+//! finished run is skipped and the results are the same; with `--only`, the table still holds
+//! every finished run.
 
 mod common;
 
@@ -84,4 +85,12 @@ set = ["adapter.givens_stages=0", "adapter.magnitude=false"]
     assert!(!second.contains("ropo train"), "{second}");
     let again: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     assert_eq!(again["runs"], results["runs"]);
+    // --only limits training, not the table: the other variant's finished run is still in it
+    let o = Command::new("python3")
+        .args([&repo("scripts/sweep.py"), sweep.to_str().unwrap(), "--only", "householder", "--ropo", env!("CARGO_BIN_EXE_ropo")])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let only: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(only["runs"], results["runs"]);
 }
