@@ -206,6 +206,10 @@ pub struct TrainingSection {
     /// Evaluate every this many steps (the eval set is also evaluated before training and at
     /// the end); 0: before training and at the end only.
     pub eval_steps: usize,
+    /// Live reward-hacking diagnostics at every evaluation: the first this many held-out prompts (distinct, from the eval split) are completed greedily by the reference once; each evaluation logs the policy's per-token KL(reference || policy) and NLL on those completions (`eval/drift/kl`, `eval/drift/nll`) and its own greedy answer length (`eval/greedy/length`, `eval/greedy/hit_max`); 0: off.
+    pub diagnostic_prompts: usize,
+    /// New tokens of the diagnostics' greedy completions (reference and policy).
+    pub diagnostic_max_new_tokens: usize,
     /// Write a checkpoint every this many steps; 0: only at the end (and on Ctrl-C).
     pub save_steps: usize,
     /// Keep at most this many checkpoints (the newest); 0: keep all.
@@ -248,6 +252,8 @@ impl Default for TrainingSection {
             seed: 42,
             logging_steps: 1,
             eval_steps: 0,
+            diagnostic_prompts: 0,
+            diagnostic_max_new_tokens: 64,
             save_steps: 50,
             save_total_limit: 2,
             precompute_ref_log_probs: false,
@@ -360,6 +366,8 @@ const TRAINING_KEYS: &[&str] = &[
     "seed",
     "logging_steps",
     "eval_steps",
+    "diagnostic_prompts",
+    "diagnostic_max_new_tokens",
     "save_steps",
     "save_total_limit",
     "precompute_ref_log_probs",
@@ -676,6 +684,10 @@ fn check_training(t: &TrainingSection, c: &mut Checks) {
     );
     c.check(t.max_steps == -1 || t.max_steps > 0, format!("training.max_steps must be -1 (use num_train_epochs) or > 0 (got {})", t.max_steps));
     c.check(t.logging_steps >= 1, "training.logging_steps must be >= 1 (got 0)".into());
+    c.check(
+        t.diagnostic_prompts == 0 || t.diagnostic_max_new_tokens >= 1,
+        "training.diagnostic_max_new_tokens must be >= 1 when training.diagnostic_prompts > 0 (got 0)".into(),
+    );
 }
 
 /// Prefix each line of a [`RunConfig::validate`] message (`training.beta must be > 0 ...`)

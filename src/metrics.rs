@@ -62,6 +62,9 @@ pub struct EvalStats {
     pub rewards: RewardMetrics,
     /// Each loss term's mean over the evaluation pairs (as [`TrainStats::terms`]).
     pub terms: Vec<(&'static str, f64)>,
+    /// The live diagnostics (`drift/kl`, `drift/nll`, `greedy/length`, `greedy/hit_max`:
+    /// [`crate::train::diagnostics`]); empty when off.
+    pub diagnostics: Vec<(&'static str, f64)>,
     /// Real tokens per second of the evaluation.
     pub tokens_per_second: f64,
     /// Seconds since the start of training.
@@ -96,7 +99,7 @@ impl EvalStats {
     pub fn record(&self) -> Record {
         let mut r = Record::new();
         r.insert("eval/loss".into(), num(self.loss));
-        for (k, v) in self.rewards.named().into_iter().chain(self.terms.iter().copied()) {
+        for (k, v) in self.rewards.named().into_iter().chain(self.terms.iter().copied()).chain(self.diagnostics.iter().copied()) {
             r.insert(format!("eval/{k}"), num(v));
         }
         r.insert("epoch".into(), num(self.epoch));
@@ -302,7 +305,7 @@ mod tests {
         assert_eq!(keys, want);
         assert_eq!(r["step"], Value::from(3u64));
         assert_eq!(r["logps/chosen"].as_f64(), Some(-255.75));
-        let e = EvalStats { step: 3, epoch: 0.03, loss: 0.5, rewards: RewardMetrics::default(), terms: vec![], tokens_per_second: 1.0, elapsed_seconds: 2.0 }.record();
+        let e = EvalStats { step: 3, epoch: 0.03, loss: 0.5, rewards: RewardMetrics::default(), terms: vec![], diagnostics: vec![], tokens_per_second: 1.0, elapsed_seconds: 2.0 }.record();
         for k in ["eval/loss", "eval/rewards/accuracies", "eval/rewards/ties", "eval/rewards/margins", "eval/logps/rejected", "step", "epoch"] {
             assert!(e.contains_key(k), "eval record lacks {k}");
         }

@@ -7,7 +7,10 @@
 //! (TRL's `log_history`). Blank lines are ignored; records without a `step` (run summaries) are
 //! skipped and counted; metrics that are `null` or not numbers are left out of the curve.
 //!
-//! Output: a PNG of `WIDTH x HEIGHT` pixels, three panels side by side; train as a light blue
+//! With live diagnostics in the file (`training.diagnostic_prompts`: `eval/drift/kl`,
+//! `eval/greedy/length`), one more panel for each that has points ([`DIAGNOSTIC_PANELS`]).
+//!
+//! Output: a PNG of `PANEL_WIDTH x HEIGHT` pixels a panel ([`WIDTH`] for the three), side by side; train as a light blue
 //! line (the raw values: with batches of 2 pairs they jump between 0.3 and 2.5) under its
 //! smoothed curve ([`smoothed`], TensorBoard's debiased exponential moving average, weight
 //! [`SMOOTHING`]), eval as a red line with dots (eval is sparse), ln 2 (the DPO loss at step 0) as a grey line
@@ -22,12 +25,18 @@ use plotters::prelude::*;
 
 use crate::error::{Error, Result};
 
-/// Image width in pixels.
-pub const WIDTH: u32 = 1800;
+/// Width of one panel in pixels.
+pub const PANEL_WIDTH: u32 = 600;
+/// Image width in pixels with the three [`PANELS`] only.
+pub const WIDTH: u32 = 3 * PANEL_WIDTH;
 /// Image height in pixels.
 pub const HEIGHT: u32 = 520;
 /// The plotted metrics (train names), one panel each, in order.
 pub const PANELS: [&str; 3] = ["loss", "rewards/accuracies", "rewards/margins"];
+/// The live diagnostics' metrics (eval only, `eval/` names without the prefix), a panel each
+/// when the file has them: the KL drift from the reference (nats per token) and the greedy
+/// answer length (tokens) on held-out prompts.
+pub const DIAGNOSTIC_PANELS: [&str; 2] = ["drift/kl", "greedy/length"];
 
 /// The smoothing weight of the train curves (TensorBoard's default, 0.6).
 pub const SMOOTHING: f64 = 0.6;
@@ -65,6 +74,8 @@ pub struct Series {
 pub struct Curves {
     /// Per panel, as [`PANELS`].
     pub series: [Series; 3],
+    /// Per diagnostic, as [`DIAGNOSTIC_PANELS`] (eval points only).
+    pub diagnostics: [Series; 2],
     /// Records skipped because they have no `step`.
     pub skipped: usize,
 }
@@ -99,6 +110,13 @@ pub fn parse_metrics<R: BufRead>(reader: R, source: &Path) -> Result<Curves> {
             for prefix in ["eval/", "eval_"] {
                 if let Some(x) = obj.get(&format!("{prefix}{name}")).and_then(|x| x.as_f64()) {
                     c.series[p].eval.push((step, x));
+                }
+            }
+        }
+        for (p, name) in DIAGNOSTIC_PANELS.iter().enumerate() {
+            for prefix in ["eval/", "eval_"] {
+                if let Some(x) = obj.get(&format!("{prefix}{name}")).and_then(|x| x.as_f64()) {
+                    c.diagnostics[p].eval.push((step, x));
                 }
             }
         }
@@ -171,19 +189,39 @@ pub fn plot_curves(curves: &Curves, out: &Path) -> Result<()> {
     res.map_err(|e| Error::Msg(format!("writing {}: {e}", out.display())))
 }
 
+impl Curves {
+    /// The panels drawn: the three [`PANELS`], then each diagnostic that has points.
+    pub fn panels(&self) -> Vec<(&'static str, &Series)> {
+        let core = PANELS.iter().copied().zip(&self.series);
+        let diag = DIAGNOSTIC_PANELS.iter().copied().zip(&self.diagnostics).filter(|(_, s)| !s.eval.is_empty());
+        core.chain(diag).collect()
+    }
+
+    /// The image width: [`PANEL_WIDTH`] per drawn panel.
+    pub fn width(&self) -> u32 {
+        PANEL_WIDTH * self.panels().len() as u32
+    }
+}
+
 fn draw(curves: &Curves, path: &Path) -> Result<()> {
-    let root = BitMapBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
+    let drawn = curves.panels();
+    let root = BitMapBackend::new(path, (curves.width(), HEIGHT)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_err)?;
-    let panels = root.split_evenly((1, PANELS.len()));
-    for ((area, name), s) in panels.iter().zip(PANELS).zip(&curves.series) {
+    let panels = root.split_evenly((1, drawn.len()));
+    for (area, (name, s)) in panels.iter().zip(drawn) {
         let all = s.train.iter().chain(&s.eval);
         let (x0, x1) = padded(all.clone().map(|p| p.0));
         let (mut y0, mut y1) = padded(all.map(|p| p.1).chain((name == "loss").then_some(std::f64::consts::LN_2)));
         if name == "rewards/accuracies" {
             (y0, y1) = (y0.min(-0.02), y1.max(1.02));
         }
+        let caption = match name {
+            "drift/kl" => "eval drift/kl (nats/token)",
+            "greedy/length" => "eval greedy/length (tokens)",
+            n => n,
+        };
         let mut chart = ChartBuilder::on(area)
-            .caption(name, ("sans-serif", 26))
+            .caption(caption, ("sans-serif", 26))
             .margin(14)
             .x_label_area_size(44)
             .y_label_area_size(70)
@@ -273,6 +311,33 @@ mod tests {
         assert_eq!(c.series[1].eval, vec![(2.0, 0.7)]);
         assert_eq!(c.series[2].train, vec![(1.0, 0.0)]); // null left out
         assert_eq!(c.skipped, 1);
+        assert!(c.diagnostics.iter().all(|s| s.eval.is_empty()));
+        assert_eq!((c.panels().len(), c.width()), (3, WIDTH));
+    }
+
+    #[test]
+    fn diagnostics_get_a_panel_each_when_present() {
+        let src = "{\"step\":0,\"eval/loss\":0.69,\"eval/drift/kl\":0.0,\"eval/greedy/length\":40.5}\n\
+                   {\"step\":1,\"loss\":0.6}\n\
+                   {\"step\":5,\"eval/loss\":0.5,\"eval/drift/kl\":0.25,\"eval/greedy/length\":31.0}\n";
+        let c = parse_metrics(src.as_bytes(), Path::new("m.jsonl")).unwrap();
+        assert_eq!(c.diagnostics[0].eval, vec![(0.0, 0.0), (5.0, 0.25)]);
+        assert_eq!(c.diagnostics[1].eval, vec![(0.0, 40.5), (5.0, 31.0)]);
+        let names: Vec<&str> = c.panels().iter().map(|p| p.0).collect();
+        assert_eq!(names, ["loss", "rewards/accuracies", "rewards/margins", "drift/kl", "greedy/length"]);
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("c.png");
+        plot_curves(&c, &out).unwrap();
+        let (w, h) = image_size(&out);
+        assert_eq!((w, h), (5 * PANEL_WIDTH, HEIGHT));
+    }
+
+    /// Width and height from a PNG's IHDR chunk.
+    fn image_size(path: &Path) -> (u32, u32) {
+        let b = std::fs::read(path).unwrap();
+        assert!(b.starts_with(b"\x89PNG"));
+        let be = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        (be(16), be(20))
     }
 
     #[test]

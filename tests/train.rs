@@ -289,7 +289,7 @@ fn a_tensor_without_gradient_is_an_error() {
 fn cli_short_training_moves_the_loss_and_writes_a_loadable_adapter() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let cfg = write_config(dir.path(), "run.toml", &short_config(&out, "max_steps = 4\nsave_steps = 2\neval_steps = 2"));
+    let cfg = write_config(dir.path(), "run.toml", &short_config(&out, "max_steps = 4\nsave_steps = 2\neval_steps = 2\ndiagnostic_prompts = 2\ndiagnostic_max_new_tokens = 8"));
     let o = ropo(&["train", "--config", cfg.to_str().unwrap()]);
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
@@ -319,6 +319,20 @@ fn cli_short_training_moves_the_loss_and_writes_a_loadable_adapter() {
     for k in ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/ties", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "epoch", "tokens_per_second", "elapsed_seconds"] {
         assert!(train[0].contains_key(k), "missing {k}");
     }
+    // live diagnostics on 2 held-out prompts: no drift at the identity init (the policy's greedy
+    // answers are the reference's), some after 4 steps at lr 3e-3; lengths within the limit
+    assert!(err.contains("diagnostics (2 held-out prompts): drift/kl"), "{err}");
+    let kl: Vec<f64> = evals.iter().map(|r| loss(r, "eval/drift/kl")).collect();
+    assert!(kl[0].abs() < 1e-9, "step-0 drift {kl:?}");
+    assert!(kl[2] > 1e-4, "no drift after training: {kl:?}");
+    for r in &evals {
+        let (len, hit) = (loss(r, "eval/greedy/length"), loss(r, "eval/greedy/hit_max"));
+        assert!((1.0..=8.0).contains(&len) && (0.0..=1.0).contains(&hit), "{r:?}");
+        assert!(loss(r, "eval/drift/nll") > 0.0, "{r:?}");
+    }
+    // curves.png has the two diagnostic panels beside the three others
+    let png = std::fs::read(out.join("curves.png")).unwrap();
+    assert_eq!(u32::from_be_bytes([png[16], png[17], png[18], png[19]]), 5 * ropo::plot::PANEL_WIDTH);
     // the adapter loads onto a fresh model and changes its output
     let mut m = ropo::model::load(common::smollm2_gguf().to_str().unwrap(), &Default::default()).unwrap();
     let set = ropo::adapter::AnyAdapterSet::load(&out, &mut m.model).unwrap();

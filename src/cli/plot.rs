@@ -35,11 +35,7 @@ pub fn run(args: PlotArgs) -> anyhow::Result<()> {
     let out = args.out.unwrap_or_else(|| args.metrics.with_file_name(crate::checkpoint::CURVES_FILE));
     let curves = crate::plot::plot_metrics_file(&args.metrics, &out)
         .with_context(|| format!("plotting {}", args.metrics.display()))?;
-    let counts: Vec<String> = crate::plot::PANELS
-        .iter()
-        .zip(&curves.series)
-        .map(|(n, s)| format!("{n}: {} train / {} eval points", s.train.len(), s.eval.len()))
-        .collect();
+    let counts: Vec<String> = curves.panels().iter().map(|(n, s)| format!("{n}: {} train / {} eval points", s.train.len(), s.eval.len())).collect();
     println!("wrote {} ({})", out.display(), counts.join("; "));
     if curves.skipped > 0 {
         println!("skipped {} record(s) without a step", curves.skipped);

@@ -66,6 +66,15 @@ pub fn reference_completions(model: &Model, tokenizer: &Tokenizer, prompts: &[Ve
 /// Errors: different numbers of prompts and completions, an empty prompt, `batch_size` 0, a
 /// non-finite value, model errors.
 pub fn drift(model: &Model, prompts: &[Vec<u32>], completions: &[Vec<u32>], use_adapters: bool, batch_size: usize) -> Result<Drift> {
+    drift_between(model, use_adapters.then_some((model, true)), prompts, completions, batch_size)
+}
+
+/// [`drift`] of `policy` (`(model, use_adapters)`) from `reference` (run with its adapters
+/// bypassed), e.g. a fully fine-tuned policy against its frozen copy; `None`: the reference
+/// against itself (0).
+///
+/// Errors: as [`drift`]; both models must share a vocabulary.
+pub fn drift_between(reference: &Model, policy: Option<(&Model, bool)>, prompts: &[Vec<u32>], completions: &[Vec<u32>], batch_size: usize) -> Result<Drift> {
     if prompts.len() != completions.len() || batch_size == 0 {
         return Err(Error::Msg(format!("drift: {} prompts, {} completions, batch size {batch_size}", prompts.len(), completions.len())));
     }
@@ -76,7 +85,7 @@ pub fn drift(model: &Model, prompts: &[Vec<u32>], completions: &[Vec<u32>], use_
     let order: Vec<usize> = (0..prompts.len()).filter(|&i| !completions[i].is_empty()).collect();
     for chunk in order.chunks(batch_size) {
         let rows: Vec<(&[u32], &[u32])> = chunk.iter().map(|&i| (prompts[i].as_slice(), completions[i].as_slice())).collect();
-        let s = crate::model::grad::no_grad(|| batch_sums(model, &rows, use_adapters))?;
+        let s = crate::model::grad::no_grad(|| batch_sums(reference, policy, &rows))?;
         sums.tokens += s.tokens;
         sums.kl += s.kl;
         sums.nll_policy += s.nll_policy;
@@ -91,7 +100,7 @@ pub fn drift(model: &Model, prompts: &[Vec<u32>], completions: &[Vec<u32>], use_
 }
 
 /// One right-padded batch: the sums over its completion tokens.
-fn batch_sums(model: &Model, rows: &[(&[u32], &[u32])], use_adapters: bool) -> Result<Sums> {
+fn batch_sums(model: &Model, policy_model: Option<(&Model, bool)>, rows: &[(&[u32], &[u32])]) -> Result<Sums> {
     let width = rows.iter().map(|(p, c)| p.len() + c.len()).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(rows.len() * width);
     for (p, c) in rows {
@@ -101,18 +110,21 @@ fn batch_sums(model: &Model, rows: &[(&[u32], &[u32])], use_adapters: bool) -> R
     }
     let input = Tensor::from_vec(ids, (rows.len(), width), model.device())?;
     let reference = model.forward_hidden(&input, None, false)?; // (B, T, D)
-    let policy = if use_adapters { Some(model.forward_hidden(&input, None, true)?) } else { None };
+    let policy = match policy_model {
+        Some((m, adapters)) => Some((m, adapters, m.forward_hidden(&input, None, adapters)?)),
+        None => None,
+    };
     let mut sums = Sums::default();
     for (b, (p, c)) in rows.iter().enumerate() {
         // positions p-1 .. p+C-2 predict the completion tokens y_1 .. y_C
-        let at = |h: &Tensor, adapters: bool| -> Result<Vec<Vec<f64>>> {
+        let at = |m: &Model, h: &Tensor, adapters: bool| -> Result<Vec<Vec<f64>>> {
             let h = h.i(b)?.narrow(0, p.len() - 1, c.len())?.unsqueeze(0)?; // (1, C, D)
-            let logits = model.lm_head(&h, adapters)?.squeeze(0)?.to_dtype(DType::F64)?; // (C, V)
+            let logits = m.lm_head(&h, adapters)?.squeeze(0)?.to_dtype(DType::F64)?; // (C, V)
             Ok(logits.to_vec2::<f64>()?.into_iter().map(log_softmax).collect())
         };
-        let lr = at(&reference, false)?;
+        let lr = at(model, &reference, false)?;
         let lp = match &policy {
-            Some(h) => at(h, true)?,
+            Some((m, adapters, h)) => at(m, h, *adapters)?,
             None => lr.clone(),
         };
         for (t, &y) in c.iter().enumerate() {

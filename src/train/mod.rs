@@ -30,6 +30,7 @@
 //! batch, bit for bit (same threads per process). Only rank 0 prints and writes the output
 //! folder; every rank resumes from the same checkpoint.
 
+pub mod diagnostics;
 pub mod parallel;
 
 use std::path::{Path, PathBuf};
@@ -513,6 +514,9 @@ struct Setup<'w> {
     model_config: crate::model::config::ModelConfig,
     /// `model.reference`, when set; else the policy with adapters bypassed is the reference.
     separate_ref: Option<Model>,
+    /// The live diagnostics' prompts and reference completions (rank 0, with an eval split and
+    /// `training.diagnostic_prompts > 0`).
+    diagnostics: Option<diagnostics::Diagnostics>,
     adapter: AnyAdapterSet,
     /// The adapter's trainable tensors, by name.
     params: Vec<(String, Var)>,
@@ -559,6 +563,14 @@ fn setup<'w>(cfg: &RunConfig, opts: &TrainOptions, world: &'w dyn Collective) ->
     let params: Vec<(String, Var)> = adapter.vars();
     let splits = tokenize_splits(&cfg.data, &rows, &tokenizer)?;
     let pad = pad_id(&tokenizer)?;
+    let diagnostics = match (world.is_main(), t.diagnostic_prompts) {
+        (true, n) if n > 0 => {
+            let reference = separate_ref.as_ref().unwrap_or(&model);
+            let prompts = splits.eval.iter().map(|p| p.prompt_ids.as_slice());
+            diagnostics::Diagnostics::new(reference, &tokenizer, prompts, n, t.diagnostic_max_new_tokens)?
+        }
+        _ => None,
+    };
 
     // the schedule
     let sampler = SamplerConfig { batch_size: t.per_device_train_batch_size, seed: t.seed, mega_batch_factor: 50, drop_last: false };
@@ -567,7 +579,7 @@ fn setup<'w>(cfg: &RunConfig, opts: &TrainOptions, world: &'w dyn Collective) ->
     let steps_per_epoch = batches_per_epoch.div_ceil(t.gradient_accumulation_steps * world.size()).max(1);
     let total_steps = t.total_steps(steps_per_epoch) as u64;
     let schedule = t.lr_schedule(total_steps as usize);
-    Ok(Setup { world, exchange: ExchangeStats::default(), output_dir, resume_from, model, model_config, separate_ref, adapter, params, rows, splits, pad, sampler, steps_per_epoch, total_steps, schedule })
+    Ok(Setup { world, exchange: ExchangeStats::default(), output_dir, resume_from, model, model_config, separate_ref, diagnostics, adapter, params, rows, splits, pad, sampler, steps_per_epoch, total_steps, schedule })
 }
 
 /// The setup summary on stderr: model, reference, adapter, data, tokens per step, schedule.
@@ -782,11 +794,19 @@ fn eval_and_log(cfg: &RunConfig, s: &Setup, refs: &Refs, st: &mut State, print: 
     let t0 = Instant::now();
     let (loss, rewards, terms, tokens) = evaluate_in(s.world, &s.exchange, &s.model, &s.splits.eval, eval_refs, t.per_device_eval_batch_size, s.pad, t)?;
     let secs = t0.elapsed().as_secs_f64();
+    let diagnostics = match &s.diagnostics {
+        Some(d) => d.measure(s.reference(), &s.model, true, t.per_device_eval_batch_size)?,
+        None => vec![],
+    };
     let (step, epoch) = (st.step, st.trainer.epoch);
-    let e = EvalStats { step, epoch, loss, rewards, terms: logged_terms(terms), tokens_per_second: tokens as f64 / secs.max(1e-9), elapsed_seconds: st.clock.elapsed() };
+    let e = EvalStats { step, epoch, loss, rewards, terms: logged_terms(terms), diagnostics, tokens_per_second: tokens as f64 / secs.max(1e-9), elapsed_seconds: st.clock.elapsed() };
     // the ranks other than 0 print nothing (their progress bar is hidden, not silent)
     let print = |l: &str| if s.world.is_main() { print(l) };
     print(&format!("eval at step {step}: loss {:.4}, rewards/accuracies {:.3}, rewards/ties {:.3}, rewards/margins {:.4}", e.loss, e.rewards.rewards_accuracies, e.rewards.rewards_ties, e.rewards.rewards_margins));
+    if !e.diagnostics.is_empty() {
+        let d: Vec<String> = e.diagnostics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+        print(&format!("  diagnostics ({} held-out prompts): {}", s.diagnostics.as_ref().map_or(0, |d| d.len()), d.join(", ")));
+    }
     st.log(e.record())?;
     Ok(Some(e))
 }
