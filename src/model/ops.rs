@@ -105,7 +105,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 /// SwiGLU's gate, `silu(g) * u = g σ(g) u` element-wise, fused, with its backward beside it
-/// ([`SwiGluOp`]): `dL/dg = dy u σ(g) (1 + g (1 - σ(g)))`, `dL/du = dy g σ(g)`.
+/// ([`GluOp`] of [`Silu`]): `dL/dg = dy u σ(g) (1 + g (1 - σ(g)))`, `dL/du = dy g σ(g)`.
 ///
 /// `g`, `u` `(..., I)` of one shape and dtype (F32/F64); returns `(..., I)`. Source: Shazeer
 /// 2020, "GLU Variants Improve Transformer"; HF `LlamaMLP` (`act_fn(gate_proj(x)) *
@@ -116,7 +116,7 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     if g.dims() != u.dims() {
         candle_core::bail!("swiglu: gate {:?} and up {:?} differ", g.dims(), u.dims());
     }
-    g.contiguous()?.apply_op2(&u.contiguous()?, SwiGluOp)
+    g.contiguous()?.apply_op2(&u.contiguous()?, GluOp::<Silu>::OP)
 }
 
 /// The same function as [`swiglu`] from differentiable candle ops: `silu(g) * u`.
@@ -125,7 +125,7 @@ pub fn swiglu_composed(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 }
 
 /// GeGLU's gate with the tanh approximation of GELU, `gelu_tanh(g) * u` element-wise, fused,
-/// with its backward beside it ([`GeGluOp`]):
+/// with its backward beside it ([`GluOp`] of [`GeluTanh`]):
 /// `gelu_tanh(z) = z/2 (1 + tanh(a))`, `a = sqrt(2/pi) (z + 0.044715 z^3)`,
 /// `dL/dg = dy u (1/2 (1 + tanh a) + z/2 (1 - tanh^2 a) sqrt(2/pi) (1 + 3 0.044715 z^2))`,
 /// `dL/du = dy gelu_tanh(g)`.
@@ -138,7 +138,7 @@ pub fn geglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     if g.dims() != u.dims() {
         candle_core::bail!("geglu: gate {:?} and up {:?} differ", g.dims(), u.dims());
     }
-    g.contiguous()?.apply_op2(&u.contiguous()?, GeGluOp)
+    g.contiguous()?.apply_op2(&u.contiguous()?, GluOp::<GeluTanh>::OP)
 }
 
 /// The same function as [`geglu`] from differentiable candle ops: candle's `gelu` (the tanh
@@ -694,54 +694,6 @@ fn swiglu_bwd_rows<T: Real>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
     out
 }
 
-/// SwiGLU `(g (..., I), u (..., I)) -> g σ(g) u`; see [`swiglu`].
-pub struct SwiGluOp;
-
-impl CustomOp2 for SwiGluOp {
-    fn name(&self) -> &'static str {
-        "ropo-swiglu"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        if l1.dims() != l2.dims() {
-            candle_core::bail!("swiglu: gate {:?} and up {:?} differ", l1.dims(), l2.dims());
-        }
-        let out = dispatch!(self.name(), [(s1, l1, g), (s2, l2, u)], swiglu_rows(g, u));
-        Ok((out, l1.shape().clone()))
-    }
-
-    /// Both input gradients from one pass ([`SwiGluBwdOp`], `(2, ...)`), split by `narrow`
-    /// (views, no copy).
-    fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let both = g.apply_op3_no_bwd(u, &grad_res.contiguous()?, &SwiGluBwdOp)?; // (2, ...)
-        Ok((Some(both.get(0)?), Some(both.get(1)?)))
-    }
-}
-
-/// `(g, u, dy) -> [dL/dg ; dL/du]`, shape `(2, ...)`, of [`SwiGluOp`].
-pub(crate) struct SwiGluBwdOp;
-
-impl CustomOp3 for SwiGluBwdOp {
-    fn name(&self) -> &'static str {
-        "ropo-swiglu-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let out = dispatch!(self.name(), [(s1, l1, g), (s2, l2, u), (s3, l3, dy)], swiglu_bwd_rows(g, u, dy));
-        let mut dims = vec![2];
-        dims.extend_from_slice(l1.dims());
-        Ok((out, Shape::from(dims)))
-    }
-}
-
 /// `sqrt(2 / pi)` and the cubic coefficient of the tanh GELU (PyTorch `gelu(approximate="tanh")`).
 const GELU_K: f64 = 0.797_884_560_802_865_4;
 const GELU_C: f64 = 0.044_715;
@@ -779,35 +731,85 @@ fn geglu_bwd_rows<T: Real>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
     out
 }
 
-/// GeGLU `(g (..., I), u (..., I)) -> gelu_tanh(g) u`; see [`geglu`].
-pub struct GeGluOp;
+/// The element-wise rows of a gated activation `act(g) u`: forward and both input gradients.
+pub(crate) trait GatedActivation: Send + Sync + 'static {
+    /// The forward op's name (the backward's is `{NAME}-bwd`).
+    const NAME: &'static str;
+    /// The backward op's name.
+    const BWD_NAME: &'static str;
+    /// `act(g) u`, element-wise.
+    fn rows<T: Real>(g: &[T], u: &[T]) -> Vec<T>;
+    /// `[dL/dg ; dL/du]` concatenated (`2 len` values) for the upstream gradient `dy`.
+    fn bwd_rows<T: Real>(g: &[T], u: &[T], dy: &[T]) -> Vec<T>;
+}
 
-impl CustomOp2 for GeGluOp {
+/// SwiGLU's activation (`silu`), for [`GluOp`].
+pub(crate) struct Silu;
+
+impl GatedActivation for Silu {
+    const NAME: &'static str = "ropo-swiglu";
+    const BWD_NAME: &'static str = "ropo-swiglu-bwd";
+    fn rows<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
+        swiglu_rows(g, u)
+    }
+    fn bwd_rows<T: Real>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
+        swiglu_bwd_rows(g, u, dy)
+    }
+}
+
+/// GeGLU's activation (tanh GELU), for [`GluOp`].
+pub(crate) struct GeluTanh;
+
+impl GatedActivation for GeluTanh {
+    const NAME: &'static str = "ropo-geglu";
+    const BWD_NAME: &'static str = "ropo-geglu-bwd";
+    fn rows<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
+        geglu_rows(g, u)
+    }
+    fn bwd_rows<T: Real>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
+        geglu_bwd_rows(g, u, dy)
+    }
+}
+
+/// A gated activation `(g (..., I), u (..., I)) -> act(g) u` of `A` ([`Silu`]: [`swiglu`],
+/// [`GeluTanh`]: [`geglu`]).
+pub(crate) struct GluOp<A>(std::marker::PhantomData<A>);
+
+impl<A> GluOp<A> {
+    pub(crate) const OP: Self = Self(std::marker::PhantomData);
+}
+
+impl<A: GatedActivation> CustomOp2 for GluOp<A> {
     fn name(&self) -> &'static str {
-        "ropo-geglu"
+        A::NAME
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         if l1.dims() != l2.dims() {
-            candle_core::bail!("geglu: gate {:?} and up {:?} differ", l1.dims(), l2.dims());
+            candle_core::bail!("{}: gate {:?} and up {:?} differ", A::NAME, l1.dims(), l2.dims());
         }
-        let out = dispatch!(self.name(), [(s1, l1, g), (s2, l2, u)], geglu_rows(g, u));
+        let out = dispatch!(self.name(), [(s1, l1, g), (s2, l2, u)], A::rows(g, u));
         Ok((out, l1.shape().clone()))
     }
 
-    /// Both input gradients from one pass ([`GeGluBwdOp`], `(2, ...)`), split by `get`.
+    /// Both input gradients from one pass ([`GluBwdOp`], `(2, ...)`), split by `get` (views, no
+    /// copy).
     fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let both = g.apply_op3_no_bwd(u, &grad_res.contiguous()?, &GeGluBwdOp)?; // (2, ...)
+        let both = g.apply_op3_no_bwd(u, &grad_res.contiguous()?, &GluBwdOp::<A>::OP)?; // (2, ...)
         Ok((Some(both.get(0)?), Some(both.get(1)?)))
     }
 }
 
-/// `(g, u, dy) -> [dL/dg ; dL/du]`, shape `(2, ...)`, of [`GeGluOp`].
-struct GeGluBwdOp;
+/// `(g, u, dy) -> [dL/dg ; dL/du]`, shape `(2, ...)`, of [`GluOp`].
+pub(crate) struct GluBwdOp<A>(std::marker::PhantomData<A>);
 
-impl CustomOp3 for GeGluBwdOp {
+impl<A> GluBwdOp<A> {
+    pub(crate) const OP: Self = Self(std::marker::PhantomData);
+}
+
+impl<A: GatedActivation> CustomOp3 for GluBwdOp<A> {
     fn name(&self) -> &'static str {
-        "ropo-geglu-bwd"
+        A::BWD_NAME
     }
 
     fn cpu_fwd(
@@ -819,7 +821,7 @@ impl CustomOp3 for GeGluBwdOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = dispatch!(self.name(), [(s1, l1, g), (s2, l2, u), (s3, l3, dy)], geglu_bwd_rows(g, u, dy));
+        let out = dispatch!(self.name(), [(s1, l1, g), (s2, l2, u), (s3, l3, dy)], A::bwd_rows(g, u, dy));
         let mut dims = vec![2];
         dims.extend_from_slice(l1.dims());
         Ok((out, Shape::from(dims)))

@@ -18,7 +18,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use crate::model::bf16_gemm::{self, PackedWeight, Product};
 use crate::model::linear::{Bf16Matmul, Linear};
-use crate::model::ops::{data, swiglu_rows, SwiGluBwdOp};
+use crate::model::ops::{data, swiglu_rows, GluBwdOp, Silu};
 
 /// The forward panels of `down` when [`swiglu_down`] may stand in for `down(swiglu(g, u))`: a
 /// bf16 weight with packed panels, no bias, and no adapter in use.
@@ -71,7 +71,7 @@ impl CustomOp3 for SwiGluDownOp {
     /// `ds = dy W` (the down projection's input gradient), then SwiGLU's backward from `g`, `u`.
     fn bwd(&self, g: &Tensor, u: &Tensor, w: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let ds = grad_res.contiguous()?.apply_op2_no_bwd(w, &Bf16Matmul::new(Product::XW))?;
-        let both = g.apply_op3_no_bwd(u, &ds, &SwiGluBwdOp)?; // (2, rows, I)
+        let both = g.apply_op3_no_bwd(u, &ds, &GluBwdOp::<Silu>::OP)?; // (2, rows, I)
         Ok((Some(both.get(0)?), Some(both.get(1)?), None))
     }
 }
