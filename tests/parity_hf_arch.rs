@@ -189,6 +189,23 @@ fn check_padded_batch(family: &str) {
     assert!(dl < 1e-4, "token log-probs differ from transformers' by {dl}");
 }
 
+/// The bf16 fast path (`model.dtype = "bf16"`: frozen projections in bf16, f32 activations) on
+/// every family: it runs (GeGLU, soft-capping, fused projections, q/k norms included) and its
+/// log-probs track transformers' f32 ones.
+#[test]
+fn bf16_path_runs_and_tracks_f32_on_every_family() {
+    for family in ["qwen3", "phi3", "gemma2", "gemma3"] {
+        let e = expected(family);
+        let m = load(family, DType::BF16);
+        let (ids, mask) = (ids_of(&e["input_ids"]), ids_of(&e["attention_mask"]));
+        let lens: Vec<usize> = lengths(&e["attention_mask"]).iter().map(|l| l - 1).collect();
+        let logits = m.model.forward(&ids, Some(&mask), false).unwrap().to_dtype(DType::F32).unwrap();
+        let dl = max_abs_real(&token_logps(&logits, &ids), &tensor(&e["token_logps"]), &lens);
+        println!("{family} bf16 vs transformers f32: max |d log-prob| = {dl:.3e}");
+        assert!(dl < 0.05, "{family}: bf16 log-probs differ from f32 by {dl}");
+    }
+}
+
 /// Generation with the KV cache, each row on its own (prefill of 4, then one token at a time):
 /// the logits equal transformers' batch logits at the same positions within 1e-4.
 #[test]
