@@ -1,11 +1,16 @@
 //! GGUF (llama.cpp) files -> the HF layout: every tensor dequantized to f32, renamed to HF
-//! names, llama.cpp's Q/K row permutation undone; the config from `{arch}.*` metadata and the
-//! tokenizer from `tokenizer.ggml.*` metadata.
+//! names, llama.cpp's Q/K row permutation undone (`llama`) and Gemma's `1 + w` norm weights
+//! shifted back; the config from `{arch}.*` metadata and the tokenizer from `tokenizer.ggml.*`
+//! metadata. Architectures: `llama`, `qwen2`, `qwen3`, `gemma2`, `gemma3` (text), `phi3`
+//! (4k context; the 128k `longrope` files are refused).
 //!
-//! Sources: GGUF spec (ggml-org/ggml `docs/gguf.md`); llama.cpp `convert_hf_to_gguf.py`
-//! (`LlamaModel.permute`, tensor name map in `gguf-py/gguf/tensor_mapping.py`) and
-//! `src/llama-vocab.cpp` (pre-tokenizer kinds). Reading goes through candle's
-//! `candle_core::quantized::gguf_file`.
+//! Sources: GGUF spec (ggml-org/ggml `docs/gguf.md`); llama.cpp `convert_hf_to_gguf.py` and its
+//! `conversion/` classes (`LlamaModel.permute`; `Gemma2Model` / `Gemma3Model`: `norm.weight + 1`;
+//! `Phi3MiniModel`), the tensor name map in `gguf-py/gguf/tensor_mapping.py` /
+//! `constants.py`, `src/models/{gemma2,gemma3,phi3}.cpp` (`load_arch_hparams`: the hyper-parameter
+//! defaults and hard-coded layer patterns) and `src/llama-vocab.cpp` (pre-tokenizer kinds);
+//! transformers 5.24 `integrations/gguf/gguf_tokenizer_mapping.py` for the SentencePiece
+//! tokenizers. Reading goes through candle's `candle_core::quantized::gguf_file`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Cursor;
@@ -17,7 +22,7 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::model::config::{Arch, ModelConfig};
+use crate::model::config::{Activation, Arch, ArchExtras, ModelConfig};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::ModelParts;
 
@@ -61,7 +66,16 @@ pub fn load_bytes(data: &[u8], path: &Path, device: &Device) -> Result<ModelPart
 
     let mut tensors = BTreeMap::new();
     for (name, t) in dequantized {
-        let hf = hf_name(&name).ok_or_else(|| err(format!("unsupported tensor {name}")))?;
+        let hf = hf_name_for(config.arch, &name).ok_or_else(|| err(format!("unsupported tensor {name} for GGUF architecture {}", gguf_arch_name(config.arch))))?;
+        // convert_hf_to_gguf.py's Gemma2Model / Gemma3Model store every `*norm.weight` (the
+        // layer norms, q/k norms and the final norm) as `w + 1`; HF stores `w`. (In f32,
+        // `(1 + w) - 1` is exact to the rounding of `1 + w`, and ropo's `1 + w` gives back the
+        // stored value bit for bit.)
+        let t = if config.arch.is_gemma() && name.ends_with("norm.weight") {
+            t.affine(1.0, -1.0).map_err(|e| err(format!("tensor {name}: {e}")))?
+        } else {
+            t
+        };
         let t = match (config.arch, hf.rsplit('.').nth(1)) {
             // convert_hf_to_gguf.py permutes q/k rows for the llama architecture only.
             // (a head count that does not divide the rows is an error naming the file and tensor)
@@ -141,9 +155,26 @@ fn check_tensor_sizes(content: &Content, file_len: usize) -> std::result::Result
     Ok(())
 }
 
-/// The HF name of a llama.cpp tensor name (`blk.3.attn_q.weight` ->
-/// `model.layers.3.self_attn.q_proj.weight`); `None` for names we do not know.
+/// The HF name of a llama.cpp tensor name of the Llama layout (`llama`, `qwen2`, `qwen3`):
+/// `blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; `None` for names we do not
+/// know. [`hf_name_for`] with [`Arch::Llama`].
 pub fn hf_name(gguf: &str) -> Option<String> {
+    hf_name_for(Arch::Llama, gguf)
+}
+
+/// The HF name of a llama.cpp tensor name in a file of architecture `arch`; `None` for names we
+/// do not know. The map depends on the architecture (llama.cpp `gguf-py/gguf/constants.py`,
+/// `tensor_mapping.py`):
+///
+/// - Llama, Qwen2/3, Phi-3: `blk.N.attn_norm` = `input_layernorm`, `blk.N.ffn_norm` =
+///   `post_attention_layernorm` (the norm before the MLP);
+/// - Gemma 2/3: `attn_norm` = `input_layernorm`, `post_attention_norm` =
+///   `post_attention_layernorm` (on the attention output), `ffn_norm` =
+///   `pre_feedforward_layernorm`, `post_ffw_norm` = `post_feedforward_layernorm`;
+/// - Phi-3: `attn_qkv` = `self_attn.qkv_proj` `((H + 2 Hkv) hd, D)`, `ffn_up` = the fused
+///   `mlp.gate_up_proj` `(2I, D)` (gate rows first), no `ffn_gate`;
+/// - Qwen3, Gemma 3: `attn_q_norm` / `attn_k_norm` = `self_attn.q_norm` / `k_norm` `(hd,)`.
+pub fn hf_name_for(arch: Arch, gguf: &str) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -160,20 +191,28 @@ pub fn hf_name(gguf: &str) -> Option<String> {
     if suffix != "weight" && suffix != "bias" {
         return None;
     }
-    let hf = match module {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        // Qwen3's per-head q/k RMSNorm (llama.cpp `LLM_TENSOR_ATTN_Q_NORM` / `ATTN_K_NORM`)
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_k_norm" => "self_attn.k_norm",
-        _ => return None,
+    let hf = match (arch, module) {
+        (Arch::Gemma2 | Arch::Gemma3, "post_attention_norm") => "post_attention_layernorm",
+        (Arch::Gemma2 | Arch::Gemma3, "ffn_norm") => "pre_feedforward_layernorm",
+        (Arch::Gemma2 | Arch::Gemma3, "post_ffw_norm") => "post_feedforward_layernorm",
+        (Arch::Phi3, "attn_qkv") => "self_attn.qkv_proj",
+        (Arch::Phi3, "ffn_up") => "mlp.gate_up_proj",
+        (Arch::Phi3, "ffn_gate") => return None,
+        (_, module) => match module {
+            "attn_q" => "self_attn.q_proj",
+            "attn_k" => "self_attn.k_proj",
+            "attn_v" => "self_attn.v_proj",
+            "attn_output" => "self_attn.o_proj",
+            "ffn_gate" => "mlp.gate_proj",
+            "ffn_up" => "mlp.up_proj",
+            "ffn_down" => "mlp.down_proj",
+            "attn_norm" => "input_layernorm",
+            "ffn_norm" => "post_attention_layernorm",
+            // Qwen3's per-head q/k RMSNorm (llama.cpp `LLM_TENSOR_ATTN_Q_NORM` / `ATTN_K_NORM`)
+            "attn_q_norm" => "self_attn.q_norm",
+            "attn_k_norm" => "self_attn.k_norm",
+            _ => return None,
+        },
     };
     Some(format!("model.layers.{layer}.{hf}.{suffix}"))
 }
@@ -266,6 +305,25 @@ impl Metadata<'_> {
     }
 }
 
+impl Metadata<'_> {
+    /// An array of numbers (f32 `tokenizer.ggml.scores`) as f64s, each f32 widened exactly.
+    fn floats(&self, key: &str) -> Result<Option<Vec<f64>>> {
+        self.get(key)
+            .map(|v| match v {
+                Value::Array(a) => a
+                    .iter()
+                    .map(|x| match x {
+                        Value::F32(f) => Ok(*f as f64),
+                        Value::F64(f) => Ok(*f),
+                        x => as_int(x).map(|i| i as f64).ok_or_else(|| self.err(format!("GGUF metadata {key} is not an array of numbers"))),
+                    })
+                    .collect(),
+                _ => Err(self.err(format!("GGUF metadata {key} is not an array"))),
+            })
+            .transpose()
+    }
+}
+
 fn as_int(v: &Value) -> Option<u64> {
     match *v {
         Value::U8(x) => Some(x as u64),
@@ -282,7 +340,9 @@ fn as_int(v: &Value) -> Option<u64> {
 
 /// `ModelConfig` from `general.architecture` and `{arch}.*` keys (llama.cpp's names:
 /// `block_count`, `embedding_length`, `feed_forward_length`, `attention.head_count(_kv)`,
-/// `attention.layer_norm_rms_epsilon`, `rope.freq_base`, `context_length`).
+/// `attention.key_length`, `attention.layer_norm_rms_epsilon`, `rope.freq_base`,
+/// `context_length`), plus the [`ArchExtras`] of `gemma2`, `gemma3` and `phi3`
+/// ([`arch_extras`]). Tied embeddings: no `output.weight` tensor.
 fn config_from_metadata(md: &Metadata, content: &Content) -> Result<ModelConfig> {
     let arch_name = md.string("general.architecture")?.ok_or_else(|| md.err("missing GGUF metadata key general.architecture".into()))?;
     let arch = match arch_name {
@@ -290,7 +350,12 @@ fn config_from_metadata(md: &Metadata, content: &Content) -> Result<ModelConfig>
         "qwen2" => Arch::Qwen2,
         // llama.cpp's `qwen3`: Qwen2's layout (no q/k permutation) plus blk.N.attn_{q,k}_norm
         "qwen3" => Arch::Qwen3,
-        other => return Err(md.err(format!("unsupported GGUF architecture \"{other}\" (supported: llama, qwen2, qwen3)"))),
+        "gemma2" => Arch::Gemma2,
+        "gemma3" => Arch::Gemma3,
+        "phi3" => Arch::Phi3,
+        other => {
+            return Err(md.err(format!("unsupported GGUF architecture \"{other}\" (supported: llama, qwen2, qwen3, gemma2, gemma3, phi3)")))
+        }
     };
     if content.tensor_infos.contains_key("rope_freqs.weight") {
         return Err(md.err("GGUF rope_freqs.weight (Llama-3.1 RoPE scaling) is not supported; load the HF folder instead".into()));
@@ -308,26 +373,157 @@ fn config_from_metadata(md: &Metadata, content: &Content) -> Result<ModelConfig>
         Some(v) => v as usize,
         None => n_tokens.ok_or_else(|| md.err(format!("missing {} and tokenizer.ggml.tokens", k("vocab_size"))))?,
     };
+    let num_hidden_layers = md.req_int(&k("block_count"))? as usize;
+    let rope_theta = md.float(&k("rope.freq_base"))?.unwrap_or(10000.0);
+    let extras = arch_extras(md, content, arch, num_hidden_layers, hidden_size, num_attention_heads, head_dim, rope_theta)?;
     let eos = eos_ids(md)?;
     Ok(ModelConfig {
         arch,
         vocab_size,
         hidden_size,
         intermediate_size: md.req_int(&k("feed_forward_length"))? as usize,
-        num_hidden_layers: md.req_int(&k("block_count"))? as usize,
+        num_hidden_layers,
         num_attention_heads,
         num_key_value_heads,
         head_dim,
         rms_norm_eps: md.float(&k("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
-        rope_theta: md.float(&k("rope.freq_base"))?.unwrap_or(10000.0),
+        rope_theta,
         rope_scaling: None,
         max_position_embeddings: md.int(&k("context_length"))?.map(|x| x as usize).unwrap_or(2048),
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
         attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
         bos_token_id: md.int("tokenizer.ggml.bos_token_id")?.map(|x| x as u32),
         eos_token_ids: eos,
-        extras: Default::default(),
+        extras,
     })
+}
+
+/// The [`ArchExtras`] of a `gemma2` / `gemma3` / `phi3` file, as llama.cpp reads them
+/// (`src/models/{gemma2,gemma3,phi3}.cpp`, `load_arch_hparams`) and as `hf_config.rs` resolves
+/// the equivalent `config.json`; the default (none) for the other architectures.
+///
+/// - Gemma: GeGLU (tanh GELU). `query_pre_attn_scalar` is not stored in a GGUF: llama.cpp scales
+///   queries by `1/sqrt(head_dim)` except for the 27B sizes (Gemma 2: 46 layers, Gemma 3: 62),
+///   where it uses `1/sqrt(hidden / heads)` (`f_attention_scale`, after gemma_pytorch's
+///   `config.py`); the same rule here (the published configs agree: 256 = head_dim, 27B: 144 =
+///   4608 / 32 and 168 = 5376 / 32).
+/// - Gemma 2: `gemma2.attn_logit_softcapping` / `final_logit_softcapping` (llama.cpp's defaults
+///   50 and 30 when absent), `attention.sliding_window` (default 4096).
+/// - Gemma 3: `final_logit_softcapping` when present (no attention cap);
+///   `attention.sliding_window` (absent or 0: every layer global); `rope.freq_base_swa` for the
+///   sliding layers (llama.cpp's default 10000); `rope.scaling.type = linear` with
+///   `rope.scaling.factor` for the global layers.
+/// - Which layers slide: `attention.sliding_window_pattern` when the file has it (an array of
+///   booleans, or a period `n`: layer `i` slides when `i % n < n - 1`), else llama.cpp's
+///   hard-coded period, 2 for Gemma 2 (layers 0, 2, 4, ... slide) and 6 for Gemma 3 (layers
+///   with `(i + 1) % 6 != 0` slide).
+/// - Phi-3: `attention.sliding_window` (0 = none) on every layer, as transformers' Phi-3 and
+///   `hf_config.rs` apply it (llama.cpp currently ignores Phi-3's window). The 128k variants
+///   (`rope_factors_long` / `rope_factors_short` tensors, `longrope`) and partial rotary
+///   embeddings (`rope.dimension_count` < head_dim) are refused.
+#[allow(clippy::too_many_arguments)]
+fn arch_extras(
+    md: &Metadata,
+    content: &Content,
+    arch: Arch,
+    n_layers: usize,
+    hidden: usize,
+    heads: usize,
+    head_dim: usize,
+    rope_theta: f64,
+) -> Result<ArchExtras> {
+    if !matches!(arch, Arch::Gemma2 | Arch::Gemma3 | Arch::Phi3) {
+        return Ok(ArchExtras::default());
+    }
+    let name = gguf_arch_name(arch);
+    let k = |s: &str| format!("{name}.{s}");
+    if arch == Arch::Phi3 {
+        let long = ["rope_factors_long.weight", "rope_factors_short.weight"].into_iter().find(|t| content.tensor_infos.contains_key(*t));
+        if let Some(t) = long {
+            return Err(md.err(format!(
+                "GGUF tensor {t}: Phi-3's 128k-context RoPE scaling (longrope) is not supported (only the 4k-context Phi-3 models)"
+            )));
+        }
+    }
+    if let Some(dims) = md.int(&k("rope.dimension_count"))? {
+        if dims as usize != head_dim {
+            return Err(md.err(format!("{} = {dims}: partial rotary embeddings are not supported (only head_dim = {head_dim})", k("rope.dimension_count"))));
+        }
+    }
+    let scaling = md.string(&k("rope.scaling.type"))?.unwrap_or("none");
+    let factor = md.float(&k("rope.scaling.factor"))?.filter(|f| *f != 0.0 && *f != 1.0);
+    let rope_linear_factor = match (scaling, factor) {
+        ("none", _) | ("linear", None) => None,
+        ("linear", Some(f)) if arch == Arch::Gemma3 && f > 0.0 => Some(f),
+        (kind, _) => {
+            let what = if matches!(kind, "longrope" | "su") { " (Phi-3's 128k-context RoPE scaling)" } else { "" };
+            return Err(md.err(format!("{} = \"{kind}\"{what} is not supported for GGUF architecture {name}", k("rope.scaling.type"))));
+        }
+    };
+    let gemma = arch.is_gemma();
+    let positive = |key: &str, default: Option<f64>| -> Result<Option<f64>> { Ok(md.float(&k(key))?.or(default).filter(|c| *c > 0.0)) };
+    let (attn_logit_softcapping, final_logit_softcapping) = match arch {
+        Arch::Gemma2 => (positive("attn_logit_softcapping", Some(50.0))?, positive("final_logit_softcapping", Some(30.0))?),
+        Arch::Gemma3 => (None, positive("final_logit_softcapping", None)?),
+        _ => (None, None),
+    };
+    let window = md.int(&k("attention.sliding_window"))?.or((arch == Arch::Gemma2).then_some(4096)).filter(|w| *w > 0).map(|w| w as usize);
+    let sliding_layers: Vec<bool> = match (arch, md.get(&k("attention.sliding_window_pattern"))) {
+        (_, _) if window.is_none() => vec![],
+        (Arch::Phi3, _) => vec![true; n_layers],
+        (_, Some(Value::Array(a))) => {
+            let flags: Option<Vec<bool>> = a.iter().map(|v| if let Value::Bool(b) = v { Some(*b) } else { None }).collect();
+            let flags = flags.ok_or_else(|| md.err(format!("GGUF metadata {} is not an array of booleans", k("attention.sliding_window_pattern"))))?;
+            if flags.len() != n_layers {
+                return Err(md.err(format!("{} has {} entries for {n_layers} layers", k("attention.sliding_window_pattern"), flags.len())));
+            }
+            flags
+        }
+        (_, _) => {
+            // llama_hparams::set_swa_pattern(n): layer i slides when n == 0 or i % n < n - 1
+            let n = md.int(&k("attention.sliding_window_pattern"))?.unwrap_or(if arch == Arch::Gemma2 { 2 } else { 6 }) as usize;
+            (0..n_layers).map(|i| n == 0 || i % n < n - 1).collect()
+        }
+    };
+    let any_sliding = sliding_layers.iter().any(|&s| s);
+    let rope_local_theta = match arch {
+        Arch::Gemma3 => Some(md.float(&k("rope.freq_base_swa"))?.unwrap_or(10000.0)),
+        _ => {
+            // Gemma 2 (llama.cpp: the sliding layers' base defaults to the global one) and Phi-3
+            // have one RoPE base
+            match md.float(&k("rope.freq_base_swa"))? {
+                Some(b) if b != rope_theta => {
+                    return Err(md.err(format!("{} = {b} != rope.freq_base {rope_theta}: a second RoPE base is not supported for {name}", k("rope.freq_base_swa"))))
+                }
+                _ => None,
+            }
+        }
+    };
+    // llama.cpp's f_attention_scale: 1/sqrt(n_embd / n_head) for the 27B sizes, else 1/sqrt(head_dim)
+    let is_27b = matches!((arch, n_layers), (Arch::Gemma2, 46) | (Arch::Gemma3, 62));
+    let query_pre_attn_scalar = gemma.then(|| if is_27b { (hidden / heads) as f64 } else { head_dim as f64 });
+    Ok(ArchExtras {
+        hidden_act: if gemma { Activation::GeluTanh } else { Activation::Silu },
+        query_pre_attn_scalar,
+        attn_logit_softcapping,
+        final_logit_softcapping,
+        sliding_window: window.filter(|_| any_sliding),
+        sliding_layers: if any_sliding { sliding_layers } else { vec![] },
+        rope_local_theta,
+        rope_linear_factor,
+    })
+}
+
+/// llama.cpp's `general.architecture` name of `arch` (Mistral is written as `llama`).
+fn gguf_arch_name(arch: Arch) -> &'static str {
+    match arch {
+        Arch::Llama | Arch::Mistral => "llama",
+        Arch::Qwen2 => "qwen2",
+        Arch::Qwen3 => "qwen3",
+        Arch::Phi3 => "phi3",
+        Arch::Gemma2 => "gemma2",
+        Arch::Gemma3 => "gemma3",
+    }
 }
 
 /// Generation-ending ids: `eos_token_id`, then `eot_token_id` / `eom_token_id` when distinct.
@@ -366,18 +562,29 @@ fn pre_tokenizer_json(md: &Metadata, pre: &str) -> Result<serde_json::Value> {
     }
 }
 
-/// The tokenizer from `tokenizer.ggml.*` metadata: a byte-level BPE (`tokenizer.ggml.model` =
-/// `gpt2`) with vocab = `tokens` (id = index), `merges`, control tokens (`token_type` 3) as
-/// special added tokens, user-defined ones (4) as added tokens, the `pre` kind's pre-tokenizer,
-/// a byte-level decoder, and a BOS-prepending post-processor only when `add_bos_token` is true.
+/// The tokenizer from `tokenizer.ggml.*` metadata, as an HF `tokenizer.json` object, for the
+/// two tokenizer kinds (`tokenizer.ggml.model`):
+///
+/// - `gpt2`, a byte-level BPE: vocab = `tokens` (id = index), `merges`, control tokens
+///   (`token_type` 3) as special added tokens, user-defined ones (4) as added tokens, the `pre`
+///   kind's pre-tokenizer, a byte-level decoder;
+/// - `llama`, SentencePiece (Gemma, Phi-3, Llama 2 files): see [`spm_tokenizer_json`];
+///
+/// and a BOS-prepending post-processor when `add_bos_token` is true (for `llama` also when the
+/// key is absent: llama.cpp's and transformers' default for SentencePiece).
 pub fn tokenizer_json(md_map: &HashMap<String, Value>, path: &Path) -> Result<serde_json::Value> {
     tokenizer_json_inner(&Metadata { md: md_map, path })
 }
 
 fn tokenizer_json_inner(md: &Metadata) -> Result<serde_json::Value> {
     let model = md.string("tokenizer.ggml.model")?.unwrap_or("");
+    if model == "llama" {
+        return spm_tokenizer_json(md);
+    }
     if model != "gpt2" {
-        return Err(md.err(format!("unsupported tokenizer.ggml.model \"{model}\" (supported: gpt2, byte-level BPE)")));
+        return Err(md.err(format!(
+            "unsupported tokenizer.ggml.model \"{model}\" (supported: gpt2, byte-level BPE; llama, SentencePiece)"
+        )));
     }
     let tokens = md.strings("tokenizer.ggml.tokens")?.ok_or_else(|| md.err("missing GGUF metadata key tokenizer.ggml.tokens".into()))?;
     let merges = md.strings("tokenizer.ggml.merges")?.unwrap_or_default();
@@ -402,7 +609,7 @@ fn tokenizer_json_inner(md: &Metadata) -> Result<serde_json::Value> {
         "added_tokens": added,
         "normalizer": null,
         "pre_tokenizer": pre_tokenizer_json(md, pre)?,
-        "post_processor": post_processor_json(md, &tokens)?,
+        "post_processor": post_processor_json(md, &tokens, false)?,
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {
             "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
@@ -412,11 +619,160 @@ fn tokenizer_json_inner(md: &Metadata) -> Result<serde_json::Value> {
     }))
 }
 
-/// With `tokenizer.ggml.add_bos_token` true, a `TemplateProcessing` that prepends BOS when
-/// special tokens are requested (what llama.cpp does, and HF's Llama `tokenizer.json`s);
-/// otherwise none.
-fn post_processor_json(md: &Metadata, tokens: &[&str]) -> Result<serde_json::Value> {
-    let add_bos = matches!(md.get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
+
+/// GGUF token type 2: the unknown token; 5: unused; 6: a `<0xNN>` byte token.
+const TOKEN_TYPE_UNKNOWN: u64 = 2;
+
+/// The `tokenizer.json` of a SentencePiece GGUF vocabulary (`tokenizer.ggml.model = llama`),
+/// built as transformers 5.24 builds it (`integrations/gguf/gguf_tokenizer_mapping.py`:
+/// `sentencepiece_tokenizer`, `gemma_tokenizer`, `phi3_tokenizer`, `add_gguf_special_tokens`,
+/// over `LlamaTokenizer` / `GemmaTokenizer` of `models/{llama,gemma}/tokenization_*.py`):
+///
+/// - a BPE with `byte_fallback` (the `<0xNN>` tokens, type 6) and `fuse_unk`; vocab = `tokens`;
+///   merges from `tokenizer.ggml.merges`, or, as in these files, rebuilt from the vocabulary
+///   ([`merges_from_vocab`]) ranked by `tokenizer.ggml.scores` (Gemma: by position in the file;
+///   Gemma's whitespace-only tokens are respelled with `▁`);
+/// - Gemma (`gemma`, `gemma2`, `gemma3`): normalizer `Replace(" ", "▁")`, no prefix space
+///   (the converter writes `add_space_prefix = false`), a `Split(" ")` pre-tokenizer (a no-op
+///   after the normalizer), unk token `<unk>`;
+/// - Phi-3: normalizer `Prepend("▁")` + `Replace(" ", "▁")`, no pre-tokenizer;
+/// - other architectures (`llama`): a `Metaspace` pre-tokenizer prepending `▁` to the first
+///   word when `tokenizer.ggml.add_space_prefix` is true (the default), none when false;
+/// - decoder `Replace("▁", " ")`, `ByteFallback`, `Fuse`, and (not Gemma) `Strip` of the
+///   one prefix space;
+/// - control tokens (type 3) and the unknown / BOS / EOS / padding tokens as special added
+///   tokens, user-defined ones (4) as plain added tokens; BOS prepended per `add_bos_token`
+///   (default true).
+fn spm_tokenizer_json(md: &Metadata) -> Result<serde_json::Value> {
+    let arch = md.string("general.architecture")?.unwrap_or("");
+    let gemma = matches!(arch, "gemma" | "gemma2" | "gemma3");
+    let phi3 = arch == "phi3";
+    let tokens = md.strings("tokenizer.ggml.tokens")?.ok_or_else(|| md.err("missing GGUF metadata key tokenizer.ggml.tokens".into()))?;
+    let types = md.ints("tokenizer.ggml.token_type")?.unwrap_or_default();
+    // Gemma files store a token of two or more spaces as spaces; GemmaTokenizer looks it up as ▁▁
+    let vocab_tokens: Vec<String> = tokens
+        .iter()
+        .map(|t| if gemma && t.contains(' ') && t.chars().all(py_whitespace) { "▁".repeat(t.chars().count()) } else { t.to_string() })
+        .collect();
+    let merges: Vec<String> = match md.strings("tokenizer.ggml.merges")? {
+        Some(m) => m.into_iter().map(str::to_string).collect(),
+        None => {
+            let scores: Vec<f64> = if gemma {
+                // Gemma's scores do not follow its merge order; the file order does
+                (0..vocab_tokens.len()).map(|i| -(i as f64)).collect()
+            } else {
+                let s = md.floats("tokenizer.ggml.scores")?.ok_or_else(|| md.err("missing GGUF metadata keys tokenizer.ggml.merges and tokenizer.ggml.scores".into()))?;
+                if s.len() != vocab_tokens.len() {
+                    return Err(md.err(format!("tokenizer.ggml.scores has {} entries for {} tokens", s.len(), vocab_tokens.len())));
+                }
+                s
+            };
+            merges_from_vocab(&vocab_tokens, &scores).into_iter().map(|(l, r)| format!("{l} {r}")).collect()
+        }
+    };
+    let mut vocab = serde_json::Map::with_capacity(vocab_tokens.len());
+    for (id, tok) in vocab_tokens.iter().enumerate() {
+        vocab.insert(tok.clone(), id.into());
+    }
+    let text_of = |key: &str| -> Result<Option<usize>> { Ok(md.int(key)?.map(|i| i as usize).filter(|&i| i < vocab_tokens.len())) };
+    let unk = text_of("tokenizer.ggml.unknown_token_id")?.or_else(|| types.iter().position(|&t| t == TOKEN_TYPE_UNKNOWN));
+    let named: Vec<usize> = [unk, text_of("tokenizer.ggml.bos_token_id")?, text_of("tokenizer.ggml.eos_token_id")?, text_of("tokenizer.ggml.padding_token_id")?]
+        .into_iter()
+        .flatten()
+        .collect();
+    let mut added = Vec::new();
+    for (id, tok) in vocab_tokens.iter().enumerate() {
+        let ty = types.get(id).copied().unwrap_or(1);
+        if ty == TOKEN_TYPE_CONTROL || ty == TOKEN_TYPE_USER_DEFINED || named.contains(&id) {
+            added.push(serde_json::json!({
+                "id": id, "content": tok, "single_word": false, "lstrip": false, "rstrip": false,
+                "normalized": false, "special": ty != TOKEN_TYPE_USER_DEFINED,
+            }));
+        }
+    }
+    // GemmaTokenizer's BPE names `<unk>` as its unknown token; LlamaTokenizer's names none
+    let unk_token = if gemma { Some("<unk>".to_string()).filter(|u| vocab.contains_key(u)) } else { None };
+    let replace = |from: &str, to: &str| serde_json::json!({"type": "Replace", "pattern": {"String": from}, "content": to});
+    let add_prefix = !matches!(md.get("tokenizer.ggml.add_space_prefix"), Some(Value::Bool(false)));
+    let (normalizer, pre_tokenizer) = if gemma {
+        (replace(" ", "▁"), serde_json::json!({"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false}))
+    } else if phi3 {
+        (serde_json::json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"}, replace(" ", "▁")]}), serde_json::Value::Null)
+    } else {
+        let scheme = if add_prefix { "first" } else { "never" };
+        (serde_json::Value::Null, serde_json::json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": scheme, "split": false}))
+    };
+    let mut decoders = vec![replace("▁", " "), serde_json::json!({"type": "ByteFallback"}), serde_json::json!({"type": "Fuse"})];
+    if !gemma && (phi3 || add_prefix) {
+        decoders.push(serde_json::json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    let token_refs: Vec<&str> = vocab_tokens.iter().map(String::as_str).collect();
+    Ok(serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": post_processor_json(md, &token_refs, true)?,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": unk_token, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": vocab, "merges": merges,
+        },
+    }))
+}
+
+/// Python's `str.isspace` for one character (what transformers' `t.strip()` removes): Unicode
+/// whitespace plus the separators U+001C..U+001F.
+fn py_whitespace(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+/// BPE merges recovered from a vocabulary without them, exactly as transformers'
+/// `tokenization_utils_base.generate_merges(vocab, vocab_scores)` does: for every token (in
+/// file order, once), every split into two halves that are both tokens, the splits of one
+/// token ordered by the halves' ids; then all of them stably sorted by (score of the token,
+/// length of the left half, of the right half in characters), highest first. `tokens[i]` has
+/// id `i` (a repeated token keeps its last id and its first position) and score `scores[i]`
+/// (a repeated token keeps its last score).
+pub fn merges_from_vocab(tokens: &[String], scores: &[f64]) -> Vec<(String, String)> {
+    let mut id: HashMap<&str, usize> = HashMap::with_capacity(tokens.len());
+    let mut score: HashMap<&str, f64> = HashMap::with_capacity(tokens.len());
+    let mut order: Vec<&str> = Vec::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        if id.insert(t, i).is_none() {
+            order.push(t);
+        }
+        score.insert(t, scores.get(i).copied().unwrap_or(0.0));
+    }
+    let mut merges: Vec<(&str, &str, f64, usize, usize)> = Vec::new();
+    for t in order {
+        let mut local: Vec<(&str, &str, f64, usize, usize)> = Vec::new();
+        let n = t.chars().count();
+        for (k, (at, _)) in t.char_indices().enumerate().skip(1) {
+            let (l, r) = t.split_at(at);
+            if id.contains_key(l) && id.contains_key(r) {
+                local.push((l, r, score[t], k, n - k));
+            }
+        }
+        local.sort_by_key(|m| (id[m.0], id[m.1]));
+        merges.extend(local);
+    }
+    // Python's sorted(..., reverse=True) is stable: equal keys keep their order
+    merges.sort_by(|a, b| (b.2, b.3, b.4).partial_cmp(&(a.2, a.3, a.4)).unwrap_or(std::cmp::Ordering::Equal));
+    merges.into_iter().map(|(l, r, ..)| (l.to_string(), r.to_string())).collect()
+}
+
+/// With `tokenizer.ggml.add_bos_token` true (or absent and `bos_default`), a
+/// `TemplateProcessing` that prepends BOS when special tokens are requested (what llama.cpp
+/// does, and HF's Llama `tokenizer.json`s); otherwise none.
+fn post_processor_json(md: &Metadata, tokens: &[&str], bos_default: bool) -> Result<serde_json::Value> {
+    let add_bos = match md.get("tokenizer.ggml.add_bos_token") {
+        Some(Value::Bool(b)) => *b,
+        _ => bos_default,
+    };
     let bos = md.int("tokenizer.ggml.bos_token_id")?;
     let (true, Some(bos)) = (add_bos, bos) else { return Ok(serde_json::Value::Null) };
     let text = tokens.get(bos as usize).ok_or_else(|| md.err(format!("tokenizer.ggml.bos_token_id = {bos} is not a token id")))?;
@@ -479,6 +835,58 @@ mod tests {
         assert_eq!(hf_name("output.weight").unwrap(), "lm_head.weight");
         assert!(hf_name("blk.x.attn_q.weight").is_none());
         assert!(hf_name("blk.1.attn_qkv.weight").is_none());
+    }
+
+    /// The arch-dependent names (llama.cpp `constants.py` / `tensor_mapping.py`): Gemma's
+    /// `ffn_norm` is the pre-feed-forward norm, Llama's the post-attention one.
+    #[test]
+    fn gemma_and_phi3_names_map_to_hf() {
+        let g = |arch, n| hf_name_for(arch, n).unwrap();
+        for arch in [Arch::Gemma2, Arch::Gemma3] {
+            assert_eq!(g(arch, "blk.1.attn_norm.weight"), "model.layers.1.input_layernorm.weight");
+            assert_eq!(g(arch, "blk.1.post_attention_norm.weight"), "model.layers.1.post_attention_layernorm.weight");
+            assert_eq!(g(arch, "blk.1.ffn_norm.weight"), "model.layers.1.pre_feedforward_layernorm.weight");
+            assert_eq!(g(arch, "blk.1.post_ffw_norm.weight"), "model.layers.1.post_feedforward_layernorm.weight");
+            assert_eq!(g(arch, "blk.1.attn_q_norm.weight"), "model.layers.1.self_attn.q_norm.weight");
+        }
+        assert_eq!(g(Arch::Phi3, "blk.0.attn_qkv.weight"), "model.layers.0.self_attn.qkv_proj.weight");
+        assert_eq!(g(Arch::Phi3, "blk.0.ffn_up.weight"), "model.layers.0.mlp.gate_up_proj.weight");
+        assert_eq!(g(Arch::Phi3, "blk.0.ffn_norm.weight"), "model.layers.0.post_attention_layernorm.weight");
+        assert!(hf_name_for(Arch::Phi3, "blk.0.ffn_gate.weight").is_none());
+        assert!(hf_name_for(Arch::Llama, "blk.0.post_ffw_norm.weight").is_none());
+    }
+
+    fn extras_of(arch: Arch, n_layers: usize, kv: &[(&str, Value)]) -> Result<ArchExtras> {
+        let content = Content {
+            magic: candle_core::quantized::gguf_file::VersionedMagic::GgufV3,
+            metadata: kv.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            tensor_infos: HashMap::new(),
+            tensor_data_offset: 0,
+        };
+        let md = Metadata { md: &content.metadata, path: Path::new("x.gguf") };
+        arch_extras(&md, &content, arch, n_layers, 4608, 32, 128, 10000.0)
+    }
+
+    /// llama.cpp's defaults when the keys are absent (`src/models/gemma2.cpp`: caps 50 / 30,
+    /// window 4096, pattern 2) and its 27B rule for the query scale (46 layers: hidden / heads).
+    #[test]
+    fn gemma2_defaults_and_the_27b_query_scale() {
+        let x = extras_of(Arch::Gemma2, 4, &[]).unwrap();
+        assert_eq!((x.attn_logit_softcapping, x.final_logit_softcapping, x.sliding_window), (Some(50.0), Some(30.0), Some(4096)));
+        assert_eq!((x.sliding_layers.clone(), x.query_pre_attn_scalar, x.hidden_act), (vec![true, false, true, false], Some(128.0), Activation::GeluTanh));
+        assert_eq!(extras_of(Arch::Gemma2, 46, &[]).unwrap().query_pre_attn_scalar, Some(144.0));
+        assert_eq!(extras_of(Arch::Gemma3, 62, &[]).unwrap().query_pre_attn_scalar, Some(144.0));
+        // Gemma 3 without a window: every layer global; its local RoPE base defaults to 10000
+        let x = extras_of(Arch::Gemma3, 6, &[]).unwrap();
+        assert!(x.sliding_window.is_none() && x.sliding_layers.is_empty() && x.rope_local_theta == Some(1e4));
+        // Phi-3: a window of 0 is none; a set window covers every layer
+        assert!(extras_of(Arch::Phi3, 2, &[("phi3.attention.sliding_window", Value::U32(0))]).unwrap().is_default());
+        let x = extras_of(Arch::Phi3, 2, &[("phi3.attention.sliding_window", Value::U32(2047))]).unwrap();
+        assert_eq!((x.sliding_window, x.sliding_layers), (Some(2047), vec![true, true]));
+        let e = extras_of(Arch::Phi3, 2, &[("phi3.rope.dimension_count", Value::U32(64))]).unwrap_err().to_string();
+        assert!(e.contains("x.gguf") && e.contains("partial rotary"), "{e}");
+        let e = extras_of(Arch::Gemma2, 2, &[("gemma2.rope.scaling.type", Value::String("yarn".into()))]).unwrap_err().to_string();
+        assert!(e.contains("yarn"), "{e}");
     }
 
     #[test]
