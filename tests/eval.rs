@@ -447,6 +447,14 @@ fn drift_kl_matches_full_logits_and_is_zero_against_itself() {
     assert_eq!(d0.nll_policy, d0.nll_reference);
     assert!((d0.nll_reference - d1.nll_reference).abs() < 1e-12);
     assert!(drift(&model, &prompts, &completions[..2], true, 1).is_err());
+    // a separate policy model: the perturbed model against a second copy of the same base
+    // (another model object, adapters off) gives the numbers of the adapters-on drift
+    use ropo::eval::drift::drift_between;
+    let (reference, _) = common::tiny::model_with_perturbed_ropo(&cfg, 3, 4);
+    let d2 = drift_between(&reference, Some((&model, true)), &prompts, &completions, 2).unwrap();
+    assert!((d2.kl - d1.kl).abs() < 1e-12 && (d2.nll_policy - d1.nll_policy).abs() < 1e-12, "{d2:?} vs {d1:?}");
+    let same = drift_between(&reference, Some((&model, false)), &prompts, &completions, 2).unwrap();
+    assert!(same.kl.abs() < 1e-12, "{same:?}");
 }
 
 /// A fresh (identity) adapter on the real model, in f64: drift 0 up to float noise.
