@@ -1,5 +1,5 @@
 //! The picture of a sweep (`scripts/sweep.py`, `ropo plot --sweep results.json`): what each
-//! method wins against what it costs. Four panels, the per-token KL drift from the reference on
+//! method wins against what it costs. Four panels, the per-token KL drift from the reference (log scale) on
 //! held-out prompts on every x axis (`ropo eval --drift`), and on the y axes the held-out
 //! preference accuracy and margin (the win), and the greedy answer length against the base
 //! model's and the sampled distinct-2 (reward-hacking symptoms). One line per method through
@@ -98,6 +98,9 @@ pub fn plot_sweep(runs: &[SweepRun], out: &Path) -> Result<()> {
     res.map_err(|e| Error::Msg(format!("writing {}: {e}", out.display())))
 }
 
+/// Drifts below this (nats per token) are drawn at it on the log axis.
+const KL_FLOOR: f64 = 1e-4;
+
 fn draw(runs: &[SweepRun], path: &Path) -> Result<()> {
     let mut methods: BTreeMap<&str, Vec<&SweepRun>> = BTreeMap::new();
     for r in runs {
@@ -109,18 +112,23 @@ fn draw(runs: &[SweepRun], path: &Path) -> Result<()> {
     let root = BitMapBackend::new(path, (1400, 1000)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_err)?;
     for (area, (title, value)) in root.split_evenly((2, 2)).iter().zip(PANELS) {
-        let (x0, x1) = crate::plot::padded(runs.iter().map(|r| r.drift_kl).chain([0.0]));
+        // drift spans decades (0.05 to 6.5 nats/token in the orca sweep): a log axis, with drifts
+        // under KL_FLOOR (an identity run) drawn at it
+        let kl = |r: &SweepRun| r.drift_kl.max(KL_FLOOR);
+        let (lo, hi) = runs.iter().map(kl).fold((f64::INFINITY, 0.0f64), |(l, h), k| (l.min(k), h.max(k)));
+        let (x0, x1) = if lo.is_finite() { (lo / 1.6, hi * 1.6) } else { (KL_FLOOR, 1.0) };
         let (y0, y1) = crate::plot::padded(runs.iter().map(value));
         let mut chart = ChartBuilder::on(area)
             .caption(title, ("sans-serif", 24))
             .margin(14)
             .x_label_area_size(44)
             .y_label_area_size(70)
-            .build_cartesian_2d(x0..x1, y0..y1)
+            .build_cartesian_2d((x0..x1).log_scale(), y0..y1)
             .map_err(draw_err)?;
         chart
             .configure_mesh()
-            .x_desc("KL(reference || policy) per token on held-out prompts")
+            .x_desc("KL(reference || policy) per token on held-out prompts (log scale)")
+            .x_label_formatter(&|x| format!("{x}"))
             .label_style(("sans-serif", 15))
             .axis_desc_style(("sans-serif", 16))
             .light_line_style(RGBColor(235, 235, 235))
@@ -128,7 +136,7 @@ fn draw(runs: &[SweepRun], path: &Path) -> Result<()> {
             .map_err(draw_err)?;
         for (i, (method, rs)) in methods.iter().enumerate() {
             let colour = COLOURS[i % COLOURS.len()];
-            let pts: Vec<(f64, f64)> = rs.iter().map(|r| (r.drift_kl, value(r))).collect();
+            let pts: Vec<(f64, f64)> = rs.iter().map(|r| (kl(r), value(r))).collect();
             chart
                 .draw_series(LineSeries::new(pts.iter().copied(), colour.stroke_width(2)).point_size(5))
                 .map_err(draw_err)?
