@@ -45,7 +45,8 @@ impl Arch {
     /// `1 + w` (the stored weight is the offset from one, computed in f32), four norms a layer
     /// (`input_layernorm` before attention, `post_attention_layernorm` on its output,
     /// `pre_feedforward_layernorm` / `post_feedforward_layernorm` around the MLP), and the
-    /// embeddings multiplied by `sqrt(hidden_size)` rounded to the weights' dtype.
+    /// embeddings multiplied by `sqrt(hidden_size)` rounded to f32 (HF: to the embeddings' dtype, f32 here;
+    /// in f64 HF Gemma 2 keeps it unrounded, a difference of under 1e-7 relative).
     pub fn is_gemma(self) -> bool {
         matches!(self, Arch::Gemma2 | Arch::Gemma3)
     }

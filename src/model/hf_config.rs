@@ -86,10 +86,14 @@ pub struct HfConfig {
     pub rope_local_base_freq: Option<f64>,
     /// The MLP activation of Llama-style configs (`silu`; anything else is refused).
     pub hidden_act: Option<String>,
-    /// Gemma's MLP activation (`gelu_pytorch_tanh`; `hidden_act` in older Gemma configs).
+    /// Gemma's MLP activation (`gelu_pytorch_tanh`, the default); Gemma2Config and
+    /// Gemma3TextConfig read only this key, so a Gemma config's `hidden_act` is ignored.
     pub hidden_activation: Option<String>,
-    /// Gemma: the queries' scale is `query_pre_attn_scalar^-1/2` (default 256).
+    /// Gemma: the queries' scale is `query_pre_attn_scalar^-1/2` (default 256; must be > 0).
     pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 3 text configs of embedding models (EmbeddingGemma): non-causal attention; `true`
+    /// is refused (a causal LM is trained here).
+    pub use_bidirectional_attention: Option<bool>,
     /// Gemma 2's attention-score cap (default 50.0; Gemma 3 none); `null` = none.
     #[serde(default, deserialize_with = "present")]
     pub attn_logit_softcapping: Option<serde_json::Value>,
@@ -201,7 +205,7 @@ impl HfConfig {
     /// window and which layers slide, Gemma 3's local RoPE base.
     fn extras(&self, arch: Arch, rope: &Rope) -> std::result::Result<ArchExtras, String> {
         let gemma = arch.is_gemma();
-        let act = self.hidden_activation.as_ref().filter(|_| gemma).or(self.hidden_act.as_ref());
+        let act = if gemma { self.hidden_activation.as_ref() } else { self.hidden_act.as_ref() };
         let hidden_act = match act.map(|s| s.as_str()) {
             None if gemma => Activation::GeluTanh,
             None | Some("silu") => Activation::Silu,
@@ -218,9 +222,15 @@ impl HfConfig {
                 Some(x) => x.as_f64().filter(|c| *c > 0.0).map(Some).ok_or_else(|| format!("{key}: expected a positive number or null, got {x}")),
             }
         };
+        let positive = |key: &str, x: f64| if x > 0.0 && x.is_finite() { Ok(x) } else { Err(format!("{key}: expected a positive number, got {x}")) };
+        if gemma && self.use_bidirectional_attention == Some(true) {
+            return Err("use_bidirectional_attention = true: bidirectional (embedding-model) attention is not supported; ropo trains causal language models".into());
+        }
         let (attn_cap, final_cap) = if arch == Arch::Gemma2 { (Some(50.0), Some(30.0)) } else { (None, None) };
         let default_window = matches!(arch, Arch::Gemma2 | Arch::Gemma3 | Arch::Mistral).then_some(4096.0);
-        let window = nullable("sliding_window", &self.sliding_window, default_window)?;
+        // Llama, Qwen2 and Qwen3 ignore the key (Qwen3 refuses sliding layers by use_sliding_window / layer_types)
+        let windowed = matches!(arch, Arch::Gemma2 | Arch::Gemma3 | Arch::Mistral | Arch::Phi3);
+        let window = if windowed { nullable("sliding_window", &self.sliding_window, default_window)? } else { None };
         if window.is_some_and(|w| w.fract() != 0.0) {
             return Err(format!("sliding_window: expected a whole number of positions, got {}", window.unwrap_or_default()));
         }
@@ -260,7 +270,7 @@ impl HfConfig {
         };
         Ok(ArchExtras {
             hidden_act,
-            query_pre_attn_scalar: if gemma { Some(self.query_pre_attn_scalar.unwrap_or(256.0)) } else { None },
+            query_pre_attn_scalar: if gemma { Some(positive("query_pre_attn_scalar", self.query_pre_attn_scalar.unwrap_or(256.0))?) } else { None },
             attn_logit_softcapping: if gemma { nullable("attn_logit_softcapping", &self.attn_logit_softcapping, attn_cap)? } else { None },
             final_logit_softcapping: if gemma { nullable("final_logit_softcapping", &self.final_logit_softcapping, final_cap)? } else { None },
             sliding_window: window.map(|w| w as usize).filter(|_| sliding_layers.iter().any(|&s| s)),
@@ -333,7 +343,14 @@ impl HfConfig {
         if let Some(p) = all.filter(|p| !p.is_object()) {
             return Err(format!("rope_parameters: expected an object, got {p}"));
         }
-        let local_theta = all.and_then(|p| p.get("sliding_attention")).and_then(|p| p.get("rope_theta")).and_then(|t| t.as_f64());
+        let local = all.and_then(|p| p.get("sliding_attention")).filter(|v| !v.is_null());
+        if let Some(kind) = local.and_then(|p| p.get("rope_type")).filter(|k| k.as_str() != Some("default")) {
+            return Err(format!("rope_parameters.sliding_attention: rope_type {kind} is not supported (only \"default\" on the sliding layers)"));
+        }
+        let local_theta = match local.and_then(|p| p.get("rope_theta")) {
+            Some(t) => Some(t.as_f64().ok_or_else(|| format!("rope_parameters.sliding_attention: non-numeric \"rope_theta\" {t}"))?),
+            None => None,
+        };
         let params = all.map(|p| p.get("full_attention").unwrap_or(p)).filter(|v| !v.is_null());
         let theta = match (self.rope_theta, params.and_then(|p| p.get("rope_theta"))) {
             (Some(t), _) => Some(t),
@@ -644,6 +661,14 @@ mod tests {
         assert_eq!((off.extras.attn_logit_softcapping, off.extras.final_logit_softcapping), (None, Some(30.0)));
         let e = resolve(&GEMMA2_2B.replace(r#""hidden_activation": "gelu_pytorch_tanh""#, r#""hidden_activation": "relu""#)).unwrap_err().to_string();
         assert!(e.contains("q/config.json") && e.contains("hidden_activation") && e.contains("relu"), "{e}");
+        // Gemma2Config reads hidden_activation only: a stray hidden_act is ignored, as there
+        let stray = resolve(&GEMMA2_2B.replace(r#""hidden_act": "gelu_pytorch_tanh""#, r#""hidden_act": "relu""#)).unwrap();
+        assert_eq!(stray.extras.hidden_act, Activation::GeluTanh);
+        // a scalar that would scale the queries by infinity or NaN is refused by key
+        for bad in ["0", "-4"] {
+            let e = resolve(&GEMMA2_2B.replace(r#""query_pre_attn_scalar": 256"#, &format!(r#""query_pre_attn_scalar": {bad}"#))).unwrap_err().to_string();
+            assert!(e.contains("q/config.json") && e.contains("query_pre_attn_scalar"), "{e}");
+        }
     }
 
     #[test]
@@ -667,6 +692,18 @@ mod tests {
         assert_eq!(resolve(&to_json(&lin).to_string()).unwrap(), lin);
         let e = resolve(&GEMMA3_1B.replace(r#""sliding_window_pattern": 6"#, r#""sliding_window_pattern": 0"#)).unwrap_err().to_string();
         assert!(e.contains("sliding_window_pattern"), "{e}");
+        // EmbeddingGemma's bidirectional attention is not a causal LM: refused by key
+        let e = resolve(&GEMMA3_1B.replace(r#""use_cache": true"#, r#""use_bidirectional_attention": true"#)).unwrap_err().to_string();
+        assert!(e.contains("q/config.json") && e.contains("use_bidirectional_attention"), "{e}");
+        // transformers 5's per-kind rope_parameters: the sliding kind's theta is read and checked
+        let per_kind = r#""rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6}, "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}},"#;
+        let c = resolve(&GEMMA3_1B.replace(r#""rope_local_base_freq": 10000, "rope_scaling": null, "rope_theta": 1000000,"#, per_kind)).unwrap();
+        assert_eq!((c.rope_theta, c.extras.rope_local_theta), (1e6, Some(2e4)));
+        for bad in [r#""rope_type": "default", "rope_theta": "x""#, r#""rope_type": "linear", "factor": 2.0, "rope_theta": 1e4"#] {
+            let text = per_kind.replace(r#""rope_type": "default", "rope_theta": 2e4"#, bad);
+            let e = resolve(&GEMMA3_1B.replace(r#""rope_local_base_freq": 10000, "rope_scaling": null, "rope_theta": 1000000,"#, &text)).unwrap_err().to_string();
+            assert!(e.contains("rope_parameters.sliding_attention"), "{e}");
+        }
     }
 
     /// Phi-3-mini's window of 2047 applies to every layer (transformers' Phi3 masks with it).
@@ -677,6 +714,9 @@ mod tests {
         assert!((0..32).all(|i| c.extras.window_of(i) == Some(2047)));
         let none = resolve(&PHI3_MINI.replace(r#""sliding_window": 2047"#, r#""sliding_window": null"#)).unwrap();
         assert!(none.extras.is_default());
+        // families that ignore the key load whatever it holds (as transformers does)
+        let q = resolve(&QWEN3_06B.replace(r#""sliding_window": null"#, r#""sliding_window": 0"#)).unwrap();
+        assert!(q.extras.is_default());
     }
 
     #[test]
