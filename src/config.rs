@@ -206,7 +206,7 @@ pub struct TrainingSection {
     /// Evaluate every this many steps (the eval set is also evaluated before training and at
     /// the end); 0: before training and at the end only.
     pub eval_steps: usize,
-    /// Live reward-hacking diagnostics at every evaluation: the first this many held-out prompts (distinct, from the eval split) are completed greedily by the reference once; each evaluation logs the policy's per-token KL(reference || policy) and NLL on those completions (`eval/drift/kl`, `eval/drift/nll`) and its own greedy answer length (`eval/greedy/length`, `eval/greedy/hit_max`); 0: off.
+    /// Live reward-hacking diagnostics at every evaluation: the first this many distinct held-out prompts (eval split) that leave room for `diagnostic_max_new_tokens` in the context are completed greedily by the reference once (an error without an eval split); each evaluation logs the policy's per-token KL(reference || policy) and NLL on those completions (`eval/drift/kl`, `eval/drift/nll`) and its own greedy answers' length as `ropo eval` counts it (`eval/greedy/mean_length`, `eval/greedy/hit_max_new_tokens`); 0: off.
     pub diagnostic_prompts: usize,
     /// New tokens of the diagnostics' greedy completions (reference and policy).
     pub diagnostic_max_new_tokens: usize,

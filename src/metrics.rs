@@ -62,7 +62,7 @@ pub struct EvalStats {
     pub rewards: RewardMetrics,
     /// Each loss term's mean over the evaluation pairs (as [`TrainStats::terms`]).
     pub terms: Vec<(&'static str, f64)>,
-    /// The live diagnostics (`drift/kl`, `drift/nll`, `greedy/length`, `greedy/hit_max`:
+    /// The live diagnostics (`drift/kl`, `drift/nll`, `greedy/mean_length`, `greedy/hit_max_new_tokens`:
     /// [`crate::train::diagnostics`]); empty when off.
     pub diagnostics: Vec<(&'static str, f64)>,
     /// Real tokens per second of the evaluation.

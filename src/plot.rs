@@ -8,7 +8,7 @@
 //! skipped and counted; metrics that are `null` or not numbers are left out of the curve.
 //!
 //! With live diagnostics in the file (`training.diagnostic_prompts`: `eval/drift/kl`,
-//! `eval/greedy/length`), one more panel for each that has points ([`DIAGNOSTIC_PANELS`]).
+//! `eval/greedy/mean_length`), one more panel for each that has points ([`DIAGNOSTIC_PANELS`]).
 //!
 //! Output: a PNG of `PANEL_WIDTH x HEIGHT` pixels a panel ([`WIDTH`] for the three), side by side; train as a light blue
 //! line (the raw values: with batches of 2 pairs they jump between 0.3 and 2.5) under its
@@ -36,7 +36,7 @@ pub const PANELS: [&str; 3] = ["loss", "rewards/accuracies", "rewards/margins"];
 /// The live diagnostics' metrics (eval only, `eval/` names without the prefix), a panel each
 /// when the file has them: the KL drift from the reference (nats per token) and the greedy
 /// answer length (tokens) on held-out prompts.
-pub const DIAGNOSTIC_PANELS: [&str; 2] = ["drift/kl", "greedy/length"];
+pub const DIAGNOSTIC_PANELS: [&str; 2] = ["drift/kl", "greedy/mean_length"];
 
 /// The smoothing weight of the train curves (TensorBoard's default, 0.6).
 pub const SMOOTHING: f64 = 0.6;
@@ -217,7 +217,7 @@ fn draw(curves: &Curves, path: &Path) -> Result<()> {
         }
         let caption = match name {
             "drift/kl" => "eval drift/kl (nats/token)",
-            "greedy/length" => "eval greedy/length (tokens)",
+            "greedy/mean_length" => "eval greedy/mean_length (tokens)",
             n => n,
         };
         let mut chart = ChartBuilder::on(area)
@@ -317,14 +317,14 @@ mod tests {
 
     #[test]
     fn diagnostics_get_a_panel_each_when_present() {
-        let src = "{\"step\":0,\"eval/loss\":0.69,\"eval/drift/kl\":0.0,\"eval/greedy/length\":40.5}\n\
+        let src = "{\"step\":0,\"eval/loss\":0.69,\"eval/drift/kl\":0.0,\"eval/greedy/mean_length\":40.5}\n\
                    {\"step\":1,\"loss\":0.6}\n\
-                   {\"step\":5,\"eval/loss\":0.5,\"eval/drift/kl\":0.25,\"eval/greedy/length\":31.0}\n";
+                   {\"step\":5,\"eval/loss\":0.5,\"eval/drift/kl\":0.25,\"eval/greedy/mean_length\":31.0}\n";
         let c = parse_metrics(src.as_bytes(), Path::new("m.jsonl")).unwrap();
         assert_eq!(c.diagnostics[0].eval, vec![(0.0, 0.0), (5.0, 0.25)]);
         assert_eq!(c.diagnostics[1].eval, vec![(0.0, 40.5), (5.0, 31.0)]);
         let names: Vec<&str> = c.panels().iter().map(|p| p.0).collect();
-        assert_eq!(names, ["loss", "rewards/accuracies", "rewards/margins", "drift/kl", "greedy/length"]);
+        assert_eq!(names, ["loss", "rewards/accuracies", "rewards/margins", "drift/kl", "greedy/mean_length"]);
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("c.png");
         plot_curves(&c, &out).unwrap();

@@ -321,13 +321,13 @@ fn cli_short_training_moves_the_loss_and_writes_a_loadable_adapter() {
     }
     // live diagnostics on 2 held-out prompts: no drift at the identity init (the policy's greedy
     // answers are the reference's), some after 4 steps at lr 3e-3; lengths within the limit
-    assert!(err.contains("diagnostics (2 held-out prompts): drift/kl"), "{err}");
+    assert!(err.contains("diagnostics (2 held-out prompts, ") && err.contains("reference tokens): drift/kl"), "{err}");
     let kl: Vec<f64> = evals.iter().map(|r| loss(r, "eval/drift/kl")).collect();
     assert!(kl[0].abs() < 1e-9, "step-0 drift {kl:?}");
     assert!(kl[2] > 1e-4, "no drift after training: {kl:?}");
     for r in &evals {
-        let (len, hit) = (loss(r, "eval/greedy/length"), loss(r, "eval/greedy/hit_max"));
-        assert!((1.0..=8.0).contains(&len) && (0.0..=1.0).contains(&hit), "{r:?}");
+        let (len, hit) = (loss(r, "eval/greedy/mean_length"), loss(r, "eval/greedy/hit_max_new_tokens"));
+        assert!((0.0..=8.0).contains(&len) && (0.0..=1.0).contains(&hit), "{r:?}");
         assert!(loss(r, "eval/drift/nll") > 0.0, "{r:?}");
     }
     // curves.png has the two diagnostic panels beside the three others
@@ -497,6 +497,11 @@ fn cli_bad_config_key_and_value_and_missing_data() {
     let missing = dir.path().join("nope.jsonl");
     let cfg = write_config(dir.path(), "missing.toml", &good.replace(&repo("data/concise_prefs/train.jsonl"), missing.to_str().unwrap()));
     assert_fails(&ropo(&["train", "--config", cfg.to_str().unwrap()]), &[missing.to_str().unwrap(), "cannot open"]);
+    assert!(!out.exists(), "no output folder after bad input");
+    // live diagnostics without held-out prompts: refused, naming the keys
+    let no_eval = good.lines().filter(|l| !l.starts_with("eval_file") && !l.starts_with("eval_rows")).collect::<Vec<_>>().join("\n");
+    let cfg = write_config(dir.path(), "diag.toml", &no_eval.replace("[training]", "[training]\ndiagnostic_prompts = 2"));
+    assert_fails(&ropo(&["train", "--config", cfg.to_str().unwrap()]), &["training.diagnostic_prompts", "data.eval_file"]);
     assert!(!out.exists(), "no output folder after bad input");
 
     // --print-config prints the resolved config with defaults

@@ -3,19 +3,22 @@
 //! answers have grown, so that a user sees over-optimisation start in `metrics.jsonl` and
 //! `curves.png` rather than after the run.
 //!
-//! At setup, the first `N` distinct prompts of the eval split are completed greedily by the
-//! reference (adapters bypassed, or the separate reference model), at most
-//! `diagnostic_max_new_tokens` tokens each. At every evaluation (step 0 included):
+//! At setup, the first `N` distinct prompts of the eval split that leave room for
+//! `diagnostic_max_new_tokens` new tokens in the context are completed greedily by the
+//! reference (adapters bypassed, or the separate reference model). At every evaluation (step 0
+//! included):
 //! - `drift/kl`, `drift/nll`: [`crate::eval::drift`] on those completions (the mean per-token
 //!   `KL(reference || policy)` over the full vocabulary, and the policy's NLL), nats per token;
 //!   exactly 0 / the reference's NLL while the adapter is at its identity init;
-//! - `greedy/length`, `greedy/hit_max`: the policy's own greedy answers to the same prompts, mean
-//!   new tokens (a final EOS included) and the share that ran into the token limit: the
-//!   length growth DPO's reward hacking shows (RoPO paper, Section 5.2).
+//! - `greedy/mean_length`, `greedy/hit_max_new_tokens`: the policy's own greedy answers to the
+//!   same prompts, as `ropo eval` counts them ([`crate::eval::generation::generation_stats`]:
+//!   new tokens without the stop token, and the share that ran into the limit): the length
+//!   growth DPO's reward hacking shows (RoPO paper, Section 5.2).
 
 use crate::error::{Error, Result};
 use crate::eval::drift::drift_between;
-use crate::generate::{generate, GenerateOptions, StopReason};
+use crate::eval::generation::{counted_ids, generation_stats};
+use crate::generate::{generate, GenerateOptions, Generation};
 use crate::model::llama::Model;
 use crate::model::tokenizer::Tokenizer;
 
@@ -31,26 +34,35 @@ pub struct Diagnostics {
 }
 
 impl Diagnostics {
-    /// Complete the first `n` distinct prompts of `eval_prompts` with `reference` (adapters
-    /// bypassed), greedily, at most `max_new_tokens` tokens each. `None` when `n` is 0 or there
-    /// are no prompts.
+    /// Complete the first `n` distinct prompts of `eval_prompts` that fit
+    /// `max_new_tokens` more tokens into the model's context, with `reference` (adapters
+    /// bypassed), greedily, at most `max_new_tokens` tokens each.
     ///
-    /// Errors: a generation error (naming the prompt).
-    pub fn new<'a>(reference: &Model, tokenizer: &Tokenizer, eval_prompts: impl Iterator<Item = &'a [u32]>, n: usize, max_new_tokens: usize) -> Result<Option<Self>> {
+    /// Errors: no prompt fits (naming the context and the key), a generation error (naming the
+    /// prompt).
+    pub fn new<'a>(reference: &Model, tokenizer: &Tokenizer, eval_prompts: impl Iterator<Item = &'a [u32]>, n: usize, max_new_tokens: usize) -> Result<Self> {
+        let context = reference.config().max_position_embeddings;
         let mut prompts: Vec<Vec<u32>> = Vec::with_capacity(n);
         for p in eval_prompts {
             if prompts.len() == n {
                 break;
             }
-            if !p.is_empty() && !prompts.iter().any(|q| q.as_slice() == p) {
+            if !p.is_empty() && p.len() + max_new_tokens <= context && !prompts.iter().any(|q| q.as_slice() == p) {
                 prompts.push(p.to_vec());
             }
         }
         if prompts.is_empty() {
-            return Ok(None);
+            return Err(Error::Config(format!(
+                "training.diagnostic_prompts: no held-out prompt leaves room for training.diagnostic_max_new_tokens = {max_new_tokens} new tokens in the model's context of {context}"
+            )));
         }
-        let completions = greedy(reference, tokenizer, &prompts, max_new_tokens, false)?.into_iter().map(|(ids, _)| ids).collect();
-        Ok(Some(Self { tokenizer: tokenizer.clone(), prompts, completions, max_new_tokens }))
+        let completions = greedy(reference, tokenizer, &prompts, max_new_tokens, false)?.into_iter().map(|g| g.ids).collect();
+        Ok(Self { tokenizer: tokenizer.clone(), prompts, completions, max_new_tokens })
+    }
+
+    /// Completion tokens the drift is measured on (the reference's, a final EOS included).
+    pub fn tokens(&self) -> usize {
+        self.completions.iter().map(Vec::len).sum()
     }
 
     /// Prompts used.
@@ -64,29 +76,26 @@ impl Diagnostics {
     }
 
     /// The metrics of `policy` (`use_adapters`: run with its adapters) against `reference`:
-    /// `drift/kl`, `drift/nll`, `greedy/length`, `greedy/hit_max` (see the module doc).
+    /// `drift/kl`, `drift/nll`, `greedy/mean_length`, `greedy/hit_max_new_tokens` (see the
+    /// module doc).
     ///
     /// Errors: model errors, a non-finite drift.
     pub fn measure(&self, reference: &Model, policy: &Model, use_adapters: bool, batch_size: usize) -> Result<Vec<(&'static str, f64)>> {
         let d = drift_between(reference, Some((policy, use_adapters)), &self.prompts, &self.completions, batch_size.max(1))?;
-        let answers = greedy(policy, &self.tokenizer, &self.prompts, self.max_new_tokens, use_adapters)?;
-        let n = answers.len() as f64;
-        let length = answers.iter().map(|(ids, _)| ids.len() as f64).sum::<f64>() / n;
-        let hit_max = answers.iter().filter(|(_, s)| *s == StopReason::MaxNewTokens).count() as f64 / n;
-        Ok(vec![("drift/kl", d.kl), ("drift/nll", d.nll_policy), ("greedy/length", length), ("greedy/hit_max", hit_max)])
+        let answers: Vec<Vec<u32>> = greedy(policy, &self.tokenizer, &self.prompts, self.max_new_tokens, use_adapters)?.iter().map(|g| counted_ids(g).to_vec()).collect();
+        let g = generation_stats(&answers, self.max_new_tokens);
+        Ok(vec![("drift/kl", d.kl), ("drift/nll", d.nll_policy), ("greedy/mean_length", g.mean_length), ("greedy/hit_max_new_tokens", g.hit_max_new_tokens)])
     }
 }
 
-/// Greedy completions of `prompts` by `model` (token ids and why each stopped).
-fn greedy(model: &Model, tokenizer: &Tokenizer, prompts: &[Vec<u32>], max_new_tokens: usize, use_adapters: bool) -> Result<Vec<(Vec<u32>, StopReason)>> {
+/// Greedy completions of `prompts` by `model`.
+fn greedy(model: &Model, tokenizer: &Tokenizer, prompts: &[Vec<u32>], max_new_tokens: usize, use_adapters: bool) -> Result<Vec<Generation>> {
     let opts = GenerateOptions { max_new_tokens, temperature: 0.0, top_p: 1.0, seed: 0 };
     prompts
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            generate(model, tokenizer, p, &opts, use_adapters)
-                .map(|g| (g.ids, g.stop))
-                .map_err(|e| Error::Msg(format!("diagnostics: prompt {}: {e}", i + 1)))
+            generate(model, tokenizer, p, &opts, use_adapters).map_err(|e| Error::Msg(format!("diagnostics: prompt {}: {e}", i + 1)))
         })
         .collect()
 }

@@ -563,11 +563,14 @@ fn setup<'w>(cfg: &RunConfig, opts: &TrainOptions, world: &'w dyn Collective) ->
     let params: Vec<(String, Var)> = adapter.vars();
     let splits = tokenize_splits(&cfg.data, &rows, &tokenizer)?;
     let pad = pad_id(&tokenizer)?;
+    if t.diagnostic_prompts > 0 && splits.eval.is_empty() {
+        return Err(Error::Config("training.diagnostic_prompts needs held-out prompts: set data.eval_file, data.eval_rows or data.eval_split (or training.diagnostic_prompts = 0)".into()));
+    }
     let diagnostics = match (world.is_main(), t.diagnostic_prompts) {
         (true, n) if n > 0 => {
             let reference = separate_ref.as_ref().unwrap_or(&model);
             let prompts = splits.eval.iter().map(|p| p.prompt_ids.as_slice());
-            diagnostics::Diagnostics::new(reference, &tokenizer, prompts, n, t.diagnostic_max_new_tokens)?
+            Some(diagnostics::Diagnostics::new(reference, &tokenizer, prompts, n, t.diagnostic_max_new_tokens)?)
         }
         _ => None,
     };
@@ -805,7 +808,8 @@ fn eval_and_log(cfg: &RunConfig, s: &Setup, refs: &Refs, st: &mut State, print: 
     print(&format!("eval at step {step}: loss {:.4}, rewards/accuracies {:.3}, rewards/ties {:.3}, rewards/margins {:.4}", e.loss, e.rewards.rewards_accuracies, e.rewards.rewards_ties, e.rewards.rewards_margins));
     if !e.diagnostics.is_empty() {
         let d: Vec<String> = e.diagnostics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
-        print(&format!("  diagnostics ({} held-out prompts): {}", s.diagnostics.as_ref().map_or(0, |d| d.len()), d.join(", ")));
+        let (n, tokens) = s.diagnostics.as_ref().map_or((0, 0), |d| (d.len(), d.tokens()));
+        print(&format!("  diagnostics ({n} held-out prompts, {tokens} reference tokens): {}", d.join(", ")));
     }
     st.log(e.record())?;
     Ok(Some(e))
