@@ -230,10 +230,15 @@ fn sliding_window_pattern_key_overrides_the_hard_coded_one() {
     });
     let c = gguf::load_bytes(&bytes, Path::new("p.gguf"), &Device::Cpu).unwrap().config;
     assert_eq!(c.extras.sliding_layers, [true, true, false, true, true, false]);
-    // no window: every layer global
+    // a window of 0: every layer global; no window key: refused (llama.cpp requires it)
     let bytes = edited("gemma3", |m, _| {
-        m.remove("gemma3.attention.sliding_window");
+        m.insert("gemma3.attention.sliding_window".into(), GValue::U32(0));
     });
     let c = gguf::load_bytes(&bytes, Path::new("p.gguf"), &Device::Cpu).unwrap().config;
     assert!(c.extras.sliding_window.is_none() && c.extras.sliding_layers.is_empty());
+    let bytes = edited("gemma3", |m, _| {
+        m.remove("gemma3.attention.sliding_window");
+    });
+    let e = gguf::load_bytes(&bytes, Path::new("p.gguf"), &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("p.gguf") && e.contains("gemma3.attention.sliding_window"), "{e}");
 }

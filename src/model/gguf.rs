@@ -454,19 +454,30 @@ fn arch_extras(
     let factor = md.float(&k("rope.scaling.factor"))?.filter(|f| *f != 0.0 && *f != 1.0);
     let rope_linear_factor = match (scaling, factor) {
         ("none", _) | ("linear", None) => None,
-        ("linear", Some(f)) if arch == Arch::Gemma3 && f > 0.0 => Some(f),
+        ("linear", Some(f)) if arch == Arch::Gemma3 && f > 0.0 && f.is_finite() => Some(f),
+        ("linear", Some(f)) if arch == Arch::Gemma3 => return Err(md.err(format!("{} = {f}: expected a positive factor", k("rope.scaling.factor")))),
         (kind, _) => {
             let what = if matches!(kind, "longrope" | "su") { " (Phi-3's 128k-context RoPE scaling)" } else { "" };
             return Err(md.err(format!("{} = \"{kind}\"{what} is not supported for GGUF architecture {name}", k("rope.scaling.type"))));
         }
     };
     let gemma = arch.is_gemma();
-    let positive = |key: &str, default: Option<f64>| -> Result<Option<f64>> { Ok(md.float(&k(key))?.or(default).filter(|c| *c > 0.0)) };
+    // a cap divides the scores: 0, negative or non-finite is refused (the HF path does the same)
+    let positive = |key: &str, default: Option<f64>| -> Result<Option<f64>> {
+        match md.float(&k(key))?.or(default) {
+            Some(c) if !(c > 0.0 && c.is_finite()) => Err(md.err(format!("{} = {c}: expected a positive cap", k(key)))),
+            c => Ok(c),
+        }
+    };
     let (attn_logit_softcapping, final_logit_softcapping) = match arch {
         Arch::Gemma2 => (positive("attn_logit_softcapping", Some(50.0))?, positive("final_logit_softcapping", Some(30.0))?),
         Arch::Gemma3 => (None, positive("final_logit_softcapping", None)?),
         _ => (None, None),
     };
+    // llama.cpp requires Gemma 3's window (its loader has no default); Gemma 2's defaults to 4096
+    if arch == Arch::Gemma3 && md.get(&k("attention.sliding_window")).is_none() {
+        return Err(md.err(format!("missing GGUF metadata key {}", k("attention.sliding_window"))));
+    }
     let window = md.int(&k("attention.sliding_window"))?.or((arch == Arch::Gemma2).then_some(4096)).filter(|w| *w > 0).map(|w| w as usize);
     let sliding_layers: Vec<bool> = match (arch, md.get(&k("attention.sliding_window_pattern"))) {
         (_, _) if window.is_none() => vec![],
@@ -539,6 +550,15 @@ fn eos_ids(md: &Metadata) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// `tokenizer.ggml.token_type`: absent (every token normal) or one entry per token.
+fn token_types(md: &Metadata, n_tokens: usize) -> Result<Vec<u64>> {
+    let types = md.ints("tokenizer.ggml.token_type")?.unwrap_or_default();
+    if !types.is_empty() && types.len() != n_tokens {
+        return Err(md.err(format!("tokenizer.ggml.token_type has {} entries for {n_tokens} tokens", types.len())));
+    }
+    Ok(types)
+}
+
 /// GGUF token types (llama.cpp `llama_token_type`): 3 = control (special), 4 = user-defined.
 const TOKEN_TYPE_CONTROL: u64 = 3;
 const TOKEN_TYPE_USER_DEFINED: u64 = 4;
@@ -588,7 +608,7 @@ fn tokenizer_json_inner(md: &Metadata) -> Result<serde_json::Value> {
     }
     let tokens = md.strings("tokenizer.ggml.tokens")?.ok_or_else(|| md.err("missing GGUF metadata key tokenizer.ggml.tokens".into()))?;
     let merges = md.strings("tokenizer.ggml.merges")?.unwrap_or_default();
-    let types = md.ints("tokenizer.ggml.token_type")?.unwrap_or_default();
+    let types = token_types(md, tokens.len())?;
     let pre = md.string("tokenizer.ggml.pre")?.unwrap_or("default");
     let mut vocab = serde_json::Map::with_capacity(tokens.len());
     let mut added = Vec::new();
@@ -648,7 +668,7 @@ fn spm_tokenizer_json(md: &Metadata) -> Result<serde_json::Value> {
     let gemma = matches!(arch, "gemma" | "gemma2" | "gemma3");
     let phi3 = arch == "phi3";
     let tokens = md.strings("tokenizer.ggml.tokens")?.ok_or_else(|| md.err("missing GGUF metadata key tokenizer.ggml.tokens".into()))?;
-    let types = md.ints("tokenizer.ggml.token_type")?.unwrap_or_default();
+    let types = token_types(md, tokens.len())?;
     // Gemma files store a token of two or more spaces as spaces; GemmaTokenizer looks it up as ▁▁
     let vocab_tokens: Vec<String> = tokens
         .iter()
@@ -875,10 +895,21 @@ mod tests {
         assert_eq!((x.attn_logit_softcapping, x.final_logit_softcapping, x.sliding_window), (Some(50.0), Some(30.0), Some(4096)));
         assert_eq!((x.sliding_layers.clone(), x.query_pre_attn_scalar, x.hidden_act), (vec![true, false, true, false], Some(128.0), Activation::GeluTanh));
         assert_eq!(extras_of(Arch::Gemma2, 46, &[]).unwrap().query_pre_attn_scalar, Some(144.0));
-        assert_eq!(extras_of(Arch::Gemma3, 62, &[]).unwrap().query_pre_attn_scalar, Some(144.0));
-        // Gemma 3 without a window: every layer global; its local RoPE base defaults to 10000
-        let x = extras_of(Arch::Gemma3, 6, &[]).unwrap();
+        assert_eq!(extras_of(Arch::Gemma3, 62, &[("gemma3.attention.sliding_window", Value::U32(512))]).unwrap().query_pre_attn_scalar, Some(144.0));
+        // Gemma 3: its window is required (llama.cpp has no default); a window of 0 makes every
+        // layer global; its local RoPE base defaults to 10000
+        let e = extras_of(Arch::Gemma3, 6, &[]).unwrap_err().to_string();
+        assert!(e.contains("x.gguf") && e.contains("gemma3.attention.sliding_window"), "{e}");
+        let x = extras_of(Arch::Gemma3, 6, &[("gemma3.attention.sliding_window", Value::U32(0))]).unwrap();
         assert!(x.sliding_window.is_none() && x.sliding_layers.is_empty() && x.rope_local_theta == Some(1e4));
+        // caps and the linear factor must be positive, as on the HF path
+        for (key, v) in [("gemma2.final_logit_softcapping", -5.0f32), ("gemma2.attn_logit_softcapping", 0.0)] {
+            let e = extras_of(Arch::Gemma2, 2, &[(key, Value::F32(v))]).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("positive"), "{e}");
+        }
+        let bad_factor = [("gemma3.attention.sliding_window", Value::U32(512)), ("gemma3.rope.scaling.type", Value::String("linear".into())), ("gemma3.rope.scaling.factor", Value::F32(-2.0))];
+        let e = extras_of(Arch::Gemma3, 6, &bad_factor).unwrap_err().to_string();
+        assert!(e.contains("gemma3.rope.scaling.factor") && e.contains("positive"), "{e}");
         // Phi-3: a window of 0 is none; a set window covers every layer
         assert!(extras_of(Arch::Phi3, 2, &[("phi3.attention.sliding_window", Value::U32(0))]).unwrap().is_default());
         let x = extras_of(Arch::Phi3, 2, &[("phi3.attention.sliding_window", Value::U32(2047))]).unwrap();
