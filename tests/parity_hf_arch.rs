@@ -46,22 +46,9 @@ fn load(family: &str, dtype: DType) -> LoadedModel {
     ropo::model::load(fixture(family).to_str().unwrap(), &opts).unwrap()
 }
 
-/// A JSON array of arrays (of arrays) of numbers as an f32 tensor of its nested shape.
+/// The fixtures' JSON arrays as f32 tensors ([`common::json_tensor`]).
 fn tensor(v: &Value) -> Tensor {
-    fn walk(v: &Value, depth: usize, dims: &mut Vec<usize>, out: &mut Vec<f32>) {
-        match v {
-            Value::Array(items) => {
-                if dims.len() == depth {
-                    dims.push(items.len());
-                }
-                items.iter().for_each(|x| walk(x, depth + 1, dims, out));
-            }
-            x => out.push(x.as_f64().unwrap() as f32),
-        }
-    }
-    let (mut dims, mut out) = (vec![], vec![]);
-    walk(v, 0, &mut dims, &mut out);
-    Tensor::from_vec(out, dims, &Device::Cpu).unwrap()
+    common::json_tensor(v)
 }
 
 fn ids_of(v: &Value) -> Tensor {

@@ -526,7 +526,7 @@ fn arch_extras(
 }
 
 /// llama.cpp's `general.architecture` name of `arch` (Mistral is written as `llama`).
-fn gguf_arch_name(arch: Arch) -> &'static str {
+pub(crate) fn gguf_arch_name(arch: Arch) -> &'static str {
     match arch {
         Arch::Llama | Arch::Mistral => "llama",
         Arch::Qwen2 => "qwen2",

@@ -89,14 +89,7 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 /// The `general.*` and `{arch}.*` metadata of `config` (llama.cpp's keys).
 fn model_metadata(config: &ModelConfig, name: &str, dtype: GgufDtype) -> Vec<(String, Value)> {
     // llama.cpp converts Mistral (v0.1-style) as `llama`
-    let arch = match config.arch {
-        Arch::Llama | Arch::Mistral => "llama",
-        Arch::Qwen2 => "qwen2",
-        Arch::Qwen3 => "qwen3",
-        Arch::Phi3 => "phi3",
-        Arch::Gemma2 => "gemma2",
-        Arch::Gemma3 => "gemma3",
-    };
+    let arch = super::gguf::gguf_arch_name(config.arch);
     let k = |s: &str| format!("{arch}.{s}");
     let u = |x: usize| Value::U32(x as u32);
     let mut md = vec![

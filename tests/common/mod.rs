@@ -33,3 +33,22 @@ pub fn golden(name: &str) -> serde_json::Value {
 pub fn shared(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared").join(rel)
 }
+
+/// A JSON array of arrays (of arrays) of numbers as an f32 tensor of its nested shape (the
+/// fixtures' `expected.json` values).
+pub fn json_tensor(v: &serde_json::Value) -> candle_core::Tensor {
+    fn walk(v: &serde_json::Value, depth: usize, dims: &mut Vec<usize>, out: &mut Vec<f32>) {
+        match v {
+            serde_json::Value::Array(items) => {
+                if dims.len() == depth {
+                    dims.push(items.len());
+                }
+                items.iter().for_each(|x| walk(x, depth + 1, dims, out));
+            }
+            x => out.push(x.as_f64().unwrap() as f32),
+        }
+    }
+    let (mut dims, mut out) = (vec![], vec![]);
+    walk(v, 0, &mut dims, &mut out);
+    candle_core::Tensor::from_vec(out, dims, &candle_core::Device::Cpu).unwrap()
+}
