@@ -14,6 +14,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use crate::data::splits::{DataSection, RowSlice, TemplateSource};
+use crate::device::DeviceSpec;
 use crate::error::{Error, Result};
 use crate::logps::LogpOptions;
 use crate::loss::{LossParams, LossSpec, LossType, LossTypes};
@@ -48,11 +49,14 @@ pub struct ModelSection {
     /// A separate reference model (same forms as `path_or_id`). Unset: the policy with its
     /// adapters bypassed is the reference (no second copy of the weights).
     pub reference: Option<String>,
+    /// Where the model, adapters and optimiser live: `cpu` (default), `cuda` or `cuda:N`
+    /// (a build with the cargo feature `cuda`; README "GPU"). `ropo train --device` overrides it.
+    pub device: DeviceSpec,
 }
 
 impl Default for ModelSection {
     fn default() -> Self {
-        Self { path_or_id: String::new(), revision: "main".into(), dtype: ModelDtype::F32, reference: None }
+        Self { path_or_id: String::new(), revision: "main".into(), dtype: ModelDtype::F32, reference: None, device: DeviceSpec::Cpu }
     }
 }
 
@@ -312,7 +316,7 @@ impl TrainingSection {
 
 /// The sections, in print order.
 pub const SECTIONS: [&str; 4] = ["model", "data", "adapter", "training"];
-const MODEL_KEYS: &[&str] = &["path_or_id", "revision", "dtype", "reference"];
+const MODEL_KEYS: &[&str] = &["path_or_id", "revision", "dtype", "reference", "device"];
 const DATA_KEYS: &[&str] = &[
     "train_files",
     "eval_file",
@@ -539,6 +543,9 @@ fn check_model(m: &ModelSection, c: &mut Checks) {
     c.check(!m.revision.trim().is_empty(), "model.revision must not be empty (default \"main\")".into());
     if let Some(r) = &m.reference {
         c.check(!r.trim().is_empty(), "model.reference must not be empty when set".into());
+    }
+    if let Some(why) = m.device.unavailable_in_this_build() {
+        c.check(false, format!("model.device = \"{}\": {why}", m.device));
     }
     c.check(
         m.dtype != ModelDtype::F16,

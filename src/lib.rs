@@ -9,6 +9,8 @@
 pub mod error;
 /// Preference data: row formats, chat templates, tokenization with completion masks, batching.
 pub mod data;
+/// Where the tensors live: `cpu` or `cuda[:N]` (cargo feature `cuda`), with clear errors.
+pub mod device;
 /// The Llama-family model runtime and its loaders (HF folder, hub id, GGUF).
 pub mod model;
 /// RoPO rotation adapters (Householder x Givens x magnitude), adapter files, merge.

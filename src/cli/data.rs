@@ -69,7 +69,7 @@ fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
         .as_ref()
         .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading the chat template {}", p.display())))
         .transpose()?;
-    let tokenizer = crate::model::load_parts(&args.model.path_or_id, &args.model.load_options(candle_core::DType::F32))
+    let tokenizer = crate::model::load_parts(&args.model.path_or_id, &args.model.load_options(candle_core::DType::F32)?)
         .with_context(|| format!("loading the tokenizer of {}", args.model.path_or_id))?
         .tokenizer;
     let load_opts = LoadOptions {

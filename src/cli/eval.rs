@@ -298,7 +298,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         "bf16" => candle_core::DType::BF16,
         _ => candle_core::DType::F32,
     };
-    let mut lm = load(&args.model.path_or_id, &args.model.load_options(dtype)).with_context(|| format!("loading model {}", args.model.path_or_id))?;
+    let mut lm = load(&args.model.path_or_id, &args.model.load_options(dtype)?).with_context(|| format!("loading model {}", args.model.path_or_id))?;
     if let Some(dir) = &args.adapter {
         attach_adapter(dir, &mut lm.model)?;
     }

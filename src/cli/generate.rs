@@ -66,7 +66,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
     };
     let dtype = if args.dtype == "bf16" { candle_core::DType::BF16 } else { candle_core::DType::F32 };
-    let mut lm = load(&args.model.path_or_id, &args.model.load_options(dtype)).with_context(|| format!("loading model {}", args.model.path_or_id))?;
+    let mut lm = load(&args.model.path_or_id, &args.model.load_options(dtype)?).with_context(|| format!("loading model {}", args.model.path_or_id))?;
     if let Some(dir) = &args.adapter {
         let set = AnyAdapterSet::load(dir, &mut lm.model).with_context(|| format!("loading adapter {} onto {}", dir.display(), args.model.path_or_id))?;
         tracing::info!("adapter {} ({}): {}", dir.display(), set.kind().as_str(), set.report());

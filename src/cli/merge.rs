@@ -83,7 +83,7 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
 }
 
 fn ropo_merge(args: &MergeArgs) -> crate::error::Result<usize> {
-    let load_opts = args.model.load_options(DType::F32);
+    let load_opts = args.model.load_options(DType::F32)?;
     let (source, adapter) = (&args.model.path_or_id, &args.adapter);
     if args.out.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
         crate::adapter::merge::merge_to_gguf(source, &load_opts, adapter, &args.out, args.dtype.gguf()?, args.force)

@@ -45,12 +45,17 @@ pub struct ModelArgs {
     /// Hub revision (branch, tag or commit) when --model is a repo id.
     #[arg(long)]
     pub revision: Option<String>,
+    /// Where to run: `cpu` (default), `cuda` or `cuda:N` (a build with the `cuda` feature,
+    /// README "GPU").
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    pub device: crate::device::DeviceSpec,
 }
 
 impl ModelArgs {
-    /// How to load it, in `dtype` on the CPU.
-    pub fn load_options(&self, dtype: candle_core::DType) -> crate::model::LoadOptions {
-        crate::model::LoadOptions { revision: self.revision.clone(), dtype, ..Default::default() }
+    /// How to load it, in `dtype` on `--device`. Errors: the device cannot be opened
+    /// ([`crate::device::DeviceSpec::open`]).
+    pub fn load_options(&self, dtype: candle_core::DType) -> crate::error::Result<crate::model::LoadOptions> {
+        Ok(crate::model::LoadOptions { revision: self.revision.clone(), dtype, device: self.device.open()? })
     }
 }
 

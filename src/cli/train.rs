@@ -26,6 +26,10 @@ pub struct TrainArgs {
     /// Print the fully resolved config (defaults filled in) and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// Train on this device: `cpu`, `cuda` or `cuda:N` (overrides model.device; CUDA needs a
+    /// build with the `cuda` feature, README "GPU").
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<crate::device::DeviceSpec>,
 }
 
 /// Run `ropo train`: threads from `training.threads` (else `RAYON_NUM_THREADS`, else all cores),
@@ -33,7 +37,12 @@ pub struct TrainArgs {
 /// then [`train::run_in`] over [`crate::collective::from_launch`] (one process, or one rank of
 /// an `mpirun`/`srun` job with the `mpi` feature; a failing rank aborts the job).
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let mut cfg = RunConfig::load(Some(&args.config), &args.set)?;
+    // --device is model.device, validated with the rest of the config
+    let mut set = args.set.clone();
+    if let Some(d) = args.device {
+        set.push(format!("model.device=\"{d}\""));
+    }
+    let mut cfg = RunConfig::load(Some(&args.config), &set)?;
     if args.overwrite {
         cfg.training.overwrite = true;
     }

@@ -67,6 +67,11 @@ impl Linear {
             candle_core::bail!("{}: bf16 projections need an f32 weight (got {:?})", self.path, self.weight.dtype());
         }
         let w = self.weight.to_dtype(DType::BF16)?.contiguous()?;
+        if !w.device().is_cpu() {
+            // the panels feed the CPU kernel only; a GPU multiplies the bf16 weight itself
+            self.weight = w;
+            return Ok(());
+        }
         let (out, inp) = w.dims2()?;
         let v = w.flatten_all()?.to_vec1::<half::bf16>()?;
         self.packed = Some(Arc::new(PackedWeight::new(&v, out, inp)));
@@ -169,6 +174,11 @@ pub fn fast_frozen_matmul_enabled() -> bool {
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if w.dtype() == DType::BF16 && x.dtype() == DType::F32 && !w.track_op() && x.device().is_cpu() && w.rank() == 2 {
         return bf16_product(x, &w.contiguous()?, Bf16Matmul::new(Product::XWt));
+    }
+    if w.dtype() == DType::BF16 && x.dtype() == DType::F32 && !x.device().is_cpu() {
+        // a GPU: the activations rounded to bf16 into the device's bf16 GEMM (cuBLAS, f32
+        // accumulation), the product widened back to f32; differentiable (to_dtype, matmul)
+        return plain_frozen_matmul(&x.to_dtype(DType::BF16)?, w)?.to_dtype(DType::F32);
     }
     let fast = fast_frozen_matmul_enabled()
         && !w.track_op()

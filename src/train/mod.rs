@@ -239,7 +239,8 @@ fn dtype_of(d: ModelDtype) -> DType {
 }
 
 fn load_model(source: &str, cfg: &RunConfig) -> Result<crate::model::LoadedModel> {
-    let opts = crate::model::LoadOptions { revision: Some(cfg.model.revision.clone()), dtype: dtype_of(cfg.model.dtype), device: Device::Cpu };
+    let device = cfg.model.device.open()?;
+    let opts = crate::model::LoadOptions { revision: Some(cfg.model.revision.clone()), dtype: dtype_of(cfg.model.dtype), device };
     crate::model::load(source, &opts)
 }
 
@@ -739,7 +740,9 @@ fn restore(cfg: &RunConfig, s: &Setup) -> Result<State> {
     let mut step: u64 = 0;
     let metrics_path = s.output_dir.join(METRICS_FILE);
     let logger = if let Some((at, dir)) = &s.resume_from {
-        let ck = checkpoint::load(dir, &Device::Cpu)?;
+        // on the trainable tensors' device (`model.device`)
+        let device = s.params.first().map(|(_, v)| v.device().clone()).unwrap_or(Device::Cpu);
+        let ck = checkpoint::load(dir, &device)?;
         check_global_batch(cfg, s.world.size(), dir, &ck)?;
         ck.restore_trainable(&s.params)?;
         ck.restore_optimizer(&mut opt)?;
