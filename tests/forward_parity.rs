@@ -9,8 +9,8 @@
 
 mod common;
 
-use candle_core::{Device, Tensor, D};
-use ropo::model::{load, LoadOptions};
+use candle_core::{Tensor, D};
+use ropo::model::load;
 
 fn u32s(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
@@ -20,14 +20,14 @@ fn u32s(v: &serde_json::Value) -> Vec<u32> {
 fn next_token_logprobs_match_golden() {
     let g = common::golden("smollm2_golden.json");
     let gguf = common::smollm2_gguf();
-    let lm = load(gguf.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let lm = load(gguf.to_str().unwrap(), &common::load_options()).unwrap();
     let cases = g["logprobs"].as_object().unwrap();
     assert_eq!(cases.len(), 2);
     for (name, case) in cases {
         let ids = u32s(&case["ids"]);
         let want: Vec<f64> = case["next_token_logprob"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
         assert_eq!(want.len(), ids.len() - 1);
-        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let input = Tensor::new(ids.as_slice(), &common::test_device()).unwrap().unsqueeze(0).unwrap();
         let logits = lm.model.forward(&input, None, false).unwrap().squeeze(0).unwrap(); // (T, V)
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
         let rows: Vec<Vec<f32>> = logp.to_vec2().unwrap();

@@ -10,7 +10,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var, D};
+use candle_core::{backprop::GradStore, DType, Result, Tensor, Var, D};
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -35,7 +35,7 @@ struct Fixture {
 }
 
 fn fixture(cfg: &ModelConfig, seed: u64) -> Result<Fixture> {
-    let dev = Device::Cpu;
+    let dev = common::test_device();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let w = random_weights(cfg, 0.3, &mut rng, DType::F64, &dev)?;
     let vars: BTreeMap<String, Var> = w.iter().map(|(k, t)| Ok((k.clone(), Var::from_tensor(t)?))).collect::<Result<_>>()?;
@@ -51,7 +51,7 @@ fn fixture(cfg: &ModelConfig, seed: u64) -> Result<Fixture> {
 /// `L = sum_{n,t>=1} m[n,t] log_softmax(z[n,t-1])[ids[n,t]] + 0.1 sum_{n,t} m[n,t] P[n,t,:] . z[n,t,:]`.
 fn loss(f: &Fixture) -> Result<Tensor> {
     let map = f.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-    let model = Model::load(VarBuilder::from_tensors(map, DType::F64, &Device::Cpu), &f.cfg)?;
+    let model = Model::load(VarBuilder::from_tensors(map, DType::F64, f.input_ids.device()), &f.cfg)?;
     let logits = model.forward(&f.input_ids, Some(&f.attention_mask), true)?; // (N, T, V)
     let (_, t, _) = logits.dims3()?;
     let mask = f.attention_mask.to_dtype(DType::F64)?; // (N, T)

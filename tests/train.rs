@@ -77,7 +77,7 @@ fn stderr(o: &Output) -> String {
 #[test]
 fn step0_losses_rewards_and_golden_logps() {
     let gguf = common::smollm2_gguf();
-    let mut m = ropo::model::load(gguf.to_str().unwrap(), &Default::default()).unwrap();
+    let mut m = ropo::model::load(gguf.to_str().unwrap(), &common::load_options()).unwrap();
     let mut cfg = RunConfig::default();
     cfg.model.path_or_id = gguf.to_str().unwrap().into();
     let set = ropo::adapter::AnyAdapterSet::inject(&mut m.model, &cfg.adapter, "smollm2").unwrap();
@@ -90,7 +90,7 @@ fn step0_losses_rewards_and_golden_logps() {
     let pairs = pt.tokenize_all(&data.examples[..4], &path, &mut Default::default()).unwrap();
     assert_eq!(pairs.len(), 3);
     let refs: Vec<_> = pairs.iter().collect();
-    let batch = collate(&refs, pad_id(&m.tokenizer).unwrap(), &Device::Cpu).unwrap();
+    let batch = collate(&refs, pad_id(&m.tokenizer).unwrap(), m.model.device()).unwrap();
 
     let reference = ropo::logps::batch_logps_detached(&m.model, &batch, false, false).unwrap();
     // the training path: policy forward + loss + backward; every adapter tensor gets a gradient

@@ -18,10 +18,14 @@ use rayon::prelude::*;
 use crate::model::ops::{data, rope, Real};
 
 /// `x (N*T, H*hd)` -> `(N, H, T, hd)`, each head row rotated by RoPE when `tables = Some((cos,
-/// sin))` (constants, no gradient) and multiplied by `scale`. F32/F64, CPU.
+/// sin))` (constants, no gradient) and multiplied by `scale`. F32/F64; off the CPU (no
+/// `cuda_fwd`), [`to_heads_composed`].
 ///
 /// Errors: `N` not dividing the rows, `hd` odd with RoPE, tables of another shape.
 pub fn to_heads(x: &Tensor, n: usize, heads: usize, tables: Option<(&Tensor, &Tensor)>, scale: f64) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        return to_heads_composed(x, n, heads, tables, scale); // the ops run on the CPU only
+    }
     let x = x.contiguous()?;
     match tables {
         Some((cos, sin)) => x.apply_op3(&cos.contiguous()?, &sin.contiguous()?, ToHeadsRope { n, heads, scale }),
@@ -31,6 +35,9 @@ pub fn to_heads(x: &Tensor, n: usize, heads: usize, tables: Option<(&Tensor, &Te
 
 /// `y (N, H, T, hd)` -> `(N*T, H*hd)` (the inverse layout change of [`to_heads`], no rotation).
 pub fn from_heads(y: &Tensor) -> Result<Tensor> {
+    if !y.device().is_cpu() {
+        return from_heads_composed(y); // the op runs on the CPU only
+    }
     y.contiguous()?.apply_op1(FromHeads { scale: 1.0 })
 }
 

@@ -81,6 +81,9 @@ pub fn from_rows(y: &Tensor, dims: &[usize]) -> Result<Tensor> {
 /// ([`RmsNormOp`]): candle's `ops::rms_norm` has no backward, and the composed version
 /// ([`rms_norm_composed`]) costs about ten single-threaded broadcast passes in backward.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        return rms_norm_composed(x, weight, eps); // the op runs on the CPU only
+    }
     x.contiguous()?.apply_op2(&weight.contiguous()?, RmsNormOp { eps })
 }
 
@@ -116,6 +119,9 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     if g.dims() != u.dims() {
         candle_core::bail!("swiglu: gate {:?} and up {:?} differ", g.dims(), u.dims());
     }
+    if !g.device().is_cpu() {
+        return swiglu_composed(g, u); // the op runs on the CPU only
+    }
     g.contiguous()?.apply_op2(&u.contiguous()?, GluOp::<Silu>::OP)
 }
 
@@ -137,6 +143,9 @@ pub fn swiglu_composed(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 pub fn geglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     if g.dims() != u.dims() {
         candle_core::bail!("geglu: gate {:?} and up {:?} differ", g.dims(), u.dims());
+    }
+    if !g.device().is_cpu() {
+        return geglu_composed(g, u); // the op runs on the CPU only
     }
     g.contiguous()?.apply_op2(&u.contiguous()?, GluOp::<GeluTanh>::OP)
 }
@@ -173,12 +182,16 @@ pub fn softcap(x: &Tensor, cap: f64) -> Result<Tensor> {
 pub fn masked_softmax(scores: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let scores = scores.contiguous()?;
     match bias {
+        None if !scores.device().is_cpu() => softmax_last_dim(&scores),
         None => scores.apply_op1(SoftmaxOp),
         Some(b) => {
             let (n, h, t, tk) = scores.dims4()?;
             let (nb, one, tb, tkb) = b.dims4()?;
             if one != 1 || tb != t || tkb != tk || (nb != 1 && nb != n) {
                 candle_core::bail!("masked_softmax: bias {:?} does not fit scores ({n}, {h}, {t}, {tk})", b.dims());
+            }
+            if !scores.device().is_cpu() {
+                return softmax_last_dim(&scores.broadcast_add(b)?); // the op runs on the CPU only
             }
             scores.apply_op2(&b.contiguous()?, MaskedSoftmaxOp)
         }
@@ -266,6 +279,9 @@ pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
 /// placed after prompts of different lengths); returns `(N, H, T, hd)`. A custom op
 /// ([`RopeOp`]) whose backward is the inverse rotation.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        return rope_composed(x, cos, sin); // the op runs on the CPU only
+    }
     x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, RopeOp)
 }
 

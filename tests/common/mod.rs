@@ -52,3 +52,17 @@ pub fn json_tensor(v: &serde_json::Value) -> candle_core::Tensor {
     walk(v, 0, &mut dims, &mut out);
     candle_core::Tensor::from_vec(out, dims, &candle_core::Device::Cpu).unwrap()
 }
+
+/// The device the device-aware tests run on: `ROPO_TEST_DEVICE` (`cpu`, `cuda`, `cuda:N`;
+/// default `cpu`). `scripts/device-check.sh` sets it to `cuda` on a GPU machine. Panics (the
+/// test fails) when the device cannot be opened.
+pub fn test_device() -> candle_core::Device {
+    let name = std::env::var("ROPO_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let spec: ropo::device::DeviceSpec = name.parse().unwrap_or_else(|e| panic!("ROPO_TEST_DEVICE: {e}"));
+    spec.open().unwrap_or_else(|e| panic!("ROPO_TEST_DEVICE={name}: {e}"))
+}
+
+/// [`ropo::model::LoadOptions`] (f32) on [`test_device`].
+pub fn load_options() -> ropo::model::LoadOptions {
+    ropo::model::LoadOptions { device: test_device(), ..Default::default() }
+}
