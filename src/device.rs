@@ -9,11 +9,29 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
+
+static CPU_KERNELS: AtomicBool = AtomicBool::new(true);
+
+/// Whether ropo's CPU kernels (its custom ops, `cpu_fwd` alone, and the CPU-only fast paths)
+/// serve `t`: `t` is on the CPU and they are not turned off ([`set_cpu_kernels`]). Every call
+/// site of such a kernel asks this and otherwise takes the composed path of candle's
+/// differentiable ops, the one a CUDA device runs.
+pub fn cpu_kernels(t: &Tensor) -> bool {
+    t.device().is_cpu() && CPU_KERNELS.load(Ordering::Relaxed)
+}
+
+/// Turns ropo's CPU kernels off (or back on) process-wide, so that the CPU runs exactly the
+/// path of a device without them (tests/composed_path.rs checks that path against the golden
+/// values and finite differences on the CPU).
+pub fn set_cpu_kernels(on: bool) {
+    CPU_KERNELS.store(on, Ordering::Relaxed);
+}
 
 /// A device as named on the command line or in a config: `cpu`, `cuda` (GPU 0) or `cuda:N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -207,7 +207,7 @@ pub fn log_softmax_gather(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if targets.dims() != [k] {
         return Err(Error::Shape { name: "targets".into(), expected: vec![k], got: targets.dims().to_vec() });
     }
-    if !logits.device().is_cpu() || !matches!(logits.dtype(), DType::F32 | DType::F64) {
+    if !crate::device::cpu_kernels(&logits) || !matches!(logits.dtype(), DType::F32 | DType::F64) {
         return super::dense::selective_log_softmax(logits, targets);
     }
     Ok(logits.contiguous()?.apply_op2(&targets.to_dtype(DType::U32)?.contiguous()?, LogSoftmaxGather)?)

@@ -29,13 +29,21 @@ pub use combined::{combined_loss, LossSpec, LossTerm, LossTypes, PairExtras};
 /// gradient is exact everywhere (including at `x = 0`, where a composed `min`/`abs` version
 /// depends on how ties and `abs'(0)` are differentiated: that is step 0 of every run).
 pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() {
+    if crate::device::cpu_kernels(&x) {
         Ok(x.apply_op1(LogSigmoid)?)
     } else {
-        // Composed fallback for accelerators: min(x,0) - log(1 + exp(-|x|)).
-        let neg_abs = x.abs()?.neg()?;
-        Ok((x.minimum(0.0)? - (neg_abs.exp()? + 1.0)?.log()?)?)
+        log_sigmoid_composed(x)
     }
+}
+
+/// [`log_sigmoid`] from differentiable candle ops (the path off the CPU):
+/// `(x - |x|) / 2 - log(1 + exp(-|x|))`, which is `min(x, 0) - log1p(exp(-|x|))` written so that
+/// its gradient at `x = 0` is `σ(0) = 1/2` whichever one-sided derivative `abs` takes there
+/// (`min` would split its tie and give 1). Shapes and dtypes as [`log_sigmoid`].
+pub fn log_sigmoid_composed(x: &Tensor) -> Result<Tensor> {
+    let abs = x.abs()?;
+    let softplus_neg_abs = (abs.neg()?.exp()? + 1.0)?.log()?;
+    Ok(((x - &abs)? * 0.5)?.sub(&softplus_neg_abs)?)
 }
 
 /// `σ(x) = exp(log σ(x))`, stable and differentiable (through [`log_sigmoid`]).
@@ -925,6 +933,23 @@ mod tests {
         // f32: no overflow at ±1000 either.
         let y32 = log_sigmoid(&Tensor::new(&[-1000f32, 1000.0], &Device::Cpu).unwrap()).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(y32, vec![-1000.0, 0.0]);
+    }
+
+    // The composed twin (the path off the CPU) has the same values and the exact gradient
+    // σ(-x), at x = 0 too (the margins of step 0).
+    #[test]
+    fn composed_log_sigmoid_matches_and_has_the_exact_gradient_at_zero() {
+        let xs = [-1000.0, -40.0, -1.0, 0.0, 1e-8, 2.5, 40.0, 1000.0];
+        let v = Var::from_tensor(&t64(&xs)).unwrap();
+        let y = log_sigmoid_composed(v.as_tensor()).unwrap();
+        let want = log_sigmoid(v.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
+        let dg = y.sum_all().unwrap().backward().unwrap().get(v.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
+        for (i, (&x, got)) in xs.iter().zip(y.to_vec1::<f64>().unwrap()).enumerate() {
+            assert!((got - want[i]).abs() < 1e-14, "composed log_sigmoid({x}) = {got}, want {}", want[i]);
+            let dwant = 1.0 / (1.0 + x.exp());
+            assert!((dg[i] - dwant).abs() < 1e-14, "d composed log_sigmoid({x}) = {}, want {dwant}", dg[i]);
+        }
+        assert_eq!(dg[3], 0.5);
     }
 
     // The whole loss path in f64, logits -> completion_logps -> sigmoid DPO loss, against central

@@ -44,7 +44,7 @@ use crate::model::slice_gemm::{gemm_into, matmul, View};
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, t: usize) -> Result<Tensor> {
     let geo = Geometry::of(q.dims(), k.dims(), v.dims(), bias.map(|b| b.dims()), t)?;
     let dtype_ok = [k, v].iter().all(|x| x.dtype() == q.dtype()) && bias.is_none_or(|b| b.dtype() == q.dtype());
-    let fused = fused_layer_ops() && q.device().is_cpu() && matches!(q.dtype(), candle_core::DType::F32 | candle_core::DType::F64) && dtype_ok;
+    let fused = fused_layer_ops() && crate::device::cpu_kernels(&q) && matches!(q.dtype(), candle_core::DType::F32 | candle_core::DType::F64) && dtype_ok;
     if !fused || geo.n * geo.hkv * geo.rows * geo.tk == 0 {
         return attention_composed(q, k, v, bias, t);
     }

@@ -23,7 +23,7 @@ use crate::model::ops::{data, rope, Real};
 ///
 /// Errors: `N` not dividing the rows, `hd` odd with RoPE, tables of another shape.
 pub fn to_heads(x: &Tensor, n: usize, heads: usize, tables: Option<(&Tensor, &Tensor)>, scale: f64) -> Result<Tensor> {
-    if !x.device().is_cpu() {
+    if !crate::device::cpu_kernels(&x) {
         return to_heads_composed(x, n, heads, tables, scale); // the ops run on the CPU only
     }
     let x = x.contiguous()?;
@@ -35,7 +35,7 @@ pub fn to_heads(x: &Tensor, n: usize, heads: usize, tables: Option<(&Tensor, &Te
 
 /// `y (N, H, T, hd)` -> `(N*T, H*hd)` (the inverse layout change of [`to_heads`], no rotation).
 pub fn from_heads(y: &Tensor) -> Result<Tensor> {
-    if !y.device().is_cpu() {
+    if !crate::device::cpu_kernels(&y) {
         return from_heads_composed(y); // the op runs on the CPU only
     }
     y.contiguous()?.apply_op1(FromHeads { scale: 1.0 })

@@ -67,7 +67,7 @@ impl Linear {
             candle_core::bail!("{}: bf16 projections need an f32 weight (got {:?})", self.path, self.weight.dtype());
         }
         let w = self.weight.to_dtype(DType::BF16)?.contiguous()?;
-        if !w.device().is_cpu() {
+        if !crate::device::cpu_kernels(&w) {
             // the panels feed the CPU kernel only; a GPU multiplies the bf16 weight itself
             self.weight = w;
             return Ok(());
@@ -84,7 +84,7 @@ impl Linear {
     /// weight is bf16 and packed.
     pub fn frozen_product(&self, x: &Tensor) -> Result<Tensor> {
         match &self.packed {
-            Some(p) if self.weight.dtype() == DType::BF16 && x.dtype() == DType::F32 && x.device().is_cpu() => {
+            Some(p) if self.weight.dtype() == DType::BF16 && x.dtype() == DType::F32 && crate::device::cpu_kernels(&x) => {
                 bf16_product(x, &self.weight, Bf16Matmul::packed(p.clone(), self.packed_xw.clone()))
             }
             _ => frozen_matmul(x, &self.weight),
@@ -172,17 +172,17 @@ pub fn fast_frozen_matmul_enabled() -> bool {
 /// gradient is still computed. Both paths run the same gemm kernel on the same operands, so the
 /// forward values are bitwise equal; see [`plain_frozen_matmul`] for the plain path.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if w.dtype() == DType::BF16 && x.dtype() == DType::F32 && !w.track_op() && x.device().is_cpu() && w.rank() == 2 {
+    if w.dtype() == DType::BF16 && x.dtype() == DType::F32 && !w.track_op() && crate::device::cpu_kernels(&x) && w.rank() == 2 {
         return bf16_product(x, &w.contiguous()?, Bf16Matmul::new(Product::XWt));
     }
-    if w.dtype() == DType::BF16 && x.dtype() == DType::F32 && !x.device().is_cpu() {
+    if w.dtype() == DType::BF16 && x.dtype() == DType::F32 && !crate::device::cpu_kernels(&x) {
         // a GPU: the activations rounded to bf16 into the device's bf16 GEMM (cuBLAS, f32
         // accumulation), the product widened back to f32; differentiable (to_dtype, matmul)
         return plain_frozen_matmul(&x.to_dtype(DType::BF16)?, w)?.to_dtype(DType::F32);
     }
     let fast = fast_frozen_matmul_enabled()
         && !w.track_op()
-        && x.device().is_cpu()
+        && crate::device::cpu_kernels(&x)
         && matches!(x.dtype(), DType::F32 | DType::F64)
         && x.dtype() == w.dtype()
         && w.rank() == 2;

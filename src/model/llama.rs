@@ -212,7 +212,7 @@ impl Mlp {
         let (g, u) = self.gate_up.forward(&x2, use_adapters)?; // (rows, I) each
         let y = match packed_down(&self.down_proj, use_adapters) {
             // bf16: SwiGLU and the frozen down projection in one op, its output not kept
-            Some(p) if self.act == Activation::Silu && g.dtype() == DType::F32 && g.device().is_cpu() => swiglu_down(&g, &u, &self.down_proj.weight, p)?,
+            Some(p) if self.act == Activation::Silu && g.dtype() == DType::F32 && crate::device::cpu_kernels(&g) => swiglu_down(&g, &u, &self.down_proj.weight, p)?,
             _ => self.down_proj.forward(&glu(&g, &u, self.act, false)?, use_adapters)?,
         };
         from_rows(&y, &dims) // (rows, D) -> (..., D)

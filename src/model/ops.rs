@@ -81,7 +81,7 @@ pub fn from_rows(y: &Tensor, dims: &[usize]) -> Result<Tensor> {
 /// ([`RmsNormOp`]): candle's `ops::rms_norm` has no backward, and the composed version
 /// ([`rms_norm_composed`]) costs about ten single-threaded broadcast passes in backward.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if !x.device().is_cpu() {
+    if !crate::device::cpu_kernels(&x) {
         return rms_norm_composed(x, weight, eps); // the op runs on the CPU only
     }
     x.contiguous()?.apply_op2(&weight.contiguous()?, RmsNormOp { eps })
@@ -119,7 +119,7 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     if g.dims() != u.dims() {
         candle_core::bail!("swiglu: gate {:?} and up {:?} differ", g.dims(), u.dims());
     }
-    if !g.device().is_cpu() {
+    if !crate::device::cpu_kernels(&g) {
         return swiglu_composed(g, u); // the op runs on the CPU only
     }
     g.contiguous()?.apply_op2(&u.contiguous()?, GluOp::<Silu>::OP)
@@ -144,7 +144,7 @@ pub fn geglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     if g.dims() != u.dims() {
         candle_core::bail!("geglu: gate {:?} and up {:?} differ", g.dims(), u.dims());
     }
-    if !g.device().is_cpu() {
+    if !crate::device::cpu_kernels(&g) {
         return geglu_composed(g, u); // the op runs on the CPU only
     }
     g.contiguous()?.apply_op2(&u.contiguous()?, GluOp::<GeluTanh>::OP)
@@ -182,7 +182,7 @@ pub fn softcap(x: &Tensor, cap: f64) -> Result<Tensor> {
 pub fn masked_softmax(scores: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let scores = scores.contiguous()?;
     match bias {
-        None if !scores.device().is_cpu() => softmax_last_dim(&scores),
+        None if !crate::device::cpu_kernels(&scores) => softmax_last_dim(&scores),
         None => scores.apply_op1(SoftmaxOp),
         Some(b) => {
             let (n, h, t, tk) = scores.dims4()?;
@@ -190,7 +190,7 @@ pub fn masked_softmax(scores: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> 
             if one != 1 || tb != t || tkb != tk || (nb != 1 && nb != n) {
                 candle_core::bail!("masked_softmax: bias {:?} does not fit scores ({n}, {h}, {t}, {tk})", b.dims());
             }
-            if !scores.device().is_cpu() {
+            if !crate::device::cpu_kernels(&scores) {
                 return softmax_last_dim(&scores.broadcast_add(b)?); // the op runs on the CPU only
             }
             scores.apply_op2(&b.contiguous()?, MaskedSoftmaxOp)
@@ -279,15 +279,19 @@ pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
 /// placed after prompts of different lengths); returns `(N, H, T, hd)`. A custom op
 /// ([`RopeOp`]) whose backward is the inverse rotation.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if !x.device().is_cpu() {
+    if !crate::device::cpu_kernels(&x) {
         return rope_composed(x, cos, sin); // the op runs on the CPU only
     }
     x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, RopeOp)
 }
 
-/// The same function as [`rope`] composed from differentiable candle ops (the reference).
+/// The same function as [`rope`] composed from differentiable candle ops (the reference, and
+/// the path off the CPU): `x (N, H, T, hd)` with tables `(T, hd)`, or per-row tables
+/// `(N, T, hd)` (each batch row its own positions, [`rope`]'s second form), broadcast over the
+/// heads.
 pub fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
+    let (cos, sin) = if cos.rank() == 3 && x.rank() == 4 { (cos.unsqueeze(1)?, sin.unsqueeze(1)?) } else { (cos.clone(), sin.clone()) };
+    x.broadcast_mul(&cos)? + rotate_half(x)?.broadcast_mul(&sin)?
 }
 
 /// The additive attention bias `(N, 1, T, past + T)`: 0 where query `i` may attend key `j`,
@@ -1098,10 +1102,15 @@ pub(crate) mod tests {
         let x1 = x.as_tensor().narrow(0, 1, 1)?;
         let want = Tensor::cat(&[rope_composed(&x0, &c0, &s0)?, rope_composed(&x1, &c1, &s1)?], 0)?;
         assert!(max_diff(&y, &want) < 1e-14);
+        // the composed path with the per-row tables (the path off the CPU)
+        let composed = rope_composed(x.as_tensor(), &cos, &sin)?;
+        assert!(max_diff(&composed, &want) < 1e-14);
+        let gc = (composed * &c)?.sum_all()?.backward()?;
         let g = (y * &c)?.sum_all()?.backward()?;
         let gw = (want * &c)?.sum_all()?.backward()?;
         let (a, b) = (g.get(x.as_tensor()).expect("grad"), gw.get(x.as_tensor()).expect("grad"));
         assert!(max_diff(a, b) < 1e-14);
+        assert!(max_diff(gc.get(x.as_tensor()).expect("composed grad"), b) < 1e-14);
         Ok(())
     }
 

@@ -24,7 +24,7 @@ use crate::model::ops::{data, swiglu_rows, GluBwdOp, Silu};
 /// bf16 weight with packed panels, no bias, and no adapter in use.
 pub fn packed_down(down: &Linear, use_adapters: bool) -> Option<&Arc<PackedWeight>> {
     let adapter_on = down.adapter.is_some() && use_adapters;
-    if adapter_on || down.bias.is_some() || down.weight.dtype() != DType::BF16 || !down.weight.device().is_cpu() {
+    if adapter_on || down.bias.is_some() || down.weight.dtype() != DType::BF16 || !crate::device::cpu_kernels(&down.weight) {
         return None;
     }
     down.packed.as_ref()

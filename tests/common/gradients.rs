@@ -1,6 +1,6 @@
 //! Central finite differences in f64, against `backward`: the gradient oracle of the tests.
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 
 /// `(L(w + eps e_i) - L(w - eps e_i)) / 2 eps` for entry `i` (flat index) of the f64 `var`,
 /// with `loss` reading the current value of `var`; `var` is restored afterwards.
@@ -9,11 +9,11 @@ pub fn central_difference(var: &Var, i: usize, eps: f64, loss: &dyn Fn() -> f64)
     let at = |d: f64| {
         let mut w = orig.clone();
         w[i] += d;
-        var.set(&Tensor::from_vec(w, var.dims(), &Device::Cpu).unwrap()).unwrap();
+        var.set(&Tensor::from_vec(w, var.dims(), var.device()).unwrap()).unwrap();
         loss()
     };
     let (lp, lm) = (at(eps), at(-eps));
-    var.set(&Tensor::from_vec(orig, var.dims(), &Device::Cpu).unwrap()).unwrap();
+    var.set(&Tensor::from_vec(orig, var.dims(), var.device()).unwrap()).unwrap();
     (lp - lm) / (2.0 * eps)
 }
 

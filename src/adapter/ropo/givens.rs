@@ -108,7 +108,7 @@ pub fn rotate_t(x: &Tensor, theta: &Tensor, stages: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (rows, d) = check(x, theta, stages)?;
-    let fused = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.dtype() == theta.dtype();
+    let fused = crate::device::cpu_kernels(&x) && matches!(x.dtype(), DType::F32 | DType::F64) && x.dtype() == theta.dtype();
     if !fused || rows == 0 || theta.dim(0)? == 0 {
         return rotate_t_reference(x, theta, stages);
     }

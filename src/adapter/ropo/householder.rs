@@ -94,7 +94,7 @@ pub fn reflect(x: &Tensor, u: &Tensor) -> Result<Tensor> {
     if r == 0 {
         return Ok(x.clone());
     }
-    let fused = fused_layer_ops() && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.dtype() == u.dtype();
+    let fused = fused_layer_ops() && crate::device::cpu_kernels(&x) && matches!(x.dtype(), DType::F32 | DType::F64) && x.dtype() == u.dtype();
     if !fused {
         return reflect_composed(x, u);
     }

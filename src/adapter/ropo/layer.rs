@@ -229,7 +229,7 @@ impl RopoAdapter {
 /// backward reduces over the broadcast dimension with slow strided sums. Elsewhere `broadcast_mul`.
 pub fn scale_cols(y: &Tensor, s: &Tensor) -> Result<Tensor> {
     let n = s.dims1()?;
-    let fused = y.device().is_cpu() && matches!(y.dtype(), DType::F32 | DType::F64) && y.dtype() == s.dtype();
+    let fused = crate::device::cpu_kernels(&y) && matches!(y.dtype(), DType::F32 | DType::F64) && y.dtype() == s.dtype();
     if !fused || y.dims().last() != Some(&n) || y.elem_count() == 0 {
         return y.broadcast_mul(s);
     }

@@ -247,8 +247,8 @@ impl CustomOp3 for RopoProduct {
 /// Whether [`RopoProduct`] serves a layer: CPU, f32/f64 activations, and a weight either bf16
 /// (with f32 activations) or of the activations' dtype.
 pub fn fits(x: &Tensor, w: &Tensor) -> bool {
-    x.device().is_cpu()
-        && w.device().is_cpu()
+    crate::device::cpu_kernels(&x)
+        && crate::device::cpu_kernels(&w)
         && w.rank() == 2
         && !w.track_op()
         && match (x.dtype(), w.dtype()) {
