@@ -98,7 +98,7 @@ impl FromStr for DeviceSpec {
         let t = s.trim().to_ascii_lowercase();
         match t.as_str() {
             "cpu" => Ok(DeviceSpec::Cpu),
-            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
             _ => match t.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
                 _ => Err(format!("unknown device {s:?}: expected \"cpu\", \"cuda\" or \"cuda:N\" (N a GPU number)")),
@@ -130,7 +130,7 @@ mod tests {
         assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
         assert_eq!(DeviceSpec::Cuda(3).to_string(), "cuda:3");
         assert_eq!(DeviceSpec::default().to_string(), "cpu");
-        for bad in ["", "tpu", "cuda:", "cuda:-1", "cuda:x", "metal"] {
+        for bad in ["", "tpu", "gpu", "cuda:", "cuda:-1", "cuda:x", "metal"] {
             let e = bad.parse::<DeviceSpec>().unwrap_err();
             assert!(e.contains("expected \"cpu\", \"cuda\" or \"cuda:N\""), "{bad}: {e}");
         }

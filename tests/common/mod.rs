@@ -13,7 +13,7 @@ use std::path::PathBuf;
 /// Panics (the test fails, it is never skipped) when the model cannot be had.
 pub fn smollm2_gguf() -> PathBuf {
     let out = std::process::Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/fetch-model.sh"))
+        .arg(repo_dir().join("scripts/fetch-model.sh"))
         .output()
         .expect("running scripts/fetch-model.sh");
     assert!(out.status.success(), "scripts/fetch-model.sh failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -22,16 +22,27 @@ pub fn smollm2_gguf() -> PathBuf {
     path
 }
 
+/// The repository root: `ROPO_REPO_DIR` when set (a test executable run on another machine,
+/// scripts/device-check.sh), else where it was built.
+pub fn repo_dir() -> PathBuf {
+    std::env::var_os("ROPO_REPO_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
+/// The shared folder: `ROPO_SHARED_DIR` when set, else `../shared` beside the repository.
+pub fn shared_dir() -> PathBuf {
+    std::env::var_os("ROPO_SHARED_DIR").map(PathBuf::from).unwrap_or_else(|| repo_dir().join("../shared"))
+}
+
 /// A golden file from `../shared/golden`, parsed.
 pub fn golden(name: &str) -> serde_json::Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/golden").join(name);
+    let path = shared_dir().join("golden").join(name);
     let s = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_json::from_str(&s).unwrap()
 }
 
 /// A path under `../shared`.
 pub fn shared(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared").join(rel)
+    shared_dir().join(rel)
 }
 
 /// A JSON array of arrays (of arrays) of numbers as an f32 tensor of its nested shape (the
