@@ -238,9 +238,8 @@ fn dtype_of(d: ModelDtype) -> DType {
     }
 }
 
-fn load_model(source: &str, cfg: &RunConfig) -> Result<crate::model::LoadedModel> {
-    let device = cfg.model.device.open()?;
-    let opts = crate::model::LoadOptions { revision: Some(cfg.model.revision.clone()), dtype: dtype_of(cfg.model.dtype), device };
+fn load_model(source: &str, cfg: &RunConfig, device: &Device) -> Result<crate::model::LoadedModel> {
+    let opts = crate::model::LoadOptions { revision: Some(cfg.model.revision.clone()), dtype: dtype_of(cfg.model.dtype), device: device.clone() };
     crate::model::load(source, &opts)
 }
 
@@ -541,6 +540,8 @@ impl Setup<'_> {
 /// schedule.
 fn setup<'w>(cfg: &RunConfig, opts: &TrainOptions, world: &'w dyn Collective) -> Result<Setup<'w>> {
     let t = &cfg.training;
+    // the device first (a GPU that cannot be opened fails before any reading), once for both models
+    let device = cfg.model.device.open()?;
     let rows = read_rows(&cfg.data)?;
     let output_dir = opts.resume.clone().unwrap_or_else(|| PathBuf::from(&t.output_dir));
     let resume_from = match &opts.resume {
@@ -554,10 +555,10 @@ fn setup<'w>(cfg: &RunConfig, opts: &TrainOptions, world: &'w dyn Collective) ->
         let print = crate::model::fingerprint::run_fingerprint(&cfg.to_toml_string(), &cfg.model.path_or_id, cfg.model.reference.as_deref(), &cfg.model.revision, resume_step)?;
         check_same(world, &print, "config, model files or resume checkpoint")?;
     }
-    let loaded = load_model(&cfg.model.path_or_id, cfg)?;
+    let loaded = load_model(&cfg.model.path_or_id, cfg, &device)?;
     let (mut model, tokenizer, model_config) = (loaded.model, loaded.tokenizer, loaded.config);
     let separate_ref = match &cfg.model.reference {
-        Some(r) => Some(load_model(r, cfg)?.model),
+        Some(r) => Some(load_model(r, cfg, &device)?.model),
         None => None,
     };
     let adapter = attach_adapter(&mut model, cfg)?;
