@@ -450,17 +450,7 @@ fn arch_extras(
             return Err(md.err(format!("{} = {dims}: partial rotary embeddings are not supported (only head_dim = {head_dim})", k("rope.dimension_count"))));
         }
     }
-    let scaling = md.string(&k("rope.scaling.type"))?.unwrap_or("none");
-    let factor = md.float(&k("rope.scaling.factor"))?.filter(|f| *f != 0.0 && *f != 1.0);
-    let rope_linear_factor = match (scaling, factor) {
-        ("none", _) | ("linear", None) => None,
-        ("linear", Some(f)) if arch == Arch::Gemma3 && f > 0.0 && f.is_finite() => Some(f),
-        ("linear", Some(f)) if arch == Arch::Gemma3 => return Err(md.err(format!("{} = {f}: expected a positive factor", k("rope.scaling.factor")))),
-        (kind, _) => {
-            let what = if matches!(kind, "longrope" | "su") { " (Phi-3's 128k-context RoPE scaling)" } else { "" };
-            return Err(md.err(format!("{} = \"{kind}\"{what} is not supported for GGUF architecture {name}", k("rope.scaling.type"))));
-        }
-    };
+    let rope_linear_factor = rope_linear_factor(md, arch)?;
     let gemma = arch.is_gemma();
     // a cap divides the scores: 0, negative or non-finite is refused (the HF path does the same)
     let positive = |key: &str, default: Option<f64>| -> Result<Option<f64>> {
@@ -479,37 +469,9 @@ fn arch_extras(
         return Err(md.err(format!("missing GGUF metadata key {}", k("attention.sliding_window"))));
     }
     let window = md.int(&k("attention.sliding_window"))?.or((arch == Arch::Gemma2).then_some(4096)).filter(|w| *w > 0).map(|w| w as usize);
-    let sliding_layers: Vec<bool> = match (arch, md.get(&k("attention.sliding_window_pattern"))) {
-        (_, _) if window.is_none() => vec![],
-        (Arch::Phi3, _) => vec![true; n_layers],
-        (_, Some(Value::Array(a))) => {
-            let flags: Option<Vec<bool>> = a.iter().map(|v| if let Value::Bool(b) = v { Some(*b) } else { None }).collect();
-            let flags = flags.ok_or_else(|| md.err(format!("GGUF metadata {} is not an array of booleans", k("attention.sliding_window_pattern"))))?;
-            if flags.len() != n_layers {
-                return Err(md.err(format!("{} has {} entries for {n_layers} layers", k("attention.sliding_window_pattern"), flags.len())));
-            }
-            flags
-        }
-        (_, _) => {
-            // llama_hparams::set_swa_pattern(n): layer i slides when n == 0 or i % n < n - 1
-            let n = md.int(&k("attention.sliding_window_pattern"))?.unwrap_or(if arch == Arch::Gemma2 { 2 } else { 6 }) as usize;
-            (0..n_layers).map(|i| n == 0 || i % n < n - 1).collect()
-        }
-    };
+    let sliding_layers = if window.is_some() { sliding_layers(md, arch, n_layers)? } else { vec![] };
     let any_sliding = sliding_layers.iter().any(|&s| s);
-    let rope_local_theta = match arch {
-        Arch::Gemma3 => Some(md.float(&k("rope.freq_base_swa"))?.unwrap_or(10000.0)),
-        _ => {
-            // Gemma 2 (llama.cpp: the sliding layers' base defaults to the global one) and Phi-3
-            // have one RoPE base
-            match md.float(&k("rope.freq_base_swa"))? {
-                Some(b) if b != rope_theta => {
-                    return Err(md.err(format!("{} = {b} != rope.freq_base {rope_theta}: a second RoPE base is not supported for {name}", k("rope.freq_base_swa"))))
-                }
-                _ => None,
-            }
-        }
-    };
+    let rope_local_theta = rope_local_theta(md, arch, rope_theta)?;
     // llama.cpp's f_attention_scale: 1/sqrt(n_embd / n_head) for the 27B sizes, else 1/sqrt(head_dim)
     let is_27b = matches!((arch, n_layers), (Arch::Gemma2, 46) | (Arch::Gemma3, 62));
     let query_pre_attn_scalar = gemma.then(|| if is_27b { (hidden / heads) as f64 } else { head_dim as f64 });
@@ -523,6 +485,61 @@ fn arch_extras(
         rope_local_theta,
         rope_linear_factor,
     })
+}
+
+/// `{arch}.rope.scaling.*`: Gemma 3's linear RoPE factor (none when absent, 0 or 1); any other
+/// scaling is refused, naming the key. Errors: a non-positive factor, an unsupported kind.
+fn rope_linear_factor(md: &Metadata, arch: Arch) -> Result<Option<f64>> {
+    let name = gguf_arch_name(arch);
+    let k = |s: &str| format!("{name}.{s}");
+    let scaling = md.string(&k("rope.scaling.type"))?.unwrap_or("none");
+    let factor = md.float(&k("rope.scaling.factor"))?.filter(|f| *f != 0.0 && *f != 1.0);
+    match (scaling, factor) {
+        ("none", _) | ("linear", None) => Ok(None),
+        ("linear", Some(f)) if arch == Arch::Gemma3 && f > 0.0 && f.is_finite() => Ok(Some(f)),
+        ("linear", Some(f)) if arch == Arch::Gemma3 => Err(md.err(format!("{} = {f}: expected a positive factor", k("rope.scaling.factor")))),
+        (kind, _) => {
+            let what = if matches!(kind, "longrope" | "su") { " (Phi-3's 128k-context RoPE scaling)" } else { "" };
+            Err(md.err(format!("{} = \"{kind}\"{what} is not supported for GGUF architecture {name}", k("rope.scaling.type"))))
+        }
+    }
+}
+
+/// Which of the `n_layers` layers use the sliding window (the model has one): every layer for
+/// Phi-3; else `{arch}.attention.sliding_window_pattern`, an array of booleans or llama.cpp's
+/// period `n` (layer `i` slides when `n == 0` or `i % n < n - 1`; default 2 for Gemma 2, 6 for
+/// Gemma 3). Errors: an array of other values or of another length.
+fn sliding_layers(md: &Metadata, arch: Arch, n_layers: usize) -> Result<Vec<bool>> {
+    let key = format!("{}.attention.sliding_window_pattern", gguf_arch_name(arch));
+    match (arch, md.get(&key)) {
+        (Arch::Phi3, _) => Ok(vec![true; n_layers]),
+        (_, Some(Value::Array(a))) => {
+            let flags: Option<Vec<bool>> = a.iter().map(|v| if let Value::Bool(b) = v { Some(*b) } else { None }).collect();
+            let flags = flags.ok_or_else(|| md.err(format!("GGUF metadata {key} is not an array of booleans")))?;
+            if flags.len() != n_layers {
+                return Err(md.err(format!("{key} has {} entries for {n_layers} layers", flags.len())));
+            }
+            Ok(flags)
+        }
+        (_, _) => {
+            // llama_hparams::set_swa_pattern(n)
+            let n = md.int(&key)?.unwrap_or(if arch == Arch::Gemma2 { 2 } else { 6 }) as usize;
+            Ok((0..n_layers).map(|i| n == 0 || i % n < n - 1).collect())
+        }
+    }
+}
+
+/// The sliding layers' RoPE base: Gemma 3's `{arch}.rope.freq_base_swa` (default 10000); Gemma 2
+/// (llama.cpp: the sliding layers' base defaults to the global one) and Phi-3 have one base, so
+/// a second one that differs is refused. Errors: that second base.
+fn rope_local_theta(md: &Metadata, arch: Arch, rope_theta: f64) -> Result<Option<f64>> {
+    let name = gguf_arch_name(arch);
+    let key = format!("{name}.rope.freq_base_swa");
+    match (arch, md.float(&key)?) {
+        (Arch::Gemma3, b) => Ok(Some(b.unwrap_or(10000.0))),
+        (_, Some(b)) if b != rope_theta => Err(md.err(format!("{key} = {b} != rope.freq_base {rope_theta}: a second RoPE base is not supported for {name}"))),
+        _ => Ok(None),
+    }
 }
 
 /// llama.cpp's `general.architecture` name of `arch` (Mistral is written as `llama`).
