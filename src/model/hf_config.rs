@@ -445,6 +445,26 @@ pub fn to_json(cfg: &ModelConfig) -> serde_json::Value {
         m.insert("sliding_window".into(), serde_json::Value::Null);
         m.insert("max_window_layers".into(), cfg.num_hidden_layers.into());
     }
+    insert_gemma_and_window_keys(m, cfg);
+    insert_rope_keys(m, cfg);
+    if let Some(b) = cfg.bos_token_id {
+        m.insert("bos_token_id".into(), b.into());
+    }
+    match cfg.eos_token_ids.as_slice() {
+        [] => {}
+        [one] => {
+            m.insert("eos_token_id".into(), (*one).into());
+        }
+        many => {
+            m.insert("eos_token_id".into(), many.to_vec().into());
+        }
+    }
+    v
+}
+
+/// The Gemma keys of [`to_json`] (activation, query scale, soft caps, layer types) and the
+/// sliding window of the architectures that have one.
+fn insert_gemma_and_window_keys(m: &mut serde_json::Map<String, serde_json::Value>, cfg: &ModelConfig) {
     let x = &cfg.extras;
     if cfg.arch.is_gemma() {
         // Gemma2Config / Gemma3TextConfig read these (transformers 4.4x and 5.x)
@@ -463,6 +483,12 @@ pub fn to_json(cfg: &ModelConfig) -> serde_json::Value {
         let kinds: Vec<&str> = (0..cfg.num_hidden_layers).map(|i| if x.sliding_layers.get(i).copied().unwrap_or(false) { "sliding_attention" } else { "full_attention" }).collect();
         m.insert("layer_types".into(), kinds.into());
     }
+}
+
+/// The RoPE keys of [`to_json`]: Gemma 3's two bases (`rope_parameters`, `rope_local_base_freq`)
+/// and `rope_scaling` (Llama 3's, a linear factor, or null).
+fn insert_rope_keys(m: &mut serde_json::Map<String, serde_json::Value>, cfg: &ModelConfig) {
+    let x = &cfg.extras;
     if let Some(local) = x.rope_local_theta {
         m.insert("rope_local_base_freq".into(), local.into());
         let mut full = serde_json::json!({"rope_type": "default", "rope_theta": cfg.rope_theta});
@@ -484,19 +510,6 @@ pub fn to_json(cfg: &ModelConfig) -> serde_json::Value {
             }),
         },
     );
-    if let Some(b) = cfg.bos_token_id {
-        m.insert("bos_token_id".into(), b.into());
-    }
-    match cfg.eos_token_ids.as_slice() {
-        [] => {}
-        [one] => {
-            m.insert("eos_token_id".into(), (*one).into());
-        }
-        many => {
-            m.insert("eos_token_id".into(), many.to_vec().into());
-        }
-    }
-    v
 }
 
 #[cfg(test)]
