@@ -203,23 +203,30 @@ impl Curves {
     }
 }
 
+/// A panel's caption and its x and y ranges (padded; the loss panel shows ln 2, the accuracy
+/// panel 0 to 1).
+fn panel_axes<'a>(name: &'a str, s: &Series) -> (&'a str, (f64, f64), (f64, f64)) {
+    let all = s.train.iter().chain(&s.eval);
+    let x = padded(all.clone().map(|p| p.0));
+    let mut y = padded(all.map(|p| p.1).chain((name == "loss").then_some(std::f64::consts::LN_2)));
+    if name == "rewards/accuracies" {
+        y = (y.0.min(-0.02), y.1.max(1.02));
+    }
+    let caption = match name {
+        "drift/kl" => "eval drift/kl (nats/token)",
+        "greedy/mean_length" => "eval greedy/mean_length (tokens)",
+        n => n,
+    };
+    (caption, x, y)
+}
+
 fn draw(curves: &Curves, path: &Path) -> Result<()> {
     let drawn = curves.panels();
     let root = BitMapBackend::new(path, (curves.width(), HEIGHT)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_err)?;
     let panels = root.split_evenly((1, drawn.len()));
     for (area, (name, s)) in panels.iter().zip(drawn) {
-        let all = s.train.iter().chain(&s.eval);
-        let (x0, x1) = padded(all.clone().map(|p| p.0));
-        let (mut y0, mut y1) = padded(all.map(|p| p.1).chain((name == "loss").then_some(std::f64::consts::LN_2)));
-        if name == "rewards/accuracies" {
-            (y0, y1) = (y0.min(-0.02), y1.max(1.02));
-        }
-        let caption = match name {
-            "drift/kl" => "eval drift/kl (nats/token)",
-            "greedy/mean_length" => "eval greedy/mean_length (tokens)",
-            n => n,
-        };
+        let (caption, (x0, x1), (y0, y1)) = panel_axes(name, s);
         let mut chart = ChartBuilder::on(area)
             .caption(caption, ("sans-serif", 26))
             .margin(14)
