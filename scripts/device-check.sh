@@ -6,7 +6,7 @@
 #
 # 1. On the build machine (this repository, beside ../shared):
 #
-#        bash scripts/build-cuda.sh --bins --tests   # target/cuda/release/{ropo,deps/<test>-<hash>}
+#        bash scripts/build-cuda.sh --bins --test gradcheck --test forward_parity --test train
 #        bash scripts/device-check.sh --stage        # dist/: what travels, with its sizes
 #
 #    --stage writes dist/cuda/ (the stripped, xz-compressed binaries: ropo and the test
@@ -35,12 +35,12 @@ stage() {
   local model
   model="$(bash scripts/fetch-model.sh)" || exit 1
   rm -rf dist && mkdir -p dist/cuda dist/shared/golden dist/shared/data/orca_dpo_pairs dist/model
-  [ -x target/cuda/release/ropo ] || { echo "device-check: build first: bash scripts/build-cuda.sh --bins --tests" >&2; exit 1; }
+  [ -x target/cuda/release/ropo ] || { echo "device-check: build first (see the header)" >&2; exit 1; }
   cp target/cuda/release/ropo dist/cuda/ropo
   for g in "${groups[@]}"; do
     local name="${g%%:*}" exe
     exe="$(ls -t target/cuda/release/deps/"$name"-* 2>/dev/null | grep -v '\.d$' | head -1)"
-    [ -n "$exe" ] || { echo "device-check: no test executable for $name (build with --tests)" >&2; exit 1; }
+    [ -n "$exe" ] || { echo "device-check: no test executable for $name (build it: see the header)" >&2; exit 1; }
     cp "$exe" "dist/cuda/test-$name"
   done
   strip dist/cuda/* && xz -T0 -6 dist/cuda/*

@@ -59,6 +59,11 @@ impl DeviceSpec {
                     return Err(Error::Msg(format!("device {self}: {why}")));
                 }
                 Device::new_cuda(n).map_err(|e| {
+                    // the driver's reason, without candle's captured backtrace
+                    let e = match e {
+                        candle_core::Error::WithBacktrace { inner, .. } => *inner,
+                        e => e,
+                    };
                     Error::Msg(format!(
                         "device {self}: no usable CUDA device ({e}); check that an NVIDIA driver is installed and the GPU is \
                          visible (nvidia-smi, CUDA_VISIBLE_DEVICES), or use the device \"cpu\""
