@@ -14,11 +14,14 @@
 #    tests read: the golden values and orca_dpo_pairs; dist/ is ignored by git) and
 #    dist/model/part-* (the 98 MB model in pieces, each small enough for one transfer).
 #
-# 2. On the GPU machine, from the repository root, with dist/ carried along (in as many
-#    transfers as its size limit needs; the pieces of the model may come first, each copied to
-#    $ROPO_DIST_CACHE by `bash scripts/device-check.sh --keep`, the default /tmp/ropo-dist):
+# 2. On the GPU machine, from the repository root, with dist/ carried along. A transfer there
+#    holds 64 MiB with the working tree (~8 MB), so dist/ (~146 MB) goes in three, back to back
+#    while the machine stays warm; `--keep` copies what a transfer brought to $ROPO_DIST_CACHE
+#    (default /tmp/ropo-dist), which outlives the call:
 #
-#        bash scripts/device-check.sh
+#        carry dist/model/part-00:          bash scripts/device-check.sh --keep
+#        carry dist/model/part-01:          bash scripts/device-check.sh --keep
+#        carry dist/cuda and dist/shared:   bash scripts/device-check.sh
 #
 # The CUDA libraries come from the GPU machine's PyTorch environment (site-packages/nvidia/
 # cu13/lib: cuBLAS, cuRAND, NVRTC; or $ROPO_CUDA_LIBS); the driver's libcuda.so.1 from the
@@ -46,7 +49,7 @@ stage() {
   strip dist/cuda/* && xz -T0 -6 dist/cuda/*
   cp ../shared/golden/smollm2_golden.json dist/shared/golden/
   cp ../shared/data/orca_dpo_pairs/validation.jsonl dist/shared/data/orca_dpo_pairs/
-  split -b 45M -d "$model" dist/model/part-
+  split -b 50M -d "$model" dist/model/part-
   du -sh dist/cuda/* dist/shared dist/model/* | sed 's/^/  /'
   echo "device-check: staged; total $(du -sh dist | cut -f1)"
 }
