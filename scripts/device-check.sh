@@ -120,8 +120,8 @@ for dtype in bf16 f32; do
   pid=$!
   peak=0
   while kill -0 "$pid" 2>/dev/null; do
-    m="$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)"
-    [ "${m:-0}" -gt "$peak" ] && peak="$m"
+    m="$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null | head -1)"
+    [[ "$m" =~ ^[0-9]+$ ]] && [ "$m" -gt "$peak" ] && peak="$m"
     sleep 1
   done
   wait "$pid"; rc=$?
