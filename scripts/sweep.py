@@ -138,14 +138,20 @@ def table(runs, base):
             "distinct_2", "mmlu_cloze_accuracy", "mmlu_cloze_logprob_correct"]
     cols = [c for c in cols if any(c in r for r in runs)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    fmt = lambda v: f"{v:.0e}" if isinstance(v, float) and 0 < abs(v) < 1e-2 else (f"{v:.4f}" if isinstance(v, float) else str(v))
+    def fmt(c, v):
+        if not isinstance(v, float):
+            return str(v)
+        if c == "learning_rate":
+            return f"{v:.0e}"
+        # under 0.01 (a KL of a barely moved run): significant digits, not a learning rate's look
+        return f"{v:.2g}" if 0 < abs(v) < 1e-2 else f"{v:.4f}"
     b = {"method": "base", "learning_rate": "-", "drift_kl": 0.0, "drift_nll": base["drift"]["nll_policy"], "length_ratio": 1.0,
          "distinct_2": base["sampled"]["distinct_2"]}
     if "mmlu" in base:
         b["mmlu_cloze_accuracy"] = base["mmlu"]["overall"]["accuracy"]
         b["mmlu_cloze_logprob_correct"] = base["mmlu"]["overall"]["mean_logprob_correct"]
     for r in [b] + runs:
-        lines.append("| " + " | ".join(fmt(r.get(c, "-")) for c in cols) + " |")
+        lines.append("| " + " | ".join(fmt(c, r.get(c, "-")) for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
