@@ -3,9 +3,9 @@
 //! The CPU is the default and needs nothing. `cuda[:N]` runs on candle's CUDA backend (cuBLAS
 //! matmuls, candle's kernels) and needs a build with the cargo feature `cuda`
 //! (`bash scripts/build-cuda.sh`, README "GPU") and an NVIDIA driver. On a CUDA device the
-//! CPU-only fused ops of ropo (`cpu_fwd` alone) are not used: every call site checks
-//! `device().is_cpu()` and takes the composed path built from candle's differentiable ops,
-//! the path the equivalence tests compare with the fused one.
+//! CPU-only fused ops of ropo (`cpu_fwd` alone) are not used: every call site asks
+//! [`cpu_kernels`] and otherwise takes the composed path built from candle's differentiable
+//! ops, the path the equivalence tests compare with the fused one.
 
 use std::fmt;
 use std::str::FromStr;
@@ -72,9 +72,7 @@ impl DeviceSpec {
             }
         }
     }
-}
 
-impl DeviceSpec {
     /// Why this build cannot open the device, if it cannot: `cuda` without the `cuda` feature
     /// (the message says how to build it). Checked by the config before any work.
     pub fn unavailable_in_this_build(self) -> Option<String> {

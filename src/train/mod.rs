@@ -741,9 +741,8 @@ fn restore(cfg: &RunConfig, s: &Setup) -> Result<State> {
     let mut step: u64 = 0;
     let metrics_path = s.output_dir.join(METRICS_FILE);
     let logger = if let Some((at, dir)) = &s.resume_from {
-        // on the trainable tensors' device (`model.device`)
-        let device = s.params.first().map(|(_, v)| v.device().clone()).unwrap_or(Device::Cpu);
-        let ck = checkpoint::load(dir, &device)?;
+        // onto the model's device (`model.device`), where the trainable tensors live
+        let ck = checkpoint::load(dir, s.model.device())?;
         check_global_batch(cfg, s.world.size(), dir, &ck)?;
         ck.restore_trainable(&s.params)?;
         ck.restore_optimizer(&mut opt)?;
