@@ -22,7 +22,7 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, WithDType, D};
 use rayon::prelude::*;
 
-use super::{add_acc, cpu_slice, rows_per_task};
+use super::{add_acc, cpu_slice, givens_simd, rows_per_task};
 use crate::model::ops::reshaped;
 
 /// Offset of stage `s`'s first pair: 0 for odd stages, 1 for even ones (`s` is 1-based).
@@ -150,9 +150,25 @@ pub struct GivensT {
     pub stages: usize,
 }
 
-/// `G_s^T` (`sign = 1`) or `G_s` (`sign = -1`) on one row, in place.
+/// `T` slices as f32 when `T` is f32 (the vector loops of [`givens_simd`] are f32 only).
+fn as_f32_mut<T: 'static>(v: &mut [T]) -> Option<&mut [f32]> {
+    // SAFETY: T is f32 (checked): same size, alignment and validity.
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()).then(|| unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut f32, v.len()) })
+}
+
+/// `T` slices as f32 when `T` is f32.
+fn as_f32<T: 'static>(v: &[T]) -> Option<&[f32]> {
+    // SAFETY: T is f32 (checked): same size, alignment and validity.
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()).then(|| unsafe { std::slice::from_raw_parts(v.as_ptr() as *const f32, v.len()) })
+}
+
+/// `G_s^T` (`sign = 1`) or `G_s` (`sign = -1`) on one row, in place; f32 through the vector
+/// loop of [`givens_simd::rotate_row`] (the same bits).
 #[inline]
 fn rotate_row<T: WithDType>(row: &mut [T], cos: &[T], sin: &[T], off: usize, sign: T) {
+    if let (Some(r), Some(c), Some(s)) = (as_f32_mut(row), as_f32(cos), as_f32(sin)) {
+        return givens_simd::rotate_row(r, c, s, off, sign.to_f64() as f32);
+    }
     for (k, (&c, &s)) in cos.iter().zip(sin).enumerate() {
         let p = off + 2 * k;
         let (a, b) = (row[p], row[p + 1]);
@@ -201,9 +217,14 @@ pub(crate) fn givens_bwd<T: WithDType>(x: &[T], theta: &[T], g: &[T], d: usize, 
                 }
                 for (s, &(off, len, start)) in plan.iter().enumerate().rev() {
                     let zs = &outs[s * d..(s + 1) * d];
-                    for k in 0..len {
-                        let p = off + 2 * k;
-                        acc[start + k] += (grow[p] * zs[p + 1] - grow[p + 1] * zs[p]).to_f64();
+                    match (as_f32(grow), as_f32(zs)) {
+                        (Some(g), Some(z)) => givens_simd::add_dtheta(&mut acc[start..start + len], g, z, off),
+                        _ => {
+                            for k in 0..len {
+                                let p = off + 2 * k;
+                                acc[start + k] += (grow[p] * zs[p + 1] - grow[p + 1] * zs[p]).to_f64();
+                            }
+                        }
                     }
                     rotate_row(grow, &cos[start..start + len], &sin[start..start + len], off, T::zero() - T::one());
                 }

@@ -16,6 +16,7 @@
 pub mod config;
 pub mod files;
 pub mod givens;
+mod givens_simd;
 pub mod householder;
 pub mod layer;
 pub mod product;
