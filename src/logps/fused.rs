@@ -229,14 +229,15 @@ impl Float for f64 {
     }
 }
 
-/// `(max, logsumexp)` of one row, the sum of `exp(z - max)` accumulated in f64; `scratch`
+/// `(max, logsumexp)` of one row, the sum of `exp(z - max)` accumulated in f64
+/// ([`crate::model::reduce`]'s order); `scratch`
 /// holds the row's exponentials afterwards (any length; resized).
 fn row_lse<T: Float>(z: &[T], scratch: &mut Vec<T>) -> (T, f64) {
-    let m = z.iter().copied().fold(z[0], |a, b| if b > a { b } else { a });
+    let m = crate::model::reduce::max(z);
     scratch.clear();
     scratch.extend(z.iter().map(|&x| x - m));
     T::exp_slice(scratch);
-    let s: f64 = scratch.iter().map(|&e| e.to_f64()).sum();
+    let s = crate::model::reduce::sum_f64(scratch, |e: T| e.to_f64());
     (m, m.to_f64() + s.ln())
 }
 

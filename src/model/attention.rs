@@ -210,10 +210,7 @@ fn attention_bwd<T: Real + 'static>(q: &[T], k: &[T], v: &[T], dy: &[T], bias: O
             ds.resize(m * kmax, T::zero());
             matmul(m, kmax, hd, &mut ds, View::rows(dyb, hd), View::transposed(&vs[..kmax * hd], hd));
             for (dr, pr) in ds.chunks_mut(kmax).zip(p.chunks(kmax)) {
-                let mut dot = T::zero();
-                for (&pv, &g) in pr.iter().zip(dr.iter()) {
-                    dot = dot + pv * g;
-                }
+                let dot = crate::model::reduce::dot(pr, dr, T::zero());
                 for (g, &pv) in dr.iter_mut().zip(pr) {
                     *g = pv * (*g - dot);
                 }

@@ -22,6 +22,7 @@ pub mod llama;
 pub mod ops;
 pub mod prefix;
 pub mod proj;
+pub mod reduce;
 pub(crate) mod slice_gemm;
 pub mod swiglu_down;
 pub mod tokenizer;

@@ -15,6 +15,7 @@ use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::model::config::{Activation, Llama3RopeScaling};
+use crate::model::reduce;
 
 /// The additive value for a blocked attention entry.
 ///
@@ -375,6 +376,13 @@ pub(crate) trait Real:
     fn exp_slice(v: &mut [Self]) {
         v.iter_mut().for_each(|x| *x = x.exp());
     }
+    /// The sum of a softmax row's `exp(x - max)` (values in `[0, 1]`), independent of exact
+    /// zeros inserted among the terms (masked keys, wherever they sit): f32 in fixed point
+    /// ([`reduce::sum_unit`]), f64 (the gradient checks' dtype) in order (adding an exact
+    /// zero changes no float sum).
+    fn sum_exp(v: &[Self]) -> Self {
+        v.iter().fold(Self::zero(), |s, &x| s + x)
+    }
 }
 
 impl Real for f32 {
@@ -383,6 +391,9 @@ impl Real for f32 {
     }
     fn exp_slice(v: &mut [Self]) {
         crate::model::vexp::exp_in_place(v)
+    }
+    fn sum_exp(v: &[Self]) -> Self {
+        reduce::sum_unit(v)
     }
     fn from_f64(v: f64) -> Self {
         v as f32
@@ -481,21 +492,33 @@ fn softmax_rows<T: Real>(x: &[T], k: usize, bias: Option<BiasRows<'_, T>>) -> Ve
 }
 
 /// Softmax of one row in place: the max, `exp(x - max)` (vectorised, [`Real::exp_slice`]), the
-/// sum, divide. Shared by [`masked_softmax`]'s rows and the fused attention
-/// ([`crate::model::attention`]), so both give the same bits for the same scores.
+/// sum ([`Real::sum_exp`]: the same bits wherever masked keys sit in the row), divide. Shared by [`masked_softmax`]'s rows and the fused attention
+/// ([`crate::model::attention`]), so both give the same bits for the same scores. Runs its
+/// AVX-512 build where the CPU has it (the same operations).
 pub(crate) fn softmax_in_place<T: Real>(row: &mut [T]) {
-    let mut m = row[0];
-    for &v in row.iter() {
-        if v > m {
-            m = v;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if reduce::avx512() {
+            // SAFETY: the CPU supports AVX-512F (checked at run time just above).
+            unsafe { softmax_avx512(row) };
+            return;
         }
     }
+    softmax_portable(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_avx512<T: Real>(row: &mut [T]) {
+    softmax_portable(row)
+}
+
+#[inline(always)]
+fn softmax_portable<T: Real>(row: &mut [T]) {
+    let m = reduce::max(row);
     row.iter_mut().for_each(|v| *v = *v - m);
     T::exp_slice(row);
-    let mut sum = T::zero();
-    for &v in row.iter() {
-        sum = sum + v;
-    }
+    let sum = T::sum_exp(row);
     for v in row.iter_mut() {
         *v = *v / sum;
     }
@@ -505,10 +528,7 @@ pub(crate) fn softmax_in_place<T: Real>(row: &mut [T]) {
 fn softmax_bwd_rows<T: Real>(y: &[T], g: &[T], k: usize) -> Vec<T> {
     let mut out = vec![T::zero(); y.len()];
     out.par_chunks_mut(k).zip(y.par_chunks(k).zip(g.par_chunks(k))).for_each(|(o, (yr, gr))| {
-        let mut dot = T::zero();
-        for (&y, &g) in yr.iter().zip(gr) {
-            dot = dot + y * g;
-        }
+        let dot = reduce::dot(yr, gr, T::zero());
         for ((o, &y), &g) in o.iter_mut().zip(yr).zip(gr) {
             *o = y * (g - dot);
         }
@@ -576,7 +596,7 @@ impl CustomOp2 for SoftmaxBwdOp {
 
 /// `r = (mean_d x_d^2 + eps)^(-1/2)` of one row, accumulated in f64.
 fn inv_rms<T: Real>(x: &[T], eps: f64) -> f64 {
-    let ss: f64 = x.iter().map(|v| v.to_f64() * v.to_f64()).sum();
+    let ss = reduce::sum_f64(x, |v| v.to_f64() * v.to_f64());
     1.0 / (ss / x.len() as f64 + eps).sqrt()
 }
 
@@ -600,7 +620,7 @@ fn rms_norm_bwd_rows<T: Real>(x: &[T], g: &[T], w: &[T], eps: f64) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(d).zip(x.par_chunks(d).zip(g.par_chunks(d))).for_each(|(o, (xr, gr))| {
         let r = inv_rms(xr, eps);
-        let dot: f64 = xr.iter().zip(gr).zip(w).map(|((x, g), w)| x.to_f64() * g.to_f64() * w.to_f64()).sum();
+        let dot = reduce::sum3_f64(xr, gr, w, |x, g, w| x.to_f64() * g.to_f64() * w.to_f64());
         let c = T::from_f64(r * r * r * dot / d as f64);
         let r = T::from_f64(r);
         for (((o, &x), &g), &w) in o.iter_mut().zip(xr).zip(gr).zip(w) {
