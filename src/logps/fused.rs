@@ -230,8 +230,8 @@ impl Float for f64 {
 }
 
 /// `(max, logsumexp)` of one row, the sum of `exp(z - max)` accumulated in f64
-/// ([`crate::model::reduce`]'s order); `scratch`
-/// holds the row's exponentials afterwards (any length; resized).
+/// ([`crate::model::reduce`]'s order); `scratch` holds the row's exponentials afterwards (any
+/// length; resized).
 fn row_lse<T: Float>(z: &[T], scratch: &mut Vec<T>) -> (T, f64) {
     let m = crate::model::reduce::max(z);
     scratch.clear();

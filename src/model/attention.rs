@@ -16,7 +16,10 @@
 //! (the bias says which keys are open, [`open_ends`]). Keys past it have probability exactly 0 in
 //! the full computation ([`MASK_VALUE`] scores: `exp` underflows to 0), so skipping them drops
 //! nothing but the work: under a causal mask about half of the scores and of the four products
-//! of the backward. A row with no open key keeps all keys (uniform weights, as before).
+//! of the backward. The forward's probabilities are the same bits either way (the softmax sum is
+//! exact, [`crate::model::reduce::sum_unit`]); the backward's row dot `rowsum(P ⊙ dP)` runs in
+//! lanes whose order depends on the row length, so there skipping changes rounding only. A row
+//! with no open key keeps all keys (uniform weights, as before).
 //!
 //! The softmax is the same code as [`masked_softmax`]'s rows (`ops::softmax_in_place`),
 //! so a fully masked row gets the same uniform, finite result.

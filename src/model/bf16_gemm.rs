@@ -204,7 +204,7 @@ thread_local! {
 /// and read as u32 pairs `(x[r][2p], x[r][2p+1])` (low half first).
 // the scalar definition: the AVX-512 kernel's path runs `avx512::round_rows_avx512` (tested to
 // give these bits)
-#[cfg_attr(all(target_arch = "x86_64", not(test)), allow(dead_code))]
+#[cfg_attr(not(all(test, target_arch = "x86_64")), allow(dead_code))]
 fn round_rows(x: &[f32], rows: usize, k: usize) -> Vec<u32> {
     let kp = k.div_ceil(2);
     // every element is written below: no zero fill first (a pass over the buffer)
@@ -514,6 +514,7 @@ mod tests {
     // The AVX-512 rounding gives the scalar rounding's bits: random values, every tail length,
     // half-way cases (both parities), denormals, infinities, signed zeros, NaNs (quiet and
     // signalling, both signs), the largest finite values (which round to infinity).
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn simd_rounding_equals_scalar_rounding() {
         if !is_x86_feature_detected!("avx512f") {

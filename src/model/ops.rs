@@ -492,9 +492,10 @@ fn softmax_rows<T: Real>(x: &[T], k: usize, bias: Option<BiasRows<'_, T>>) -> Ve
 }
 
 /// Softmax of one row in place: the max, `exp(x - max)` (vectorised, [`Real::exp_slice`]), the
-/// sum ([`Real::sum_exp`]: the same bits wherever masked keys sit in the row), divide. Shared by [`masked_softmax`]'s rows and the fused attention
-/// ([`crate::model::attention`]), so both give the same bits for the same scores. Runs its
-/// AVX-512 build where the CPU has it (the same operations).
+/// sum ([`Real::sum_exp`]: the same bits wherever masked keys sit in the row), divide. Shared
+/// by [`masked_softmax`]'s rows and the fused attention ([`crate::model::attention`]), so both
+/// give the same bits for the same scores. Runs its AVX-512 build where the CPU has it (the
+/// same operations).
 pub(crate) fn softmax_in_place<T: Real>(row: &mut [T]) {
     #[cfg(target_arch = "x86_64")]
     {

@@ -13,6 +13,11 @@
 //! head's log-sum-exp over 49,152 logits spent most of their time there (`perf`, 2026-12-04:
 //! softmax 4.7% of a bf16 step's samples, more than the score product before it). The values
 //! differ from a sequential sum by rounding only (the same terms summed in another order).
+//!
+//! The order depends on the length, so zeros appended to a row can change a sum's or a dot's
+//! last bits (they move which elements form the tail): a reduction over a row's open keys and
+//! one over the same keys plus masked trailing ones agree to rounding, not bit for bit. The
+//! softmax's sum needs bit-exact agreement across layouts, and has its own sum ([`sum_unit`]).
 
 use std::ops::{Add, Mul};
 
@@ -105,8 +110,10 @@ fn dot_portable<T: Copy + Add<Output = T> + Mul<Output = T>>(a: &[T], b: &[T], z
     combine(acc, ta.iter().zip(tb).map(|(&x, &y)| x * y))
 }
 
-/// The largest element of a non-empty `v` by `>` comparisons, the value a sequential `if x > m
-/// { m = x }` from `m = v[0]` gives (a NaN after `v[0]` is never chosen).
+/// The largest element of a non-empty `v` by `>` comparisons: the value a sequential `if x > m
+/// { m = x }` from `m = v[0]` gives, up to the sign of a zero (`-0.0` and `0.0` compare equal,
+/// so which one a row of both returns depends on the lanes); a NaN after `v[0]` is never
+/// chosen.
 ///
 /// Panics on an empty slice.
 pub fn max<T: Copy + PartialOrd>(v: &[T]) -> T {
@@ -193,16 +200,19 @@ const UNIT_SCALE: f32 = (1u64 << 40) as f32;
 /// `sum_i v[i]` of values in `[0, 1]` (a softmax row's `exp(x - max)`), exactly associative:
 /// each value is truncated to a multiple of `2^-40` and the multiples are summed as integers,
 /// then rounded once to f32. So the result does not depend on the order of the terms, nor on
-/// exact zeros inserted among them: a masked attention row laid out with its prompt shared by
-/// two completions (the other completion's keys masked between them) sums to the same bits as
-/// the same row alone, which a float sum in lanes would not give (the identity at init, loss
-/// `ln 2`, rests on it in bf16, tests/bf16.rs). Error: under `n 2^-40` absolute (`n` terms),
-/// so under `n 2^-40` relative when the row holds its max's `exp(0) = 1`: ~2e-10 for 256 keys,
-/// a few hundredths of an f32 ulp, well below a sequential f32 sum's rounding.
+/// exact zeros inserted among them. The shared-prompt layout ([`crate::model::prefix`]) gives a
+/// completion's query row the keys `[prompt (Tp, padded) ; completion]`, so the prompt's padding
+/// `lp_b..Tp` sits masked between its open keys, where the concatenated layout has no masked key
+/// before the row's last open one (a sliding window masks a row's first keys in both); a float
+/// sum in lanes would round those rows differently, this one gives the same bits (the identity
+/// at init, loss `ln 2`, rests on it in bf16, tests/bf16.rs). Error: under `n 2^-40` absolute
+/// (`n` terms), so under `n 2^-40` relative when the row holds its max's `exp(0) = 1`: ~2e-10
+/// for 256 keys, ~0.002-0.004 of an f32 ulp of the sum, well below a sequential f32 sum's
+/// rounding.
 ///
-/// Values outside `[0, 1]`: a value above 1 is counted as well up to `2^23` (the u64 total
-/// wraps only past `2^64 / 2^40` in all); negatives and NaN count as 0 (float-to-integer casts
-/// saturate).
+/// Values outside `[0, 1]`: a value in `(1, 2^24)` is counted as well (its units fit a u64);
+/// larger values and infinity saturate at `u64::MAX` units, and the u64 total wraps once the
+/// sum passes `2^24`; negatives and NaN count as 0 (float-to-integer casts saturate).
 pub fn sum_unit(v: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
@@ -239,7 +249,8 @@ fn sum_unit_portable(v: &[f32]) -> f32 {
         }
     }
     let total = acc.iter().chain(&[tail.iter().fold(0u64, |s, &x| s.wrapping_add(units(x)))]).fold(0u64, |s, &x| s.wrapping_add(x));
-    (total as f64 / UNIT_SCALE as f64) as f32
+    // one rounding (u64 -> f32), then an exact scaling by a power of two
+    total as f32 * (1.0 / UNIT_SCALE)
 }
 
 #[cfg(test)]
@@ -309,6 +320,9 @@ mod tests {
         }
         assert_eq!(sum_unit(&[]), 0.0);
         assert_eq!(sum_unit(&[1.0; 300]), 300.0);
+        // outside [0, 1]: values below 2^24 counted, negatives and NaN as 0
+        assert_eq!(sum_unit(&[3.5, 1000.25, -2.0, f32::NAN, 0.5]), 1004.25);
+        assert_eq!(sum_unit_portable(&[3.5, 1000.25, -2.0, f32::NAN, 0.5]), 1004.25);
     }
 
     // A NaN is never chosen over a number; the baseline and AVX-512 builds agree.
@@ -316,6 +330,10 @@ mod tests {
     fn max_skips_nan_and_builds_agree() {
         let v = [1.0f32, f32::NAN, 3.0, -2.0, f32::NAN, 0.5];
         assert_eq!(max(&v), 3.0);
+        // signed zeros compare equal: either may come back, as a value it is 0
+        let z: Vec<f32> = (0..40).map(|i| if i % 3 == 0 { -0.0 } else { 0.0 }).collect();
+        assert_eq!(max(&z), 0.0);
+        assert_eq!(max(&[-1.0f32, -0.0, -3.0]), 0.0);
         let a = data(1000, 9);
         assert_eq!(sum(&a, 0.0f32).to_bits(), sum_portable(&a, 0.0f32).to_bits());
         assert_eq!(dot(&a, &a, 0.0f32).to_bits(), dot_portable(&a, &a, 0.0f32).to_bits());

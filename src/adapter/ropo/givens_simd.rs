@@ -17,17 +17,10 @@ use std::arch::x86_64::{
     _mm512_set_epi32, _mm512_setr_ps, _mm512_storeu_pd, _mm512_storeu_ps, _mm512_sub_ps,
 };
 
-/// Whether the AVX-512F loops can run (checked once).
-pub(crate) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+/// Whether the AVX-512F loops can run (the model's one check, made once).
+#[cfg(target_arch = "x86_64")]
+fn available() -> bool {
+    crate::model::reduce::avx512()
 }
 
 /// `[a0, b0, a1, b1, ...] -> [b0, a0, b1, a1, ...]`.
