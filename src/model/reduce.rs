@@ -197,6 +197,9 @@ fn sum3_f64_portable<T: Copy>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> 
 /// Fixed-point scale of [`sum_unit`]: each value is counted in units of `2^-40`.
 const UNIT_SCALE: f32 = (1u64 << 40) as f32;
 
+/// The most units one value counts for, `2^64 - 2^40` (the largest f32 below `2^64`).
+const MAX_UNITS: f32 = ((u64::MAX >> 40) << 40) as f32;
+
 /// `sum_i v[i]` of values in `[0, 1]` (a softmax row's `exp(x - max)`), exactly associative:
 /// each value is truncated to a multiple of `2^-40` and the multiples are summed as integers,
 /// then rounded once to f32. So the result does not depend on the order of the terms, nor on
@@ -211,8 +214,8 @@ const UNIT_SCALE: f32 = (1u64 << 40) as f32;
 /// rounding.
 ///
 /// Values outside `[0, 1]`: a value in `(1, 2^24)` is counted as well (its units fit a u64);
-/// larger values and infinity saturate at `u64::MAX` units, and the u64 total wraps once the
-/// sum passes `2^24`; negatives and NaN count as 0 (float-to-integer casts saturate).
+/// larger values and infinity count as `2^64 - 2^40` units, and the u64 total wraps once the
+/// sum passes `2^24`; negatives and NaN count as 0.
 pub fn sum_unit(v: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
@@ -239,7 +242,14 @@ unsafe fn sum_unit_avx512(v: &[f32]) -> f32 {
 
 #[inline(always)]
 fn sum_unit_portable(v: &[f32]) -> f32 {
-    let units = |x: f32| (x * UNIT_SCALE) as u64;
+    // clamped so the plain conversion is defined, and vectorises (`vcvttps2uqq` in the AVX-512
+    // build; a saturating `as u64` stays scalar, with branches): NaN and negatives -> 0 (`max`
+    // ignores a NaN), at most 2^64 - 2^40 units
+    let units = |x: f32| {
+        let y = (x * UNIT_SCALE).max(0.0).min(MAX_UNITS);
+        // SAFETY: y is finite and in [0, 2^64), where the conversion is defined.
+        unsafe { y.to_int_unchecked::<u64>() }
+    };
     let mut acc = [0u64; LANES];
     let groups = v.chunks_exact(LANES);
     let tail = groups.remainder();
