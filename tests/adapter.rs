@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use ropo::adapter::ropo::givens;
 use ropo::adapter::RopoAdapter;
-use common::tiny::{max_abs, randn, small_model, tiny_config};
+use common::tiny::{max_abs, max_rel, randn, small_model, tiny_config};
 use ropo::eval::energy::{hyperspherical_energy, row_cosines};
 use ropo::model::linear::{Adapter, Linear};
 use serde_json::Value;
@@ -515,9 +515,11 @@ fn smollm2_merge_from_gguf_and_hf_folder() {
         let merged = ropo::model::load(out.to_str().unwrap(), &LoadOptions::default()).unwrap();
         assert!(merged.model.linears().iter().all(|l| l.adapter.is_none()));
         let logits = merged.model.forward(&ids, None, false).unwrap();
-        let e = max_abs(&logits, &adapted);
-        println!("{name}: max |merged - adapted| = {e:.3e}, max |adapted - base| = {moved:.3e}");
-        assert!(e < 1e-4, "{name}: merged logits differ from base+adapter by {e}");
+        // float tolerance relative to the logits' scale (f32 rounding through 30 layers; its
+        // size depends on the CPU's matmul blocking): ~4e-6 here
+        let e = max_rel(&logits, &adapted);
+        println!("{name}: max |merged - adapted| / max |adapted| = {e:.3e}, max |adapted - base| = {moved:.3e}");
+        assert!(e < 1e-5, "{name}: merged logits differ from base+adapter by {e} of the largest logit");
         assert!(max_abs(&logits, &base) > 1e-2, "{name}: merged model equals the base");
     }
     // OUT protection: non-empty without --force is refused and left as it was

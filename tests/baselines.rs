@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use common::gradients::check_gradients;
-use common::tiny::{max_abs, randn, small_model, tiny_config};
+use common::tiny::{max_abs, max_rel, randn, small_model, tiny_config};
 use ropo::adapter::any::{stored_kind, AnyAdapterSet};
 use ropo::adapter::inject;
 use ropo::adapter::merge;
@@ -382,8 +382,9 @@ fn merge_to_folder_smollm2_lora_and_full() {
         let out = out.path().join("merged");
         merge::merge_to_folder(src, &Default::default(), adir.path(), &out, DType::F32, false).unwrap();
         let merged = load(out.to_str().unwrap(), &LoadOptions::default()).unwrap();
-        let e = max_abs(&merged.model.forward(&ids, None, false).unwrap(), &adapted);
-        assert!(e < 1e-4, "{kind:?}: merged folder logits differ from adapted by {e}");
+        // relative to the logits' scale, as tests/adapter.rs's merge of SmolLM2
+        let e = max_rel(&merged.model.forward(&ids, None, false).unwrap(), &adapted);
+        assert!(e < 1e-5, "{kind:?}: merged folder logits differ from adapted by {e} of the largest logit");
         if kind == AdapterKind::Full {
             let trained: BTreeMap<String, Tensor> = set.vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
             for (name, t) in merged.model.tensors() {

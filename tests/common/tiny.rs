@@ -52,6 +52,12 @@ pub fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
 }
 
+/// `max |a - b| / max |b|` over all entries, in f64: a difference relative to `b`'s scale (for
+/// logits whose f32 rounding grows with their size and depends on the CPU's matmul blocking).
+pub fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+    max_abs(a, b) / max_abs(b, &b.zeros_like().unwrap())
+}
+
 /// A CPU tensor of `shape` with entries ~ N(0, std²) drawn in f64 from `rng`, cast to `dtype`.
 pub fn randn(shape: &[usize], std: f64, rng: &mut impl rand::Rng, dtype: DType) -> Tensor {
     let n = Normal::new(0.0f64, std).unwrap();
