@@ -2,8 +2,9 @@
 //! count, candle's element-wise pool, the allocator; and the peak memory the process used.
 //!
 //! `ropo`'s `main` calls [`single_threaded_elementwise`] and [`keep_freed_memory`] for every
-//! subcommand; `ropo train` also [`configure_threads`] from `training.threads`. None of them
-//! changes a value: only where and how fast the same arithmetic runs.
+//! subcommand; `ropo train` also [`configure_threads`] from `training.threads`; `train` (one
+//! process), `eval` and `generate` run on a thread of the compute pool ([`on_compute_pool`]). None of them changes a value: only where
+//! and how fast the same arithmetic runs.
 
 /// Configure the number of compute threads (rayon's global pool, which candle's CPU kernels and
 /// matmuls use) before any tensor work: `threads > 0` wins; else an existing
@@ -71,9 +72,60 @@ pub fn keep_freed_memory() {
     }
 }
 
+/// Stack of each thread of the compute pool ([`on_compute_pool`]) of `ropo train`, `eval` and
+/// `generate`, in bytes: room for candle's recursive graph walk in backward.
+pub const COMPUTE_STACK_BYTES: usize = 64 << 20;
+
+/// Run `f` on a thread of a compute pool of the configured thread count
+/// (`rayon::current_num_threads()`, see [`configure_threads`]) instead of the calling thread,
+/// and return its result. The serial work between the parallel ops then runs on a worker, which
+/// splits each parallel op with the others and takes its own share at once, instead of a
+/// thread outside the pool handing every op over and sleeping until it is done (a futex wake-up
+/// each way, for each of the thousands of ops in a training step). The ops split their work by
+/// the same thread count, so every value is the same. The pool's threads get `stack_size`
+/// bytes of stack (candle's backward walks its graph recursively; a worker's default of 2 MiB
+/// is less than the main thread's 8).
+///
+/// Errors: the pool cannot be built (the OS refused a thread).
+pub fn on_compute_pool<R: Send>(stack_size: usize, f: impl FnOnce() -> R + Send) -> Result<R, rayon::ThreadPoolBuildError> {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(rayon::current_num_threads()).stack_size(stack_size).build()?;
+    Ok(pool.install(f))
+}
+
 /// The process's peak resident set size in KiB (`VmHWM` of `/proc/self/status`; Linux only).
 pub fn peak_rss_kib() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // 64 frames of 64 KiB each: 4 MiB of stack, twice a default thread's (the test's own and a
+    // default rayon worker's); it overflows unless the pool's stack size is applied
+    fn deep(depth: usize) -> u64 {
+        let mut frame = [0u8; 1 << 16];
+        std::hint::black_box(&mut frame);
+        if depth == 0 { frame[7] as u64 + 1 } else { deep(depth - 1) + frame[depth] as u64 }
+    }
+
+    // `f` runs on a worker of a pool as large as the configured one, with the stack asked for,
+    // and its result comes back; parallel ops inside it split over that pool.
+    #[test]
+    fn on_compute_pool_runs_on_a_worker_with_its_stack() {
+        use rayon::prelude::*;
+        let outside = rayon::current_num_threads();
+        let (index, threads, sum, depth) = on_compute_pool(16 << 20, || {
+            let sum: u64 = (0..1000u64).into_par_iter().sum();
+            (rayon::current_thread_index(), rayon::current_num_threads(), sum, deep(64))
+        })
+        .unwrap();
+        assert!(index.is_some(), "not on a pool thread");
+        assert_eq!(threads, outside);
+        assert_eq!(sum, 499_500);
+        assert_eq!(depth, 1);
+        assert!(rayon::current_thread_index().is_none(), "the caller stays outside the pool");
+    }
 }

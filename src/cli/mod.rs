@@ -59,14 +59,21 @@ impl ModelArgs {
     }
 }
 
-/// Run one parsed command line.
+/// Run one parsed command line; `eval` and `generate` on a thread of the compute pool
+/// ([`crate::process::on_compute_pool`]), as one-process training (see [`train::run`]).
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(a) => train::run(a),
-        Command::Eval(a) => eval::run(a),
+        Command::Eval(a) => on_pool(move || eval::run(a)),
         Command::Merge(a) => merge::run(a),
-        Command::Generate(a) => generate::run(a),
+        Command::Generate(a) => on_pool(move || generate::run(a)),
         Command::Data(a) => data::run(a),
         Command::Plot(a) => plot::run(a),
     }
+}
+
+/// `f` on a thread of the compute pool; errors: the pool's threads cannot start, or `f`'s.
+fn on_pool(f: impl FnOnce() -> anyhow::Result<()> + Send) -> anyhow::Result<()> {
+    use anyhow::Context;
+    crate::process::on_compute_pool(crate::process::COMPUTE_STACK_BYTES, f).context("starting the compute threads")?
 }

@@ -35,7 +35,8 @@ pub struct TrainArgs {
 /// Run `ropo train`: threads from `training.threads` (else `RAYON_NUM_THREADS`, else all cores),
 /// a Ctrl-C handler that sets [`STOP_REQUESTED`] (a second Ctrl-C exits at once, code 130),
 /// then [`train::run_in`] over [`crate::collective::from_launch`] (one process, or one rank of
-/// an `mpirun`/`srun` job with the `mpi` feature; a failing rank aborts the job).
+/// an `mpirun`/`srun` job with the `mpi` feature; a failing rank aborts the job); one process
+/// trains on a compute thread ([`crate::process::on_compute_pool`]).
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     // --device is model.device, validated with the rest of the config
     let mut set = args.set.clone();
@@ -63,7 +64,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let opts = TrainOptions { resume, progress: true };
     // one process, or (launched by mpirun/srun, `mpi` feature) one rank of a data-parallel run
     let world = crate::collective::from_launch()?;
-    let summary = match train::run_in(&cfg, &opts, world.as_ref()) {
+    let result = match world.size() {
+        // one process: on a compute thread (process::on_compute_pool); MPI calls stay on the
+        // thread that initialised MPI
+        1 => crate::process::on_compute_pool(crate::process::COMPUTE_STACK_BYTES, || train::run(&cfg, &opts)).context("starting the compute threads")?,
+        _ => train::run_in(&cfg, &opts, world.as_ref()),
+    };
+    let summary = match result {
         Ok(s) => s,
         Err(e) if world.size() > 1 => {
             // the other ranks may wait in an exchange: stop them all (MPI_Abort)
