@@ -249,13 +249,20 @@ fn main() {
     } else {
         eprintln!("threads: {}", ropo::process::configure_threads(0));
     }
-    if let Ok(names) = std::env::var("STEP_AB") {
-        interleaved(&names);
-        eprintln!("peak RSS (VmHWM): {}", vm_hwm());
-        return;
+    // on a thread of the compute pool, as `ropo train` runs (process::on_compute_pool);
+    // STEP_OUTSIDE_POOL=1 runs on the main thread (the state before), for A/B
+    let run = || match std::env::var("STEP_AB") {
+        Ok(names) => interleaved(&names),
+        Err(_) => {
+            let mut c = Criterion::default().configure_from_args();
+            bench_step(&mut c);
+            c.final_summary();
+        }
+    };
+    if std::env::var_os("STEP_OUTSIDE_POOL").is_some() {
+        run()
+    } else {
+        ropo::process::on_compute_pool(ropo::process::COMPUTE_STACK_BYTES, run).expect("compute threads")
     }
-    let mut c = Criterion::default().configure_from_args();
-    bench_step(&mut c);
-    c.final_summary();
     eprintln!("peak RSS (VmHWM): {}", vm_hwm());
 }

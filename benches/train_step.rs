@@ -5,7 +5,8 @@
 //! reference forward (adapters bypassed) + policy forward + sigmoid loss + backward + global-norm
 //! clip + AdamW update, each prompt run once per pair (`training.share_prompt`, the default):
 //! exactly what `ropo::train::run` does per micro-batch without precomputed reference log-probs,
-//! with the threads and allocator tuning `ropo train` uses (`process::configure_threads`).
+//! with the threads and allocator tuning `ropo train` uses (`process::configure_threads`), on a
+//! thread of the compute pool as `ropo train` (`process::on_compute_pool`).
 //!
 //! Throughput is in real tokens (elements = 4 sequences x 256). Peak RSS of a whole `ropo train`
 //! run is printed by `ropo train` itself at the end (`peak RSS`, from `VmHWM`); this bench reports
@@ -18,7 +19,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use candle_core::Device;
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use ropo::config::RunConfig;
@@ -67,9 +68,12 @@ fn bench_train_step(c: &mut Criterion) {
     }
 }
 
-criterion_group! {
-    name = benches;
-    config = Criterion::default().sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(20));
-    targets = bench_train_step
+fn main() {
+    // criterion's own main (criterion_main!), on a thread of the compute pool as `ropo train`
+    ropo::process::on_compute_pool(ropo::process::COMPUTE_STACK_BYTES, || {
+        let mut c = Criterion::default().sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(20)).configure_from_args();
+        bench_train_step(&mut c);
+        c.final_summary();
+    })
+    .expect("compute threads");
 }
-criterion_main!(benches);
