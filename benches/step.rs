@@ -33,6 +33,8 @@
 //! spinning element-wise pool off, allocator tuned by [`ropo::process::keep_freed_memory`]);
 //! `STEP_CANDLE_POOL=1` keeps candle's default pool, `STEP_GLIBC_MALLOC=1` glibc's default
 //! tuning (the states before), to compare in alternated processes (read once per process).
+//! The steps run on a thread of the compute pool, as `ropo train`'s
+//! ([`ropo::process::on_compute_pool`]); `STEP_OUTSIDE_POOL=1` runs them on the main thread.
 
 mod common;
 

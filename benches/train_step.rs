@@ -32,8 +32,6 @@ const T: usize = 256;
 const PROMPT: usize = 100;
 
 fn bench_train_step(c: &mut Criterion) {
-    // threads and allocator as `ropo train` sets them, before any tensor work
-    eprintln!("threads: {}", ropo::process::configure_threads(0));
     let cfg = common::smollm2_135m();
     let dev = Device::Cpu;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
@@ -69,6 +67,8 @@ fn bench_train_step(c: &mut Criterion) {
 }
 
 fn main() {
+    // threads and allocator as `ropo train` sets them, before any tensor work and the pool
+    eprintln!("threads: {}", ropo::process::configure_threads(0));
     // criterion's own main (criterion_main!), on a thread of the compute pool as `ropo train`
     ropo::process::on_compute_pool(ropo::process::COMPUTE_STACK_BYTES, || {
         let mut c = Criterion::default().sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(20)).configure_from_args();

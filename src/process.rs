@@ -3,8 +3,8 @@
 //!
 //! `ropo`'s `main` calls [`single_threaded_elementwise`] and [`keep_freed_memory`] for every
 //! subcommand; `ropo train` also [`configure_threads`] from `training.threads`; `train` (one
-//! process), `eval` and `generate` run on a thread of the compute pool ([`on_compute_pool`]). None of them changes a value: only where
-//! and how fast the same arithmetic runs.
+//! process), `eval` and `generate` run on a thread of the compute pool ([`on_compute_pool`]).
+//! None of them changes a value: only where and how fast the same arithmetic runs.
 
 /// Configure the number of compute threads (rayon's global pool, which candle's CPU kernels and
 /// matmuls use) before any tensor work: `threads > 0` wins; else an existing

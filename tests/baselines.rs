@@ -373,9 +373,15 @@ fn merge_to_folder_smollm2_lora_and_full() {
     for (kind, targets) in [(AdapterKind::Lora, vec!["q_proj", "v_proj"]), (AdapterKind::Full, vec![r"model\.layers\.3\.mlp\.down_proj"])] {
         let mut lm = load(src, &LoadOptions::default()).unwrap();
         let base: BTreeMap<String, Tensor> = lm.model.tensors().into_iter().collect();
+        let base_logits = lm.model.forward(&ids, None, false).unwrap();
         let set = AnyAdapterSet::inject(&mut lm.model, &section(kind, &targets), src).unwrap();
         randomize(&set, 11, 0.02);
         let adapted = lm.model.forward(&ids, None, true).unwrap();
+        // the adapter moves the logits by far more than the merge's tolerance below, so a merge
+        // that drops it cannot pass
+        let moved = max_rel(&adapted, &base_logits);
+        println!("{kind:?}: max |adapted - base| / max |base| = {moved:.3e}");
+        assert!(moved > 1e-3, "{kind:?}: the adapter moves the logits by only {moved} of the largest");
         let adir = tempfile::tempdir().unwrap();
         set.save(adir.path()).unwrap();
         let out = tempfile::tempdir().unwrap();
