@@ -64,16 +64,17 @@ impl ModelArgs {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(a) => train::run(a),
-        Command::Eval(a) => on_pool(move || eval::run(a)),
+        Command::Eval(a) => on_pool(move || eval::run(a))?,
         Command::Merge(a) => merge::run(a),
-        Command::Generate(a) => on_pool(move || generate::run(a)),
+        Command::Generate(a) => on_pool(move || generate::run(a))?,
         Command::Data(a) => data::run(a),
         Command::Plot(a) => plot::run(a),
     }
 }
 
-/// `f` on a thread of the compute pool; errors: the pool's threads cannot start, or `f`'s.
-fn on_pool(f: impl FnOnce() -> anyhow::Result<()> + Send) -> anyhow::Result<()> {
+/// `f`'s result, `f` run on a thread of the compute pool ([`crate::process::on_compute_pool`]
+/// with [`crate::process::COMPUTE_STACK_BYTES`]); errors: the pool's threads cannot start.
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> anyhow::Result<R> {
     use anyhow::Context;
-    crate::process::on_compute_pool(crate::process::COMPUTE_STACK_BYTES, f).context("starting the compute threads")?
+    crate::process::on_compute_pool(crate::process::COMPUTE_STACK_BYTES, f).context("starting the compute threads")
 }

@@ -67,7 +67,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let result = match world.size() {
         // one process: on a compute thread (process::on_compute_pool); MPI calls stay on the
         // thread that initialised MPI
-        1 => crate::process::on_compute_pool(crate::process::COMPUTE_STACK_BYTES, || train::run(&cfg, &opts)).context("starting the compute threads")?,
+        1 => super::on_pool(|| train::run(&cfg, &opts))?,
         _ => train::run_in(&cfg, &opts, world.as_ref()),
     };
     let summary = match result {
